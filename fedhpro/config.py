@@ -7,7 +7,10 @@ versions and a hash of its canonical JSON (see `fedhpro.runinfo`).
 
 Method hyperparameters live in each method module's `Params` dataclass; the
 config stores them fully resolved (defaults filled in), so the saved config is
-self-describing and its hash changes whenever any effective value changes.
+self-describing. Its hash (and the canonical JSON Snakemake compares to decide reruns) covers every
+value that differs from its default, so adding a key with a default leaves existing runs' hashes, and
+their results on disk, valid. Policy that follows: a default is never changed in place; a new
+behaviour gets a new value (or key) instead.
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ AUGMENT_GRANULARITY = ("batch", "sample")
 DEVICES = ("auto", "cpu", "cuda")
 ENGINES = ("sequential", "batched")
 OPTIMIZERS = ("sgd",)
+PRECISIONS = ("fp32", "bf16", "fp16")
+CLIENT_STORES = ("memory", "disk")
 
 
 @dataclass(frozen=True)
@@ -72,6 +77,9 @@ class RunConfig:
     augment_per: str = "batch"  # official FedHPro: one crop/flip shared by the whole batch
     # -- execution
     engine: str = "sequential"  # sequential | batched (identical-architecture clients trained in one vmap)
+    precision: str = "fp32"  # fp32 | bf16 | fp16: autocast for local training and evaluation (fp16 adds loss scaling)
+    channels_last: bool = False  # image models and batches in channels-last memory format
+    client_store: str = "memory"  # memory | disk: where per-client state lives between rounds (disk: run dir)
     seed: int = 0
     device: str = "auto"
     eval_every: int = 1
@@ -96,8 +104,20 @@ class RunConfig:
         out["client_models"] = list(self.client_models)
         return out
 
+    def canonical_dict(self) -> dict[str, Any]:
+        """The values that differ from their defaults (method_params: from the method's defaults)."""
+        from fedhpro.methods import resolve_params  # late import: methods import torch
+
+        defaults = RunConfig().to_dict()
+        out = {k: v for k, v in self.to_dict().items() if k != "method_params" and v != defaults[k]}
+        method_defaults = resolve_params(self.method, {})
+        params = {k: v for k, v in self.method_params.items() if method_defaults.get(k, object()) != v}
+        if params:
+            out["method_params"] = params
+        return out
+
     def canonical_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"), default=str)
+        return json.dumps(self.canonical_dict(), sort_keys=True, separators=(",", ":"), default=str)
 
     def config_hash(self) -> str:
         return hashlib.sha256(self.canonical_json().encode()).hexdigest()[:16]
@@ -157,7 +177,8 @@ _INT_KEYS = {"classes_per_client", "num_clients", "clients_per_domain", "partiti
              "checkpoint_every", "test_batch_size"}
 _FLOAT_KEYS = {"alpha", "imbalance_ratio", "local_test_fraction", "lr", "momentum", "weight_decay"}
 _STR_KEYS = {"method", "variant", "eval_mode", "dataset", "data_root", "partition", "model", "optimizer",
-             "augment", "augment_per", "device", "engine"}
+             "augment", "augment_per", "device", "engine", "precision", "client_store"}
+_BOOL_KEYS = {"channels_last"}
 
 
 def _coerce(name: str, value: Any, f: dataclasses.Field) -> Any:
@@ -166,6 +187,10 @@ def _coerce(name: str, value: Any, f: dataclasses.Field) -> Any:
                     "feature_dim", "clients_per_round"):
             return None
         raise ConfigError(f"config key {name!r} must not be null")
+    if name in _BOOL_KEYS:
+        if not isinstance(value, bool):
+            raise ConfigError(f"config key {name!r} must be true or false, got {value!r}")
+        return value
     if name in _INT_KEYS:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"config key {name!r} must be an integer, got {value!r}")
@@ -217,6 +242,8 @@ def _validate(cfg: RunConfig) -> None:
     _choice("augment", cfg.augment, AUGMENTS)
     _choice("augment_per", cfg.augment_per, AUGMENT_GRANULARITY)
     _choice("engine", cfg.engine, ENGINES)
+    _choice("precision", cfg.precision, PRECISIONS)
+    _choice("client_store", cfg.client_store, CLIENT_STORES)
     _choice("device", cfg.device.split(":")[0], DEVICES)
     if cfg.model != "auto":
         _choice("model", cfg.model, sorted(MODELS))

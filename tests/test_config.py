@@ -60,6 +60,21 @@ def test_hash_changes_with_any_effective_value():
         a.rounds = 5  # frozen
 
 
+def test_hash_covers_non_default_values_only():
+    """A key left at its default does not enter the hash, so adding a key keeps old runs' hashes valid."""
+    plain = from_dict({"method": "fedhpro", "rounds": 5})
+    spelled = from_dict({"method": "fedhpro", "rounds": 5, "precision": "fp32", "channels_last": False,
+                         "client_store": "memory", "engine": "sequential"})
+    assert plain.config_hash() == spelled.config_hash()
+    assert plain.canonical_dict() == {"method": "fedhpro", "rounds": 5}
+    for change in ({"precision": "bf16"}, {"channels_last": True}, {"client_store": "disk"}, {"rounds": 6}):
+        assert from_dict({"method": "fedhpro", "rounds": 5, **change}).config_hash() != plain.config_hash(), change
+    with pytest.raises(ConfigError, match="'channels_last' must be true or false"):
+        from_dict({"channels_last": "yes"})
+    with pytest.raises(ConfigError, match="'precision': unknown value 'fp8'"):
+        from_dict({"precision": "fp8"})
+
+
 def test_missing_or_malformed_file(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "none.yaml")
