@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import io
 import json
 import os
 import platform
@@ -88,6 +89,7 @@ class BenchConfig:
     scale_clients: int = 1000
     scale_participation: float = 0.1
     scale_samples_per_client: int = 100
+    scale_personal_rounds: int = 3  # personalized rounds per client store (memory, disk)
     partition_labels: int = 1_000_000
     partition_clients: int = 1000
     sweep_runs: int = 5000
@@ -117,6 +119,7 @@ def make_config(quick: bool, gpu: bool, device: str | None) -> BenchConfig:
                 "features_per_class": 5}
         cfg = replace(cfg, name=cfg.name + "-quick", num_clients=3, local_epochs=1, rounds=1, fedhpro_params=tiny,
                       batched_clients=(3, 6), batched_epochs=1, scale_clients=60, scale_samples_per_client=8,
+                      scale_personal_rounds=2,
                       partition_labels=100_000, partition_clients=100, sweep_runs=8,
                       quick_setting={"local_epochs": 1, "batch_size": 32, "lr": 0.05, "momentum": 0.9},
                       subset=(300, 100))
@@ -707,34 +710,58 @@ def bench_scale(cfg: BenchConfig, report: Report) -> None:
                  ratio <= 1.5, f"round peak {mib(big['peak_bytes'])} vs {mib(small['peak_bytes'])} with only "
                                f"{k} clients in total (ratio {ratio:.2f}, target <= 1.5)")
 
-    # personalized client state (FedProto, personalized): compact CPU tensors, one model per client that has one
+    # personalized client state (FedProto, personalized): CPU tensors, in memory or on disk (client_store)
     data = synthetic_digits(n_big * per, seed=1)
-    run_cfg = cfg.run_config("fedproto", dataset="digits", num_clients=n_big, clients_per_round=k, partition="iid",
-                             alpha=None, local_epochs=1, eval_every=1000, model="cnn", eval_mode="personalized")
-    ctx = build_context(run_cfg, data=data)
-    torch.manual_seed(0)
-    engine = Engine(ctx, METHODS["fedproto"])
-    engine.run_round(1)
-    with_model = sum(1 for s in engine.client_states.values() if "model" in s)
-    after_round = tensor_bytes(engine.client_states)
-    on_cpu = all(v.device.type == "cpu" for s in engine.client_states.values() for v in s.get("model", {}).values())
-    per_client = after_round / max(with_model, 1)
+    rounds = cfg.scale_personal_rounds
+    stores: dict[str, dict] = {}
+    for store in ("memory", "disk"):
+        run_cfg = cfg.run_config("fedproto", dataset="digits", num_clients=n_big, clients_per_round=k,
+                                 partition="iid", alpha=None, local_epochs=1, eval_every=1000, model="cnn",
+                                 eval_mode="personalized", client_store=store)
+        ctx = build_context(run_cfg, data=data)
+        torch.manual_seed(0)
+        with tempfile.TemporaryDirectory() as tmp:
+            engine = Engine(ctx, METHODS["fedproto"], client_dir=Path(tmp) / "client_states")
+            times = []
+            for r in range(1, rounds + 1):
+                t0 = time.perf_counter()
+                engine.run_round(r)
+                times.append(time.perf_counter() - t0)
+            states = engine.client_states
+            t0 = time.perf_counter()
+            ckpt = io.BytesIO()
+            torch.save(engine.state_dict(), ckpt)
+            states.commit()
+            ckpt_s = time.perf_counter() - t0
+            held = states.nbytes_in_memory()
+            on_cpu = all(v.device.type == "cpu" for v in states[next(iter(states.keys()))]["model"].values())
+            t0 = time.perf_counter()
+            engine.evaluate_into(RoundResult(round=rounds, selected=[], train_loss=0.0))
+            eval_s = time.perf_counter() - t0
+            stores[store] = {"clients_with_state": len(states), "held_bytes": held, "on_cpu": on_cpu,
+                             "disk_bytes": states.nbytes_on_disk() if store == "disk" else 0,
+                             "checkpoint_bytes": len(ckpt.getvalue()), "checkpoint_s": ckpt_s,
+                             "round_s_median": float(np.median(times)), "eval_all_s": eval_s}
+    out["personalized"] = stores
     model_bytes = tensor_bytes(ctx.make_model().state_dict())
-    t0 = time.perf_counter()
-    engine.evaluate_into(RoundResult(round=1, selected=[], train_loss=0.0))
-    eval_s = time.perf_counter() - t0
-    after_eval = tensor_bytes(engine.client_states)
-    with_model_eval = sum(1 for s in engine.client_states.values() if "model" in s)
-    out["personalized"] = {"after_round_bytes": after_round, "clients_with_model": with_model, "on_cpu": on_cpu,
-                           "per_client_bytes": per_client, "model_bytes": model_bytes, "after_eval_bytes": after_eval,
-                           "clients_with_model_after_eval": with_model_eval, "eval_s": eval_s}
-    report.figure("fedproto personalized: client state per client", f"{per_client / 1024:.0f} KiB", per_client,
-                  f"model state_dict {model_bytes / 1024:.0f} KiB; on CPU: {on_cpu}")
-    report.figure(f"  after round 1 ({k} trained): clients with a model / total", f"{with_model} / "
-                  f"{mib(after_round)}", after_round)
-    report.figure(f"  after one personalized evaluation of all {n_big} clients", f"{with_model_eval} / "
-                  f"{mib(after_eval)}", after_eval, f"evaluation took {eval_s:.1f} s; it stores every evaluated "
-                                                    "client's initial model")
+    for store, row in stores.items():
+        label = f"fedproto personalized, {n_big} clients, {k}/round, client_store {store}"
+        report.figure(f"{label}: clients with a state after {rounds} rounds", f"{row['clients_with_state']}",
+                      row["clients_with_state"], f"model state_dict {model_bytes / 1024:.0f} KiB per client")
+        report.figure(f"  client state held in memory between rounds", mib(row["held_bytes"]), row["held_bytes"],
+                      f"on CPU: {row['on_cpu']}" + (f"; on disk {mib(row['disk_bytes'])}" if store == "disk" else ""))
+        report.figure(f"  checkpoint size / time", f"{mib(row['checkpoint_bytes'])} / {row['checkpoint_s']:.2f} s",
+                      row["checkpoint_bytes"])
+        report.figure(f"  round time (median of {rounds}) / evaluation of all {n_big} clients",
+                      f"{row['round_s_median']:.2f} s / {row['eval_all_s']:.1f} s", row["round_s_median"],
+                      "never-sampled clients are evaluated with their initial model, rebuilt, not stored")
+    disk, memory = stores["disk"], stores["memory"]
+    report.check(f"{n_big} clients at {frac:.0%} participation, personalized: client state in memory and the "
+                 "checkpoint follow the participating clients (client_store disk)",
+                 disk["held_bytes"] == 0 and disk["checkpoint_bytes"] < model_bytes,
+                 f"between rounds {mib(disk['held_bytes'])} held (memory store: {mib(memory['held_bytes'])}); "
+                 f"checkpoint {mib(disk['checkpoint_bytes'])} (memory store: {mib(memory['checkpoint_bytes'])}); "
+                 f"round time {disk['round_s_median'] / memory['round_s_median']:.2f}x the memory store's")
 
     # partitioning
     labels = np.random.RandomState(0).randint(0, 10, cfg.partition_labels)

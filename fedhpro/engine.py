@@ -18,6 +18,7 @@ resumed from a round-boundary checkpoint therefore replays exactly.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -27,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedhpro.augment import apply_augment
+from fedhpro.clientstore import make_client_store
 from fedhpro.config import RunConfig
 from fedhpro.faults import fault_point
 
@@ -253,12 +255,13 @@ def evaluate(score_fn: Callable[[torch.Tensor], torch.Tensor], ctx: Context, x: 
 class Engine:
     """Runs rounds; owns per-client persistent state and the client-sampling RNG."""
 
-    def __init__(self, ctx: Context, method_module: Any):
+    def __init__(self, ctx: Context, method_module: Any, client_dir: str | Path | None = None):
+        """`client_dir`: where `client_store: disk` keeps client states (a temporary directory if None)."""
         self.ctx = ctx
         self.cfg = ctx.cfg
         self.server: ServerBase = method_module.Server(ctx)
         self.client: ClientBase = method_module.Client(ctx)
-        self.client_states: dict[int, dict] = {}
+        self.client_states = make_client_store(self.cfg.client_store, client_dir)
         self.sampler = np.random.RandomState(self.cfg.seed)  # official: RandomState(seed).choice per round
         # One reusable working model per architecture, built now: building one lazily inside a round
         # would consume global RNG draws there and break bit-identical resumes.
@@ -297,6 +300,7 @@ class Engine:
             for upload in uploads:
                 result.bytes_up += tensor_bytes(upload)
                 result.bytes_down += down
+                self.client_states.release(upload["cid"], r)
         for cid in selected if self._batched is None else ():
             client = ctx.clients[cid]
             state = self.client_states.setdefault(cid, {})
@@ -314,6 +318,7 @@ class Engine:
                 upload["weights"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
             else:
                 state["model"] = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+            self.client_states.release(cid, r)
             result.bytes_up += tensor_bytes(upload)
             result.bytes_down += down
             uploads.append(upload)
@@ -364,7 +369,7 @@ class Engine:
         kind, keys, pos, has_gauss, cached = self.sampler.get_state()
         return {
             "server": self.server.state_dict(),
-            "clients": {int(k): v for k, v in self.client_states.items()},
+            **self.client_states.state_dict(),  # memory: every state; disk: the index of its files
             "sampler": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
                         "has_gauss": int(has_gauss), "cached": float(cached)},
             "torch_rng": torch.get_rng_state(),
@@ -372,7 +377,7 @@ class Engine:
 
     def load_state_dict(self, state: dict) -> None:
         self.server.load_state_dict(state["server"])
-        self.client_states = {int(k): v for k, v in state["clients"].items()}
+        self.client_states.load_state_dict(state)
         s = state["sampler"]
         self.sampler.set_state(("MT19937", s["keys"].numpy().astype(np.uint32), s["pos"], s["has_gauss"], s["cached"]))
         torch.set_rng_state(state["torch_rng"])

@@ -2,8 +2,8 @@
 
 `FEDHPRO_FAULT=<point>@<n>` kills the process the n-th time execution reaches `<point>` (n >= 1).
 Points: `batch` (inside local training, after an optimiser step), `server` (inside the server
-step, after aggregation), `checkpoint_write` and `metrics_write` (after the temporary file is
-written, before the atomic rename), `round_end`. Unset, every call is one dict lookup.
+step, after aggregation), `checkpoint_write`, `client_state_write` and `metrics_write` (after the
+temporary file is written, before the atomic rename), `round_end`. Unset, every call is one dict lookup.
 """
 
 from __future__ import annotations

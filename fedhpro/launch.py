@@ -38,6 +38,7 @@ from typing import Any, Callable, Mapping
 
 import submitit
 
+from fedhpro.clientstore import CLIENT_STATES_DIR
 from fedhpro.config import RunConfig, from_dict
 from fedhpro.runio import CHECKPOINT, CONFIG, METRICS, atomic_write_text
 
@@ -156,6 +157,7 @@ def clear_stale_run(cfg: RunConfig, run_dir: str | Path, log: Callable[[str], No
         with contextlib.suppress(FileNotFoundError):
             (run_dir / name).unlink()
     shutil.rmtree(run_dir / SUBMITIT_DIR, ignore_errors=True)
+    shutil.rmtree(run_dir / CLIENT_STATES_DIR, ignore_errors=True)
     return True
 
 

@@ -128,23 +128,20 @@ def run_info(config_dict: dict, config_hash: str) -> dict[str, Any]:
 _CKPT_MAGIC = b"FEDHPRO-CHECKPOINT-1\n"
 
 
-def save_checkpoint(run_dir: Path, state: dict) -> None:
+def save_hashed(path: Path, obj: Any, fault: str | None = None) -> None:
     """One atomic file: a magic line, the SHA-256 of the payload, then the torch payload.
 
-    Hash and payload travel together, so a crash leaves the previous complete checkpoint, and any
+    Hash and payload travel together, so a crash leaves the previous complete file, and any
     change to the bytes afterwards is detected on load.
     """
     buf = io.BytesIO()
-    torch.save(state, buf)
+    torch.save(obj, buf)
     payload = buf.getvalue()
-    atomic_write(run_dir / CHECKPOINT, _CKPT_MAGIC + sha256_bytes(payload).encode() + b"\n" + payload,
-                 fault="checkpoint_write")
+    atomic_write(path, _CKPT_MAGIC + sha256_bytes(payload).encode() + b"\n" + payload, fault=fault)
 
 
-def load_checkpoint(run_dir: Path) -> dict | None:
-    path = run_dir / CHECKPOINT
-    if not path.exists():
-        return None
+def load_hashed(path: Path) -> Any:
+    """Load a `save_hashed` file (weights_only); CheckpointError if it is truncated, altered or unsafe."""
     data = path.read_bytes()
     header_end = len(_CKPT_MAGIC) + 65
     if not data.startswith(_CKPT_MAGIC) or len(data) < header_end:
@@ -160,6 +157,15 @@ def load_checkpoint(run_dir: Path) -> dict | None:
         return torch.load(io.BytesIO(payload), weights_only=True, map_location="cpu")
     except Exception as err:  # noqa: BLE001 - any unpickling failure means the file cannot be trusted
         raise CheckpointError(f"checkpoint {path} cannot be loaded safely: {err}") from None
+
+
+def save_checkpoint(run_dir: Path, state: dict) -> None:
+    save_hashed(run_dir / CHECKPOINT, state, fault="checkpoint_write")
+
+
+def load_checkpoint(run_dir: Path) -> dict | None:
+    path = run_dir / CHECKPOINT
+    return load_hashed(path) if path.exists() else None
 
 
 # ------------------------------------------------------------------------ metrics

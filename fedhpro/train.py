@@ -5,6 +5,8 @@ Run directory:
   `resumes` gets one record (`resumed_from_round`, time, SLURM ids) each time the run resumes from a checkpoint;
 - `checkpoint.pt` (SHA-256 header over its payload): every `checkpoint_every` rounds, the engine state (models,
   method state, client states, sampler RNG, torch RNG) and the metrics so far;
+- `client_states/` (`client_store: disk` only): one file per client state, the checkpoint names which
+  (`fedhpro.clientstore`);
 - `metrics.parquet`: written once, atomically, when the run ends (finished or diverged), so its
   existence means the run is complete.
 
@@ -24,6 +26,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from fedhpro.clientstore import CLIENT_STATES_DIR
 from fedhpro.config import ConfigError, RunConfig
 from fedhpro.data import DATASETS, ArrayData, load_dataset
 from fedhpro.faults import fault_point
@@ -177,11 +180,13 @@ def train(cfg: RunConfig, out_dir: str | Path, *, partition_dir: str | Path | No
             return pd.read_parquet(metrics_path)
         ctx = build_context(cfg, Path(partition_dir) if partition_dir else None)
         torch.manual_seed(cfg.seed)
-        engine = Engine(ctx, METHODS[cfg.method])
+        engine = Engine(ctx, METHODS[cfg.method], client_dir=out_dir / CLIENT_STATES_DIR)
         rows: list[dict] = []
         start = 1
         checkpoint = load_checkpoint(out_dir)
-        if checkpoint is not None:
+        if checkpoint is None:
+            engine.client_states.reset()  # client_store disk: files of an attempt that never checkpointed
+        else:
             if checkpoint["config_hash"] != cfg.config_hash():
                 raise ConfigError(f"checkpoint in {out_dir} belongs to another config; delete it or use another --out")
             engine.load_state_dict(checkpoint["engine"])
@@ -205,6 +210,7 @@ def train(cfg: RunConfig, out_dir: str | Path, *, partition_dir: str | Path | No
                 t0 = time.perf_counter()
                 save_checkpoint(out_dir, {"round": r, "config_hash": cfg.config_hash(), "rows": rows,
                                           "engine": engine.state_dict()})
+                engine.client_states.commit()  # disk: drop state files the new checkpoint no longer names
                 rows[-1]["time_io"] = time.perf_counter() - t0
             fault_point("round_end")
             if stop_after_round is not None and r >= stop_after_round and r < cfg.rounds:
@@ -212,6 +218,7 @@ def train(cfg: RunConfig, out_dir: str | Path, *, partition_dir: str | Path | No
         for row in rows:
             row["status"] = status
         write_metrics(metrics_path, rows, cfg.to_dict())
+        engine.client_states.commit()  # disk: keep each client's final state only (the run will not resume)
         return pd.read_parquet(metrics_path)
 
 
