@@ -530,10 +530,16 @@ def _methods(summary: pd.DataFrame) -> list[tuple[str, str]]:
 
 
 def main_table(summary: pd.DataFrame, rule: str, last_k: int) -> Table:
-    """Rows = methods (+ variant), columns = settings, best mean per column in bold."""
+    """Rows = methods (+ variant), columns = settings, best mean per column in bold.
+
+    FedHPro's ablation variants are left to the ablation table (as in the paper) when its default ran;
+    other methods' variants (e.g. a FedProx mu sweep) stay here.
+    """
     n_mode = _n_mode(summary)
     conds = _conditions(summary)
     methods = _methods(summary)
+    if (REFERENCE_METHOD, "default") in methods:
+        methods = [(m, v) for m, v in methods if m != REFERENCE_METHOD or v == "default"]
     texts, means = _matrix(summary, methods, conds, n_mode)
     rows = [[method_label(m, v)] + t for (m, v), t in zip(methods, texts)]
     return Table("main", _caption("Main comparison.", rule, last_k, n_mode, "Best mean per column in bold."),
