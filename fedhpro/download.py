@@ -324,6 +324,16 @@ def _mirror_entry(mirror: Mapping | None, remote: RemoteFile) -> tuple[RemoteFil
     return remote, entry.get("url"), entry.get("checksum")
 
 
+def mirror_checksum(remote: RemoteFile, mirror: Mapping | None = None) -> str | None:
+    """The checksum `prepare` verifies `remote` against ('md5:<hex>' / 'sha256:<hex>'): the mirror entry's
+    if it configures one, else the upstream one; None when there is neither (`prepare` refuses the file)."""
+    target, _, checksum = _mirror_entry(mirror, remote)
+    if not checksum and not (target.sha256 or target.md5):
+        return None
+    algo, digest = expected_checksum(target, checksum)  # ValueError for a malformed configured checksum
+    return f"{algo}:{digest}"
+
+
 def prepare(remotes: list[RemoteFile] | tuple[RemoteFile, ...], root: str | Path, name: str, *,
             mirror: Mapping | None = None, **fetch_options) -> Path:
     """Fetch every file of dataset `name` into `root/name/raw/`; returns that directory.

@@ -10,6 +10,9 @@ import functools
 import gzip
 import hashlib
 import io
+import shutil
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -18,12 +21,14 @@ import pandas as pd
 import pytest
 import scipy.io
 import torch
+import yaml
 
-from fedhpro.data import DATASETS, load_dataset
+from fedhpro.data import DATASETS, load_dataset, plan_downloads
 from fedhpro.data.digit_domains import (IMAGENET_MEAN, IMAGENET_STD, SVHN_REMOTES, SYN_FILES, SYN_REMOTE,
-                                        USPS_REMOTES, parse_usps, resize_images)
+                                        USPS_REMOTES, downloads_for, parse_usps, resize_images)
 from fedhpro.data.mnist_family import IDX_FILES, MNIST_REMOTES
 from fedhpro.download import ArchiveError, ChecksumError, decompress, is_complete, prepare, safe_extract
+from fedhpro.sweep import validate_workflow_config
 
 try:
     from tests.httpserver import LoopbackHTTPServer
@@ -139,7 +144,7 @@ def test_specs_registered():
     assert [r.md5 for r in SVHN_REMOTES] == ["e26dedcc434d2e4c54c9b2d4a06d8373", "eb5a983be6a315427106f1b164d9cef3"]
     assert SYN_REMOTE.md5 is None and SYN_REMOTE.sha256 is None  # no published checksum
     assert dd.domains == ("mnist", "usps", "svhn", "syn")
-    assert dd.downloads == MNIST_REMOTES + USPS_REMOTES + SVHN_REMOTES
+    assert dd.downloads == MNIST_REMOTES + USPS_REMOTES + SVHN_REMOTES + (SYN_REMOTE,)
     assert (dd.default_model, dd.default_augment, dd.num_classes) == ("resnet10", "crop_flip", 10)
     assert (u.train_size, s.train_size) == (7291, 73257)
 
@@ -310,7 +315,7 @@ def test_digit_domains_download_over_http(server, tmp_path):
     for f, d in served.items():
         server.add(f"/mirror/{f}", d)
     root = tmp_path / "data"
-    downloads = DATASETS["digit_domains"].downloads
+    downloads = downloads_for(("mnist", "usps", "svhn"))
     with pytest.raises(ChecksumError):  # upstream checksums by default
         prepare(downloads, root, "digit_domains", mirror={"*": server.url("/mirror/")}, backoff=0)
     raw = prepare(downloads, root, "digit_domains", backoff=0, mirror={
@@ -406,3 +411,232 @@ def test_fedhpro_run_on_mnist_usps_domains(real_root, tmp_path, monkeypatch):
         assert 0.0 <= final[col] <= 1.0
     # the overall accuracy is the mean over the equally sized domain test sets
     assert np.isclose(final["test_acc"], (final["domain_acc_mnist"] + final["domain_acc_usps"]) / 2)
+
+
+# ----------------------------------------------------------------------------- download step: requested domains only
+
+
+def test_downloads_for_lists_only_the_requested_domains():
+    assert downloads_for(("mnist", "usps")) == MNIST_REMOTES + USPS_REMOTES
+    assert downloads_for(["usps", "mnist"]) == MNIST_REMOTES + USPS_REMOTES  # always in DIGIT_DOMAINS order
+    assert downloads_for("svhn") == SVHN_REMOTES and downloads_for(("syn",)) == (SYN_REMOTE,)
+    spec = DATASETS["digit_domains"]
+    assert spec.needed_downloads({}) == spec.downloads == downloads_for()  # default: all four domains
+    assert spec.needed_downloads({"domains": ["mnist", "usps"], "train_per_domain": 5}) == MNIST_REMOTES + USPS_REMOTES
+    # a domain read from paths= needs no download
+    assert spec.needed_downloads({"domains": ["mnist", "usps"], "paths": {"usps": "/elsewhere"}}) == MNIST_REMOTES
+    with pytest.raises(ValueError, match="domains must be"):
+        downloads_for(("mnist", "mnistm"))
+    assert DATASETS["usps"].needed_downloads({"whatever": 1}) == USPS_REMOTES  # no hook: every file
+
+
+def own_checksums(folder: Path, names) -> dict:
+    """Mirror entries configuring the checksums of the copies in `folder` (their bytes differ from upstream)."""
+    return {f: {"url": str(folder / f), "checksum": f"md5:{md5((folder / f).read_bytes())}"} for f in names}
+
+
+def test_local_copies_count_whole_verified_domains(tmp_path):
+    root = tmp_path / "data"
+    write_all_domains(root)  # tiny copies in <root>/{mnist,usps,svhn,syndigits}/raw
+    spec = DATASETS["digit_domains"]
+    # the tiny copies fail the upstream checksums: only SynDigits (nothing to verify) counts as present
+    assert spec.find_local_copies(root, spec.downloads) == {SYN_REMOTE.filename: root / "syndigits/raw/SynthDigits.zip"}
+    # with the copies' own checksums configured, MNIST and USPS count (only the files asked about)
+    mirror = own_checksums(root / "mnist/raw", IDX_FILES) | own_checksums(root / "usps/raw", ("usps.bz2", "usps.t.bz2"))
+    local = spec.find_local_copies(root, downloads_for(("mnist", "usps", "svhn")), mirror)
+    assert local == {**{f: root / "mnist/raw" / f for f in IDX_FILES},
+                     "usps.bz2": root / "usps/raw/usps.bz2", "usps.t.bz2": root / "usps/raw/usps.t.bz2"}
+    # one file that no longer verifies: the whole domain is fetched (the loader reads a domain from one folder)
+    (root / "mnist/raw" / IDX_FILES[1]).write_bytes(idx_gz(np.zeros(3, dtype=np.uint8)))
+    assert spec.find_local_copies(root, MNIST_REMOTES, mirror) == {}
+    # a domain the loader reads from <root>/digit_domains/raw is left to prepare(), which verifies it there
+    (root / "digit_domains").mkdir()
+    (root / "usps/raw").rename(root / "digit_domains/raw")
+    assert spec.find_local_copies(root, USPS_REMOTES, own_checksums(root / "digit_domains/raw", ["usps.bz2"])) == {}
+    # without a hook (e.g. office_caltech): only checksum-less files placed by hand in <root>/<name>/raw/
+    office = DATASETS["office_caltech"]
+    assert office.find_local_copies(root, office.downloads) == {}
+    (root / "office_caltech/raw").mkdir(parents=True)
+    (root / "office_caltech/raw" / office.downloads[0].filename).write_bytes(b"zip")
+    assert list(office.find_local_copies(root, office.downloads)) == [office.downloads[0].filename]
+
+
+# ----------------------------------------------------------------------------- the workflow's download rule
+
+REPO = Path(__file__).resolve().parents[1]
+SNAKEMAKE = Path(sys.executable).parent / "snakemake"
+
+
+def digit_workflow(tmp_path: Path, domains, mirrors=None, data_root=None, **changes) -> Path:
+    """A copy of the workflow (Snakefile, workflow/, profiles/) whose config runs FedAvg on digit_domains."""
+    wf = tmp_path / "wf"
+    if not wf.exists():
+        wf.mkdir(parents=True)
+        shutil.copy2(REPO / "Snakefile", wf / "Snakefile")
+        for name in ("workflow", "profiles"):
+            shutil.copytree(REPO / name, wf / name, ignore=shutil.ignore_patterns("__pycache__"))
+        (wf / "config").mkdir()
+    options = {"train_per_domain": 24, "test_per_domain": 20}
+    if domains is not None:
+        options["domains"] = list(domains)
+    config = {"data_root": str(data_root or tmp_path / "data"),
+              "defaults": {"rounds": 1, "batch_size": 16, "lr": 0.05, "device": "cpu", "model": "cnn",
+                           "eval_every": 1, "checkpoint_every": 1},
+              "datasets": {"digit_domains": {"dataset_options": options}},
+              "heterogeneity": [{"partition": "domains", "num_clients": 2}],
+              "methods": {"fedavg": {"default": {}}}, "seeds": [0], "mirrors": {"digit_domains": mirrors or {}},
+              **changes}
+    (wf / "config" / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    return wf
+
+
+def smk(wf: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(SNAKEMAKE), *args], cwd=wf, capture_output=True, text=True, timeout=600)
+
+
+def planned_rules(proc: subprocess.CompletedProcess) -> dict[str, list[str]]:
+    """rule -> outputs of the jobs a dry run (-n) plans."""
+    jobs: dict[str, list[str]] = {}
+    rule = None
+    for line in (proc.stdout + proc.stderr).splitlines():
+        line = line.strip()
+        if line.startswith(("rule ", "localrule ")) and line.endswith(":"):
+            rule = line.split()[1][:-1]
+            jobs.setdefault(rule, [])
+        elif line.startswith("output: ") and rule:
+            jobs[rule].append(line[len("output: "):])
+    return jobs
+
+
+def mnist_usps_files() -> dict[str, bytes]:
+    """MNIST + USPS in their upstream formats: the real copies if present, else tiny ones."""
+    if REAL:
+        return {**{f: (SHARED / "mnist" / f).read_bytes() for f in IDX_FILES},
+                **{f: (SHARED / f).read_bytes() for f in ("usps.bz2", "usps.t.bz2")}}
+    rng = np.random.default_rng(3)
+    files = {f: idx_gz(a) for f, a in zip(IDX_FILES, idx_arrays(rng, 40, 30))}
+    return files | {f: d for f, (d, _, _) in build_usps(40, 30, seed=3).items()}
+
+
+def serve(server, files: dict[str, bytes]) -> dict:
+    """Serve `files` under /mirror/; the workflow's mirror entries (URL + the copies' own checksums)."""
+    for f, d in files.items():
+        server.add(f"/mirror/{f}", d)
+    return {f: {"url": server.url(f"/mirror/{f}"), "checksum": f"md5:{md5(d)}"} for f, d in files.items()}
+
+
+def test_workflow_fetches_only_the_requested_domains(server, tmp_path):
+    """digit_domains with domains [mnist, usps]: the download rule fetches the MNIST and USPS files from a server
+    that has nothing else (no SVHN, no SynDigits); requesting svhn later reruns it, fetching only SVHN's files."""
+    files = mnist_usps_files()
+    wf = digit_workflow(tmp_path, ["mnist", "usps"], serve(server, files))
+    marker = tmp_path / "data" / "digit_domains" / "download.complete"
+    proc = smk(wf, "-n")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    jobs = planned_rules(proc)
+    assert jobs["download"] == [str(marker)] and {"partition", "train", "aggregate"} <= set(jobs)
+    proc = smk(wf, "--cores", "1", str(marker))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert sorted(r.path for r in server.requests) == sorted(f"/mirror/{f}" for f in files)
+    raw = tmp_path / "data" / "digit_domains" / "raw"
+    assert sorted(p.name for p in raw.iterdir() if not p.name.startswith(".")) == sorted(files)
+    assert [ln.split("\t")[0] for ln in marker.read_text().splitlines()[1:]] == list(files)
+    # a later sweep that also requests svhn: the rule runs again (params trigger) and fetches only SVHN's files
+    (tr, _, _), (te, _, _) = build_mat_pair(30, 20, seed=7)
+    mirrors = serve(server, {"train_32x32.mat": tr, "test_32x32.mat": te}) | serve(server, files)
+    wf = digit_workflow(tmp_path, ["mnist", "usps", "svhn"], mirrors)
+    before = len(server.requests)
+    proc = smk(wf, "--cores", "1", str(marker))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "Params have changed" in proc.stdout + proc.stderr
+    assert sorted(r.path for r in server.requests[before:]) == ["/mirror/test_32x32.mat", "/mirror/train_32x32.mat"]
+    assert [ln.split("\t")[0] for ln in marker.read_text().splitlines()[1:]] == [*files, "train_32x32.mat",
+                                                                                 "test_32x32.mat"]
+
+
+def test_workflow_uses_local_copies_and_a_download_rerun_keeps_the_partitions(server, tmp_path):
+    """MNIST already in <root>/mnist/raw (verified): not fetched, only USPS is; the partition is built on
+    MNIST + USPS; a later rerun of the download step (its params changed) does not make it out of date."""
+    files = mnist_usps_files()
+    root = tmp_path / "data"
+    (root / "mnist" / "raw").mkdir(parents=True)
+    for f in IDX_FILES:
+        (root / "mnist" / "raw" / f).write_bytes(files[f])
+    # USPS served; MNIST only its copies' own checksums (a source that does not exist: it must not be needed)
+    mirrors = serve(server, {f: files[f] for f in ("usps.bz2", "usps.t.bz2")}) | {
+        f: {"url": f"/nonexistent/{f}", "checksum": f"md5:{md5(files[f])}"} for f in IDX_FILES}
+    wf = digit_workflow(tmp_path, ["mnist", "usps"], mirrors)
+    (run,) = validate_workflow_config(yaml.safe_load((wf / "config" / "config.yaml").read_text()))
+    meta = f"results/partitions/{run.partition_id}/meta.json"
+    proc = smk(wf, "--cores", "1", meta)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert sorted(r.path for r in server.requests) == ["/mirror/usps.bz2", "/mirror/usps.t.bz2"]
+    marker = (root / "digit_domains" / "download.complete").read_text()
+    assert f"{IDX_FILES[0]}\t{root / 'mnist' / 'raw' / IDX_FILES[0]}" in marker
+    assert f"usps.bz2\t{root / 'digit_domains' / 'raw'}" in marker
+    assert (wf / meta).is_file()
+    # the download step's params change (here its mirrors): it reruns, the partition stays up to date
+    wf = digit_workflow(tmp_path, ["mnist", "usps"], {**mirrors, "train_32x32.mat": "/nonexistent/"})
+    jobs = planned_rules(smk(wf, "-n", meta))
+    assert set(jobs) == {"download"}, jobs
+
+
+def test_syn_without_a_source_fails_at_workflow_load(tmp_path):
+    wf = digit_workflow(tmp_path, ["mnist", "syn"])
+    proc = smk(wf, "-n")
+    assert proc.returncode != 0
+    text = proc.stdout + proc.stderr
+    lines = [ln for ln in text.splitlines() if "invalid workflow config: mirrors.digit_domains: SynthDigits.zip" in ln]
+    assert len(lines) == 1, text[-3000:]
+    for part in ("no published checksum and no local copy", "mirrors: {digit_domains: {SynthDigits.zip: {url:",
+                 "by hand in"):
+        assert part in lines[0], lines[0]
+    assert "Building DAG" not in text and not (wf / "results").exists()
+
+
+def test_plan_downloads_union_and_sources(tmp_path):
+    """The load-time plan of the download step (common.smk calls it with every run's dataset and options)."""
+    root = tmp_path / "data"
+    names = {d: [r.filename for r in downloads_for((d,))] for d in ("mnist", "usps", "svhn", "syn")}
+    # the union over the runs, in the spec's order; datasets without downloads (digits) are left out
+    runs = [("digit_domains", {"domains": ["usps"]}), ("digit_domains", {"domains": ["mnist", "usps"]}), ("digits", {})]
+    assert plan_downloads(runs, root) == {"digit_domains": names["mnist"] + names["usps"]}
+    runs = [("digit_domains", {"domains": ["svhn"]}), ("digit_domains", {"domains": ["usps"], "train_per_domain": 9})]
+    assert plan_downloads(runs, root) == {"digit_domains": names["usps"] + names["svhn"]}
+    # syn (explicitly, or through the default domains): no checksum, mirror or local copy -> a one-line error
+    for options in ({"domains": ["mnist", "syn"]}, {}):
+        with pytest.raises(ValueError) as info:
+            plan_downloads([("digit_domains", options)], root)
+        msg = str(info.value)
+        assert msg.startswith("mirrors.digit_domains: SynthDigits.zip (needed by digit_domains with ")
+        assert "\n" not in msg
+        assert "mirrors: {digit_domains: {SynthDigits.zip: {url: <path or URL>, checksum: 'sha256:<hex>'}}}" in msg
+        assert f"by hand in {root / 'digit_domains' / 'raw'}/" in msg
+    # a mirror entry without a checksum is no source; a malformed checksum names its key; a good one is
+    with pytest.raises(ValueError, match="no published checksum"):
+        plan_downloads([("digit_domains", {"domains": ["syn"]})], root, {"digit_domains": {"*": "http://127.0.0.1:9/"}})
+    with pytest.raises(ValueError, match=r"^mirrors\.digit_domains\.SynthDigits\.zip: checksum must be"):
+        plan_downloads([("digit_domains", {"domains": ["syn"]})], root,
+                       {"digit_domains": {"SynthDigits.zip": {"url": "/x", "checksum": "md5:zz"}}})
+    mirror = {"digit_domains": {"SynthDigits.zip": {"url": "/x/SynthDigits.zip", "checksum": "sha256:" + "0" * 64}}}
+    assert plan_downloads([("digit_domains", {"domains": ["mnist", "syn"]})], root, mirror) == {
+        "digit_domains": names["mnist"] + names["syn"]}
+    # a pending dataset: the file is dropped with a warning
+    warned = []
+    assert plan_downloads([("digit_domains", {})], root, pending={"digit_domains"}, warn=warned.append) == {
+        "digit_domains": names["mnist"] + names["usps"] + names["svhn"]}
+    assert len(warned) == 1 and warned[0].startswith("mirrors.digit_domains: SynthDigits.zip") \
+        and warned[0].endswith("not downloaded (pending dataset)")
+    # a copy present locally needs no source: here FPL's image folders in <root>/syndigits/syn/
+    for split in ("train", "val"):
+        (root / "syndigits" / "syn" / split / "0").mkdir(parents=True)
+    assert plan_downloads([("digit_domains", {"domains": ["syn"]})], root) == {"digit_domains": names["syn"]}
+    # the single dataset syndigits the same way: the zip placed by hand in <root>/syndigits/raw/
+    other = tmp_path / "other"
+    with pytest.raises(ValueError, match="^mirrors.syndigits: SynthDigits.zip"):
+        plan_downloads([("syndigits", {})], other)
+    (other / "syndigits" / "raw").mkdir(parents=True)
+    (other / "syndigits" / "raw" / "SynthDigits.zip").write_bytes(zip_bytes({SYN_FILES[0]: b"", SYN_FILES[1]: b""}))
+    assert plan_downloads([("syndigits", {})], other) == {"syndigits": ["SynthDigits.zip"]}
+    with pytest.raises(ValueError, match="^dataset_options of digit_domains: domains must be"):
+        plan_downloads([("digit_domains", {"domains": ["mnistm"]})], root)

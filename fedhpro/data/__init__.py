@@ -12,9 +12,10 @@ it at the bottom of this file.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Mapping
 
 import torch
 
@@ -54,6 +55,34 @@ class DatasetSpec:
     domains: tuple[str, ...] = ()
     downloads: tuple = field(default=())  # fedhpro.download.RemoteFile entries
     description: str = ""
+    # Download step hooks (workflow rule `download`), both optional:
+    # downloads_for(options) -> the files of `downloads` that a run with these loader options needs
+    #     (None: all of them), e.g. digit_domains fetches only the requested domains' files;
+    # local_copies(root, remotes, mirror) -> {file name: path} for those of `remotes` the loader already
+    #     finds locally, which the download step then does not fetch: outside <root>/<name>/raw/ only
+    #     copies that verify (`prepare` checks raw/ itself); a file with no checksum at all counts
+    #     wherever the loader finds it (None: see find_local_copies).
+    downloads_for: Callable[[Mapping[str, Any]], tuple] | None = None
+    local_copies: Callable[..., dict] | None = None
+
+    def needed_downloads(self, options: Mapping[str, Any] | None = None) -> tuple:
+        """The files of `downloads` a run with these loader options needs (all without a hook)."""
+        if self.downloads_for is None:
+            return tuple(self.downloads)
+        wanted = {r.filename for r in self.downloads_for(dict(options or {}))}
+        return tuple(r for r in self.downloads if r.filename in wanted)
+
+    def find_local_copies(self, root: str | Path, remotes, mirror: Mapping | None = None) -> dict[str, Path]:
+        """{file name: path} of the `remotes` the download step need not fetch (the local_copies hook);
+        without a hook: the files with no checksum to verify them (upstream or mirror) that were placed
+        by hand in <root>/<name>/raw/ (`prepare` would refuse to fetch them)."""
+        if self.local_copies is not None:
+            return dict(self.local_copies(Path(root), tuple(remotes), mirror))
+        from fedhpro.download import mirror_checksum
+
+        raw = Path(root) / self.name / "raw"
+        return {r.filename: raw / r.filename for r in remotes
+                if mirror_checksum(r, mirror) is None and (raw / r.filename).exists()}
 
 
 DATASETS: dict[str, DatasetSpec] = {}
@@ -64,6 +93,68 @@ def register(spec: DatasetSpec) -> DatasetSpec:
         raise ValueError(f"dataset {spec.name!r} registered twice")
     DATASETS[spec.name] = spec
     return spec
+
+
+def plan_downloads(requests, root: str | Path, mirrors: Mapping | None = None, *, pending=(),
+                   warn: Callable[[str], None] | None = None) -> dict[str, list[str]]:
+    """What the workflow's download step fetches: {dataset: names of its needed files, in `downloads` order}.
+
+    requests: (dataset, loader options) of every run; a dataset's files are the union of
+    DatasetSpec.needed_downloads over its runs' options (e.g. digit_domains with `domains: [mnist, usps]`:
+    the MNIST and USPS files only); datasets with nothing to download are left out. mirrors: dataset ->
+    `prepare` mirror mapping (the workflow's `mirrors:`). A needed file with no checksum to verify it
+    (neither upstream nor in its mirror entry; e.g. SynDigits) and no local copy (find_local_copies) is a
+    ValueError whose one-line message says how to provide it; for a dataset in `pending` it is instead
+    dropped with `warn(message)`. Checks no checksums of files (cheap enough for workflow load).
+    """
+    from fedhpro.download import mirror_checksum
+
+    mirrors = mirrors or {}
+    needed: dict[str, dict[str, Any]] = {}  # dataset -> file name -> the first options that need it
+    for dataset, options in requests:
+        spec = DATASETS[dataset]
+        if not spec.downloads:
+            continue
+        try:
+            files = spec.needed_downloads(options)
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"dataset_options of {dataset}: {err}") from None
+        for remote in files:
+            needed.setdefault(dataset, {}).setdefault(remote.filename, dict(options or {}))
+    plan = {}
+    for dataset, wanted in needed.items():
+        spec = DATASETS[dataset]
+        mirror = mirrors.get(dataset) or {}
+        remotes = [r for r in spec.downloads if r.filename in wanted]
+        unverifiable = []
+        for remote in remotes:
+            try:
+                if mirror_checksum(remote, mirror) is None:
+                    unverifiable.append(remote)
+            except ValueError as err:
+                raise ValueError(f"mirrors.{dataset}.{remote.filename}: {err}") from None
+        if unverifiable:
+            local = spec.find_local_copies(root, unverifiable, mirror)
+            unverifiable = [r for r in unverifiable if r.filename not in local]
+        if unverifiable:
+            names = [r.filename for r in unverifiable]
+            one = len(names) == 1
+            options = wanted[names[0]]
+            by = (f"dataset_options {json.dumps(options, sort_keys=True, default=str)}" if options
+                  else "the default dataset_options")
+            message = (f"mirrors.{dataset}: {', '.join(names)} (needed by {dataset} with {by}) "
+                       f"{'has' if one else 'have'} no published checksum and no local copy was found under "
+                       f"{root}; provide {'it' if one else 'them'} in the workflow config as mirrors: {{{dataset}: "
+                       f"{{{names[0] if one else '<file>'}: {{url: <path or URL>, checksum: 'sha256:<hex>'}}}}}}, "
+                       f"or place {'it' if one else 'them'} by hand in {Path(root) / dataset / 'raw'}/ "
+                       f"(see {spec.loader.__module__})")
+            if dataset not in pending:
+                raise ValueError(message)
+            (warn or (lambda m: None))(f"{message}; not downloaded (pending dataset)")
+        names = [r.filename for r in remotes if r not in unverifiable]
+        if names:
+            plan[dataset] = names
+    return dict(sorted(plan.items()))
 
 
 def load_dataset(name: str, root: str | Path = "data", **options) -> ArrayData:

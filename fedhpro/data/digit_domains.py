@@ -54,9 +54,18 @@ Loader options (`load_dataset("digit_domains", root, **options)`):
       key covers the source files' path/size/mtime and every option).
 Each domain's files are looked for in `<root>/digit_domains/raw/`, `<root>/digit_domains/`, then
 in the single dataset's folders (`<root>/<mnist|usps|svhn|syndigits>/raw/` and `.../`), so files
-downloaded for `mnist` or `usps` serve `digit_domains` too. The `downloads` of digit_domains are
-the MNIST, USPS and SVHN files (verified by checksum); SynDigits has no checksummed upstream and
-is fetched through `syndigits` (with a mirror checksum) or placed by hand.
+downloaded for `mnist` or `usps` serve `digit_domains` too.
+
+Downloads: `downloads` lists every domain's upstream files (MNIST's 4 IDX files, USPS's 2 libsvm
+files, SVHN's 2 .mat files, SynthDigits.zip); `downloads_for(domains)` those of some domains, and the
+DatasetSpec hook `downloads_for(options)` those a run needs (its `domains`, less those given by
+`paths=`), so the workflow's download step fetches only the requested domains' files (the union
+over the sweep's runs) into `<root>/digit_domains/raw/`. A domain the loader already finds in
+another of its folders (e.g. `<root>/mnist/raw/` from the `mnist` download) is not fetched again
+if its files verify (upstream checksum, or the one a mirror entry gives; hook `local_copies`).
+SynDigits has no checksummed upstream: the workflow refuses at load time to request it unless the
+loader finds it locally or `mirrors: {digit_domains: {SynthDigits.zip: {url: ..., checksum: ...}}}`
+gives a copy with its checksum.
 """
 
 from __future__ import annotations
@@ -76,7 +85,7 @@ from fedhpro.data.imagefolder import (FolderArrays, _load_npz, _save_npz, cache_
                                       read_image_folder, source_key)
 from fedhpro.data.mnist_family import (IDX_FILES, MNIST_REMOTES, find_file, read_bytes, read_idx_dataset,
                                        search_dirs)
-from fedhpro.download import ArchiveError, RemoteFile
+from fedhpro.download import ArchiveError, RemoteFile, mirror_checksum, verify
 
 log = logging.getLogger(__name__)
 
@@ -294,6 +303,7 @@ def _locate_pair(names: tuple[tuple[str, ...], tuple[str, ...]]) -> Callable[[li
     return locate
 
 
+DOMAIN_REMOTES = {"mnist": MNIST_REMOTES, "usps": USPS_REMOTES, "svhn": SVHN_REMOTES, "syn": (SYN_REMOTE,)}
 DOMAIN_SOURCES = {
     "mnist": _Domain(lambda dirs: read_idx_dataset(dirs, "mnist"), _locate_idx),
     "usps": _Domain(read_usps, _locate_pair((("usps.bz2", "usps"), ("usps.t.bz2", "usps.t")))),
@@ -336,15 +346,80 @@ def _check_count(name: str, value) -> int | None:
     return int(value)
 
 
+def _check_domains(domains) -> tuple[str, ...]:
+    domains = (domains,) if isinstance(domains, str) else tuple(domains)
+    unknown = [d for d in domains if d not in DOMAIN_SOURCES]
+    if unknown or not domains or len(set(domains)) != len(domains):
+        raise ValueError(f"domains must be distinct names out of {', '.join(DIGIT_DOMAINS)}; got {list(domains)}")
+    return domains
+
+
+# ----------------------------------------------------------------------------- download step
+
+
+def downloads_for(domains=DIGIT_DOMAINS) -> tuple[RemoteFile, ...]:
+    """The upstream files of these domains, in DIGIT_DOMAINS order (MNIST: the 4 IDX files, USPS: 2 libsvm
+    files, SVHN: 2 .mat files, syn: SynthDigits.zip, which has no checksum: a mirror entry must give one)."""
+    domains = set(_check_domains(domains))
+    return tuple(r for d in DIGIT_DOMAINS if d in domains for r in DOMAIN_REMOTES[d])
+
+
+def _downloads_for_options(options) -> tuple[RemoteFile, ...]:
+    """DatasetSpec hook: the files a run needs, from its loader options (a domain given by `paths=` needs none)."""
+    domains = _check_domains(options.get("domains", DIGIT_DOMAINS))
+    paths = options.get("paths") or {}
+    return downloads_for(tuple(d for d in domains if d not in paths))
+
+
+def _verifies(path: Path, remote: RemoteFile, mirror) -> bool:
+    """`path` has the upstream checksum of `remote`, or the one a mirror entry configures for it."""
+    sums = {mirror_checksum(remote)} | {mirror_checksum(remote, mirror)}
+    return any(c is not None and verify(path, c) for c in sums)
+
+
+def local_copies(root: str | Path, remotes, mirror=None) -> dict[str, Path]:
+    """DatasetSpec hook: {file name: local copy} for the files of `remotes` that load_digit_domains already
+    finds outside <root>/digit_domains/raw/ (e.g. <root>/mnist/raw/ from the `mnist` download), so the
+    download step need not fetch them. A domain counts only as a whole, where the loader would read it:
+    the first folder holding all its files, each matching its upstream checksum (or the one a mirror entry
+    configures). SynDigits has no checksum: its files count wherever the loader finds them (raw/ included)."""
+    root = Path(root)
+    raw = root / "digit_domains" / "raw"
+    names = {r.filename for r in remotes}
+    out: dict[str, Path] = {}
+    for domain, files in DOMAIN_REMOTES.items():
+        wanted = [r.filename for r in files if r.filename in names]
+        if not wanted:
+            continue
+        located = DOMAIN_SOURCES[domain].locate(_domain_dirs(root, domain, None))
+        if located is None:
+            continue
+        if not all(r.md5 or r.sha256 for r in files):  # syn: nothing to verify, the loader's copy is used
+            out.update({f: located[0] for f in wanted})
+            continue
+        if located[0].parent == raw:  # prepare() verifies (and if need be replaces) what is in raw/ itself
+            continue
+        by_name = {p.name: p for p in located}
+        if all(r.filename in by_name and _verifies(by_name[r.filename], r, mirror) for r in files):
+            out.update({f: by_name[f] for f in wanted})
+        else:
+            log.info("digit_domains: %s files in %s do not verify; they will be downloaded into %s",
+                     domain, located[0].parent, raw)
+    return out
+
+
+def _syndigits_local_copies(root: str | Path, remotes, mirror=None) -> dict[str, Path]:
+    """DatasetSpec hook of `syndigits`: a SynthDigits copy the loader finds (there is no checksum to verify)."""
+    src = locate_syn(search_dirs(Path(root), ("syndigits",)))
+    return {r.filename: src for r in remotes if r.filename == SYN_REMOTE.filename} if src is not None else {}
+
+
 def load_digit_domains(root: Path, domains=DIGIT_DOMAINS, train_per_domain: int | None = FEDBN_TRAIN,
                        test_per_domain: int | None = FEDBN_TEST, subset_seed: int = 0, paths: dict | None = None,
                        cache: bool = True) -> ArrayData:
     """The digits feature-shift benchmark (see the module docstring for the options)."""
     root = Path(root)
-    domains = (domains,) if isinstance(domains, str) else tuple(domains)
-    unknown = [d for d in domains if d not in DOMAIN_SOURCES]
-    if unknown or not domains or len(set(domains)) != len(domains):
-        raise ValueError(f"domains must be distinct names out of {', '.join(DIGIT_DOMAINS)}; got {list(domains)}")
+    domains = _check_domains(domains)
     if paths and set(paths) - set(DOMAIN_SOURCES):
         raise ValueError(f"paths: unknown domains {sorted(set(paths) - set(DOMAIN_SOURCES))}")
     train_per_domain = _check_count("train_per_domain", train_per_domain)
@@ -413,11 +488,11 @@ register(DatasetSpec(name="svhn", num_classes=10, loader=load_svhn, default_mode
                      train_size=73257, downloads=SVHN_REMOTES,
                      description="SVHN cropped digits (.mat), 32x32 RGB, 73257 train / 26032 test"))
 register(DatasetSpec(name="syndigits", num_classes=10, loader=load_syndigits, default_model="cnn",
-                     default_augment="none", downloads=(SYN_REMOTE,),
+                     default_augment="none", downloads=(SYN_REMOTE,), local_copies=_syndigits_local_copies,
                      description="SynDigits (Ganin & Lempitsky; SynthDigits.zip, SVHN .mat format), 32x32 RGB; no "
                                  "published checksum: give a mirror with the local copy's checksum"))
 register(DatasetSpec(name="digit_domains", num_classes=10, loader=load_digit_domains, default_model="resnet10",
-                     default_augment="crop_flip", domains=DIGIT_DOMAINS,
-                     downloads=MNIST_REMOTES + USPS_REMOTES + SVHN_REMOTES,
+                     default_augment="crop_flip", domains=DIGIT_DOMAINS, downloads=downloads_for(DIGIT_DOMAINS),
+                     downloads_for=_downloads_for_options, local_copies=local_copies,
                      description="digits feature shift (FPL): mnist, usps, svhn, syn at 32x32 RGB, FedBN-size "
                                  "subsets (743 train / 1860 test per domain); missing domains are skipped"))

@@ -16,7 +16,7 @@ from snakemake.utils import validate
 if os.path.isdir(os.path.join(workflow.basedir, "fedhpro")):
     sys.path.insert(0, workflow.basedir)
 
-from fedhpro.data import DATASETS  # noqa: E402
+from fedhpro.data import plan_downloads  # noqa: E402
 from fedhpro.sweep import WILDCARD_PATTERNS, SweepConfigError, partitions_of, validate_workflow_config
 
 
@@ -31,7 +31,24 @@ RESULTS = config["results"].rstrip("/")
 DATA_ROOT = config["data_root"].rstrip("/")
 RUN_BY_ID = {run.run_id: run for run in RUNS}
 PARTITIONS = partitions_of(RUNS)
-DOWNLOAD_DATASETS = sorted({run.dataset for run in RUNS if DATASETS[run.dataset].downloads})
+
+
+# dataset -> the files its download step fetches (or finds locally): only those the runs need, e.g.
+# digit_domains with `domains: [mnist, usps]` gets the MNIST and USPS files. A needed file that has
+# no checksum (upstream or in `mirrors:`; SynDigits has none) and no local copy stops the workflow
+# here, at load time, not in the job; for a dataset under `pending_datasets` it is dropped with a
+# warning (the loader skips what is missing, e.g. digit_domains a domain).
+try:
+    DOWNLOAD_FILES = plan_downloads(
+        [(run.dataset, run.config.dataset_options) for run in RUNS],
+        DATA_ROOT,
+        config["mirrors"],
+        pending=set(config.get("pending_datasets") or {}),
+        warn=lambda message: print(f"fedhpro workflow: warning: {message}", file=sys.stderr),
+    )
+except ValueError as err:
+    raise WorkflowError(f"invalid workflow config: {err}") from None
+DOWNLOAD_DATASETS = sorted(DOWNLOAD_FILES)
 
 RUN_DIR = (
     f"{RESULTS}/runs/{{dataset}}/{{het}}/{{method}}/{{variant}}/ps{{pseed}}_s{{seed}}"
@@ -83,9 +100,14 @@ def partition_of(wildcards):
 
 
 def download_marker(dataset):
-    """The download rule's marker for datasets with files to fetch (none for e.g. digits)."""
-    if DATASETS[dataset].downloads:
-        return [f"{DATA_ROOT}/{dataset}/download.complete"]
+    """The download rule's marker for datasets with files to fetch (none for e.g. digits).
+
+    ancient(): the marker only says "the files are there" (all checksum-verified), so a download job
+    rerun because more files were requested (its `files` param changed) does not make the partitions
+    and runs that already used the data out of date.
+    """
+    if dataset in DOWNLOAD_FILES:
+        return [ancient(f"{DATA_ROOT}/{dataset}/download.complete")]
     return []
 
 

@@ -1,4 +1,10 @@
-"""Snakemake script of rule download: fetch a dataset's files (verified) and write the marker."""
+"""Snakemake script of rule download: fetch a dataset's needed files (verified) and write the marker.
+
+params.files names the files the sweep's runs need (common.smk); those the dataset's loader already
+finds locally (DatasetSpec.find_local_copies: verified where a checksum exists) are not fetched, the rest
+go through fedhpro.download.prepare into <data_root>/<dataset>/raw/ (a file already there and
+verified is not fetched again either). The marker lists every file and where it is.
+"""
 
 import sys
 import time
@@ -22,10 +28,22 @@ with open(sm.log[0], "w") as log, redirect_stdout(log), redirect_stderr(log):
         logging.basicConfig(level=logging.INFO, stream=log)
         dataset = sm.wildcards.dataset
         spec = DATASETS[dataset]
-        raw = prepare(spec.downloads, sm.params.data_root, dataset, mirror=sm.params.mirror or None)
-        # every file verified its checksum inside prepare(); only now does the marker appear
-        names = "\n".join(sorted(p.name for p in raw.iterdir() if not p.name.startswith(".")))
-        atomic_write_text(Path(sm.output[0]), f"{time.strftime('%Y-%m-%dT%H:%M:%S')}\n{names}\n")
+        names = list(sm.params.files)
+        by_name = {r.filename: r for r in spec.downloads}
+        unknown = [n for n in names if n not in by_name]
+        if unknown:
+            raise ValueError(f"{dataset} has no download files {unknown}")
+        remotes = [by_name[n] for n in names]
+        mirror = dict(sm.params.mirror) or None
+        root = Path(sm.params.data_root)
+        local = spec.find_local_copies(root, remotes, mirror)
+        for name, path in local.items():
+            logging.info("%s: %s found locally at %s; not fetched", dataset, name, path)
+        fetch = [r for r in remotes if r.filename not in local]
+        raw = prepare(fetch, root, dataset, mirror=mirror)
+        # every fetched file verified its checksum inside prepare(); only now does the marker appear
+        lines = [f"{n}\t{local.get(n, raw)}" for n in names]  # where each file is (raw/: fetched or verified)
+        atomic_write_text(Path(sm.output[0]), f"{time.strftime('%Y-%m-%dT%H:%M:%S')}\n" + "\n".join(lines) + "\n")
     except BaseException:
         traceback.print_exc()
         raise SystemExit(f"download failed: {sys.exc_info()[1]} (full log: {sm.log[0]})") from None
