@@ -35,6 +35,7 @@ TARGETS = ["local training >= 90% of bare-loop throughput", "FedHPro round <= 1.
            "partitioners:", "snakemake -n plans"]
 
 
+@pytest.mark.slow
 def test_bench_quick_end_to_end(tmp_path, capsys):
     out = tmp_path / "bench"
     assert cli_main(["bench", "--quick", "--out", str(out)]) == 0

@@ -1,8 +1,10 @@
 """Fault-injection suite (issue 7): every fault is injected for real, and every one must be survived.
 
-All tests are marked `faults` (`pytest -m faults` runs just these; the default run and CI include
-them). Each injected fault goes into the `fault_ledger` (tests/faults_report.py), which ends the
-session with `fault injection: N faults injected, N survived, 0 runs lost`.
+All tests are marked `faults` (`pytest -m faults` runs just these). The long ones, and all kill
+cases but four (each method and each fault point once), are also marked `slow`: the default run
+leaves them out, CI runs them all. Each injected fault goes into the `fault_ledger`
+(tests/faults_report.py), which ends the session with
+`fault injection: N faults injected, N survived, 0 runs lost`.
 
 1. SIGKILL of a training run (`python -m fedhpro.cli train --config C --out D --quiet --threads 1`,
    scikit-learn digits, 3 rounds, 4 clients) at the FEDHPRO_FAULT points (fedhpro/faults.py):
@@ -377,6 +379,7 @@ def _wait_unlocked(run_dir: Path, timeout: float = 60) -> None:
             time.sleep(0.1)
 
 
+@pytest.mark.slow
 def test_snakemake_killed_mid_sweep_resumes_and_a_second_pipeline_is_locked_out(tmp_path, fault_ledger):
     from test_pipeline import copy_workflow, smk, snakemake_cmd
 
@@ -456,6 +459,7 @@ def test_snakemake_killed_mid_sweep_resumes_and_a_second_pipeline_is_locked_out(
 
 
 # ------------------------------------------------------------------------------ tampered checkpoints
+@pytest.mark.slow
 def test_tampered_or_truncated_checkpoint_is_refused_and_never_loaded(tmp_path, configs, fault_ledger,
                                                                       monkeypatch):
     base = tmp_path / "base"
@@ -502,6 +506,7 @@ def test_tampered_or_truncated_checkpoint_is_refused_and_never_loaded(tmp_path, 
 
 
 # ------------------------------------------------------------------------------ concurrency
+@pytest.mark.slow
 def test_second_training_process_on_the_same_run_dir_is_locked_out(tmp_path, configs, references,
                                                                    fault_ledger):
     run = tmp_path / "run"
@@ -597,6 +602,7 @@ def test_atomic_writer_on_a_full_disk_keeps_the_old_file_and_no_temp(tmpfs, faul
         assert sorted(p.name for p in tmpfs.path.iterdir()) == ["blob.bin"]
 
 
+@pytest.mark.slow
 def test_full_disk_during_checkpoint_write_then_resume(tmpfs, configs, references, fault_ledger):
     ref_dir = references.run_dir("fedavg")
     size = (ref_dir / CHECKPOINT).stat().st_size
@@ -692,7 +698,13 @@ def test_download_cut_off_or_corrupted_is_never_extracted(tmp_path, fault_ledger
 
 # ------------------------------------------------------------------------------ SIGKILL of training runs
 # (last in the file: the cases run in the background from the start of the module, these tests collect them)
-@pytest.mark.parametrize("case", CASES, ids=[f"{m}-{p}-{i}" for m, p, i in CASES])
+# Four kills (each method and each fault point once) stay in the default suite; the others are `slow`.
+QUICK_CASES = {("fedavg", "batch", 0), ("fedavg", "metrics_write", 0), ("fedhpro", "server", 0),
+               ("fedproto", "checkpoint_write", 0)}
+
+
+@pytest.mark.parametrize("case", [c if c in QUICK_CASES else pytest.param(c, marks=pytest.mark.slow) for c in CASES],
+                         ids=[f"{m}-{p}-{i}" for m, p, i in CASES])
 def test_sigkill_training_then_rerun(case, kill_campaign, references, fault_ledger):
     method, point, _ = case
     out = kill_campaign[case].result(timeout=1800)

@@ -4,6 +4,7 @@ import dataclasses
 import subprocess
 import sys
 
+import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -37,6 +38,7 @@ def test_any_config_validates_or_names_the_key(raw):
     assert cfg.method in METHOD_MODULES
 
 
+@pytest.mark.slow
 @settings(max_examples=15, deadline=None)
 @given(st.dictionaries(st.sampled_from(["alpha", "rounds", "method", "lr", "num_clients", "dataset"]), scalars,
                        min_size=1, max_size=3))

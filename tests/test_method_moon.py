@@ -74,6 +74,7 @@ def test_projection_head_is_part_of_every_model():
     ).state_dict().keys()
 
 
+@pytest.mark.slow
 def test_learns_deterministic_resumable_and_bytes(tmp_path):
     cfg = from_dict({**BASE, "method": "moon"})
     a = train(cfg, tmp_path / "a")

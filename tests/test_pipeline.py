@@ -256,6 +256,7 @@ def test_rerun_with_nothing_changed_does_nothing(workflow_run):
     assert "Nothing to be done" in proc.stdout + proc.stderr, proc.stdout[-3000:]
 
 
+@pytest.mark.slow
 def test_deleting_tables_rebuilds_only_the_tables(workflow_run):
     shutil.rmtree(workflow_run / "results" / "tables")
     proc = smk(workflow_run, "-n")
@@ -266,6 +267,7 @@ def test_deleting_tables_rebuilds_only_the_tables(workflow_run):
     assert "Nothing to be done" in smk(workflow_run, "-n").stdout
 
 
+@pytest.mark.slow
 def test_changing_one_hyperparameter_reruns_only_that_methods_runs(workflow_run):
     cfg_path = workflow_run / "config" / "config.yaml"
     original = cfg_path.read_text()

@@ -26,6 +26,7 @@ from test_pipeline import copy_workflow, snakemake_cmd
 pytestmark = pytest.mark.slurm
 
 
+@pytest.mark.slow
 def test_profile_slurm_runs_every_training_run_as_a_slurm_job(tmp_path, slurm_cluster):
     config = {
         "defaults": {"rounds": 2, "num_clients": 10, "batch_size": 32, "lr": 0.05, "device": "cpu"},

@@ -126,6 +126,7 @@ def _cli(config: Path, out: Path) -> subprocess.Popen:
                              "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
+@pytest.mark.slow
 @pytest.mark.faults
 def test_kill_9_mid_run_then_rerun_gives_identical_metrics(tmp_path):
     config = tmp_path / "run.yaml"
