@@ -27,8 +27,9 @@ What stays exactly as in `ClientBase.train`:
 
 Results equal the sequential engine's within floating-point tolerance (grouped convolutions and
 batched matrix products sum in a different order); `tests/test_batched.py` checks final weights,
-BN buffers and metrics. Supported: FedAvg and FedProx (global mode, one architecture); any other
-method is refused when the engine is built, with a message naming it.
+BN buffers and metrics. Supported: FedAvg and FedProx (global mode, one architecture, `precision: fp32`,
+`channels_last: false`); any other method or setting is refused when the engine is built, with a message
+naming it.
 """
 
 from __future__ import annotations
@@ -65,6 +66,13 @@ def check_supported(cfg, client: ClientBase, model_names: list[str]) -> None:
         raise ConfigError(f"config key 'engine': 'batched' needs eval_mode 'global' (method {method!r})")
     if len(set(model_names)) != 1:
         raise ConfigError("config key 'engine': 'batched' needs identical client models")
+    # Autocast and channels-last under vmap's grouped convolutions are not reproduced (nor tested): refused.
+    if cfg.precision != "fp32":
+        raise ConfigError(f"config key 'precision': engine 'batched' supports 'fp32' only, not {cfg.precision!r}; "
+                          "use engine 'sequential'")
+    if cfg.channels_last:
+        raise ConfigError("config key 'channels_last': engine 'batched' does not support true; use engine "
+                          "'sequential'")
     # The batched loop re-implements ClientBase.train/loss/make_optimizer: refuse a Client that changed them.
     cls = type(client)
     mirrored = {"fedprox": ("setup", "before_step")}.get(method, ())  # FedProx's anchor and proximal gradient

@@ -22,9 +22,11 @@ Figures (every one printed with the machine, torch version, device and thread co
 (e) peak memory of each measured region: CPU = peak RSS above the region's starting RSS (the
     kernel's high-water mark, reset through /proc/self/clear_refs; `ru_maxrss` otherwise), CUDA =
     `torch.cuda.max_memory_allocated` above the starting allocation;
-then `engine: batched` against sequential clients (FedAvg at 10 and 50 clients) and scale: memory at
-1,000 clients with 10% participation, personalized client state, partitioning 1,000,000 labels
-over 1,000 clients, and `snakemake -n` planning a 5,000-run sweep.
+then `engine: batched` against sequential clients (FedAvg at 10 and 50 clients); `precision` and
+`channels_last` (FedAvg and FedHPro, a short same-seed training under fp32, bf16, channels-last, bf16 +
+channels-last and fp16: local-training throughput against fp32 and final test accuracy against fp32); and
+scale: memory at 1,000 clients with 10% participation, personalized client state, partitioning 1,000,000
+labels over 1,000 clients, and `snakemake -n` planning a 5,000-run sweep.
 
 Targets are printed as PASS/FAIL lines (never asserted): local training >= 90% of the bare loop,
 FedHPro round <= 1.25x FedAvg round, evaluation + checkpointing < 10% of a round.
@@ -93,6 +95,8 @@ class BenchConfig:
     partition_labels: int = 1_000_000
     partition_clients: int = 1000
     sweep_runs: int = 5000
+    precision_clients: int = 2  # `precision`/`channels_last` section: a short iid training at the quick setting
+    precision_rounds: int = 2
 
     def run_config(self, method: str, **changes: Any):
         from fedhpro.config import from_dict
@@ -120,7 +124,7 @@ def make_config(quick: bool, gpu: bool, device: str | None) -> BenchConfig:
         cfg = replace(cfg, name=cfg.name + "-quick", num_clients=3, local_epochs=1, rounds=1, fedhpro_params=tiny,
                       batched_clients=(3, 6), batched_epochs=1, scale_clients=60, scale_samples_per_client=8,
                       scale_personal_rounds=2,
-                      partition_labels=100_000, partition_clients=100, sweep_runs=8,
+                      partition_labels=100_000, partition_clients=100, sweep_runs=8, precision_rounds=1,
                       quick_setting={"local_epochs": 1, "batch_size": 32, "lr": 0.05, "momentum": 0.9},
                       subset=(300, 100))
         if gpu:
@@ -662,6 +666,111 @@ def bench_batched(cfg: BenchConfig, data, report: Report) -> None:
     report.data["batched"] = out
 
 
+# ---------------------------------------------------------------------------------------------- precision
+PRECISION_VARIANTS = {"fp32": {}, "bf16": {"precision": "bf16"}, "channels_last": {"channels_last": True},
+                      "bf16 + channels_last": {"precision": "bf16", "channels_last": True},
+                      "fp16": {"precision": "fp16"}}
+
+
+def bench_precision(cfg: BenchConfig, data, report: Report) -> None:
+    """`precision` (autocast of local training and evaluation; fp16 with loss scaling) and `channels_last`,
+    side by side with fp32: FedAvg and FedHPro, one short training per setting from the same seed, the settings'
+    rounds interleaved (ABBA order per round). Throughput = the local-training loop (`Client.train` minus
+    setup/upload, as in (a, b)) over the rounds after the first (the warm-up; all rounds when there is one);
+    accuracy = the global model's test accuracy after the last round. fp16 runs on every device (torch's CPU
+    autocast supports float16 and `GradScaler("cpu")` works)."""
+    from fedhpro.config import ConfigError
+    from fedhpro.engine import Engine, RoundResult, autocast_context
+    from fedhpro.methods import METHODS
+    from fedhpro.train import build_context
+
+    device = torch.device(cfg.device)
+    qs, rounds, k = cfg.quick_setting, cfg.precision_rounds, cfg.precision_clients
+
+    def warm_up(ctx) -> None:
+        """A few steps of a throwaway model under the setting's autocast and layout (kernel selection, caches),
+        outside the run's RNG streams; matters when only one round is measured."""
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            model = ctx.make_model()
+            x, y = ctx.prepare(ctx.clients[0].x[:qs["batch_size"]], train=False), ctx.clients[0].y[:qs["batch_size"]]
+            for _ in range(3):
+                with autocast_context(ctx):
+                    loss = F.cross_entropy(model(x)[1], y)
+                loss.backward()
+            sync(device)
+
+    flags = ""
+    if device.type == "cpu":
+        try:
+            present = set(Path("/proc/cpuinfo").read_text().split())
+        except OSError:
+            present = set()
+        wanted = ("avx512_bf16", "amx_bf16", "avx512_fp16", "amx_fp16")
+        flags = "; CPU bf16/fp16 instructions: " + (", ".join(f for f in wanted if f in present) or
+                                                    "none (low-precision convolutions use slow generic kernels)")
+    report.section("precision and channels_last",
+                   f"FedAvg and FedHPro, {k} clients (iid), {rounds} round(s) x {qs['local_epochs']} local epoch, "
+                   f"batch {qs['batch_size']}, lr {qs['lr']}, momentum {qs['momentum']}, same seed; autocast covers "
+                   "local-training forward + loss and evaluation, client gradients and server steps stay fp32; "
+                   f"throughput over round {'1' if rounds == 1 else '2' if rounds == 2 else f'2..{rounds}'} "
+                   "(Client.train minus setup/upload), ABBA order per round; accuracy on the test set after the "
+                   "last round; fp16: a fresh GradScaler per local training"
+                   + (" (random labels: accuracy means nothing here)" if cfg.synthetic else "") + flags,
+                   slug="precision")
+    out: dict[str, dict] = {}
+    for m in ("fedavg", "fedhpro"):
+        engines, timers, refused = {}, {}, {}
+        for name, switches in PRECISION_VARIANTS.items():
+            run_cfg = cfg.run_config(m, **qs, num_clients=k, partition="iid", alpha=None, eval_every=1000,
+                                     **switches)
+            try:
+                ctx = build_context(run_cfg, data=data)
+            except ConfigError as err:  # e.g. bf16 on a GPU without it
+                refused[name] = str(err)
+                continue
+            torch.manual_seed(0)
+            engines[name] = Engine(ctx, METHODS[m])
+            timers[name] = ClientTimer(engines[name].client, device)
+            warm_up(ctx)
+        rows = {name: {"loop_s": 0.0, "samples": 0} for name in engines}
+        for r in range(1, rounds + 1):
+            for name in (list(engines) if r % 2 else list(engines)[::-1]):  # ABBA
+                engine, timer = engines[name], timers[name]
+                timer.reset()
+                res = engine.run_round(r)
+                if r > 1 or rounds == 1:
+                    rows[name]["loop_s"] += timer.train - timer.setup - timer.upload
+                    rows[name]["samples"] += sum(trained_samples(engine.ctx.clients[c].num_samples,
+                                                                 qs["batch_size"], qs["local_epochs"])
+                                                 for c in res.selected)
+        ref = [v.double().flatten() for v in engines["fp32"].server.model.state_dict().values()
+               if v.is_floating_point()]
+        for name, row in rows.items():
+            engine = engines[name]
+            res = RoundResult(round=rounds, selected=[], train_loss=float("nan"))
+            engine.evaluate_into(res)
+            row["test_acc"] = res.test_acc
+            row["samples_per_s"] = row["samples"] / max(row["loop_s"], 1e-9)
+            mine = [v.double().flatten() for v in engine.server.model.state_dict().values() if v.is_floating_point()]
+            row["relative_weight_difference"] = ((torch.cat(mine) - torch.cat(ref)).norm()
+                                                 / torch.cat(ref).norm()).item()
+        base = rows["fp32"]
+        for name, row in rows.items():
+            row["speed_ratio"] = row["samples_per_s"] / base["samples_per_s"]
+            row["acc_diff_points"] = 100 * (row["test_acc"] - base["test_acc"])
+            report.figure(f"{m} {name}: local training (samples/s, x fp32)",
+                          f"{row['samples_per_s']:,.0f} ({row['speed_ratio']:.2f}x)", row["samples_per_s"])
+            report.figure(f"{m} {name}: test accuracy (points vs fp32)",
+                          f"{row['test_acc']:.4f} ({row['acc_diff_points']:+.1f})", row["test_acc"],
+                          "" if name == "fp32" else f"global weights vs fp32: relative L2 difference "
+                                                    f"{row['relative_weight_difference']:.1e}")
+        for name, why in refused.items():
+            report.figure(f"{m} {name}", "not supported", None, why)
+        out[m] = {**rows, **{name: {"refused": why} for name, why in refused.items()}}
+    report.data["precision"] = {"setting": {**qs, "clients": k, "rounds": rounds, "partition": "iid"},
+                                "variants": PRECISION_VARIANTS, "results": out}
+
+
 # ---------------------------------------------------------------------------------------------- scale
 def bench_scale(cfg: BenchConfig, report: Report) -> None:
     from fedhpro.engine import Engine, RoundResult, tensor_bytes
@@ -842,7 +951,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1, as the pipeline's jobs)")
     p.add_argument("--rounds", type=int, default=None, help="measured repeats after the warm-up (default 4; quick 1)")
     p.add_argument("--out", default=None, help="write <out>/bench*.json and <out>/bench*.md (e.g. results/bench)")
-    p.add_argument("--skip", action="append", default=[], choices=("rounds", "batched", "scale"),
+    p.add_argument("--skip", action="append", default=[], choices=("rounds", "batched", "precision", "scale"),
                    help="leave a section out (repeatable)")
     return p
 
@@ -867,6 +976,8 @@ def main(argv: list[str] | None = None) -> int:
         bench_rounds(cfg, data, report)
     if "batched" not in args.skip:
         bench_batched(cfg, data, report)
+    if "precision" not in args.skip:
+        bench_precision(cfg, data, report)
     if "scale" not in args.skip:
         bench_scale(cfg, report)
     total = time.perf_counter() - t0

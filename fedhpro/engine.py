@@ -17,6 +17,7 @@ resumed from a round-boundary checkpoint therefore replays exactly.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 from dataclasses import dataclass, field
@@ -29,12 +30,52 @@ from torch import nn
 
 from fedhpro.augment import apply_augment
 from fedhpro.clientstore import make_client_store
-from fedhpro.config import RunConfig
+from fedhpro.config import ConfigError, RunConfig
 from fedhpro.faults import fault_point
 
 
 class Diverged(RuntimeError):
     """A loss became NaN or infinite."""
+
+
+# ---- execution switches: `precision` and `channels_last` -----------------------------------------------
+# What runs under autocast (`precision: bf16 | fp16`): the local-training forward pass and loss
+# (`ClientBase.train`, around `Client.loss`) and evaluation (`evaluate`, around the score function). Everything
+# else stays fp32: client-side `setup`/`upload` (FedHPro's and CReFF's per-class client gradients, prototype
+# passes, GFPL's head re-training), and every server step (federated-feature and hyper-prototype gradient
+# matching, classifier re-training, FedTGP's generator). The gradient matching compares small per-class
+# gradients whose low-precision rounding (bf16: 8 significant bits) would dominate the distance being
+# minimised, and the server steps are tiny matrix products where low precision saves nothing.
+# With the defaults (fp32, channels_last false) none of this changes a single operation.
+AUTOCAST_DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast_context(ctx: "Context") -> contextlib.AbstractContextManager:
+    """`torch.autocast` on the run device with the dtype of `precision`; a no-op context for fp32."""
+    dtype = AUTOCAST_DTYPES[ctx.cfg.precision]
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=ctx.device.type, dtype=dtype)
+
+
+def make_grad_scaler(ctx: "Context") -> "torch.amp.GradScaler | None":
+    """fp16 only: a fresh loss scaler per local training (like the fresh optimiser), so a client's steps never
+    depend on another client's, or on rounds before a checkpoint (resumes stay exact)."""
+    return torch.amp.GradScaler(ctx.device.type) if ctx.cfg.precision == "fp16" else None
+
+
+def check_precision(precision: str, device: torch.device) -> None:
+    """Refuse a `precision` the resolved device cannot run (checked once the device is known: `device: auto`
+    may become a GPU). CPUs run bf16 and fp16 autocast (emulated without bf16/fp16 instructions, so slowly);
+    a GPU without bf16 would make torch disable autocast with a warning, i.e. silently train in fp32."""
+    if device.type == "cuda" and precision == "bf16" and not torch.cuda.is_bf16_supported():
+        raise ConfigError(f"config key 'precision': 'bf16' is not supported by {torch.cuda.get_device_name(device)}; "
+                          "use 'fp16' or 'fp32'")
+
+
+def uses_channels_last(ctx: "Context") -> bool:
+    """`channels_last` applies to image runs only (4-D conv inputs); token-id runs ignore it."""
+    return bool(ctx.cfg.channels_last) and ctx.mean is not None
 
 
 def derive_seed(*parts: int) -> int:
@@ -95,17 +136,23 @@ class Context:
     _model_factory: Callable[[str], nn.Module] | None = None
 
     def make_model(self, name: str | None = None) -> nn.Module:
+        """A fresh model on the run device (its 4-D weights channels-last with `channels_last`)."""
         assert self._model_factory is not None
-        return self._model_factory(name or self.model_names[0]).to(self.device)
+        model = self._model_factory(name or self.model_names[0]).to(self.device)
+        if uses_channels_last(self):
+            model = model.to(memory_format=torch.channels_last)  # converts 4-D (conv) weights only
+        return model
 
     def prepare(self, x: torch.Tensor, *, train: bool, gen: torch.Generator | None = None) -> torch.Tensor:
-        """uint8 batch -> normalised float batch (augmented when training)."""
+        """uint8 batch -> normalised float batch (augmented when training; channels-last with `channels_last`)."""
         if self.mean is None:  # not images (e.g. token ids)
             return x
         out = (x.float() / 255.0 - self.mean) / self.std
         if train and self.augment != "none":
             assert gen is not None
             out = apply_augment(self.augment, out, gen, per_sample=self.cfg.augment_per == "sample")
+        if uses_channels_last(self) and out.dim() == 4:
+            out = out.contiguous(memory_format=torch.channels_last)
         return out
 
 
@@ -153,20 +200,34 @@ class ClientBase:
 
     def train(self, client: ClientData, model: nn.Module, payload: dict, state: dict,
               gen: torch.Generator) -> tuple[dict, float]:
+        """Local training. `setup` and `upload` run in fp32; the forward pass and loss under `precision`'s
+        autocast. fp16 scales the loss (`torch.amp.GradScaler`): gradients are unscaled before
+        `before_step` (FedProx adds its proximal term to true gradients), and a step whose gradients
+        overflowed is skipped and the scale lowered, as GradScaler does. The divergence check looks at the
+        unscaled loss, which a gradient overflow never touches: only a non-finite forward value stops a run."""
         self.setup(client, model, payload, state, gen)
         model.train()
         optimizer = self.make_optimizer(model)
+        scaler = make_grad_scaler(self.ctx)
         total, count = 0.0, 0
         for _ in range(self.cfg.local_epochs):
             for idx in batches(client.num_samples, self.cfg.batch_size, gen, self.ctx.device):
                 x = self.ctx.prepare(client.x[idx], train=True, gen=gen)
-                loss = self.loss(model, x, client.y[idx])
+                with autocast_context(self.ctx):
+                    loss = self.loss(model, x, client.y[idx])
                 if not torch.isfinite(loss):
                     raise Diverged(f"client {client.cid}: loss is {loss.item()}")
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                self.before_step(model)
-                optimizer.step()
+                if scaler is None:
+                    loss.backward()
+                    self.before_step(model)
+                    optimizer.step()
+                else:
+                    scaler.scale(loss).backward()
+                    scaler.unscale_(optimizer)
+                    self.before_step(model)
+                    scaler.step(optimizer)  # skipped when a gradient is inf/NaN
+                    scaler.update()
                 fault_point("batch")
                 total += loss.detach().item() * idx.numel()
                 count += idx.numel()
@@ -241,11 +302,13 @@ class RoundResult:
 @torch.no_grad()
 def evaluate(score_fn: Callable[[torch.Tensor], torch.Tensor], ctx: Context, x: torch.Tensor, y: torch.Tensor,
              batch_size: int) -> tuple[torch.Tensor, float]:
-    """Per-sample correctness and mean CE loss of `score_fn` on (x, y)."""
+    """Per-sample correctness and mean CE loss of `score_fn` on (x, y); scores under `precision`'s autocast,
+    the CE in fp32."""
     correct = torch.zeros(len(y), dtype=torch.bool, device=y.device)
     loss_sum = 0.0
     for start in range(0, len(y), batch_size):
-        scores = score_fn(ctx.prepare(x[start:start + batch_size], train=False))
+        with autocast_context(ctx):
+            scores = score_fn(ctx.prepare(x[start:start + batch_size], train=False))
         target = y[start:start + batch_size]
         correct[start:start + batch_size] = scores.argmax(1) == target
         loss_sum += F.cross_entropy(scores.float(), target, reduction="sum").item()

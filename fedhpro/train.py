@@ -30,7 +30,7 @@ from fedhpro.clientstore import CLIENT_STATES_DIR
 from fedhpro.config import ConfigError, RunConfig
 from fedhpro.data import DATASETS, ArrayData, load_dataset
 from fedhpro.faults import fault_point
-from fedhpro.engine import ClientData, Context, Diverged, Engine, RoundResult
+from fedhpro.engine import ClientData, Context, Diverged, Engine, RoundResult, check_precision
 from fedhpro.methods import METHODS, make_params
 from fedhpro.models import build_model
 from fedhpro.runio import (CONFIG, METRICS, atomic_write_text, load_checkpoint, remove_stale_temps, run_info, run_lock,
@@ -72,6 +72,7 @@ def client_partition(cfg: RunConfig, labels: np.ndarray, partition_dir: Path | N
 
 def build_context(cfg: RunConfig, partition_dir: Path | None = None, data: ArrayData | None = None) -> Context:
     device = resolve_device(cfg.device)
+    check_precision(cfg.precision, device)
     spec = DATASETS[cfg.dataset]
     data = data or load_dataset(cfg.dataset, cfg.data_root, **cfg.dataset_options)
     labels = data.train_y.numpy()

@@ -26,9 +26,14 @@ FIGURES = [
     "3 clients: batched speed-up",
     "6 clients: batched speed-up",
     "clients, 6/round: round peak memory",
-    "client state per client",
+    "client state held in memory between rounds",
     "partition_labels dirichlet: 100,000 labels x 100 clients",
     "snakemake -n",
+    "fedavg fp32: local training (samples/s, x fp32)",
+    "fedavg bf16: local training (samples/s, x fp32)",
+    "fedavg channels_last: test accuracy (points vs fp32)",
+    "fedhpro bf16 + channels_last: local training (samples/s, x fp32)",
+    "fedhpro fp16: test accuracy (points vs fp32)",
 ]
 TARGETS = ["local training >= 90% of bare-loop throughput", "FedHPro round <= 1.25x FedAvg round",
            "evaluation + checkpointing < 10% of a round", "memory follows participating clients",
@@ -52,19 +57,29 @@ def test_bench_quick_end_to_end(tmp_path, capsys):
                    for line in text.splitlines()), target
     # files: one JSON per section, the summary JSON and the Markdown table
     stem = "bench_cpu-digits-cnn-quick"
-    for section in ("throughput", "rounds", "memory", "quick_setting", "batched", "scale"):
+    for section in ("throughput", "rounds", "memory", "quick_setting", "batched", "precision", "scale"):
         payload = json.loads((out / f"{stem}_{section}.json").read_text())
         assert payload["figures"] and payload["machine"]["threads"] == 1
     summary = json.loads((out / f"{stem}.json").read_text())
     assert summary["machine"]["torch"] and summary["checks"]
     md = (out / f"{stem}.md").read_text()
     assert "| figure | value | note |" in md and "## Targets" in md and "batched speed-up" in md
+    assert "## precision and channels_last" in md and "fedhpro bf16: test accuracy (points vs fp32)" in md
+    precision = json.loads((out / f"{stem}_precision.json").read_text())["data"]
+    for method in ("fedavg", "fedhpro"):
+        rows = precision["results"][method]
+        assert set(rows) == {"fp32", "bf16", "channels_last", "bf16 + channels_last", "fp16"}
+        assert rows["fp32"]["speed_ratio"] == 1.0 and rows["fp32"]["acc_diff_points"] == 0.0
+        assert all(r["samples_per_s"] > 0 and 0.0 <= r["test_acc"] <= 1.0 for r in rows.values())
+        assert rows["bf16"]["relative_weight_difference"] > 0  # low precision really ran
 
 
 def test_configs_and_sample_count():
     default = make_config(quick=False, gpu=False, device=None)
     assert (default.dataset, default.num_clients, default.local_epochs, default.batch_size) == ("digits", 10, 10, 64)
     assert default.batched_clients == (10, 50) and default.scale_clients == 1000 and default.sweep_runs == 5000
+    assert (default.precision_clients, default.precision_rounds) == (2, 2)
+    assert make_config(quick=True, gpu=False, device=None).precision_rounds == 1
     gpu = make_config(quick=False, gpu=True, device="cpu")
     assert gpu.dataset == "cifar10" and gpu.synthetic == (50000, 10000, 3, 32)
     cfg = gpu.run_config("fedavg")

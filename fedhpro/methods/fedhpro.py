@@ -112,6 +112,8 @@ def class_feature_means(model: nn.Module, ctx: Context, x: torch.Tensor, y: torc
     with torch.no_grad():
         for start in range(0, len(y), batch_size):
             f = model.features(ctx.prepare(x[start:start + batch_size], train=False))
+            if f.dtype in (torch.bfloat16, torch.float16):  # the margin pass inside an autocast loss: fp32 means
+                f = f.float()
             if sums is None:
                 sums = torch.zeros(ctx.num_classes, f.shape[1], dtype=f.dtype, device=f.device)
                 counts = torch.zeros(ctx.num_classes, dtype=f.dtype, device=f.device)

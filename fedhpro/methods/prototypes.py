@@ -18,6 +18,8 @@ class PrototypeAccumulator:
 
     def add(self, features: torch.Tensor, labels: torch.Tensor) -> None:
         features = features.detach()
+        if features.dtype in (torch.bfloat16, torch.float16):  # from an autocast pass: sum (and upload) in fp32
+            features = features.float()
         if self.sums is None:
             self.sums = torch.zeros(self.num_classes, features.shape[1], dtype=features.dtype, device=features.device)
             self.counts = torch.zeros(self.num_classes, dtype=features.dtype, device=features.device)
