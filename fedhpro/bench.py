@@ -252,6 +252,13 @@ def tensor_peak(fn: Callable[[], Any], device: torch.device) -> tuple[int, str]:
         return mem.peak, mem.how
 
 
+def relative_weight_difference(reference: torch.nn.Module, other: torch.nn.Module) -> float:
+    """||w_other - w_ref|| / ||w_ref|| over every floating-point tensor of the two state_dicts (float64)."""
+    ref, mine = ([v.double().flatten() for v in m.state_dict().values() if v.is_floating_point()]
+                 for m in (reference, other))
+    return ((torch.cat(mine) - torch.cat(ref)).norm() / torch.cat(ref).norm()).item()
+
+
 def mib(n: float) -> str:
     return f"{n / 2**20:.1f} MiB"
 
@@ -649,9 +656,7 @@ def bench_batched(cfg: BenchConfig, data, report: Report) -> None:
             for mode in (list(modes) if rep % 2 == 0 else list(modes)[::-1]):  # ABBA
                 sync(device)
                 times[mode].append(engines[mode].run_round(r).time_local)
-        a, b = ([v.double().flatten() for v in engines[mode].server.model.state_dict().values()
-                 if v.is_floating_point()] for mode in ("sequential", "batched"))
-        drift = (torch.cat(a) - torch.cat(b)).norm().item() / torch.cat(a).norm().item()
+        drift = relative_weight_difference(engines["sequential"].server.model, engines["batched"].server.model)
         mid = {mode: statistics.median(v) for mode, v in times.items()}
         speedup = {m: statistics.median(a / b for a, b in zip(times["sequential"], times[m]))
                    for m in modes if m != "sequential"}
@@ -743,17 +748,14 @@ def bench_precision(cfg: BenchConfig, data, report: Report) -> None:
                     rows[name]["samples"] += sum(trained_samples(engine.ctx.clients[c].num_samples,
                                                                  qs["batch_size"], qs["local_epochs"])
                                                  for c in res.selected)
-        ref = [v.double().flatten() for v in engines["fp32"].server.model.state_dict().values()
-               if v.is_floating_point()]
         for name, row in rows.items():
             engine = engines[name]
             res = RoundResult(round=rounds, selected=[], train_loss=float("nan"))
             engine.evaluate_into(res)
             row["test_acc"] = res.test_acc
             row["samples_per_s"] = row["samples"] / max(row["loop_s"], 1e-9)
-            mine = [v.double().flatten() for v in engine.server.model.state_dict().values() if v.is_floating_point()]
-            row["relative_weight_difference"] = ((torch.cat(mine) - torch.cat(ref)).norm()
-                                                 / torch.cat(ref).norm()).item()
+            row["relative_weight_difference"] = relative_weight_difference(engines["fp32"].server.model,
+                                                                           engine.server.model)
         base = rows["fp32"]
         for name, row in rows.items():
             row["speed_ratio"] = row["samples_per_s"] / base["samples_per_s"]
