@@ -55,11 +55,11 @@ from fedhpro.runio import METRICS, METRICS_SCHEMA_VERSION, atomic_write_text, re
 
 RULES = ("final", "last_k", "best")
 SETTING_KEYS = ("method", "variant", "eval_mode", "dataset", "partition", "alpha", "classes_per_client",
-                "imbalance_ratio", "num_clients", "model")
-# a "setting" as a table column: everything but the method and its variant
-CONDITION_KEYS = tuple(k for k in SETTING_KEYS if k not in ("method", "variant"))
+                "imbalance_ratio", "num_clients", "model", "aggregation")
+# a "setting" as a table column: everything but the method, its variant and how its weights were aggregated
+CONDITION_KEYS = tuple(k for k in SETTING_KEYS if k not in ("method", "variant", "aggregation"))
 RUN_KEYS = SETTING_KEYS + ("partition_seed", "seed", "run_id")
-REQUIRED_COLUMNS = RUN_KEYS + ("round", "status", "train_loss", "test_acc", "test_loss", "client_acc_mean",
+REQUIRED_COLUMNS = tuple(k for k in RUN_KEYS if k != "aggregation") + ("round", "status", "train_loss", "test_acc", "test_loss", "client_acc_mean",
                                "client_acc_std", "bytes_up", "bytes_down")
 DOMAIN_PREFIX = "domain_acc_"
 MB = 1e6  # tables and figures use SI megabytes (10^6 bytes)
@@ -86,6 +86,10 @@ class SchemaVersionError(AggregateError):
 
 class MetricsFileError(AggregateError, FileNotFoundError):
     """A metrics file is missing, unreadable or lacks required columns."""
+
+
+class StaleRunError(AggregateError):
+    """A run was computed by an earlier behaviour revision of its method (`REVISIONS` in its module)."""
 
 
 class DuplicateRunError(AggregateError):
@@ -129,17 +133,37 @@ def find_metrics_files(runs: str | Path | Iterable[str | Path]) -> list[Path]:
     return [unique[k] for k in sorted(unique)]
 
 
+def stale_method_revision(config: dict) -> str | None:
+    """Why a run's recorded config is stale under this code's behaviour revision of its method, or None.
+    Metrics written before revisions existed carry none: revision 0."""
+    from fedhpro.config import REVISION_KEY, check_revision
+    from fedhpro.methods import METHOD_MODULES
+
+    method = config.get("method")
+    if not isinstance(method, str) or method not in METHOD_MODULES:
+        return None
+    try:
+        check_revision(method, config.get(REVISION_KEY, 0), where="the run")
+    except ValueError as err:
+        return f"{err} (delete its run directory, or move it out of the runs given to aggregate)"
+    return None
+
+
 def collect(runs: str | Path | Iterable[str | Path]) -> pd.DataFrame:
     """One tidy table of every run's per-round metrics (one row per run and round), plus ``run_dir`` and ``acc``."""
     files = find_metrics_files(runs)
     stale: list[str] = []
     for file in files:
         try:
-            version, _ = read_metrics_meta(file)
+            version, config = read_metrics_meta(file)
         except Exception as err:  # noqa: BLE001 - any unreadable file is reported by name
             raise MetricsFileError(f"cannot read metrics file {file}: {err}") from None
         if version != METRICS_SCHEMA_VERSION:
             stale.append(f"{file.parent} (schema version {version})")
+            continue
+        reason = stale_method_revision(config)
+        if reason:
+            raise StaleRunError(f"metrics file {file}: {reason}")
     if stale:
         raise SchemaVersionError(
             f"{len(stale)} metrics file(s) were written with a schema version other than "
@@ -164,6 +188,8 @@ def collect(runs: str | Path | Iterable[str | Path]) -> pd.DataFrame:
             seen[run_id] = file.parent
         if part["round"].duplicated().any():
             raise MetricsFileError(f"metrics file {file} has repeated rounds; regenerate {file.parent}")
+        if "aggregation" not in part.columns:  # metrics written before the column: no method had a choice then
+            part["aggregation"] = np.where(part["eval_mode"] == "global", "fedavg", "none")
         part.insert(0, "run_dir", str(file.parent))
         frames.append(part)
     df = pd.concat(frames, ignore_index=True, sort=False)
@@ -271,9 +297,39 @@ def _sort_key_condition(cond: dict) -> tuple:
             int(cond["num_clients"]), cond["eval_mode"] != "global", cond["eval_mode"], str(cond["model"]))
 
 
-def method_label(method: str, variant: str = "default") -> str:
+# FedHPro's variants that are rows of the main table (its other variants are ablations): as published
+# (`default`) and with real FedAvg aggregation (`fedavg`), and the paper-text variant with each aggregation.
+MAIN_VARIANTS = {"fedhpro": ("default", "fedavg", "paper", "paper_fedavg")}
+AGGREGATION_NAMES = {"last_client": "last-client aggregation", "fedavg": "FedAvg aggregation"}
+AGGREGATION_NOTE = ("FedHPro rows: \"official code\" and \"last-client aggregation\" = the global model of each round "
+                    "is the last sampled client's trained model (with the re-trained classifier), which is what the "
+                    "official code computes (its client state_dicts alias one reused model; `aggregation: "
+                    "last_client`); \"FedAvg aggregation\" = the sample-weighted mean of the client models "
+                    "(`aggregation: fedavg`).")
+
+
+def method_label(method: str, variant: str = "default", aggregation: str | None = None) -> str:
+    """Display name of a table row; FedHPro's says which aggregation it used."""
     name = METHOD_NAMES.get(method, method)
+    if method == "fedhpro" and aggregation in AGGREGATION_NAMES:
+        if variant == "default" and aggregation == "last_client":
+            return f"{name} (official code)"
+        if variant in ("default", "fedavg") and aggregation == "fedavg":
+            return f"{name} (FedAvg aggregation)"
+        variant = variant.removesuffix("_fedavg") if aggregation == "fedavg" else variant
+        return f"{name} ({variant}, {AGGREGATION_NAMES[aggregation]})"
     return name if variant == "default" else f"{name} ({variant})"
+
+
+def _aggregation_of(summary: pd.DataFrame, method: str, variant: str) -> str | None:
+    if "aggregation" not in summary.columns:
+        return None
+    values = summary.loc[(summary["method"] == method) & (summary["variant"] == variant), "aggregation"].dropna()
+    return str(values.iloc[0]) if len(values) else None
+
+
+def _shows_fedhpro(summary: pd.DataFrame) -> bool:
+    return bool((summary["method"] == "fedhpro").any()) if len(summary) else False
 
 
 def _g(x: float) -> str:
@@ -539,10 +595,12 @@ def main_table(summary: pd.DataFrame, rule: str, last_k: int) -> Table:
     conds = _conditions(summary)
     methods = _methods(summary)
     if (REFERENCE_METHOD, "default") in methods:
-        methods = [(m, v) for m, v in methods if m != REFERENCE_METHOD or v == "default"]
+        main = MAIN_VARIANTS[REFERENCE_METHOD]
+        methods = [(m, v) for m, v in methods if m != REFERENCE_METHOD or v in main]
     texts, means = _matrix(summary, methods, conds, n_mode)
-    rows = [[method_label(m, v)] + t for (m, v), t in zip(methods, texts)]
-    return Table("main", _caption("Main comparison.", rule, last_k, n_mode, "Best mean per column in bold."),
+    rows = [[method_label(m, v, _aggregation_of(summary, m, v))] + t for (m, v), t in zip(methods, texts)]
+    extra = "Best mean per column in bold." + (" " + AGGREGATION_NOTE if _shows_fedhpro(summary) else "")
+    return Table("main", _caption("Main comparison.", rule, last_k, n_mode, extra),
                  ["Method"] + [label for _, label in conds], rows, _bold_best(means))
 
 
@@ -571,10 +629,13 @@ def ablation_table(summary: pd.DataFrame, rule: str, last_k: int) -> Table:
         else:
             diffs = [a - b for a, b in zip(m, ref) if math.isfinite(a) and math.isfinite(b)]
             delta = f"{float(np.mean(diffs)):+.2f}" if diffs else "–"
-        rows.append([v] + t + [delta])
+        aggregation = _aggregation_of(ours, REFERENCE_METHOD, v)
+        rows.append([v, AGGREGATION_NAMES.get(aggregation, aggregation or "–")] + t + [delta])
+    extra += " Aggregation: how each row's global model was formed. " + AGGREGATION_NOTE
     return Table("ablation", _caption(f"Ablation of {METHOD_NAMES.get(REFERENCE_METHOD)}.", rule, last_k, n_mode,
                                       extra),
-                 ["Variant"] + [label for _, label in conds] + ["Δ vs default"], rows, _bold_best(means))
+                 ["Variant", "Aggregation"] + [label for _, label in conds] + ["Δ vs default"], rows,
+                 _bold_best(means, col_offset=2))
 
 
 def _fmt_mb(x: float) -> str:
@@ -590,10 +651,13 @@ def communication_table(summary: pd.DataFrame, rule: str, last_k: int) -> Table:
     for _, r in summary.iterrows():
         acc = format_cell(r.acc_mean_pct, r.acc_std_pct, int(r.n), int(r.n_diverged),
                           [int(x) for x in str(r.diverged_rounds).split()], n_mode)
-        rows.append([r.setting, method_label(r.method, r.variant), _fmt_mb(r.mb_up_per_round),
+        rows.append([r.setting, method_label(r.method, r.variant, getattr(r, "aggregation", None)),
+                     _fmt_mb(r.mb_up_per_round),
                      _fmt_mb(r.mb_down_per_round), _fmt_mb(r.mb_total), acc])
     extra = ("Up/Down: MB (10^6 bytes) sent by all participating clients to the server and back, per round "
              "(mean over rounds and seeds); Total: up + down over the whole run (mean over finished seeds).")
+    if _shows_fedhpro(summary):
+        extra += " " + AGGREGATION_NOTE
     return Table("communication", _caption("Communication.", rule, last_k, n_mode, extra),
                  ["Setting", "Method", "Up (MB/round)", "Down (MB/round)", "Total (MB)", "Accuracy (%)"], rows,
                  align="llrrrc")
@@ -619,9 +683,12 @@ def domains_table(summary: pd.DataFrame, rule: str, last_k: int) -> Table | None
                          if r.n == 0 or math.isfinite(r[c + "_mean_pct"]) else "–")
         overall = format_cell(r.acc_mean_pct, r.acc_std_pct, int(r.n), int(r.n_diverged),
                               [int(x) for x in str(r.diverged_rounds).split()], n_mode)
-        rows.append([r.setting, method_label(r.method, r.variant)] + cells + [overall])
-    return Table("domains", _caption("Per-domain accuracy.", rule, last_k, n_mode,
-                                     "Each domain's accuracy is taken over the same rounds as the overall one."),
+        rows.append([r.setting, method_label(r.method, r.variant, getattr(r, "aggregation", None))] + cells
+                    + [overall])
+    extra = "Each domain's accuracy is taken over the same rounds as the overall one."
+    if _shows_fedhpro(sub):
+        extra += " " + AGGREGATION_NOTE
+    return Table("domains", _caption("Per-domain accuracy.", rule, last_k, n_mode, extra),
                  ["Setting", "Method"] + [c[len(DOMAIN_PREFIX):] for c in cols] + ["All"], rows,
                  align="ll" + "c" * (len(cols) + 1))
 

@@ -10,7 +10,11 @@ config stores them fully resolved (defaults filled in), so the saved config is
 self-describing. Its hash (and the canonical JSON Snakemake compares to decide reruns) covers every
 value that differs from its default, so adding a key with a default leaves existing runs' hashes, and
 their results on disk, valid. Policy that follows: a default is never changed in place; a new
-behaviour gets a new value (or key) instead.
+behaviour gets a new value (or key) instead. Where a method's behaviour itself changes under
+unchanged parameters (a fix), its module appends one line to `REVISIONS`; the revision number
+(`method_revision`, from 1 on) enters the canonical dict and so the hash, and a config written for
+an older revision (a saved canonical JSON, a metrics file's metadata) is refused by `from_dict`
+with the change that made it stale.
 """
 
 from __future__ import annotations
@@ -28,6 +32,9 @@ import yaml
 
 class ConfigError(ValueError):
     """A config value is invalid; the message names the key and what is accepted."""
+
+
+REVISION_KEY = "method_revision"  # not a RunConfig field: the method module's behaviour revision (see above)
 
 
 PARTITION_SCHEMES = ("creff", "dirichlet", "pathological", "iid", "domains")
@@ -105,8 +112,9 @@ class RunConfig:
         return out
 
     def canonical_dict(self) -> dict[str, Any]:
-        """The values that differ from their defaults (method_params: from the method's defaults)."""
-        from fedhpro.methods import resolve_params  # late import: methods import torch
+        """The values that differ from their defaults (method_params: from the method's defaults), plus the
+        method's behaviour revision when it is above 0."""
+        from fedhpro.methods import method_revision, resolve_params  # late import: methods import torch
 
         defaults = RunConfig().to_dict()
         out = {k: v for k, v in self.to_dict().items() if k != "method_params" and v != defaults[k]}
@@ -114,7 +122,17 @@ class RunConfig:
         params = {k: v for k, v in self.method_params.items() if method_defaults.get(k, object()) != v}
         if params:
             out["method_params"] = params
+        revision = method_revision(self.method)
+        if revision:
+            out[REVISION_KEY] = revision
         return out
+
+    def provenance_dict(self) -> dict[str, Any]:
+        """`to_dict()` plus the method's behaviour revision: what run records (config.json, metrics
+        metadata) store, so a result computed by an earlier revision is recognised as stale."""
+        from fedhpro.methods import method_revision
+
+        return {**self.to_dict(), REVISION_KEY: method_revision(self.method)}
 
     def canonical_json(self) -> str:
         return json.dumps(self.canonical_dict(), sort_keys=True, separators=(",", ":"), default=str)
@@ -159,6 +177,8 @@ def from_dict(raw: Mapping[str, Any]) -> RunConfig:
     if not isinstance(raw, Mapping):
         raise ConfigError("config must be a mapping of keys to values")
     known = {f.name: f for f in fields(RunConfig)}
+    revision = raw.get(REVISION_KEY)
+    raw = {k: v for k, v in raw.items() if k != REVISION_KEY}
     unknown = sorted(set(raw) - set(known))
     if unknown:
         raise ConfigError(f"unknown config key {unknown[0]!r}; accepted keys: {', '.join(sorted(known))}")
@@ -168,8 +188,23 @@ def from_dict(raw: Mapping[str, Any]) -> RunConfig:
     _validate(cfg)
     from fedhpro.methods import resolve_params  # late import: methods import torch
 
+    if revision is not None:
+        check_revision(cfg.method, revision)
     params = resolve_params(cfg.method, cfg.method_params)
     return dataclasses.replace(cfg, method_params=params)
+
+
+def check_revision(method: str, revision: Any, where: str = "config") -> None:
+    """Refuse a config (or result) written for another behaviour revision of `method`, saying what changed."""
+    from fedhpro.methods import method_revision, revision_changes
+
+    current = method_revision(method)
+    if isinstance(revision, bool) or not isinstance(revision, int) or revision < 0:
+        raise ConfigError(f"config key {REVISION_KEY!r} must be a revision number >= 0, got {revision!r}")
+    if revision != current:
+        changes = "; ".join(revision_changes(method, revision)) if revision < current else "unknown to this code"
+        raise ConfigError(f"{where} was made by behaviour revision {revision} of method {method!r}, this code is at "
+                          f"revision {current} ({changes}); its results are stale: rerun it")
 
 
 _INT_KEYS = {"classes_per_client", "num_clients", "clients_per_domain", "partition_seed", "feature_dim",

@@ -263,7 +263,12 @@ class ServerBase:
 
     def aggregate(self, round_idx: int, uploads: list[dict]) -> None:
         if self.model is not None:
-            self.model.load_state_dict(fedavg([u["weights"] for u in uploads], [u["num_samples"] for u in uploads]))
+            self.model.load_state_dict(self.aggregate_weights(uploads))
+
+    def aggregate_weights(self, uploads: list[dict]) -> dict[str, torch.Tensor]:
+        """The new global state_dict from the round's uploads, in sampling order (global mode): the
+        sample-weighted mean (`fedavg`) by default; a method overrides this hook to aggregate otherwise."""
+        return fedavg([u["weights"] for u in uploads], [u["num_samples"] for u in uploads])
 
     def eval_model(self) -> nn.Module | None:
         return self.model

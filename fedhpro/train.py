@@ -118,6 +118,14 @@ def build_context(cfg: RunConfig, partition_dir: Path | None = None, data: Array
     return ctx
 
 
+def weight_aggregation(cfg: RunConfig) -> str:
+    """How the global weights were formed: the method's `aggregation` parameter where it has one (FedHPro:
+    last_client or fedavg), else fedavg in global mode and none in personalized mode (no weights shared)."""
+    if "aggregation" in cfg.method_params:
+        return str(cfg.method_params["aggregation"])
+    return "fedavg" if cfg.eval_mode == "global" else "none"
+
+
 def result_row(cfg: RunConfig, res: RoundResult, status: str, domain_names: tuple[str, ...] = ()) -> dict:
     model = cfg.model if not cfg.client_models else "+".join(cfg.client_models)
     row = {"run_id": cfg.config_hash(), "method": cfg.method, "variant": cfg.variant, "eval_mode": cfg.eval_mode,
@@ -126,7 +134,7 @@ def result_row(cfg: RunConfig, res: RoundResult, status: str, domain_names: tupl
            "classes_per_client": -1 if cfg.classes_per_client is None else cfg.classes_per_client,
            "imbalance_ratio": cfg.imbalance_ratio, "num_clients": cfg.num_clients,
            "partition_seed": cfg.partition_seed, "seed": cfg.seed, "model": model,
-           "round": res.round, "status": status, "train_loss": res.train_loss, "test_acc": res.test_acc,
+           "aggregation": weight_aggregation(cfg), "round": res.round, "status": status, "train_loss": res.train_loss, "test_acc": res.test_acc,
            "test_loss": res.test_loss, "client_acc_mean": res.client_acc_mean, "client_acc_std": res.client_acc_std,
            "bytes_up": int(res.bytes_up), "bytes_down": int(res.bytes_down), "time_local": res.time_local,
            "time_server": res.time_server, "time_eval": res.time_eval, "time_io": 0.0}
@@ -142,16 +150,27 @@ def prepare_run_dir(cfg: RunConfig, out_dir: Path) -> None:
     if cfg_path.exists():
         existing = json.loads(cfg_path.read_text())
         if existing.get("config_hash") != cfg.config_hash():
+            stale_revision(existing.get("config") or {}, cfg, out_dir)
             raise ConfigError(f"run directory {out_dir} holds a different run (config hash "
                               f"{existing.get('config_hash')}, this config {cfg.config_hash()}); "
                               "choose another --out or delete it")
-    info = run_info(cfg.to_dict(), cfg.config_hash())
+    info = run_info(cfg.provenance_dict(), cfg.config_hash())
     if cfg_path.exists():
         existing = json.loads(cfg_path.read_text())
         info["started"] = existing.get("started")
         info["resumes"] = list(existing.get("resumes", []))
     info.setdefault("started", time.strftime("%Y-%m-%dT%H:%M:%S"))
     atomic_write_text(cfg_path, json.dumps(info, indent=2, sort_keys=True, default=str))
+
+
+def stale_revision(stored: dict, cfg: RunConfig, out_dir: Path) -> None:
+    """Raise a ConfigError saying why, when `out_dir` holds this config computed by an earlier behaviour
+    revision of its method (records without a revision predate revisions: revision 0)."""
+    from fedhpro.config import REVISION_KEY, check_revision
+
+    same = {k: v for k, v in stored.items() if k != REVISION_KEY} == cfg.to_dict()
+    if same and isinstance(stored.get("method"), str):
+        check_revision(cfg.method, stored.get(REVISION_KEY, 0), where=f"run directory {out_dir}")
 
 
 def record_resume(out_dir: Path, checkpoint_round: int) -> None:
@@ -218,7 +237,7 @@ def train(cfg: RunConfig, out_dir: str | Path, *, partition_dir: str | Path | No
                 return pd.DataFrame(rows)
         for row in rows:
             row["status"] = status
-        write_metrics(metrics_path, rows, cfg.to_dict())
+        write_metrics(metrics_path, rows, cfg.provenance_dict())
         engine.client_states.commit()  # disk: keep each client's final state only (the run will not resume)
         return pd.read_parquet(metrics_path)
 

@@ -228,12 +228,12 @@ def test_main_table_cells_and_bold_best(tables, df):
     assert header[0] == "Method"
     assert header[1:] == ["digits Dir(0.5)", "digits Dir(0.1)"]
     body = {r.strip("|").split("|")[0].strip(): [c.strip() for c in r.strip("|").split("|")[1:]] for r in md[4:]}
-    assert list(body) == ["FedAvg", "FedHPro"]  # FedHPro's ablation variant is in the ablation table only
+    assert list(body) == ["FedAvg", "FedHPro (official code)"]  # its ablation variant: ablation table only
     col = header.index("digits Dir(0.1)") - 1
     means = {m: summary_row(summary, method=m, variant="default", alpha=0.1)["acc_mean_pct"]
              for m in ("fedavg", "fedhpro")}
     best = max(means, key=means.get)
-    label = {"fedavg": "FedAvg", "fedhpro": "FedHPro"}
+    label = {"fedavg": "FedAvg", "fedhpro": "FedHPro (official code)"}
     for m in means:
         cell = body[label[m]][col]
         text = summary_row(summary, method=m, variant="default", alpha=0.1)["cell"]
@@ -284,14 +284,16 @@ def test_ablation_table_has_default_reference_and_delta(tables, df):
     summary = summarize(df, "final", K)
     lines = (d / "ablation.md").read_text().splitlines()
     header = [c.strip() for c in lines[2].strip("|").split("|")]
-    assert header == ["Variant", "digits Dir(0.5)", "Δ vs default"]  # only where variants ran
+    assert header == ["Variant", "Aggregation", "digits Dir(0.5)", "Δ vs default"]  # only where variants ran
     rows = [[c.strip() for c in r.strip("|").split("|")] for r in lines[4:]]
     assert [r[0] for r in rows] == ["default", "no_hpcl"]
+    assert [r[1] for r in rows] == ["last-client aggregation"] * 2
     ref = summary_row(summary, method="fedhpro", variant="default", alpha=0.5, eval_mode="global")
     var = summary_row(summary, method="fedhpro", variant="no_hpcl")
-    assert rows[0][2] == "reference"
-    assert rows[1][2] == f"{var['acc_mean_pct'] - ref['acc_mean_pct']:+.2f}"
-    assert rows[0][1].strip("*") == ref["cell"] and rows[1][1].strip("*") == var["cell"]
+    assert rows[0][3] == "reference"
+    assert rows[1][3] == f"{var['acc_mean_pct'] - ref['acc_mean_pct']:+.2f}"
+    assert rows[0][2].strip("*") == ref["cell"] and rows[1][2].strip("*") == var["cell"]
+    assert "last sampled client" in lines[0] or "last sampled client" in (d / "ablation.md").read_text()
     tex = (d / "ablation.tex").read_text()
     assert r"$\Delta$ vs default" in tex and r"no\_hpcl" in tex
 
@@ -305,7 +307,7 @@ def test_communication_table_matches_bytes(tables, df, runs_root):
     up = np.mean([f["bytes_up"].mean() for f in frames]) / 1e6
     down = np.mean([f["bytes_down"].mean() for f in frames]) / 1e6
     total = np.mean([(f["bytes_up"] + f["bytes_down"]).sum() for f in frames]) / 1e6
-    row = table[(table["Setting"] == "digits Dir(0.1)") & (table["Method"] == "FedHPro")].iloc[0]
+    row = table[(table["Setting"] == "digits Dir(0.1)") & (table["Method"] == "FedHPro (official code)")].iloc[0]
     assert float(row["Up (MB/round)"]) == pytest.approx(up, abs=0.006)
     assert float(row["Down (MB/round)"]) == pytest.approx(down, abs=0.006)
     assert float(row["Total (MB)"]) == pytest.approx(total, abs=0.006)

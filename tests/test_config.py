@@ -66,7 +66,7 @@ def test_hash_covers_non_default_values_only():
     spelled = from_dict({"method": "fedhpro", "rounds": 5, "precision": "fp32", "channels_last": False,
                          "client_store": "memory", "engine": "sequential"})
     assert plain.config_hash() == spelled.config_hash()
-    assert plain.canonical_dict() == {"method": "fedhpro", "rounds": 5}
+    assert plain.canonical_dict() == {"method": "fedhpro", "rounds": 5, "method_revision": 1}  # REVISIONS
     for change in ({"precision": "bf16"}, {"channels_last": True}, {"client_store": "disk"}, {"rounds": 6}):
         assert from_dict({"method": "fedhpro", "rounds": 5, **change}).config_hash() != plain.config_hash(), change
     with pytest.raises(ConfigError, match="'channels_last' must be true or false"):

@@ -83,6 +83,36 @@ def build_cifar10_archive(path: Path, per_batch=4, n_test=5, seed=0):
     return path, expected
 
 
+def _str_keys(obj):
+    """What Python 3's `pickle.dump` of a re-made CIFAR dict holds: str keys and names."""
+    if isinstance(obj, dict):
+        return {k.decode(): _str_keys(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [v.decode() if isinstance(v, bytes) else v for v in obj]
+    return obj
+
+
+def test_cifar10_python3_pickles_read_like_upstream(tmp_path):
+    """A copy re-pickled by Python 3 (str keys, default protocol) gives the same arrays as upstream's
+    Python-2 pickles (bytes keys): both codes of the parity harness read one set of files."""
+    archive, expected = build_cifar10_archive(tmp_path / "up" / "cifar-10-python.tar.gz")
+    folder = tmp_path / "py3" / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    with tarfile.open(archive) as tf:
+        for m in tf:
+            if m.isfile() and not m.name.endswith(".html"):
+                obj = pickle.loads(tf.extractfile(m).read(), encoding="bytes")
+                (folder / Path(m.name).name).write_bytes(pickle.dumps(_str_keys(obj)))
+    assert isinstance(next(iter(pickle.loads((folder / "test_batch").read_bytes()))), str)
+    from fedhpro.data.cifar import read_python
+
+    arrays = read_python(folder.parent)
+    tx, ty, vx, vy = expected
+    assert np.array_equal(arrays.train_x, tx) and np.array_equal(arrays.train_y, ty)
+    assert np.array_equal(arrays.test_x, vx) and np.array_equal(arrays.test_y, vy)
+    assert tuple(arrays.class_names) == CIFAR10_CLASSES
+
+
 def build_cifar100_archive(path: Path, n_train=7, n_test=3, seed=1):
     rng = np.random.default_rng(seed)
     fine_names = [f"class_{i:03d}" for i in range(100)]

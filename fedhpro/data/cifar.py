@@ -99,13 +99,16 @@ class _RestrictedUnpickler(pickle.Unpickler):
 
 
 def _unpickle(data: bytes, what: str) -> dict:
+    """A CIFAR pickle as a dict with bytes keys. Upstream's pickles come from Python 2 (keys read as bytes
+    with encoding="bytes"); a copy re-pickled by Python 3 (`pickle.dump` of a dict) has str keys, which are
+    encoded to bytes here so both read alike (torchvision reads either with encoding="latin1")."""
     try:
         obj = _RestrictedUnpickler(io.BytesIO(data), encoding="bytes").load()
     except Exception as exc:
         raise ValueError(f"cannot read CIFAR pickle {what}: {exc}") from exc
     if not isinstance(obj, dict):
         raise ValueError(f"CIFAR pickle {what} is not a dict")
-    return obj
+    return {k.encode("latin1") if isinstance(k, str) else k: v for k, v in obj.items()}
 
 
 def _python_members(v: CifarVariant) -> tuple[str, ...]:

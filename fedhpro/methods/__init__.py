@@ -6,7 +6,12 @@ A method module declares:
   validation live in one place;
 - `Client(ClientBase)` and `Server(ServerBase)` (see `fedhpro.engine`);
 - `MODES`: the evaluation modes it supports; `HETEROGENEOUS_MODELS`: whether
-  clients may use different architectures; `PAPER`: the citation line.
+  clients may use different architectures; `PAPER`: the citation line;
+- `REVISIONS` (optional): one line per change of the method's behaviour under
+  unchanged parameters (a bug fix, a corrected reading of the official code).
+  Its length is the method's behaviour revision, which enters the config hash
+  (`RunConfig.canonical_dict`), so results computed before a change are never
+  reused under the same run id: a behaviour fix is one appended line.
 """
 
 from __future__ import annotations
@@ -99,6 +104,16 @@ def resolve_params(method: str, overrides: Mapping[str, Any]) -> dict[str, Any]:
     values = {name: _check_value(method, f, overrides[name]) if name in overrides else f.default
               for name, f in known.items()}
     return values
+
+
+def method_revision(method: str) -> int:
+    """The method's behaviour revision: how many behaviour changes its `REVISIONS` lists (0 if none)."""
+    return len(getattr(METHODS[method], "REVISIONS", ()))
+
+
+def revision_changes(method: str, since: int) -> list[str]:
+    """The `REVISIONS` lines of `method` after revision `since`: what changed since a result was computed."""
+    return list(getattr(METHODS[method], "REVISIONS", ()))[since:]
 
 
 def make_params(method: str, values: Mapping[str, Any]) -> Any:

@@ -5,9 +5,25 @@ Follows the official code (mala-lab/FedHPro `main_run.py`, see
 
 - clients send per class the mean feature-gradient of CE through the
   classifier (1/n^2 scaling, spec 2.1) and CReFF's classifier gradients;
-- the server averages clients' weights (FedAvg), matches CReFF federated
-  features, re-trains a linear classifier on them (`classifier_retraining`)
-  and sends it to clients next round (`send_retrained_classifier`, quirk 6);
+- the new global model is the LAST sampled client's locally trained model
+  (`aggregation: last_client`, the default), not an average. This is what the
+  official code computes, though `get_agg_params` is written as a FedAvg:
+  `Local.local_train` returns `self.local_model.state_dict()` (references to
+  the live tensors, not copies), `FedHPro()` appends it without
+  `copy.deepcopy` (CReFF deep-copies there), and the one reused `Local` object
+  loads the next client's start weights into the same tensors in place. When
+  the client loop ends every list entry is the last client's model, so the
+  "weighted average" is that model exactly (weights, BN statistics and
+  `num_batches_tracked`; sample counts have no effect), and the client order
+  of `RandomState(seed).choice` decides each round which client that is. The
+  published numbers depend on this. `aggregation: fedavg` is the
+  sample-weighted mean the code was meant to compute. Either way every client
+  uploads its model (and the bytes count it), the hyper-prototypes use every
+  client's gradients, and then
+- the server matches CReFF federated features, re-trains a linear classifier
+  on them (`classifier_retraining`), puts it in place of the aggregate's
+  `classifier.*` and sends it to clients next round
+  (`send_retrained_classifier`, quirk 6);
 - then it runs `matching_steps` SGD steps on the hyper-prototypes H (C*L x d)
   so that their CE feature-gradients through the classifier (the re-trained
   one, quirk 2: `matching_classifier`) match the clients', with the official
@@ -43,10 +59,18 @@ PAPER = "Wang et al., FedHPro: Federated Hyper-Prototype Learning via Gradient M
 MODES = ("global",)
 HETEROGENEOUS_MODELS = False
 COMMUNICATES = "weights + hyper-prototypes (down); weights + per-class feature and classifier gradients (up)"
+REVISIONS = (
+    "global model = the last sampled client's trained model, as the official code runs (was: FedAvg); "
+    "`aggregation: fedavg` keeps the mean",
+)
 
 
 @dataclass(frozen=True)
 class Params:
+    aggregation: str = param("last_client", "global model after local training: the last sampled client's model "
+                             "(what the official code computes: its state_dicts alias one reused model) or the "
+                             "sample-weighted mean (fedavg, what it was written to compute)",
+                             choices=("last_client", "fedavg"))
     prototypes_per_class: int = param(5, "hyper-prototypes L per class (--length_of_hp)", low=1)
     matching_steps: int = param(30, "SGD steps on the hyper-prototypes per round (--rounds_of_hp)", low=0)
     prototype_lr: float = param(0.1, "learning rate of hyper-prototypes and federated features (--lr_hp)",
@@ -193,7 +217,7 @@ class Server(ServerBase):
             used_w, used_b = self.meta_weight, self.meta_bias
         else:
             used_w, used_b = (t.detach().clone() for t in (self.model.classifier.weight, self.model.classifier.bias))
-        super().aggregate(round_idx, uploads)  # FedAvg of the weights
+        super().aggregate(round_idx, uploads)  # `aggregate_weights` below: last client or FedAvg
         if p.classifier_retraining:  # S1-S3
             dw, present = mean_over_clients(uploads, "grad_w", c)
             db, _ = mean_over_clients(uploads, "grad_b", c)
@@ -219,6 +243,11 @@ class Server(ServerBase):
             view = self.prototypes.view(c, p.prototypes_per_class, -1).clone()
             view[present] = means[present][:, None, :]
             self.prototypes = view.view(c * p.prototypes_per_class, -1)
+
+    def aggregate_weights(self, uploads: list[dict]) -> dict[str, torch.Tensor]:
+        if self.params.aggregation == "last_client":  # official: every state_dict aliases the last client's
+            return uploads[-1]["weights"]
+        return super().aggregate_weights(uploads)
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "prototypes": self.prototypes, "features": self.federated.features,
