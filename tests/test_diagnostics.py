@@ -68,8 +68,8 @@ class Identity(nn.Module):
 
 def _client(cid: int, x: list, y: list) -> ClientData:
     labels = torch.tensor(y)
-    return ClientData(cid=cid, x=torch.tensor(x), y=labels, test_x=torch.zeros(0, 2), test_y=torch.zeros(0, dtype=torch.long),
-                      class_counts=torch.bincount(labels, minlength=3))
+    return ClientData(cid=cid, x=torch.tensor(x), y=labels, test_x=torch.zeros(0, 2),
+                      test_y=torch.zeros(0, dtype=torch.long), class_counts=torch.bincount(labels, minlength=3))
 
 
 def test_class_means_and_consistency_by_hand():
@@ -139,9 +139,8 @@ def test_fedhpro_and_fpl_signals_are_class_means_of_their_prototypes():
     cfg = from_dict({**BASE, "method": "fedhpro", "method_params": {"prototypes_per_class": 2}})
     server = METHODS["fedhpro"].Server(build_context(cfg))
     signal, present = server.global_class_signal()
-    c = signal.shape[0]
-    assert present.all() and torch.allclose(signal, (server.prototypes[0::2] + server.prototypes[1::2]) / 2)
-    assert c == 10
+    assert signal.shape[0] == 10 and present.all()
+    assert torch.allclose(signal, (server.prototypes[0::2] + server.prototypes[1::2]) / 2)
     fpl = METHODS["fpl"].Server(build_context(from_dict({**BASE, "method": "fpl"})))
     assert fpl.global_class_signal() is None  # no cluster prototypes before the first upload
     fpl.prototypes = torch.tensor([[1.0, 0.0], [3.0, 2.0], [0.0, 5.0]])
@@ -163,7 +162,7 @@ def _cases():
     return [(m, mode) for m, (_, modes) in PROTOTYPE_RUNS.items() for mode in modes]
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # each case 8-20 s, all 12 about 2.5 minutes; the fedproto test below covers the default suite
 @pytest.mark.parametrize("method, mode", _cases())
 def test_prototype_methods_write_finite_diagnostics_and_unchanged_numbers(tmp_path, method, mode):
     cfg = from_dict({**BASE, "method": method, "eval_mode": mode, "method_params": PROTOTYPE_RUNS[method][0]})
@@ -202,3 +201,14 @@ def test_fedproto_personalized_run_has_all_columns_and_resumes_identically(tmp_p
 def test_non_prototype_run_has_nan_diagnostics(tmp_path):
     df = train(from_dict({**BASE, "method": "fedavg"}), tmp_path / "run")
     assert df[NEW].isna().all().all() and df["test_acc"].notna().all()
+
+
+def test_diagnostics_key_is_validated_and_leaves_default_hashes_unchanged():
+    from fedhpro.config import ConfigError
+
+    cfg = from_dict({**BASE, "method": "fedproto"})
+    assert cfg.diagnostics is True and "diagnostics" not in cfg.canonical_dict()
+    assert from_dict({**BASE, "method": "fedproto", "diagnostics": True}).config_hash() == cfg.config_hash()
+    assert cfg.replace(diagnostics=False).config_hash() != cfg.config_hash()
+    with pytest.raises(ConfigError, match="'diagnostics' must be true or false"):
+        from_dict({**BASE, "method": "fedproto", "diagnostics": "yes"})
