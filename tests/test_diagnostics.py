@@ -181,7 +181,7 @@ def test_prototype_methods_write_finite_diagnostics_and_unchanged_numbers(tmp_pa
     off = train(cfg.replace(diagnostics=False), tmp_path / "off")
     assert off[NEW if mode == "global" else DIAG].isna().all().all()
     keep = [c for c in on.columns if c not in [*DIAG, *TIME, "run_id"]]
-    pd.testing.assert_frame_equal(on[keep], off[keep])
+    pd.testing.assert_frame_equal(on[keep], off[keep], check_exact=True)
 
 
 def test_fedproto_personalized_run_has_all_columns_and_resumes_identically(tmp_path):
@@ -192,10 +192,10 @@ def test_fedproto_personalized_run_has_all_columns_and_resumes_identically(tmp_p
     assert full["client_acc_weighted"].between(0, 1).all()
     train(cfg, tmp_path / "r", stop_after_round=1)
     resumed = train(cfg, tmp_path / "r")
-    pd.testing.assert_frame_equal(full.drop(columns=TIME), resumed.drop(columns=TIME))
+    pd.testing.assert_frame_equal(full.drop(columns=TIME), resumed.drop(columns=TIME), check_exact=True)
     off = train(cfg.replace(diagnostics=False), tmp_path / "off")
     keep = [c for c in full.columns if c not in [*DIAG, *TIME, "run_id"]]
-    pd.testing.assert_frame_equal(full[keep], off[keep])
+    pd.testing.assert_frame_equal(full[keep], off[keep], check_exact=True)
 
 
 def test_non_prototype_run_has_nan_diagnostics(tmp_path):
