@@ -92,6 +92,7 @@ class RunConfig:
     eval_every: int = 1
     checkpoint_every: int = 1
     test_batch_size: int = 500
+    diagnostics: bool = True  # prototype separation/consistency columns on evaluated rounds (no-grad passes)
 
     # ------------------------------------------------------------------ derived
     @property
@@ -213,7 +214,7 @@ _INT_KEYS = {"classes_per_client", "num_clients", "clients_per_domain", "partiti
 _FLOAT_KEYS = {"alpha", "imbalance_ratio", "local_test_fraction", "lr", "momentum", "weight_decay"}
 _STR_KEYS = {"method", "variant", "eval_mode", "dataset", "data_root", "partition", "model", "optimizer",
              "augment", "augment_per", "device", "engine", "precision", "client_store"}
-_BOOL_KEYS = {"channels_last"}
+_BOOL_KEYS = {"channels_last", "diagnostics"}
 
 
 def _coerce(name: str, value: Any, f: dataclasses.Field) -> Any:

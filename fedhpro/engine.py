@@ -31,6 +31,7 @@ from torch import nn
 from fedhpro.augment import apply_augment
 from fedhpro.clientstore import make_client_store
 from fedhpro.config import ConfigError, RunConfig
+from fedhpro.diagnostics import ClassSignal, ConsistencyMeter, separation_angles, weighted_accuracy
 from fedhpro.faults import fault_point
 
 
@@ -278,6 +279,11 @@ class ServerBase:
         prototype methods override (e.g. nearest global prototype)."""
         return model(x)[1]
 
+    def global_class_signal(self) -> ClassSignal | None:
+        """Prototype diagnostics (`fedhpro.diagnostics`): the method's global class signal as (C x d rows,
+        (C,) presence mask), or None (the default: not a prototype method, or no signal yet)."""
+        return None
+
     # ---- checkpointing: tensors and plain containers only (loaded with weights_only=True)
     def state_dict(self) -> dict:
         return {"model": self.model.state_dict() if self.model is not None else None}
@@ -296,6 +302,10 @@ class RoundResult:
     test_loss: float = float("nan")
     client_acc_mean: float = float("nan")
     client_acc_std: float = float("nan")
+    client_acc_weighted: float = float("nan")  # total correct / total local test samples (HtFLlib)
+    proto_sep_mean_deg: float = float("nan")  # prototype diagnostics (fedhpro.diagnostics)
+    proto_sep_min_deg: float = float("nan")
+    proto_consistency: float = float("nan")
     domain_acc: dict[str, float] = field(default_factory=dict)
     bytes_up: int = 0
     bytes_down: int = 0
@@ -404,6 +414,10 @@ class Engine:
 
     def evaluate_into(self, result: RoundResult) -> None:
         cfg, ctx = self.cfg, self.ctx
+        signal = self.server.global_class_signal() if cfg.diagnostics else None
+        consistency = ConsistencyMeter(signal, ctx, cfg.test_batch_size) if signal is not None else None
+        if signal is not None:
+            result.proto_sep_mean_deg, result.proto_sep_min_deg = separation_angles(*signal)
         model = self.server.eval_model()
         if model is not None:
             model.eval()
@@ -414,10 +428,13 @@ class Engine:
                 domains = ctx.test_domain
                 for d in torch.unique(domains).tolist():
                     result.domain_acc[str(d)] = correct[domains == d].float().mean().item()
+            if consistency is not None and cfg.eval_mode == "global":  # local prototypes of the global model
+                for client in ctx.clients:
+                    consistency.add(model, client)
         if cfg.eval_mode == "personalized":
-            accs = []
+            accs, corrects, sizes = [], [], []
             for client in ctx.clients:
-                if client.test_y.numel() == 0:
+                if client.test_y.numel() == 0 and consistency is None:
                     continue
                 # A client never sampled is evaluated with its initial model, rebuilt from (seed, client) and
                 # not stored, so memory and checkpoints follow the participating clients only.
@@ -425,12 +442,20 @@ class Engine:
                 m = self._model_for(client.cid)
                 m.load_state_dict(state["model"] if "model" in state else self._initial_personal_state(client.cid))
                 m.eval()
-                correct, _ = evaluate(lambda x: self.server.scores(m, x), ctx, client.test_x, client.test_y,
-                                      cfg.test_batch_size)
-                accs.append(correct.float().mean().item())
+                if client.test_y.numel() > 0:
+                    correct, _ = evaluate(lambda x: self.server.scores(m, x), ctx, client.test_x, client.test_y,
+                                          cfg.test_batch_size)
+                    accs.append(correct.float().mean().item())
+                    corrects.append(int(correct.sum()))
+                    sizes.append(int(correct.numel()))
+                if consistency is not None:  # local prototypes of the client's own model
+                    consistency.add(m, client)
             if accs:
                 result.client_acc_mean = float(np.mean(accs))
                 result.client_acc_std = float(np.std(accs))
+                result.client_acc_weighted = weighted_accuracy(corrects, sizes)
+        if consistency is not None:
+            result.proto_consistency = consistency.value()
 
     # ---- checkpoint state ------------------------------------------------------------------------
     def state_dict(self) -> dict:

@@ -136,6 +136,8 @@ def result_row(cfg: RunConfig, res: RoundResult, status: str, domain_names: tupl
            "partition_seed": cfg.partition_seed, "seed": cfg.seed, "model": model,
            "aggregation": weight_aggregation(cfg), "round": res.round, "status": status, "train_loss": res.train_loss, "test_acc": res.test_acc,
            "test_loss": res.test_loss, "client_acc_mean": res.client_acc_mean, "client_acc_std": res.client_acc_std,
+           "client_acc_weighted": res.client_acc_weighted, "proto_sep_mean_deg": res.proto_sep_mean_deg,
+           "proto_sep_min_deg": res.proto_sep_min_deg, "proto_consistency": res.proto_consistency,
            "bytes_up": int(res.bytes_up), "bytes_down": int(res.bytes_down), "time_local": res.time_local,
            "time_server": res.time_server, "time_eval": res.time_eval, "time_io": 0.0}
     for key, acc in res.domain_acc.items():

@@ -68,7 +68,8 @@ def test_memory_and_checkpoint_follow_the_participating_clients(tmp_path):
 def _cli(config, out, fault=None):
     env = {**os.environ, **({"FEDHPRO_FAULT": fault} if fault else {})}
     return subprocess.run([sys.executable, "-m", "fedhpro.cli", "train", "--config", str(config), "--out", str(out),
-                           "--quiet"], env=env, capture_output=True, text=True, timeout=600)
+                           "--quiet", "--threads", "1"],  # the in-process reference runs on 1 thread (conftest)
+                          env=env, capture_output=True, text=True, timeout=600)
 
 
 @pytest.mark.faults

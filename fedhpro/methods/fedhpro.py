@@ -244,6 +244,12 @@ class Server(ServerBase):
             view[present] = means[present][:, None, :]
             self.prototypes = view.view(c * p.prototypes_per_class, -1)
 
+    def global_class_signal(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Diagnostics: per class the mean of its L hyper-prototypes (the direction HPAL aligns features to)."""
+        c = self.ctx.num_classes
+        means = self.prototypes.view(c, self.params.prototypes_per_class, -1).mean(1)
+        return means, torch.ones(c, dtype=torch.bool, device=means.device)
+
     def aggregate_weights(self, uploads: list[dict]) -> dict[str, torch.Tensor]:
         if self.params.aggregation == "last_client":  # official: every state_dict aliases the last client's
             return uploads[-1]["weights"]

@@ -125,6 +125,10 @@ class PrototypeServer(PrototypeEvaluation, ServerBase):
             payload.update(prototype_classes=classes, prototypes=self.prototypes[classes])
         return payload
 
+    def global_class_signal(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Diagnostics: the global prototypes (ProtoNorm: the aligned unit prototypes); None before any upload."""
+        return (self.prototypes, self.present) if bool(self.present.any()) else None
+
 
 class Server(PrototypeServer):
     def aggregate(self, round_idx: int, uploads: list[dict]) -> None:

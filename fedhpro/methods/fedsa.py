@@ -139,6 +139,11 @@ class Server(PrototypeEvaluation, ServerBase):
                                                           "prototype_classes")
         self.anchors = ema_anchors(self.anchors, self.prototypes, self.present, self.params.anchor_momentum)
 
+    def global_class_signal(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Diagnostics: the semantic anchors A (every class), the target the client features are pulled to;
+        the mean prototypes P-bar only serve evaluation."""
+        return self.anchors, torch.ones(self.ctx.num_classes, dtype=torch.bool, device=self.anchors.device)
+
     def state_dict(self) -> dict:
         return {**super().state_dict(), "anchors": self.anchors}
 

@@ -153,6 +153,12 @@ class Server(ServerBase):
         if last is not None:
             self.server_loss = last.item()
 
+    def global_class_signal(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Diagnostics: the C trainable global prototypes; None before the first server update."""
+        if not bool(self.trained):
+            return None
+        return self.prototypes, torch.ones(self.ctx.num_classes, dtype=torch.bool, device=self.prototypes.device)
+
     def use_prototypes(self) -> bool:
         rule = self.params.eval_rule
         if rule == "auto":

@@ -150,6 +150,13 @@ class Server(ServerBase):
         super().aggregate(round_idx, uploads)
         self.prototypes, self.classes = cluster_prototypes(uploads)
 
+    def global_class_signal(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Diagnostics: per class the mean of its cluster prototypes (FPL's unbiased prototype u_c); None
+        before the first upload."""
+        if not len(self.classes):
+            return None
+        return unbiased_prototypes(self.prototypes, self.classes, self.ctx.num_classes)
+
     def state_dict(self) -> dict:
         return {**super().state_dict(), "prototypes": self.prototypes, "classes": self.classes}
 

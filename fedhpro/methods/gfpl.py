@@ -348,6 +348,17 @@ def interaction_round(round_idx: int, start: int, interval: int) -> bool:
 GMM_KEYS = ("gmm_classes", "gmm_weights", "gmm_means", "gmm_variances")
 
 
+def gmm_class_means(gmm: dict, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per class the mixture mean sum_k pi_k mu_k of the global GMMs (weights sum to 1 per class)
+    -> ((C, d) table, (C,) presence mask)."""
+    means = gmm["gmm_means"]
+    table = torch.zeros(num_classes, means.shape[1], dtype=means.dtype, device=means.device)
+    table.index_add_(0, gmm["gmm_classes"], means * gmm["gmm_weights"][:, None].to(means.dtype))
+    present = torch.zeros(num_classes, dtype=torch.bool, device=means.device)
+    present[gmm["gmm_classes"]] = True
+    return table, present
+
+
 class Client(ClientBase):
     def __init__(self, ctx: Context):
         install_dual_classifier(ctx)
@@ -402,6 +413,13 @@ class Server(ServerBase):
         fused = fuse_uploads(uploads, self.params.threshold, self.params.merge_rule)
         if fused is not None:
             self.gmm, self.fused_round = fused, round_idx
+
+    def global_class_signal(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Diagnostics: per class the mean of its latest fused global GMM, sum_k pi_k mu_k, in the extractor
+        feature space z; None before the first fusion (round `start_round`)."""
+        if self.gmm is None:
+            return None
+        return gmm_class_means(self.gmm, self.ctx.num_classes)
 
     def scores(self, model, x) -> torch.Tensor:
         h, logits = model.heads(model.features(x))

@@ -1,0 +1,214 @@
+"""Prototype diagnostics and the sample-weighted personalized accuracy: functions by hand, the methods' class
+signals, columns on digits runs, and training numbers unchanged by the diagnostics."""
+
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+from fedhpro.config import from_dict
+from fedhpro.diagnostics import ConsistencyMeter, class_means, mean_cosine, separation_angles, weighted_accuracy
+from fedhpro.engine import ClientData, Engine, RoundResult
+from fedhpro.methods import METHODS
+from fedhpro.train import build_context, train
+
+BASE = {"dataset": "digits", "num_clients": 4, "partition": "dirichlet", "alpha": 0.5, "rounds": 2,
+        "local_epochs": 1, "batch_size": 32, "lr": 0.05, "seed": 2}
+# Every prototype method in each mode it supports; small server steps keep the runs short.
+PROTOTYPE_RUNS = {
+    "fedproto": ({}, ("global", "personalized")),
+    "fedtgp": ({"server_epochs": 5}, ("global", "personalized")),
+    "fedsa": ({}, ("global", "personalized")),
+    "protonorm": ({}, ("global", "personalized")),
+    "gfpl": ({"start_round": 1, "interval": 1}, ("global", "personalized")),
+    "fpl": ({}, ("global",)),
+    "fedhpro": ({"matching_steps": 5, "feature_matching_steps": 5, "retrain_epochs": 5}, ("global",)),
+}
+DIAG = ["proto_sep_mean_deg", "proto_sep_min_deg", "proto_consistency"]
+NEW = ["client_acc_weighted", *DIAG]
+TIME = ["time_local", "time_server", "time_eval", "time_io"]
+
+
+# ---- the functions by hand ---------------------------------------------------------------------------------
+
+def test_separation_of_orthogonal_and_opposite_rows():
+    mean, low = separation_angles(torch.eye(3) * torch.tensor([[2.0], [0.5], [7.0]]), torch.ones(3, dtype=torch.bool))
+    assert mean == pytest.approx(90.0) and low == pytest.approx(90.0)
+    # rows e1, e2, -e1: angles 90, 180, 90 -> mean 120, min 90; an absent row never counts
+    rows = torch.tensor([[1.0, 0.0], [0.0, 3.0], [-2.0, 0.0], [1.0, 0.0]])
+    present = torch.tensor([True, True, True, False])
+    mean, low = separation_angles(rows, present)
+    assert mean == pytest.approx(120.0) and low == pytest.approx(90.0)
+    # 60 degrees apart in the plane
+    mean, low = separation_angles(torch.tensor([[1.0, 0.0], [0.5, math.sqrt(3) / 2]]), torch.ones(2, dtype=torch.bool))
+    assert mean == pytest.approx(60.0) and low == pytest.approx(60.0)
+    assert all(math.isnan(v) for v in separation_angles(rows, torch.tensor([True, False, False, False])))
+
+
+def test_mean_cosine_identical_opposite_and_partial_overlap():
+    g = torch.tensor([[1.0, 2.0], [3.0, -1.0], [0.0, 5.0]])
+    everywhere = torch.ones(3, dtype=torch.bool)
+    assert mean_cosine(g.clone(), everywhere, g, everywhere) == pytest.approx(1.0)
+    assert mean_cosine(4 * g, everywhere, g, everywhere) == pytest.approx(1.0)  # scale-free
+    assert mean_cosine(-g, everywhere, g, everywhere) == pytest.approx(-1.0)
+    # classes 0 (identical, cos 1) and 2 (orthogonal, cos 0) in both; class 1 only local
+    local = torch.tensor([[2.0, 4.0], [9.0, 9.0], [5.0, 0.0]])
+    assert mean_cosine(local, everywhere, g, torch.tensor([True, False, True])) == pytest.approx(0.5)
+    assert math.isnan(mean_cosine(local, torch.tensor([False, True, False]), g, torch.tensor([True, False, True])))
+
+
+class Identity(nn.Module):
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def _client(cid: int, x: list, y: list) -> ClientData:
+    labels = torch.tensor(y)
+    return ClientData(cid=cid, x=torch.tensor(x), y=labels, test_x=torch.zeros(0, 2),
+                      test_y=torch.zeros(0, dtype=torch.long), class_counts=torch.bincount(labels, minlength=3))
+
+
+def test_class_means_and_consistency_by_hand():
+    ctx = SimpleNamespace(num_classes=3, prepare=lambda x, train: x)
+    a = _client(0, [[1.0, 0.0], [3.0, 0.0], [0.0, 2.0]], [0, 0, 2])
+    means, present = class_means(Identity(), ctx, a, batch_size=2)  # batches split class 0's samples
+    assert present.tolist() == [True, False, True]
+    assert torch.equal(means[[0, 2]], torch.tensor([[2.0, 0.0], [0.0, 2.0]]))
+    # global signal = client a's own prototypes -> consistency 1; client b points its class 0 at 45 degrees
+    signal = (torch.tensor([[5.0, 0.0], [0.0, 0.0], [0.0, 1.0]]), torch.tensor([True, False, True]))
+    meter = ConsistencyMeter(signal, ctx, batch_size=8)
+    meter.add(Identity(), a)
+    assert meter.value() == pytest.approx(1.0)
+    meter.add(Identity(), _client(1, [[1.0, 1.0]], [0]))
+    assert meter.value() == pytest.approx((1.0 + math.sqrt(0.5)) / 2)  # each client counts once
+    meter.add(Identity(), _client(2, [[1.0, 1.0]], [1]))  # no class with a global signal: left out
+    assert meter.value() == pytest.approx((1.0 + math.sqrt(0.5)) / 2)
+
+
+def test_weighted_accuracy_differs_from_the_client_mean():
+    # client A: 3 of 4 right, client B: 1 of 1 -> mean of accuracies 0.875, sample-weighted 4/5
+    assert weighted_accuracy([3, 1], [4, 1]) == pytest.approx(0.8)
+    assert math.isnan(weighted_accuracy([], []))
+
+
+def test_personalized_evaluation_reports_weighted_accuracy_by_hand():
+    """A scorer that always predicts class 0: per client accuracy = share of class-0 test samples."""
+    cfg = from_dict({**BASE, "method": "fedproto", "eval_mode": "personalized", "num_clients": 5})
+    ctx = build_context(cfg)
+    engine = Engine(ctx, METHODS["fedproto"])
+    engine.server.scores = lambda model, x: torch.nn.functional.one_hot(
+        torch.zeros(len(x), dtype=torch.long), ctx.num_classes).float()
+    sizes = [int(c.test_y.numel()) for c in ctx.clients]
+    zeros = [int((c.test_y == 0).sum()) for c in ctx.clients]
+    assert len(set(sizes)) > 1 and sum(zeros) > 0
+    res = RoundResult(round=1, selected=[], train_loss=0.0)
+    engine.evaluate_into(res)
+    assert res.client_acc_weighted == pytest.approx(sum(zeros) / sum(sizes), abs=1e-15)
+    assert res.client_acc_mean == pytest.approx(np.mean([z / s for z, s in zip(zeros, sizes)]))
+    assert res.client_acc_weighted != pytest.approx(res.client_acc_mean)
+    assert math.isnan(res.proto_consistency)  # no global prototypes before the first upload
+
+
+def test_evaluation_draws_no_random_numbers():
+    cfg = from_dict({**BASE, "method": "fedsa", "eval_mode": "personalized"})
+    engine = Engine(build_context(cfg), METHODS["fedsa"])
+    state = torch.get_rng_state()
+    res = RoundResult(round=1, selected=[], train_loss=0.0)
+    engine.evaluate_into(res)
+    assert math.isfinite(res.proto_consistency) and math.isfinite(res.proto_sep_min_deg)
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+# ---- the methods' class signals ----------------------------------------------------------------------------
+
+def test_gfpl_signal_is_the_mixture_mean_per_class():
+    from fedhpro.methods.gfpl import gmm_class_means
+
+    gmm = {"gmm_classes": torch.tensor([0, 0, 2]), "gmm_weights": torch.tensor([0.25, 0.75, 1.0]),
+           "gmm_means": torch.tensor([[0.0, 0.0], [4.0, 8.0], [1.0, -1.0]])}
+    table, present = gmm_class_means(gmm, 3)
+    assert present.tolist() == [True, False, True]
+    assert torch.equal(table, torch.tensor([[3.0, 6.0], [0.0, 0.0], [1.0, -1.0]]))
+
+
+def test_fedhpro_and_fpl_signals_are_class_means_of_their_prototypes():
+    cfg = from_dict({**BASE, "method": "fedhpro", "method_params": {"prototypes_per_class": 2}})
+    server = METHODS["fedhpro"].Server(build_context(cfg))
+    signal, present = server.global_class_signal()
+    assert signal.shape[0] == 10 and present.all()
+    assert torch.allclose(signal, (server.prototypes[0::2] + server.prototypes[1::2]) / 2)
+    fpl = METHODS["fpl"].Server(build_context(from_dict({**BASE, "method": "fpl"})))
+    assert fpl.global_class_signal() is None  # no cluster prototypes before the first upload
+    fpl.prototypes = torch.tensor([[1.0, 0.0], [3.0, 2.0], [0.0, 5.0]])
+    fpl.classes = torch.tensor([1, 1, 4])
+    table, present = fpl.global_class_signal()
+    assert torch.nonzero(present).flatten().tolist() == [1, 4]
+    assert torch.equal(table[1], torch.tensor([2.0, 1.0])) and torch.equal(table[4], torch.tensor([0.0, 5.0]))
+
+
+@pytest.mark.parametrize("method", ["fedavg", "fedprox", "creff", "moon"])
+def test_non_prototype_methods_have_no_signal(method):
+    server = METHODS[method].Server(build_context(from_dict({**BASE, "method": method})))
+    assert server.global_class_signal() is None
+
+
+# ---- runs on digits ----------------------------------------------------------------------------------------
+
+def _cases():
+    return [(m, mode) for m, (_, modes) in PROTOTYPE_RUNS.items() for mode in modes]
+
+
+@pytest.mark.slow  # each case 8-20 s, all 12 about 2.5 minutes; the fedproto test below covers the default suite
+@pytest.mark.parametrize("method, mode", _cases())
+def test_prototype_methods_write_finite_diagnostics_and_unchanged_numbers(tmp_path, method, mode):
+    cfg = from_dict({**BASE, "method": method, "eval_mode": mode, "method_params": PROTOTYPE_RUNS[method][0]})
+    on = train(cfg, tmp_path / "on")
+    for column in NEW:
+        assert column in on.columns
+    assert on[DIAG].notna().all().all() and np.isfinite(on[DIAG].to_numpy()).all()
+    assert ((on["proto_sep_min_deg"] >= 0) & (on["proto_sep_min_deg"] <= on["proto_sep_mean_deg"])
+            & (on["proto_sep_mean_deg"] <= 180)).all()
+    assert on["proto_consistency"].between(-1, 1).all()
+    if mode == "personalized":
+        assert on["client_acc_weighted"].between(0, 1).all()
+    else:
+        assert on["client_acc_weighted"].isna().all()
+    # The diagnostics never touch training: switched off, every other column is bit-identical.
+    off = train(cfg.replace(diagnostics=False), tmp_path / "off")
+    assert off[NEW if mode == "global" else DIAG].isna().all().all()
+    keep = [c for c in on.columns if c not in [*DIAG, *TIME, "run_id"]]
+    pd.testing.assert_frame_equal(on[keep], off[keep], check_exact=True)
+
+
+def test_fedproto_personalized_run_has_all_columns_and_resumes_identically(tmp_path):
+    """The fast representative of the slow per-method test above (kept in the default suite)."""
+    cfg = from_dict({**BASE, "method": "fedproto", "eval_mode": "personalized", "clients_per_round": 2, "rounds": 3})
+    full = train(cfg, tmp_path / "full")
+    assert np.isfinite(full[NEW].to_numpy()).all()
+    assert full["client_acc_weighted"].between(0, 1).all()
+    train(cfg, tmp_path / "r", stop_after_round=1)
+    resumed = train(cfg, tmp_path / "r")
+    pd.testing.assert_frame_equal(full.drop(columns=TIME), resumed.drop(columns=TIME), check_exact=True)
+    off = train(cfg.replace(diagnostics=False), tmp_path / "off")
+    keep = [c for c in full.columns if c not in [*DIAG, *TIME, "run_id"]]
+    pd.testing.assert_frame_equal(full[keep], off[keep], check_exact=True)
+
+
+def test_non_prototype_run_has_nan_diagnostics(tmp_path):
+    df = train(from_dict({**BASE, "method": "fedavg"}), tmp_path / "run")
+    assert df[NEW].isna().all().all() and df["test_acc"].notna().all()
+
+
+def test_diagnostics_key_is_validated_and_leaves_default_hashes_unchanged():
+    from fedhpro.config import ConfigError
+
+    cfg = from_dict({**BASE, "method": "fedproto"})
+    assert cfg.diagnostics is True and "diagnostics" not in cfg.canonical_dict()
+    assert from_dict({**BASE, "method": "fedproto", "diagnostics": True}).config_hash() == cfg.config_hash()
+    assert cfg.replace(diagnostics=False).config_hash() != cfg.config_hash()
+    with pytest.raises(ConfigError, match="'diagnostics' must be true or false"):
+        from_dict({**BASE, "method": "fedproto", "diagnostics": "yes"})
