@@ -66,7 +66,10 @@ class DatasetSpec:
     local_copies: Callable[..., dict] | None = None
 
     def needed_downloads(self, options: Mapping[str, Any] | None = None) -> tuple:
-        """The files of `downloads` a run with these loader options needs (all without a hook)."""
+        """The files of `downloads` a run with these loader options needs (all without a hook); none when
+        the data is given by `path` (the loader reads that folder or archive and never the download)."""
+        if (options or {}).get("path") is not None:
+            return ()
         if self.downloads_for is None:
             return tuple(self.downloads)
         wanted = {r.filename for r in self.downloads_for(dict(options or {}))}
@@ -155,6 +158,26 @@ def plan_downloads(requests, root: str | Path, mirrors: Mapping | None = None, *
         if names:
             plan[dataset] = names
     return dict(sorted(plan.items()))
+
+
+def fingerprint(data: ArrayData) -> str:
+    """The content identity of prepared data: 'sha256:<hex>' over every array (shape, dtype and bytes),
+    the class count and the domain names. Where the files live, how they were compressed or archived
+    and which mirror they came from do not enter it; any change to a sample, label or split does."""
+    import hashlib
+
+    h = hashlib.sha256(b"fedhpro-data-fingerprint-1\n")
+    h.update(json.dumps({"num_classes": int(data.num_classes), "domain_names": list(data.domain_names)},
+                        sort_keys=True).encode())
+    for name in ("train_x", "train_y", "test_x", "test_y", "train_domain", "test_domain"):
+        t = getattr(data, name)
+        if t is None:
+            h.update(f"\n{name}:none".encode())
+            continue
+        arr = t.detach().cpu().contiguous().numpy()
+        h.update(f"\n{name}:{arr.dtype.str}:{list(arr.shape)}\n".encode())
+        h.update(memoryview(arr.reshape(-1).view("u1")))
+    return "sha256:" + h.hexdigest()
 
 
 def load_dataset(name: str, root: str | Path = "data", **options) -> ArrayData:
