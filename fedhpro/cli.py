@@ -19,6 +19,13 @@ from typing import Callable, Sequence
 INTERRUPTED = "interrupted; rerun the same command to resume"
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with a one-line usage error: `error: fedhpro train: argument --threads: ...`."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
 def positive_int(text: str) -> int:
     """argparse type: an integer >= 1 (e.g. --threads)."""
     try:
@@ -140,7 +147,7 @@ PASS_THROUGH = {"partition": "fedhpro.partition", "aggregate": "fedhpro.aggregat
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fedhpro", description="FedHPro and prototype-based FL baselines")
+    parser = ArgumentParser(prog="fedhpro", description="FedHPro and prototype-based FL baselines")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="train one federated run", description="Train (or resume) one run.")
     p.add_argument("--config", required=True, help="run config (YAML or JSON)")

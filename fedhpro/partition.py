@@ -614,7 +614,9 @@ def check_identity(path_dir, meta: dict, want: dict) -> None:
 
 # --------------------------------------------------------------------------- CLI
 def _build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fedhpro partition",
+    from fedhpro.cli import ArgumentParser
+
+    p = ArgumentParser(prog="fedhpro partition",
                                 description="Partition a dataset's training labels among clients.")
     p.add_argument("--dataset", required=True, help="registered dataset name (fedhpro.data)")
     p.add_argument("--scheme", required=True, choices=SCHEMES)

@@ -17,8 +17,22 @@ if os.path.isdir(os.path.join(workflow.basedir, "fedhpro")):
     sys.path.insert(0, workflow.basedir)
 
 from fedhpro.data import plan_downloads  # noqa: E402
-from fedhpro.sweep import WILDCARD_PATTERNS, SweepConfigError, partitions_of, validate_workflow_config
+from fedhpro.sweep import (
+    WILDCARD_PATTERNS,
+    SweepConfigError,
+    check_config_files,
+    partitions_of,
+    validate_workflow_config,
+)
 
+
+try:  # duplicate keys (Snakemake's YAML loader keeps the last silently) and invalid YAML, naming file and line
+    check_config_files(
+        list(workflow.overwrite_configfiles)
+        or [os.path.join(workflow.basedir, "config", "config.yaml")]
+    )
+except SweepConfigError as err:
+    raise WorkflowError(f"invalid workflow config: {err}") from None
 
 validate(config, schema="../schemas/config.schema.yaml")
 
