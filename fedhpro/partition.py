@@ -560,8 +560,10 @@ def load_partition(path_dir, num_samples: int | None = None) -> list[np.ndarray]
                 raise ValueError("client numbers are not 0..K-1")
             parts = [z[k] for k in keys]
     except ValueError as err:
-        raise ValueError(f"partition file {path} is not a fedhpro partition ({str(err).splitlines()[0]}); "
-                         f"{remake}") from None
+        why = str(err).splitlines()[0] if str(err) else "unreadable"
+        if "pickle" in why:  # numpy's text would suggest loading it unsafely; partitions never hold objects
+            why = "not an npz of integer arrays"
+        raise ValueError(f"partition file {path} is not a fedhpro partition ({why}); {remake}") from None
     except Exception as err:  # noqa: BLE001 - zip/npy errors of a damaged file come in many kinds
         raise ValueError(f"partition file {path} is damaged or not an npz file ({type(err).__name__}: "
                          f"{str(err).splitlines()[0] if str(err) else 'unreadable'}); {remake}") from None
