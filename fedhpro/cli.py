@@ -70,8 +70,11 @@ def run_guarded(func: Callable[[Sequence[str] | None], int], argv: Sequence[str]
     except KeyboardInterrupt:
         print(INTERRUPTED, file=sys.stderr)
         return 130
-    except SystemExit:
-        raise
+    except SystemExit as err:  # argparse: --help (0) or a usage error already printed as one line (2)
+        if err.code is None or isinstance(err.code, int):
+            return err.code or 0
+        print(f"error: {' '.join(str(err.code).split())}", file=sys.stderr)
+        return 2
     except OSError as err:
         if os.environ.get("FEDHPRO_TRACEBACK"):
             raise
