@@ -754,9 +754,9 @@ def _main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         _check_rule(args.rule, args.last_k)
-        check_out_dir(args.out)
+        check_out_dir(args.out, create=False)  # nothing is written before the runs are checked
         if args.figures:
-            check_out_dir(args.figures, "--figures")
+            check_out_dir(args.figures, "--figures", create=False)
         df = collect(args.runs)
         for warning in last_k_warnings(df, args.rule, args.last_k):
             print(f"warning: {warning}", file=sys.stderr)

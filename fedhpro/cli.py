@@ -37,11 +37,19 @@ def positive_int(text: str) -> int:
     return value
 
 
-def check_out_dir(path: str | Path, flag: str = "--out") -> Path:
-    """An output directory that exists (created if missing) and is writable; ValueError naming it otherwise."""
+def check_out_dir(path: str | Path, flag: str = "--out", create: bool = True) -> Path:
+    """An output directory that exists (created if missing; with create=False only checked to be creatable)
+    and is writable; ValueError naming it otherwise."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise ValueError(f"{flag} {path} is a file, not a directory; choose a directory")
+    if not create and not path.exists():
+        parent = next((p for p in path.absolute().parents if p.exists()), None)
+        if parent is None or not parent.is_dir():
+            raise ValueError(f"{flag} {path} cannot be created: {parent} is not a directory")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise ValueError(f"{flag} {path} cannot be created: {parent} is not writable")
+        return path
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as err:
