@@ -151,3 +151,17 @@ ALL_METRICS = MAIN_METRICS + ABLATION_METRICS
 
 def final_outputs():
     return [f"{TABLES}/{name}.md" for name in TABLE_NAMES] + [FIGURES]
+
+
+def data_identity(dataset):
+    """What the workflow config says the dataset's data is (not where it lives)."""
+    from fedhpro.data import DATASETS
+    from fedhpro.download import mirror_checksum
+
+    mirror = config["mirrors"].get(dataset) or {}
+    by_name = {r.filename: r for r in DATASETS[dataset].downloads}
+    files = {
+        name: mirror_checksum(by_name[name], mirror)
+        for name in DOWNLOAD_FILES.get(dataset, [])
+    }
+    return {"files": files, "fingerprint": mirror.get("fingerprint")}

@@ -2,21 +2,8 @@
 # Its params are what the split is, never where the data lives: the split's keys and the data's declared
 # identity (the checksums its downloads are verified against, a pinned content fingerprint). Moving the
 # data (data_root, dataset_options.path) reruns nothing; declaring other data reruns the partitions and,
-# through them, the runs. The job records the data's content fingerprint in meta.json; runs check it.
-
-
-def data_identity(dataset):
-    """What the workflow config says the dataset's data is (not where it lives)."""
-    from fedhpro.data import DATASETS
-    from fedhpro.download import mirror_checksum
-
-    mirror = config["mirrors"].get(dataset) or {}
-    by_name = {r.filename: r for r in DATASETS[dataset].downloads}
-    files = {
-        name: mirror_checksum(by_name[name], mirror)
-        for name in DOWNLOAD_FILES.get(dataset, [])
-    }
-    return {"files": files, "fingerprint": mirror.get("fingerprint")}
+# through them, the runs (data_identity in common.smk). The job records the data's content fingerprint in
+# meta.json; runs check it.
 
 
 localrules:
