@@ -51,7 +51,8 @@ from typing import Iterable, Sequence
 import numpy as np
 import pandas as pd
 
-from fedhpro.runio import METRICS, METRICS_SCHEMA_VERSION, atomic_write_text, read_metrics_meta
+from fedhpro.runio import (METRICS, METRICS_SCHEMA_VERSION, atomic_write_text, metrics_config_hash, read_metrics_meta,
+                           read_run_info)
 
 RULES = ("final", "last_k", "best")
 SETTING_KEYS = ("method", "variant", "eval_mode", "dataset", "partition", "alpha", "classes_per_client",
@@ -94,6 +95,52 @@ class StaleRunError(AggregateError):
 
 class DuplicateRunError(AggregateError):
     """The same run (same config hash) was found in more than one directory."""
+
+
+class MixedSeedsError(AggregateError):
+    """Two runs of one table cell share a seed but differ in config: they are not seeds of one setting."""
+
+
+# config keys that say where data lives, not what a run is (they may differ between copies of one run)
+_LOCATION_KEYS = ("data_root",)
+
+
+def _config_differences(a: dict, b: dict) -> list[str]:
+    """'key: a vs b' for every config key (method_params.* and dataset_options.* flattened) that differs."""
+    def flat(cfg: dict) -> dict:
+        out = {}
+        for key, value in cfg.items():
+            if key in _LOCATION_KEYS:
+                continue
+            if isinstance(value, dict):
+                for sub, v in value.items():
+                    if not (key == "dataset_options" and sub == "path"):
+                        out[f"{key}.{sub}"] = v
+            else:
+                out[key] = value
+        return out
+
+    fa, fb = flat(a), flat(b)
+    return [f"{k}: {fa.get(k)!r} vs {fb.get(k)!r}" for k in sorted(set(fa) | set(fb)) if fa.get(k) != fb.get(k)]
+
+
+def check_seeds_of_one_config(df: pd.DataFrame, configs: dict[str, dict]) -> None:
+    """Every (setting, partition seed, seed) must come from one run directory; else MixedSeedsError naming both
+    directories and the config keys on which they differ (a cell's seeds must share one config)."""
+    keys = list(SETTING_KEYS) + ["partition_seed", "seed"]
+    firsts = df.drop_duplicates("run_dir")
+    for _, grp in firsts.groupby(keys, dropna=False, sort=False):
+        dirs = sorted(grp["run_dir"].unique())
+        if len(dirs) < 2:
+            continue
+        a, b = dirs[0], dirs[1]
+        diff = _config_differences(configs.get(a, {}), configs.get(b, {}))
+        first = grp.iloc[0]
+        raise MixedSeedsError(
+            f"runs {a} and {b} are both seed {int(first['seed'])} (partition seed {int(first['partition_seed'])}) "
+            f"of {first['method']}/{first['variant']} on {first['dataset']} but differ in "
+            f"{'; '.join(diff) if diff else 'their run id'}; a cell's seeds must come from one config: give the "
+            "other config its own variant name, or leave one run out")
 
 
 # ====================================================================== collect
@@ -171,11 +218,22 @@ def collect(runs: str | Path | Iterable[str | Path]) -> pd.DataFrame:
             + "; ".join(stale))
     frames = []
     seen: dict[str, Path] = {}
+    configs: dict[str, dict] = {}
     for file in files:
         try:
             part = pd.read_parquet(file)
+            _, configs[str(file.parent)] = read_metrics_meta(file)
+            found_hash = metrics_config_hash(file)
         except Exception as err:  # noqa: BLE001
             raise MetricsFileError(f"cannot read metrics file {file}: {err}") from None
+        try:
+            info = read_run_info(file.parent) if file.name == METRICS else None
+        except ValueError as err:
+            raise MetricsFileError(str(err)) from None
+        if info is not None and info.get("config_hash") != found_hash:
+            raise MetricsFileError(f"metrics file {file} belongs to another run (config hash {found_hash}, but "
+                                   f"{file.parent / 'config.json'} says {info.get('config_hash')}); delete it and "
+                                   "re-run, or restore the right file")
         absent = [c for c in REQUIRED_COLUMNS if c not in part.columns]
         if absent:
             raise MetricsFileError(f"metrics file {file} lacks column(s) {', '.join(absent)}; regenerate {file.parent}")
@@ -193,6 +251,7 @@ def collect(runs: str | Path | Iterable[str | Path]) -> pd.DataFrame:
         part.insert(0, "run_dir", str(file.parent))
         frames.append(part)
     df = pd.concat(frames, ignore_index=True, sort=False)
+    check_seeds_of_one_config(df, configs)
     df["alpha"] = df["alpha"].astype(float)
     df["imbalance_ratio"] = df["imbalance_ratio"].astype(float)
     personalized = df["eval_mode"] == "personalized"
@@ -724,7 +783,9 @@ def write_tables(df: pd.DataFrame, out_dir: str | Path, rule: str = "final", las
 
 # ====================================================================== CLI
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m fedhpro.aggregate",
+    from fedhpro.cli import ArgumentParser
+
+    p = ArgumentParser(prog="fedhpro aggregate",
                                 description="Collect run metrics into tables (and figures).")
     p.add_argument("--runs", action="append", required=True,
                    help="run directory, metrics file or glob pattern (quote it; ** recurses); repeatable")
@@ -735,18 +796,44 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def last_k_warnings(df: pd.DataFrame, rule: str, last_k: int) -> list[str]:
+    """A warning when `last_k` exceeds the evaluated rounds of some run (the caption would promise too much)."""
+    if rule != "last_k" or df.empty:
+        return []
+    evaluated = df[df["acc"].notna()].groupby("run_dir")["round"].nunique()
+    short = evaluated[evaluated < last_k]
+    if short.empty:
+        return []
+    return [f"reporting rule last_k={last_k}, but {len(short)} run(s) have only {int(short.min())} evaluated "
+            f"round(s) (e.g. {short.index[0]}); their numbers average fewer rounds than the caption says"]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """`fedhpro aggregate`: one-line `error: ...` (exit 2) for bad input, like `fedhpro train`."""
+    from fedhpro.cli import run_guarded
+
+    return run_guarded(_main, argv)
+
+
+def _main(argv: Sequence[str] | None = None) -> int:
+    from fedhpro.cli import check_out_dir
+
     args = build_parser().parse_args(argv)
     try:
         _check_rule(args.rule, args.last_k)
+        check_out_dir(args.out, create=False)  # nothing is written before the runs are checked
+        if args.figures:
+            check_out_dir(args.figures, "--figures", create=False)
         df = collect(args.runs)
+        for warning in last_k_warnings(df, args.rule, args.last_k):
+            print(f"warning: {warning}", file=sys.stderr)
         paths = write_tables(df, args.out, args.rule, args.last_k)
         if args.figures:
             from fedhpro.figures import write_figures
 
             paths += write_figures(df, args.figures)
     except (AggregateError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
     n_runs = df["run_dir"].nunique()
     print(f"{n_runs} runs, {len(df)} rounds -> {len(paths)} files")

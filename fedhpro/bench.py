@@ -945,12 +945,15 @@ def snakemake_plan(target_runs: int, report: Report) -> dict:
 
 # ---------------------------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fedhpro bench", description=__doc__.split("\n\n")[0],
+    from fedhpro.cli import ArgumentParser, positive_int
+
+    p = ArgumentParser(prog="fedhpro bench", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="a tiny config that runs every section in seconds")
     p.add_argument("--gpu", action="store_true", help="ResNet-10 on CIFAR-10-shaped data (CUDA when available)")
     p.add_argument("--device", default=None, help="override the device (cpu, cuda, cuda:1)")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1, as the pipeline's jobs)")
+    p.add_argument("--threads", type=positive_int, default=1,
+                   help="torch CPU threads (default 1, as the pipeline's jobs)")
     p.add_argument("--rounds", type=int, default=None, help="measured repeats after the warm-up (default 4; quick 1)")
     p.add_argument("--out", default=None, help="write <out>/bench*.json and <out>/bench*.md (e.g. results/bench)")
     p.add_argument("--skip", action="append", default=[], choices=("rounds", "batched", "precision", "scale"),

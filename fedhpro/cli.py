@@ -1,27 +1,113 @@
-"""`fedhpro` command line: train, partition, methods, datasets.
+"""`fedhpro` command line: train, partition, aggregate, bench, methods, datasets.
 
-Bad input (config values, flags, files) ends with a one-line `error: ...` and
-exit status 2, never a traceback. A full disk (ENOSPC/EDQUOT, naming the file) is a one-line
-error with exit status 1.
+Every subcommand runs under one error handler (`run_guarded`): bad input (config values, flags,
+files) ends with a one-line `error: ...` naming the key or file and exit status 2, never a
+traceback; a full disk (ENOSPC/EDQUOT, naming the file) is a one-line error with exit status 1;
+Ctrl-C prints "interrupted; rerun the same command to resume" and exits with 130. Set
+FEDHPRO_TRACEBACK=1 to see the traceback of an unexpected error.
 """
 
 from __future__ import annotations
 
 import argparse
 import errno
+import os
 import sys
 from pathlib import Path
+from typing import Callable, Sequence
 
-import yaml
+INTERRUPTED = "interrupted; rerun the same command to resume"
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with a one-line usage error: `error: fedhpro train: argument --threads: ...`."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (e.g. --threads)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
+def check_out_dir(path: str | Path, flag: str = "--out", create: bool = True) -> Path:
+    """An output directory that exists (created if missing; with create=False only checked to be creatable)
+    and is writable; ValueError naming it otherwise."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{flag} {path} is a file, not a directory; choose a directory")
+    if not create and not path.exists():
+        parent = next((p for p in path.absolute().parents if p.exists()), None)
+        if parent is None or not parent.is_dir():
+            raise ValueError(f"{flag} {path} cannot be created: {parent} is not a directory")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise ValueError(f"{flag} {path} cannot be created: {parent} is not writable")
+        return path
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"{flag} {path} cannot be created: {err.strerror or err}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {path} is not writable; choose another directory")
+    return path
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err).strip() or type(err).__name__
+    if isinstance(err, KeyError) and err.args:
+        text = str(err.args[0])
+    if isinstance(err, OSError) and err.filename and str(err.filename) not in text:
+        text = f"{err.filename}: {err.strerror or text}"
+    return " ".join(text.split())
+
+
+def run_guarded(func: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None) -> int:
+    """Run a subcommand's `func(argv)`; expected failures become one `error: ...` line on stderr."""
+    from fedhpro.config import ConfigError
+    from fedhpro.runio import CheckpointError, RunLockedError
+
+    try:
+        return func(argv) or 0
+    except KeyboardInterrupt:
+        print(INTERRUPTED, file=sys.stderr)
+        return 130
+    except SystemExit as err:  # argparse: --help (0) or a usage error already printed as one line (2)
+        if err.code is None or isinstance(err.code, int):
+            return err.code or 0
+        print(f"error: {' '.join(str(err.code).split())}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        if os.environ.get("FEDHPRO_TRACEBACK"):
+            raise
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            print(f"error: {_one_line(err)} (the run resumes from its last checkpoint once space is freed)",
+                  file=sys.stderr)
+            return 1
+        print(f"error: {_one_line(err)}", file=sys.stderr)
+        return 2
+    except (ConfigError, CheckpointError, RunLockedError, ValueError, KeyError, RuntimeError) as err:
+        if os.environ.get("FEDHPRO_TRACEBACK"):
+            raise
+        print(f"error: {_one_line(err)}", file=sys.stderr)
+        return 2
 
 
 def _parse_set(pairs: list[str]) -> dict:
+    from fedhpro.config import ConfigError, load_yaml_text
+
     out = {}
     for pair in pairs:
         if "=" not in pair:
-            raise SystemExit(f"error: --set expects KEY=VALUE, got {pair!r}")
+            raise ConfigError(f"--set expects KEY=VALUE, got {pair!r}")
         key, value = pair.split("=", 1)
-        parsed = yaml.safe_load(value) if value else ""
+        parsed = load_yaml_text(value, f"--set {key}") if value else ""
         if key.startswith("method_params."):
             out.setdefault("method_params", {})[key.split(".", 1)[1]] = parsed
         else:
@@ -34,11 +120,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     from fedhpro.train import train
 
     cfg = load_config(args.config, _parse_set(args.set))
-    df = train(cfg, Path(args.out), partition_dir=args.partition_dir, progress=not args.quiet, threads=args.threads)
+    out = check_out_dir(args.out)
+    df = train(cfg, out, partition_dir=args.partition_dir, progress=not args.quiet, threads=args.threads)
     last = df.iloc[-1]
     acc = last["test_acc"] if last["test_acc"] == last["test_acc"] else last["client_acc_mean"]
     print(f"{cfg.method} on {cfg.dataset}: {len(df)} rounds, status {last['status']}, final accuracy {acc:.4f}; "
-          f"metrics in {Path(args.out) / 'metrics.parquet'}")
+          f"metrics in {out / 'metrics.parquet'}")
     return 0
 
 
@@ -59,11 +146,19 @@ def cmd_datasets(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_fingerprint(args: argparse.Namespace) -> int:
+    from fedhpro.data import fingerprint, load_dataset
+
+    options = {"path": args.path} if args.path else {}
+    print(fingerprint(load_dataset(args.dataset, args.data_root, **options)))
+    return 0
+
+
 PASS_THROUGH = {"partition": "fedhpro.partition", "aggregate": "fedhpro.aggregate", "bench": "fedhpro.bench"}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fedhpro", description="FedHPro and prototype-based FL baselines")
+    parser = ArgumentParser(prog="fedhpro", description="FedHPro and prototype-based FL baselines")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="train one federated run", description="Train (or resume) one run.")
     p.add_argument("--config", required=True, help="run config (YAML or JSON)")
@@ -72,39 +167,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key (method_params.NAME=VALUE for method hyperparameters)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=positive_int, default=None,
+                   help="torch CPU threads (default: torch's choice; recorded, a resume must use the same)")
     p.set_defaults(func=cmd_train)
-    p = sub.add_parser("partition", help="partition a dataset and print the client x class table",
-                       add_help=False)  # main() hands every argument, --help included, to partition.main
+    # main() hands every argument, --help included, to these modules' own parsers
+    sub.add_parser("partition", help="partition a dataset and print the client x class table", add_help=False)
     sub.add_parser("aggregate", help="collect run Parquets into tables and figures", add_help=False)
+    sub.add_parser("bench", help="speed and memory benchmarks (engine vs bare PyTorch loop)", add_help=False)
     p = sub.add_parser("methods", help="list methods with their hyperparameters and defaults",
                        description="List every method, its paper, modes and hyperparameters.")
     p.set_defaults(func=cmd_methods)
     p = sub.add_parser("datasets", help="list datasets", description="List the registered datasets.")
     p.set_defaults(func=cmd_datasets)
+    p = sub.add_parser("fingerprint", help="print a dataset's content fingerprint (as recorded in runs)",
+                       description="Load a dataset and print its content fingerprint ('sha256:...'), the "
+                                   "identity recorded in partitions and run provenance.")
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--data-root", default="data")
+    p.add_argument("--path", default=None, help="your own copy of the data (the loader's path= option)")
+    p.set_defaults(func=cmd_fingerprint)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    from fedhpro.config import ConfigError
-    from fedhpro.runio import CheckpointError, RunLockedError
+def _main(argv: Sequence[str] | None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
 
+
+def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] and argv[0] in PASS_THROUGH:  # subcommands with their own argparse (and --help)
         import importlib
 
-        return importlib.import_module(PASS_THROUGH[argv[0]]).main(argv[1:]) or 0
-    args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except (ConfigError, CheckpointError, RunLockedError, FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except OSError as err:
-        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
-            raise
-        print(f"error: {err} (the run resumes from its last checkpoint once space is freed)", file=sys.stderr)
-        return 1
+        module = importlib.import_module(PASS_THROUGH[argv[0]])
+        return run_guarded(lambda rest: module.main(rest), argv[1:])
+    return run_guarded(_main, argv)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
@@ -46,6 +47,10 @@ ENGINES = ("sequential", "batched")
 OPTIMIZERS = ("sgd",)
 PRECISIONS = ("fp32", "bf16", "fp16")
 CLIENT_STORES = ("memory", "disk")
+# Where the data lives is not what a run is: these keys stay out of the config hash and the canonical JSON
+# (Snakemake's rerun trigger); the data is identified by its content (`fedhpro.data.fingerprint`) instead.
+LOCATION_KEYS = ("data_root",)
+LOCATION_OPTIONS = ("path",)  # dataset_options that say where the data is, not what it is
 
 
 @dataclass(frozen=True)
@@ -118,7 +123,11 @@ class RunConfig:
         from fedhpro.methods import method_revision, resolve_params  # late import: methods import torch
 
         defaults = RunConfig().to_dict()
-        out = {k: v for k, v in self.to_dict().items() if k != "method_params" and v != defaults[k]}
+        out = {k: v for k, v in self.to_dict().items()
+               if k not in ("method_params",) + LOCATION_KEYS and v != defaults[k]}
+        options = {k: v for k, v in out.pop("dataset_options", {}).items() if k not in LOCATION_OPTIONS}
+        if options:
+            out["dataset_options"] = options
         method_defaults = resolve_params(self.method, {})
         params = {k: v for k, v in self.method_params.items() if method_defaults.get(k, object()) != v}
         if params:
@@ -157,15 +166,67 @@ def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) ->
     return from_dict(raw)
 
 
+# YAML 1.2 / JSON numbers: PyYAML follows YAML 1.1, where `1e-3` (no dot) is a string; a user writing
+# `lr: 1e-3` (or valid JSON `1e-2`, or `--set lr=1e-3`) means the number.
+_FLOAT_RE = re.compile(r"^[-+]?(?:(?:[0-9][0-9_]*)\.[0-9_]*|\.[0-9_]+|[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)?$"
+                       r"|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$")
+
+
+class DuplicateKeyError(yaml.constructor.ConstructorError):
+    """A mapping names the same key twice (YAML would silently keep the last)."""
+
+
+class StrictLoader(yaml.SafeLoader):
+    """SafeLoader with YAML 1.2 / JSON floats (`1e-3` is a number) and duplicate keys refused."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, Any] = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.get(key)
+                except TypeError:  # an unhashable key: the base class reports it
+                    break
+                if first is not None:
+                    raise DuplicateKeyError(
+                        None, None, f"duplicate key {key!r} (first at line {first.line + 1}, again at line "
+                        f"{key_node.start_mark.line + 1}); YAML would silently keep the last one", key_node.start_mark)
+                seen[key] = key_node.start_mark
+        return super().construct_mapping(node, deep=deep)
+
+
+StrictLoader.yaml_implicit_resolvers = {k: [(tag, rx) for tag, rx in v if tag != "tag:yaml.org,2002:float"]
+                                        for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+StrictLoader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_RE, list("-+0123456789."))
+
+
+def load_yaml_text(text: str, source: str = "<text>") -> Any:
+    """Parse YAML/JSON text with `StrictLoader`; ConfigError naming `source` (one line) if it is invalid."""
+    try:
+        return yaml.load(text, Loader=StrictLoader)  # noqa: S506 - StrictLoader is a SafeLoader
+    except DuplicateKeyError as err:
+        line = f" line {err.problem_mark.line + 1}" if err.problem_mark else ""
+        raise ConfigError(f"{source}:{line} {err.problem}") from None
+    except yaml.YAMLError as err:
+        where = ""
+        mark = getattr(err, "problem_mark", None)
+        if mark is not None:
+            where = f" (line {mark.line + 1}, column {mark.column + 1})"
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{source} is not valid YAML/JSON{where}: {problem}") from None
+
+
 def load_raw(path: str | Path) -> dict[str, Any]:
     """The YAML/JSON mapping of a config file, unvalidated."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
     try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise ConfigError(f"config file {str(path)!r} is not valid YAML/JSON: {err}") from None
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"config file {str(path)!r} cannot be read: {err}") from None
+    raw = load_yaml_text(text, f"config file {str(path)!r}")
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -232,6 +293,8 @@ def _coerce(name: str, value: Any, f: dataclasses.Field) -> Any:
             raise ConfigError(f"config key {name!r} must be an integer, got {value!r}")
         return value
     if name in _FLOAT_KEYS:
+        if isinstance(value, str) and _FLOAT_RE.match(value.strip()) and "_" not in value:
+            value = float(value)  # `1e-3` read as a string by a YAML 1.1 parser (e.g. Snakemake's config loader)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"config key {name!r} must be a number, got {value!r}")
         if not math.isfinite(float(value)):

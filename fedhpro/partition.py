@@ -44,9 +44,8 @@ import csv
 import io
 import json
 import math
-import os
+import re
 import sys
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -459,20 +458,10 @@ def partition_labels(labels, *, scheme, num_clients, seed, alpha=None, classes_p
 
 # --------------------------------------------------------------------------- files
 def _atomic_write(path: Path, write) -> None:
-    """Write via `write(fileobj)` to a temporary name in the same folder, then os.replace."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    """Write via `write(fileobj)` to a temporary name in the same folder, then rename (umask mode)."""
+    from fedhpro.runio import atomic_stream  # late: runio imports torch
+
+    atomic_stream(path, write)
 
 
 def _csv_bytes(rows) -> bytes:
@@ -550,16 +539,86 @@ def save_partition(path_dir, parts: Sequence[np.ndarray], labels, num_classes: i
     _atomic_write(path_dir / "meta.json", lambda f: f.write(text.encode()))
 
 
-def load_partition(path_dir) -> list[np.ndarray]:
-    """The client index arrays that `save_partition` wrote, in client order."""
-    with np.load(Path(path_dir) / "partition.npz") as z:
-        keys = sorted((k for k in z.files if k.startswith("client_")), key=lambda k: int(k[len("client_"):]))
-        return [z[k].astype(np.int64, copy=False) for k in keys]
+def load_partition(path_dir, num_samples: int | None = None) -> list[np.ndarray]:
+    """The client index arrays that `save_partition` wrote, in client order.
+
+    A file that is not such a partition (not an npz, pickled objects, keys or arrays of the wrong kind,
+    indices outside `num_samples`) is a ValueError naming it; pickles are never loaded.
+    """
+    path = Path(path_dir) / "partition.npz"
+    if not path.is_file():
+        raise FileNotFoundError(f"partition file {path} does not exist (make it with `fedhpro partition ... --out "
+                                f"{Path(path_dir)}`)")
+    remake = "delete it and make the partition again"
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            names = list(z.files)
+            if not names or any(not re.fullmatch(r"client_[0-9]+", k) for k in names):
+                raise ValueError("expected arrays client_0000, client_0001, ...")
+            keys = sorted(names, key=lambda k: int(k[len("client_"):]))
+            if [int(k[len("client_"):]) for k in keys] != list(range(len(keys))):
+                raise ValueError("client numbers are not 0..K-1")
+            parts = [z[k] for k in keys]
+    except ValueError as err:
+        why = str(err).splitlines()[0] if str(err) else "unreadable"
+        if "pickle" in why:  # numpy's text would suggest loading it unsafely; partitions never hold objects
+            why = "not an npz of integer arrays"
+        raise ValueError(f"partition file {path} is not a fedhpro partition ({why}); {remake}") from None
+    except Exception as err:  # noqa: BLE001 - zip/npy errors of a damaged file come in many kinds
+        raise ValueError(f"partition file {path} is damaged or not an npz file ({type(err).__name__}: "
+                         f"{str(err).splitlines()[0] if str(err) else 'unreadable'}); {remake}") from None
+    for i, p in enumerate(parts):
+        if p.ndim != 1 or (p.size and not np.issubdtype(p.dtype, np.integer)):
+            raise ValueError(f"partition file {path}: client {i} is not a 1-D integer index array; {remake}")
+        if p.size and (p.min() < 0 or (num_samples is not None and p.max() >= num_samples)):
+            raise ValueError(f"partition file {path}: client {i} has indices outside the {num_samples} training "
+                             f"samples of the data; {remake}")
+    return [p.astype(np.int64, copy=False) for p in parts]
+
+
+# The keys that determine a partition: a saved partition is used only by a run that agrees on every one.
+IDENTITY_KEYS = ("dataset", "dataset_options", "data_fingerprint", "scheme", "num_clients", "seed", "alpha",
+                 "classes_per_client", "imbalance_ratio", "clients_per_domain", "min_size")
+
+
+def partition_identity(*, dataset: str, data_fingerprint: str, scheme: str, num_clients: int, seed: int,
+                       alpha=None, classes_per_client=None, imbalance_ratio=None, clients_per_domain=None,
+                       min_size=None, dataset_options=None) -> dict:
+    """The normalised values of every key that determines a split (`IDENTITY_KEYS`).
+
+    Keys a scheme ignores are None (alpha outside creff/dirichlet, ...), rho None is 1.0 (the same split), and
+    the loader's `path` option is left out: the data is identified by its content (`data_fingerprint`).
+    """
+    options = {k: v for k, v in sorted(dict(dataset_options or {}).items()) if k != "path"}
+    rho = 1.0 if imbalance_ratio is None else float(imbalance_ratio)
+    return {"dataset": dataset, "dataset_options": json.loads(json.dumps(options, default=str)),
+            "data_fingerprint": data_fingerprint, "scheme": scheme, "num_clients": int(num_clients),
+            "seed": int(seed), "alpha": float(alpha) if scheme in ("creff", "dirichlet") and alpha is not None else None,
+            "classes_per_client": int(classes_per_client) if scheme == "pathological" and classes_per_client
+            is not None else None,
+            "imbalance_ratio": rho,
+            "clients_per_domain": int(clients_per_domain) if scheme == "domains" and clients_per_domain is not None
+            else None,
+            "min_size": None if min_size is None or scheme != "dirichlet" else int(min_size)}
+
+
+def check_identity(path_dir, meta: dict, want: dict) -> None:
+    """ValueError naming the first key on which a saved partition's identity differs from `want`."""
+    have = meta.get("identity") if isinstance(meta, dict) else None
+    if not isinstance(have, dict):
+        raise ValueError(f"partition {path_dir} has no identity record in meta.json (made by an older fedhpro, "
+                         "or not a fedhpro partition); delete it and make it again")
+    for key in IDENTITY_KEYS:
+        if have.get(key) != want.get(key):
+            raise ValueError(f"partition {path_dir} was made with {key}={have.get(key)!r}, but the run needs "
+                             f"{key}={want.get(key)!r}; use the partition made for this run (or none)")
 
 
 # --------------------------------------------------------------------------- CLI
 def _build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fedhpro partition",
+    from fedhpro.cli import ArgumentParser
+
+    p = ArgumentParser(prog="fedhpro partition",
                                 description="Partition a dataset's training labels among clients.")
     p.add_argument("--dataset", required=True, help="registered dataset name (fedhpro.data)")
     p.add_argument("--scheme", required=True, choices=SCHEMES)
@@ -575,10 +634,22 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    """`fedhpro partition`: one-line `error: ...` (exit 2) for bad input, like `fedhpro train`."""
+    from fedhpro.cli import run_guarded
+
+    return run_guarded(_main, argv)
+
+
+def _main(argv=None) -> int:
     parser = _build_parser()
     args = parser.parse_args(argv)
-    from fedhpro.data import load_dataset
+    from fedhpro.cli import check_out_dir
+    from fedhpro.data import DATASETS, fingerprint, load_dataset
 
+    if args.dataset not in DATASETS:
+        raise ValueError(f"--dataset: unknown dataset {args.dataset!r}; known: {', '.join(sorted(DATASETS))}")
+    if args.out:
+        check_out_dir(args.out)
     data = load_dataset(args.dataset, args.data_root)
     labels = data.train_y.numpy()
     num_classes = int(getattr(data, "num_classes", int(labels.max()) + 1))
@@ -591,10 +662,14 @@ def main(argv=None) -> int:
     counts = client_class_counts(labels, parts, num_classes)
     print(format_count_table(counts))
     if args.out:
+        identity = partition_identity(dataset=args.dataset, data_fingerprint=fingerprint(data), scheme=args.scheme,
+                                      num_clients=args.num_clients, seed=args.seed, alpha=args.alpha,
+                                      classes_per_client=args.classes_per_client, imbalance_ratio=args.rho,
+                                      min_size=args.min_size)
         meta = {"dataset": args.dataset, "scheme": args.scheme, "num_clients": args.num_clients,
                 "seed": args.seed, "alpha": args.alpha, "rho": args.rho,
                 "classes_per_client": args.classes_per_client, "min_size": args.min_size,
-                "num_train": int(len(labels))}
+                "num_train": int(len(labels)), "identity": identity}
         save_partition(args.out, parts, labels, num_classes, meta)
         print(f"saved to {args.out}", file=sys.stderr)
     return 0

@@ -2,7 +2,9 @@
 
 Everything a run writes goes through `atomic_write` (temp file in the same
 directory, fsync, rename), so a crash at any instant leaves either the old file
-or the new one, never a torn file that looks complete. Checkpoints carry a
+or the new one, never a torn file that looks complete. The renamed file gets the mode a
+plain `open(path, "w")` would give it (0666 minus the umask), not mkstemp's 0600, so a
+shared results directory stays readable by collaborators. Checkpoints carry a
 SHA-256 sidecar written after them; a checkpoint whose bytes do not match is
 refused with a clear message instead of being loaded, and loading always uses
 `torch.load(weights_only=True)`.
@@ -19,6 +21,7 @@ import os
 import platform
 import subprocess
 import tempfile
+import time
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterator
@@ -55,12 +58,28 @@ def atomic_savez(path: str | Path, arrays: dict) -> None:
     atomic_stream(path, lambda f: np.savez(f, **arrays))
 
 
+def current_umask() -> int:
+    """The process umask (read by setting and restoring it; there is no read-only call)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def plain_file_mode() -> int:
+    """The mode `open(path, "w")` gives a new file: 0666 minus the umask."""
+    return 0o666 & ~current_umask()
+
+
 def atomic_stream(path: str | Path, write, fault: str | None = None) -> None:
-    """Call `write(file)` on a temp file in the same directory, fsync, then rename over `path`."""
+    """Call `write(file)` on a temp file in the same directory, fsync, then rename over `path`.
+
+    The file gets the umask-derived mode of a plain write (mkstemp's temp files are 0600).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, plain_file_mode())
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -124,6 +143,36 @@ def run_info(config_dict: dict, config_hash: str) -> dict[str, Any]:
             "slurm_job_id": os.environ.get("SLURM_JOB_ID"), "slurm_restart_count": os.environ.get("SLURM_RESTART_COUNT")}
 
 
+def attempt_info(threads: int, **extra: Any) -> dict[str, Any]:
+    """Provenance of one attempt at a run (appended to config.json's `attempts`): code, host, threads, SLURM."""
+    return {"git_sha": git_sha(), "host": platform.node(), "versions": package_versions(), "threads": threads,
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "ended": None, "outcome": None,
+            "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+            "slurm_restart_count": os.environ.get("SLURM_RESTART_COUNT"), **extra}
+
+
+def read_json_file(path: Path, what: str = "file") -> Any:
+    """A JSON file's value; ValueError naming the file when it cannot be read as JSON."""
+    try:
+        return json.loads(Path(path).read_text())
+    except UnicodeDecodeError:
+        raise ValueError(f"{what} {path} is not valid JSON (not text); delete or restore it") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{what} {path} is not valid JSON ({err}); delete or restore it") from None
+
+
+def read_run_info(run_dir: Path) -> dict | None:
+    """config.json of a run directory (None if absent); ValueError naming the file if it is not a run record."""
+    path = Path(run_dir) / CONFIG
+    if not path.exists():
+        return None
+    info = read_json_file(path, "run record")
+    if not isinstance(info, dict) or not isinstance(info.get("config_hash"), str):
+        raise ValueError(f"run record {path} is not a fedhpro config.json (expected an object with a "
+                         f"config_hash, got {type(info).__name__}); delete the run directory or choose another --out")
+    return info
+
+
 # ------------------------------------------------------------------------ checkpoints
 _CKPT_MAGIC = b"FEDHPRO-CHECKPOINT-1\n"
 
@@ -169,13 +218,19 @@ def load_checkpoint(run_dir: Path) -> dict | None:
 
 
 # ------------------------------------------------------------------------ metrics
-def write_metrics(path: Path, rows: list[dict], run_config: dict) -> None:
-    """One typed row per round, run identifiers as columns, config in the Parquet metadata."""
+def write_metrics(path: Path, rows: list[dict], run_config: dict, identity: dict | None = None) -> None:
+    """One typed row per round, run identifiers as columns, config in the Parquet metadata.
+
+    identity: e.g. {"config_hash": ..., "threads": ..., "data_fingerprint": ...}, stored as
+    `fedhpro.<key>` metadata so a metrics file can be checked against its run's config.json.
+    """
     df = pd.DataFrame(rows)
     table = pa.Table.from_pandas(df, preserve_index=False)
     meta = dict(table.schema.metadata or {})
     meta[b"fedhpro.config"] = json.dumps(run_config, sort_keys=True).encode()
     meta[b"fedhpro.schema_version"] = str(METRICS_SCHEMA_VERSION).encode()
+    for key, value in (identity or {}).items():
+        meta[f"fedhpro.{key}".encode()] = str(value).encode()
     table = table.replace_schema_metadata(meta)
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink)
@@ -187,6 +242,36 @@ def read_metrics_meta(path: Path) -> tuple[int, dict]:
     version = int(meta.get(b"fedhpro.schema_version", b"0"))
     config = json.loads(meta.get(b"fedhpro.config", b"{}"))
     return version, config
+
+
+def metrics_identity(path: Path) -> dict[str, str]:
+    """The `fedhpro.*` identity metadata of a metrics file (config_hash, threads, data_fingerprint, ...)."""
+    meta = pq.read_schema(path).metadata or {}
+    skip = {b"fedhpro.config", b"fedhpro.schema_version"}
+    return {k.decode()[len("fedhpro."):]: v.decode() for k, v in meta.items()
+            if k.startswith(b"fedhpro.") and k not in skip}
+
+
+def metrics_config_hash(path: Path) -> str | None:
+    """The config hash a metrics file was written for: its metadata, else its `run_id` column (older files)."""
+    ident = metrics_identity(path)
+    if "config_hash" in ident:
+        return ident["config_hash"]
+    ids = pq.read_table(path, columns=["run_id"]).column("run_id").to_pylist() if "run_id" in \
+        pq.read_schema(path).names else []
+    return ids[0] if ids and len(set(ids)) == 1 else None
+
+
+def check_metrics_belong(run_dir: Path, expected_hash: str) -> None:
+    """Refuse a metrics.parquet that belongs to another run than `expected_hash` (config.json's)."""
+    path = Path(run_dir) / METRICS
+    try:
+        found = metrics_config_hash(path)
+    except Exception as err:  # noqa: BLE001 - an unreadable file cannot be trusted either
+        raise ValueError(f"metrics file {path} cannot be read ({err}); delete it to recompute the run") from None
+    if found != expected_hash:
+        raise ValueError(f"metrics file {path} belongs to another run (config hash {found}, but {run_dir / CONFIG} "
+                         f"says {expected_hash}); delete it to recompute the run, or restore the right file")
 
 
 # ------------------------------------------------------------------------ lock

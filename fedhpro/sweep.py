@@ -48,9 +48,10 @@ import sys
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Mapping
 
-from fedhpro.config import ConfigError, RunConfig, from_dict
+from fedhpro.config import _FLOAT_RE, LOCATION_OPTIONS, ConfigError, RunConfig, from_dict, load_yaml_text
 
 __all__ = ["RunSpec", "PartitionSpec", "SweepConfigError", "expand_sweep", "validate_workflow_config",
+           "check_supported", "check_config_files", "yaml12_numbers", "workflow_run",
            "encode_value", "het_id", "partitions_of", "WILDCARD_PATTERNS", "LAUNCHERS", "REPORTING_RULES"]
 
 LAUNCHERS = ("local", "submitit")
@@ -116,11 +117,14 @@ def het_id(cfg: RunConfig) -> str:
 # ------------------------------------------------------------------------------------------ specs
 @dataclass(frozen=True)
 class PartitionSpec:
-    """One client split: the arguments of `fedhpro.partition.partition_labels` and its directory id."""
+    """One client split: the arguments of `fedhpro.partition.partition_labels` and its directory id.
+
+    Where the data lives (data_root, dataset_options.path) is not part of it: moving the data changes no
+    partition (the partition job records the data's content fingerprint instead, and runs check it).
+    """
 
     partition_id: str
     dataset: str
-    data_root: str
     scheme: str
     num_clients: int
     seed: int
@@ -160,14 +164,13 @@ class RunSpec:
 
     def partition(self) -> PartitionSpec:
         c = self.config
-        return PartitionSpec(partition_id=self.partition_id, dataset=c.dataset, data_root=c.data_root,
-                             scheme=c.partition, num_clients=c.num_clients, seed=c.partition_seed,
+        return PartitionSpec(partition_id=self.partition_id, dataset=c.dataset, scheme=c.partition, num_clients=c.num_clients, seed=c.partition_seed,
                              alpha=c.alpha if c.partition in ("creff", "dirichlet") else None,
                              classes_per_client=c.classes_per_client if c.partition == "pathological" else None,
                              imbalance_ratio=c.imbalance_ratio,
                              clients_per_domain=c.clients_per_domain if c.partition == "domains" else None,
-                             dataset_options=json.dumps(dict(getattr(c, "dataset_options", {}) or {}),
-                                                        sort_keys=True, default=str))
+                             dataset_options=json.dumps({k: v for k, v in dict(c.dataset_options).items()
+                                                         if k not in LOCATION_OPTIONS}, sort_keys=True, default=str))
 
 
 # ------------------------------------------------------------------------------------------ checks
@@ -346,6 +349,75 @@ def _het_list(value: Any, path: str) -> list[dict]:
     return out
 
 
+def check_supported(cfg: RunConfig) -> None:
+    """What only a job would find out, asked of the engine and method up front (ConfigError naming the key):
+    `engine: batched` with a method, mode or setting it does not reproduce; personalized evaluation with no
+    local test split."""
+    from fedhpro.train import check_run
+
+    check_run(cfg)
+    if cfg.engine == "batched":
+        from fedhpro.batched import check_supported as batched_supports
+        from fedhpro.methods import METHODS
+
+        client_cls = METHODS[cfg.method].Client
+        names = list(cfg.client_models) or [cfg.model]
+        batched_supports(cfg, client_cls.__new__(client_cls), [names[i % len(names)] for i in range(cfg.num_clients)])
+
+
+def yaml12_numbers(value: Any) -> Any:
+    """`value` with strings that are YAML 1.2 / JSON numbers (`1e-3`, read as strings by YAML 1.1 parsers such
+    as the one Snakemake loads --configfile with) turned into floats, in mapping values and lists."""
+    if isinstance(value, str) and "_" not in value and any(c in value for c in "eE") and _FLOAT_RE.match(value):
+        return float(value)
+    if isinstance(value, Mapping):
+        return {k: yaml12_numbers(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [yaml12_numbers(v) for v in value]
+    return value
+
+
+def check_config_files(paths) -> None:
+    """Parse workflow config files strictly: invalid YAML or a duplicate key (which Snakemake's loader resolves
+    silently, last one wins) is a SweepConfigError naming the file and line; a missing file names it too."""
+    for path in paths:
+        try:
+            text = open(path).read()
+        except OSError as err:
+            raise SweepConfigError(f"config file {path!r} cannot be read: {err.strerror or err}") from None
+        try:
+            load_yaml_text(text, f"config file {str(path)!r}")
+        except ConfigError as err:
+            raise SweepConfigError(str(err)) from None
+
+
+def _warn_infeasible(runs: list[RunSpec], config: Mapping, warn: Callable[[str], None]) -> None:
+    """Warnings for settings that run but report less than they seem to: last_k beyond the evaluated rounds,
+    a long tail that would empty classes (the partition job then refuses it)."""
+    from fedhpro.data import DATASETS
+
+    rep = dict(config.get("reporting") or {})
+    if rep.get("rule", "last_k") == "last_k" and runs:
+        last_k = rep.get("last_k", 3)
+        short = min(runs, key=lambda r: r.config.rounds // r.config.eval_every)
+        evaluated = short.config.rounds // short.config.eval_every
+        if evaluated < last_k:
+            warn(f"reporting.last_k: {last_k}, but run {short.run_id} is evaluated in only {evaluated} round(s); "
+                 f"its table entries would average fewer rounds than the caption's 'last {last_k} rounds'")
+    seen = set()
+    for run in runs:
+        c = run.config
+        spec = DATASETS[c.dataset]
+        key = (c.dataset, c.imbalance_ratio)
+        if key in seen or c.imbalance_ratio <= 1 or not spec.train_size or not spec.num_classes:
+            continue
+        seen.add(key)
+        if int(spec.train_size / spec.num_classes / c.imbalance_ratio) == 0:
+            warn(f"{run.source}: imbalance_ratio {c.imbalance_ratio:g} would leave the rarest classes of "
+                 f"{c.dataset!r} ({spec.train_size} samples, {spec.num_classes} classes) with no sample; its "
+                 "partition job will refuse it")
+
+
 def expand_sweep(config: Mapping, *, warn: Callable[[str], None] | None = None) -> list[RunSpec]:
     """Every run of the workflow config, validated (`from_dict`), main runs first, then ablations.
 
@@ -355,6 +427,7 @@ def expand_sweep(config: Mapping, *, warn: Callable[[str], None] | None = None) 
     """
     warn = warn or _warn_stderr
     check_workflow_keys(config)
+    config = yaml12_numbers(config)
     data_root = config.get("data_root", "data")
     defaults = _check_overrides(_mapping(config.get("defaults"), "defaults"), "defaults")
     seeds = _int_list(config.get("seeds", [0]), "seeds")
@@ -415,6 +488,7 @@ def expand_sweep(config: Mapping, *, warn: Callable[[str], None] | None = None) 
         where = f"{vpath} (dataset {dataset}, {het_path}[{het_index}], partition seed {pseed}, seed {seed})"
         try:
             cfg = from_dict(raw)
+            check_supported(cfg)
         except ConfigError as err:
             # name the config entry that set the offending key, then the run it broke
             match = re.search(r"config key '([A-Za-z0-9_.]+)'", str(err))
@@ -538,4 +612,21 @@ def validate_workflow_config(config: Mapping, *, warn: Callable[[str], None] | N
     runs = expand_sweep(config, warn=warn)
     if not runs:
         raise SweepConfigError("the config expands to no runs")
+    _warn_infeasible(runs, config, warn or _warn_stderr)
     return runs
+
+
+def workflow_run(config: Mapping, wildcards: Mapping[str, str]) -> RunSpec:
+    """The RunSpec (full config, data location included) of a rule's wildcards; scripts use it because the
+    rule's params hold only the canonical config (no data location: moving data must not rerun anything)."""
+    runs = validate_workflow_config(config, warn=lambda message: None)
+    w = dict(wildcards)
+    if "method" in w:
+        run_id = f"{w['dataset']}/{w['het']}/{w['method']}/{w['variant']}/ps{w['pseed']}_s{w['seed']}"
+        found = [r for r in runs if r.run_id == run_id]
+    else:
+        pid = f"{w['dataset']}/{w['het']}/ps{w['pseed']}"
+        found = [r for r in runs if r.partition_id == pid]
+    if not found:
+        raise SweepConfigError(f"{w} is not a run or partition of this workflow config")
+    return found[0]

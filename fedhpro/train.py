@@ -1,14 +1,17 @@
 """Train one federated run from a `RunConfig` into a run directory, resumably.
 
 Run directory:
-- `config.json`: the resolved config, its hash, git SHA, package versions, host, SLURM ids;
-  `resumes` gets one record (`resumed_from_round`, time, SLURM ids) each time the run resumes from a checkpoint;
+- `config.json`: the resolved config, its hash, the first attempt's git SHA, package versions, host and SLURM
+  ids, the torch thread count and the data's content fingerprint; `attempts` gets one record per attempt
+  (git SHA, host, versions, threads, start/end, outcome, SLURM ids, resumed_from_round) and `resumes` one
+  per resume from a checkpoint (`resumed_from_round`, time, SLURM ids);
 - `checkpoint.pt` (SHA-256 header over its payload): every `checkpoint_every` rounds, the engine state (models,
   method state, client states, sampler RNG, torch RNG) and the metrics so far;
 - `client_states/` (`client_store: disk` only): one file per client state, the checkpoint names which
   (`fedhpro.clientstore`);
 - `metrics.parquet`: written once, atomically, when the run ends (finished or diverged), so its
-  existence means the run is complete.
+  existence means the run is complete; its metadata holds the config hash, threads and data fingerprint,
+  checked against config.json whenever the run is called again.
 
 Calling `train` again on the same directory resumes from the checkpoint (bit-identical numbers on
 CPU), returns at once if the run is already complete, and refuses a directory that holds a
@@ -17,8 +20,8 @@ different config, so nothing computed is ever overwritten.
 
 from __future__ import annotations
 
+import contextlib
 import json
-import os
 import time
 from pathlib import Path
 
@@ -28,12 +31,13 @@ import torch
 
 from fedhpro.clientstore import CLIENT_STATES_DIR
 from fedhpro.config import ConfigError, RunConfig
-from fedhpro.data import DATASETS, ArrayData, load_dataset
+from fedhpro.data import DATASETS, ArrayData, fingerprint, load_dataset
 from fedhpro.faults import fault_point
 from fedhpro.engine import ClientData, Context, Diverged, Engine, RoundResult, check_precision
 from fedhpro.methods import METHODS, make_params
 from fedhpro.models import build_model
-from fedhpro.runio import (CONFIG, METRICS, atomic_write_text, load_checkpoint, remove_stale_temps, run_info, run_lock,
+from fedhpro.runio import (CHECKPOINT, CONFIG, METRICS, atomic_write_text, attempt_info, check_metrics_belong,
+                           load_checkpoint, read_json_file, read_run_info, remove_stale_temps, run_info, run_lock,
                            save_checkpoint, write_metrics)
 
 ID_COLUMNS = ("run_id", "method", "variant", "eval_mode", "dataset", "partition", "alpha", "classes_per_client",
@@ -48,19 +52,52 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def run_partition_identity(cfg: RunConfig, data_fingerprint: str) -> dict:
+    """The partition identity (`fedhpro.partition.IDENTITY_KEYS`) a run with this config needs."""
+    from fedhpro.partition import partition_identity
+
+    return partition_identity(dataset=cfg.dataset, dataset_options=cfg.dataset_options,
+                              data_fingerprint=data_fingerprint, scheme=cfg.partition, num_clients=cfg.num_clients,
+                              seed=cfg.partition_seed, alpha=cfg.alpha, classes_per_client=cfg.classes_per_client,
+                              imbalance_ratio=cfg.imbalance_ratio, clients_per_domain=cfg.clients_per_domain)
+
+
+def check_long_tail(cfg: RunConfig, labels: np.ndarray) -> None:
+    """Refuse an imbalance ratio whose long-tail selection leaves a class of the data with no sample."""
+    from fedhpro.partition import long_tail_counts
+
+    if cfg.imbalance_ratio <= 1 or cfg.partition == "domains" or labels.size == 0:
+        return
+    sizes = np.bincount(labels)
+    kept = long_tail_counts(sizes.tolist(), cfg.imbalance_ratio)
+    emptied = [c for c, (n, k) in enumerate(zip(sizes, kept)) if n > 0 and k == 0]
+    if emptied:
+        raise ConfigError(f"config key 'imbalance_ratio' ({cfg.imbalance_ratio:g}) leaves class(es) "
+                          f"{', '.join(map(str, emptied))} of dataset {cfg.dataset!r} with no training sample "
+                          f"({len(labels)} samples, {len(sizes)} classes); use a smaller imbalance_ratio")
+
+
 def client_partition(cfg: RunConfig, labels: np.ndarray, partition_dir: Path | None,
-                     domains: np.ndarray | None = None) -> list[np.ndarray]:
+                     domains: np.ndarray | None = None, data_fingerprint: str | None = None) -> list[np.ndarray]:
+    """Each client's training indices: from a saved partition (checked to be this run's: every key that
+    determines the split and the data's fingerprint must match) or computed from the config."""
     from fedhpro import partition
 
     if partition_dir is not None:
-        meta = json.loads((partition_dir / "meta.json").read_text())
-        for key in ("dataset", "scheme", "num_clients", "seed"):
-            want = {"dataset": cfg.dataset, "scheme": cfg.partition, "num_clients": cfg.num_clients,
-                    "seed": cfg.partition_seed}[key]
-            if meta.get(key) != want:
-                raise ConfigError(f"partition {partition_dir} was made with {key}={meta.get(key)!r}, "
-                                  f"but the run config says {want!r}")
-        return partition.load_partition(partition_dir)
+        partition_dir = Path(partition_dir)
+        meta_path = partition_dir / "meta.json"
+        if not meta_path.is_file():
+            raise ConfigError(f"partition {partition_dir} has no meta.json (not a saved partition); make it with "
+                              "`fedhpro partition ... --out DIR`")
+        meta = read_json_file(meta_path, "partition record")
+        if data_fingerprint is None:
+            raise ValueError("a saved partition is checked against the data's fingerprint; pass data_fingerprint")
+        try:
+            partition.check_identity(partition_dir, meta, run_partition_identity(cfg, data_fingerprint))
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        return partition.load_partition(partition_dir, num_samples=len(labels))
+    check_long_tail(cfg, labels)
     if cfg.partition == "domains":
         return partition.partition_domains(domains, num_clients=cfg.num_clients, seed=cfg.partition_seed,
                                            clients_per_domain=cfg.clients_per_domain)
@@ -70,14 +107,25 @@ def client_partition(cfg: RunConfig, labels: np.ndarray, partition_dir: Path | N
                                       imbalance_ratio=cfg.imbalance_ratio)
 
 
-def build_context(cfg: RunConfig, partition_dir: Path | None = None, data: ArrayData | None = None) -> Context:
+def check_run(cfg: RunConfig) -> None:
+    """Refusals that need no data: settings that would train and then report nothing (NaN)."""
+    if cfg.eval_mode == "personalized" and cfg.effective_local_test_fraction == 0:
+        raise ConfigError("config key 'local_test_fraction': 0 leaves personalized clients no local test split, "
+                          "so nothing would be evaluated (accuracy NaN); use e.g. 0.25 or leave it unset")
+
+
+def build_context(cfg: RunConfig, partition_dir: Path | None = None, data: ArrayData | None = None,
+                  data_fingerprint: str | None = None) -> Context:
+    check_run(cfg)
     device = resolve_device(cfg.device)
     check_precision(cfg.precision, device)
     spec = DATASETS[cfg.dataset]
     data = data or load_dataset(cfg.dataset, cfg.data_root, **cfg.dataset_options)
+    if partition_dir is not None and data_fingerprint is None:
+        data_fingerprint = fingerprint(data)
     labels = data.train_y.numpy()
     domains = data.train_domain.numpy() if data.train_domain is not None else None
-    parts = client_partition(cfg, labels, partition_dir, domains)
+    parts = client_partition(cfg, labels, partition_dir, domains, data_fingerprint)
     if len(parts) != cfg.num_clients:
         raise ConfigError(f"partition has {len(parts)} clients, config key 'num_clients' says {cfg.num_clients}")
     clients = []
@@ -134,7 +182,8 @@ def result_row(cfg: RunConfig, res: RoundResult, status: str, domain_names: tupl
            "classes_per_client": -1 if cfg.classes_per_client is None else cfg.classes_per_client,
            "imbalance_ratio": cfg.imbalance_ratio, "num_clients": cfg.num_clients,
            "partition_seed": cfg.partition_seed, "seed": cfg.seed, "model": model,
-           "aggregation": weight_aggregation(cfg), "round": res.round, "status": status, "train_loss": res.train_loss, "test_acc": res.test_acc,
+           "aggregation": weight_aggregation(cfg), "round": res.round, "status": status, "train_loss": res.train_loss,
+           "test_acc": res.test_acc,
            "test_loss": res.test_loss, "client_acc_mean": res.client_acc_mean, "client_acc_std": res.client_acc_std,
            "client_acc_weighted": res.client_acc_weighted, "proto_sep_mean_deg": res.proto_sep_mean_deg,
            "proto_sep_min_deg": res.proto_sep_min_deg, "proto_consistency": res.proto_consistency,
@@ -144,25 +193,6 @@ def result_row(cfg: RunConfig, res: RoundResult, status: str, domain_names: tupl
         name = domain_names[int(key)] if domain_names else key
         row[f"domain_acc_{name}"] = acc
     return row
-
-
-def prepare_run_dir(cfg: RunConfig, out_dir: Path) -> None:
-    """Write config.json, or check that the directory already belongs to this exact config."""
-    cfg_path = out_dir / CONFIG
-    if cfg_path.exists():
-        existing = json.loads(cfg_path.read_text())
-        if existing.get("config_hash") != cfg.config_hash():
-            stale_revision(existing.get("config") or {}, cfg, out_dir)
-            raise ConfigError(f"run directory {out_dir} holds a different run (config hash "
-                              f"{existing.get('config_hash')}, this config {cfg.config_hash()}); "
-                              "choose another --out or delete it")
-    info = run_info(cfg.provenance_dict(), cfg.config_hash())
-    if cfg_path.exists():
-        existing = json.loads(cfg_path.read_text())
-        info["started"] = existing.get("started")
-        info["resumes"] = list(existing.get("resumes", []))
-    info.setdefault("started", time.strftime("%Y-%m-%dT%H:%M:%S"))
-    atomic_write_text(cfg_path, json.dumps(info, indent=2, sort_keys=True, default=str))
 
 
 def stale_revision(stored: dict, cfg: RunConfig, out_dir: Path) -> None:
@@ -175,12 +205,49 @@ def stale_revision(stored: dict, cfg: RunConfig, out_dir: Path) -> None:
         check_revision(cfg.method, stored.get(REVISION_KEY, 0), where=f"run directory {out_dir}")
 
 
-def record_resume(out_dir: Path, checkpoint_round: int) -> None:
-    """Append {resumed_from_round, at, slurm ids} to config.json's `resumes` list."""
-    info = json.loads((out_dir / CONFIG).read_text())
-    info.setdefault("resumes", []).append({
-        "resumed_from_round": checkpoint_round, "at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "slurm_job_id": os.environ.get("SLURM_JOB_ID"), "slurm_restart_count": os.environ.get("SLURM_RESTART_COUNT")})
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def open_run_record(cfg: RunConfig, out_dir: Path, info: dict | None, *, threads: int, data_fingerprint: str,
+                    resume_round: int | None) -> dict:
+    """config.json for this attempt: the original record kept, one `attempts` entry appended.
+
+    A new run gets the resolved config, its hash, the first attempt's provenance (git SHA, versions, host,
+    SLURM ids) at top level, `threads` and `data_fingerprint`. Every attempt (first, resume, restart) appends
+    {git_sha, host, versions, threads, started, ended, outcome, slurm ids, resumed_from_round}; a resume
+    also appends to `resumes`. Refused (ConfigError): a resume under another thread count or other data.
+    """
+    attempt = attempt_info(threads, resumed_from_round=resume_round, data_fingerprint=data_fingerprint)
+    if info is None:
+        info = run_info(cfg.provenance_dict(), cfg.config_hash())
+        info.update(started=attempt["started"], threads=threads, data_fingerprint=data_fingerprint, attempts=[],
+                    resumes=[])
+    elif resume_round is not None:
+        recorded = info.get("threads")
+        if recorded is not None and recorded != threads:
+            raise ConfigError(f"run directory {out_dir} was trained with {recorded} thread(s) and would resume "
+                              f"with {threads}; CPU results are bit-identical only for one thread count: resume "
+                              f"with --threads {recorded} (or delete {out_dir / CHECKPOINT} to start over)")
+        recorded = info.get("data_fingerprint")
+        if recorded is not None and recorded != data_fingerprint:
+            raise ConfigError(f"run directory {out_dir} was trained on other data (fingerprint {recorded}, the data "
+                              f"now loaded has {data_fingerprint}); restore that data, or delete "
+                              f"{out_dir / CHECKPOINT} to start over on this data")
+    else:  # a restart from scratch (no checkpoint yet): this attempt's settings are the run's
+        info.update(threads=threads, data_fingerprint=data_fingerprint)
+    info.setdefault("attempts", []).append(attempt)
+    if resume_round is not None:
+        info.setdefault("resumes", []).append({
+            "resumed_from_round": resume_round, "at": attempt["started"], "slurm_job_id": attempt["slurm_job_id"],
+            "slurm_restart_count": attempt["slurm_restart_count"]})
+    atomic_write_text(out_dir / CONFIG, json.dumps(info, indent=2, sort_keys=True, default=str))
+    return info
+
+
+def close_attempt(out_dir: Path, info: dict, outcome: str) -> None:
+    """Record the end time and outcome of this attempt (the last `attempts` entry) in config.json."""
+    info["attempts"][-1].update(ended=_now(), outcome=outcome)
     atomic_write_text(out_dir / CONFIG, json.dumps(info, indent=2, sort_keys=True, default=str))
 
 
@@ -188,60 +255,94 @@ def train(cfg: RunConfig, out_dir: str | Path, *, partition_dir: str | Path | No
           stop_after_round: int | None = None, threads: int | None = None) -> pd.DataFrame:
     """Run (or resume, or return) the run in `out_dir`; returns its per-round metrics.
 
-    `threads` sets torch's CPU threads (an execution detail, not part of the config: CPU results are
-    bit-identical for a fixed thread count; the pipeline gives each job its Snakemake `threads`).
+    `threads` sets torch's CPU threads (default: the current setting). CPU results are bit-identical
+    for a fixed thread count, so the count is recorded in config.json and the metrics, and a resume under
+    another count is refused. A finished run is returned as is, after checking that its metrics.parquet
+    belongs to this run (config hash in its metadata) and without touching its provenance.
     """
     out_dir = Path(out_dir)
     if threads is not None:
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+            raise ConfigError(f"threads must be an integer >= 1, got {threads!r}")
         torch.set_num_threads(threads)
+    threads = torch.get_num_threads()
     with run_lock(out_dir):
         metrics_path = out_dir / METRICS
         remove_stale_temps(out_dir)  # left by a process killed inside an atomic write
-        prepare_run_dir(cfg, out_dir)
+        info = read_run_info(out_dir)
+        if info is not None and info.get("config_hash") != cfg.config_hash():
+            stale_revision(info.get("config") or {}, cfg, out_dir)
+            raise ConfigError(f"run directory {out_dir} holds a different run (config hash "
+                              f"{info.get('config_hash')}, this config {cfg.config_hash()}); "
+                              "choose another --out or delete it")
         if metrics_path.exists():
+            check_metrics_belong(out_dir, cfg.config_hash())
             return pd.read_parquet(metrics_path)
-        ctx = build_context(cfg, Path(partition_dir) if partition_dir else None)
-        torch.manual_seed(cfg.seed)
-        engine = Engine(ctx, METHODS[cfg.method], client_dir=out_dir / CLIENT_STATES_DIR)
-        rows: list[dict] = []
-        start = 1
+        data = load_dataset(cfg.dataset, cfg.data_root, **cfg.dataset_options)
+        data_fp = fingerprint(data)
+        ctx = build_context(cfg, Path(partition_dir) if partition_dir else None, data=data, data_fingerprint=data_fp)
         checkpoint = load_checkpoint(out_dir)
-        if checkpoint is None:
-            engine.client_states.reset()  # client_store disk: files of an attempt that never checkpointed
-        else:
-            if checkpoint["config_hash"] != cfg.config_hash():
-                raise ConfigError(f"checkpoint in {out_dir} belongs to another config; delete it or use another --out")
-            engine.load_state_dict(checkpoint["engine"])
-            rows, start = list(checkpoint["rows"]), int(checkpoint["round"]) + 1
-            record_resume(out_dir, start - 1)
-        status = "finished"
-        bar = _progress(range(start, cfg.rounds + 1), cfg, start, progress)
-        for r in bar:
-            try:
-                res = engine.run_round(r)
-            except Diverged as err:
-                status = "diverged"
-                res = RoundResult(round=r, selected=[], train_loss=float("nan"))
-                rows.append(result_row(cfg, res, status, ctx.domain_names))
-                print(f"run diverged in round {r}: {err}")
-                break
-            rows.append(result_row(cfg, res, "running", ctx.domain_names))
-            if hasattr(bar, "set_postfix"):
-                bar.set_postfix(acc=f"{res.test_acc if res.test_acc == res.test_acc else res.client_acc_mean:.4f}")
-            if r % cfg.checkpoint_every == 0 and r < cfg.rounds:
-                t0 = time.perf_counter()
-                save_checkpoint(out_dir, {"round": r, "config_hash": cfg.config_hash(), "rows": rows,
-                                          "engine": engine.state_dict()})
-                engine.client_states.commit()  # disk: drop state files the new checkpoint no longer names
-                rows[-1]["time_io"] = time.perf_counter() - t0
-            fault_point("round_end")
-            if stop_after_round is not None and r >= stop_after_round and r < cfg.rounds:
-                return pd.DataFrame(rows)
-        for row in rows:
-            row["status"] = status
-        write_metrics(metrics_path, rows, cfg.provenance_dict())
-        engine.client_states.commit()  # disk: keep each client's final state only (the run will not resume)
-        return pd.read_parquet(metrics_path)
+        if checkpoint is not None and checkpoint["config_hash"] != cfg.config_hash():
+            raise ConfigError(f"checkpoint in {out_dir} belongs to another config; delete it or use another --out")
+        info = open_run_record(cfg, out_dir, info, threads=threads, data_fingerprint=data_fp,
+                               resume_round=None if checkpoint is None else int(checkpoint["round"]))
+        outcome = "failed"
+        try:
+            df, outcome = _train_loop(cfg, ctx, out_dir, checkpoint, stop_after_round, progress,
+                                      identity={"config_hash": cfg.config_hash(), "run_id": cfg.config_hash(),
+                                                "threads": threads, "data_fingerprint": data_fp})
+        except KeyboardInterrupt:
+            outcome = "interrupted"
+            raise
+        except BaseException as err:
+            outcome = f"failed: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:300]
+            raise
+        finally:
+            with contextlib.suppress(OSError):
+                close_attempt(out_dir, info, outcome)
+        return df
+
+
+def _train_loop(cfg: RunConfig, ctx: Context, out_dir: Path, checkpoint: dict | None, stop_after_round: int | None,
+                progress: bool, identity: dict) -> tuple[pd.DataFrame, str]:
+    metrics_path = out_dir / METRICS
+    torch.manual_seed(cfg.seed)
+    engine = Engine(ctx, METHODS[cfg.method], client_dir=out_dir / CLIENT_STATES_DIR)
+    rows: list[dict] = []
+    start = 1
+    if checkpoint is None:
+        engine.client_states.reset()  # client_store disk: files of an attempt that never checkpointed
+    else:
+        engine.load_state_dict(checkpoint["engine"])
+        rows, start = list(checkpoint["rows"]), int(checkpoint["round"]) + 1
+    status = "finished"
+    bar = _progress(range(start, cfg.rounds + 1), cfg, start, progress)
+    for r in bar:
+        try:
+            res = engine.run_round(r)
+        except Diverged as err:
+            status = "diverged"
+            res = RoundResult(round=r, selected=[], train_loss=float("nan"))
+            rows.append(result_row(cfg, res, status, ctx.domain_names))
+            print(f"run diverged in round {r}: {err}")
+            break
+        rows.append(result_row(cfg, res, "running", ctx.domain_names))
+        if hasattr(bar, "set_postfix"):
+            bar.set_postfix(acc=f"{res.test_acc if res.test_acc == res.test_acc else res.client_acc_mean:.4f}")
+        if r % cfg.checkpoint_every == 0 and r < cfg.rounds:
+            t0 = time.perf_counter()
+            save_checkpoint(out_dir, {"round": r, "config_hash": cfg.config_hash(), "rows": rows,
+                                      "engine": engine.state_dict()})
+            engine.client_states.commit()  # disk: drop state files the new checkpoint no longer names
+            rows[-1]["time_io"] = time.perf_counter() - t0
+        fault_point("round_end")
+        if stop_after_round is not None and r >= stop_after_round and r < cfg.rounds:
+            return pd.DataFrame(rows), "stopped"
+    for row in rows:
+        row["status"] = status
+    write_metrics(metrics_path, rows, cfg.provenance_dict(), identity)
+    engine.client_states.commit()  # disk: keep each client's final state only (the run will not resume)
+    return pd.read_parquet(metrics_path), status
 
 
 def _progress(it, cfg: RunConfig, start: int, enabled: bool):

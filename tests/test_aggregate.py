@@ -425,5 +425,6 @@ def test_cli_writes_tables_and_figures(runs_root, tmp_path, capsys):
     assert f"mean of the last {K} rounds" in (tmp_path / "tables" / "main.md").read_text()
     assert any((tmp_path / "figures").glob("comm_*.pdf"))
     assert agg.main(["--runs", str(runs_root), "--out", str(tmp_path / "x")]) == 2  # no metrics.parquet there
-    with pytest.raises(SystemExit):
-        agg.main(["--runs", str(runs_root), "--out", str(tmp_path / "x"), "--rule", "median"])
+    assert agg.main(["--runs", str(runs_root), "--out", str(tmp_path / "x"), "--rule", "median"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: fedhpro aggregate: argument --rule")  # one line, no usage block

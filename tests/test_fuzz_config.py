@@ -51,3 +51,103 @@ def test_cli_never_prints_a_traceback(tmp_path_factory, raw):
                          capture_output=True, text=True, timeout=120)
     assert "Traceback" not in out.stderr
     assert out.returncode == 2 and out.stderr.startswith("error: ")
+
+
+# ---------------------------------------------------------------- issue 15: YAML text, CLI flags, workflow configs
+yaml_scalars = st.one_of(st.sampled_from(["1e-3", "1E5", "-2e-2", ".5", "1_000", "0x10", "yes", "~", "null", "nan",
+                                          ".inf", "'1e-3'", "[1, 2]", "{a: 1}", "", "1e", "e5", "0.1"]),
+                         st.integers(-5, 100).map(str), st.text(alphabet="abc019.e-:{}[]' ", max_size=8))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(st.sampled_from(KEYS + ["bogus"]), yaml_scalars), max_size=6))
+def test_any_yaml_text_loads_or_names_the_key_or_line(tmp_path_factory, pairs):
+    """Config *files* (YAML 1.2 numbers, duplicate keys, broken syntax): a RunConfig or a one-line ConfigError."""
+    from fedhpro.config import load_config
+
+    path = tmp_path_factory.mktemp("yaml") / "run.yaml"
+    path.write_text("".join(f"{k}: {v}\n" for k, v in pairs))
+    try:
+        cfg = load_config(path)
+    except ConfigError as err:
+        assert "\n" not in str(err)
+        keys = [k for k, _ in pairs]
+        if len(set(keys)) < len(keys) and "duplicate key" not in str(err):
+            assert "not valid YAML" in str(err)  # a syntax error can come first
+        return
+    assert isinstance(cfg, RunConfig)
+    assert len({k for k, _ in pairs}) == len(pairs)  # duplicates are never accepted
+
+
+flag_values = st.sampled_from(["0", "-1", "1", "2", "3", "abc", "1e-3", "0.5", "", "digits", "nope", "iid",
+                               "dirichlet", "creff", "pathological", "final", "last_k", "best"])
+cli_flags = {
+    "partition": ["--dataset", "--scheme", "--num-clients", "--seed", "--alpha", "--rho", "--classes-per-client",
+                  "--min-size", "--out", "--bogus"],
+    "aggregate": ["--runs", "--out", "--rule", "--last-k", "--figures", "--bogus"],
+    "train": ["--config", "--out", "--threads", "--set", "--partition-dir", "--bogus"],
+    "bench": ["--threads", "--rounds", "--bogus"],
+}
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                 HealthCheck.function_scoped_fixture])
+@given(st.sampled_from(sorted(cli_flags)).flatmap(
+    lambda cmd: st.tuples(st.just(cmd), st.lists(st.tuples(st.sampled_from(cli_flags[cmd]), flag_values),
+                                                 max_size=5))))
+def test_any_cli_flags_give_a_result_or_a_one_line_error(tmp_path_factory, capsys, drawn):
+    """Every subcommand, any flags: exit 0 or a single `error: ...` line, never a traceback. Configs given to
+    `train` hold rounds: 0 and `bench` always gets an invalid flag, so nothing trains."""
+    from fedhpro.cli import main
+
+    cmd, pairs = drawn
+    work = tmp_path_factory.mktemp("cli")
+    (work / "run.yaml").write_text("rounds: 0\nnum_clients: 3\n")
+    (work / "a_file").write_text("x")
+    places = {"--out": [str(work / "out"), str(work / "a_file")], "--config": [str(work / "run.yaml")],
+              "--runs": [str(work / "**" / "metrics.parquet")], "--figures": [str(work / "figs")],
+              "--partition-dir": [str(work)]}
+    argv = [cmd]
+    for flag, value in pairs:
+        if flag in places:
+            value = places[flag][len(value) % len(places[flag])]
+        argv += [flag, value]
+    if cmd == "bench":
+        argv += ["--threads", "0"]
+    if cmd == "train":
+        argv += ["--set", "rounds=0"]
+    rc = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err
+    if rc != 0:
+        assert rc == 2 and len(err.splitlines()) == 1 and err.startswith("error: "), (argv, err)
+
+
+workflow_changes = st.dictionaries(
+    st.sampled_from(["defaults", "heterogeneity", "methods", "seeds", "reporting", "threads", "grids", "mirrors",
+                     "datasets", "data_root", "bogus"]),
+    st.one_of(scalars, st.lists(st.dictionaries(st.sampled_from(["partition", "alpha", "num_clients",
+                                                                  "imbalance_ratio", "x"]), scalars, max_size=3),
+                                max_size=2),
+              st.dictionaries(st.sampled_from(["rounds", "lr", "engine", "eval_mode", "local_test_fraction",
+                                               "fedavg", "fedhpro", "digits", "rule", "last_k", "default"]),
+                              st.one_of(scalars, st.dictionaries(st.sampled_from(["default", "mu"]), scalars,
+                                                                 max_size=2)), max_size=3)),
+    max_size=3)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(workflow_changes)
+def test_any_workflow_config_expands_or_names_the_key(changes):
+    """A workflow config (base sweep with random replacements): runs, or one SweepConfigError line."""
+    from fedhpro.sweep import SweepConfigError, validate_workflow_config
+
+    config = {"defaults": {"rounds": 2, "num_clients": 3}, "datasets": {"digits": {}},
+              "heterogeneity": [{"partition": "iid"}], "methods": {"fedavg": {"default": {}}}, "seeds": [0],
+              **changes}
+    try:
+        runs = validate_workflow_config(config, warn=lambda message: None)
+    except SweepConfigError as err:
+        assert "\n" not in str(err)
+        return
+    assert runs and all(isinstance(r.config, RunConfig) for r in runs)

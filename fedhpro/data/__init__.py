@@ -66,7 +66,10 @@ class DatasetSpec:
     local_copies: Callable[..., dict] | None = None
 
     def needed_downloads(self, options: Mapping[str, Any] | None = None) -> tuple:
-        """The files of `downloads` a run with these loader options needs (all without a hook)."""
+        """The files of `downloads` a run with these loader options needs (all without a hook); none when
+        the data is given by `path` (the loader reads that folder or archive and never the download)."""
+        if (options or {}).get("path") is not None:
+            return ()
         if self.downloads_for is None:
             return tuple(self.downloads)
         wanted = {r.filename for r in self.downloads_for(dict(options or {}))}
@@ -125,6 +128,8 @@ def plan_downloads(requests, root: str | Path, mirrors: Mapping | None = None, *
     for dataset, wanted in needed.items():
         spec = DATASETS[dataset]
         mirror = mirrors.get(dataset) or {}
+        if FINGERPRINT_KEY in mirror:
+            check_fingerprint_text(mirror[FINGERPRINT_KEY], f"mirrors.{dataset}.{FINGERPRINT_KEY}")
         remotes = [r for r in spec.downloads if r.filename in wanted]
         unverifiable = []
         for remote in remotes:
@@ -155,6 +160,90 @@ def plan_downloads(requests, root: str | Path, mirrors: Mapping | None = None, *
         if names:
             plan[dataset] = names
     return dict(sorted(plan.items()))
+
+
+def fingerprint(data: ArrayData) -> str:
+    """The content identity of prepared data: 'sha256:<hex>' over every array (shape, dtype and bytes),
+    the class count and the domain names. Where the files live, how they were compressed or archived
+    and which mirror they came from do not enter it; any change to a sample, label or split does."""
+    import hashlib
+
+    h = hashlib.sha256(b"fedhpro-data-fingerprint-1\n")
+    h.update(json.dumps({"num_classes": int(data.num_classes), "domain_names": list(data.domain_names)},
+                        sort_keys=True).encode())
+    for name in ("train_x", "train_y", "test_x", "test_y", "train_domain", "test_domain"):
+        t = getattr(data, name)
+        if t is None:
+            h.update(f"\n{name}:none".encode())
+            continue
+        arr = t.detach().cpu().contiguous().numpy()
+        h.update(f"\n{name}:{arr.dtype.str}:{list(arr.shape)}\n".encode())
+        h.update(memoryview(arr.reshape(-1).view("u1")))
+    return "sha256:" + h.hexdigest()
+
+
+FINGERPRINT_KEY = "fingerprint"  # mirrors.<dataset>.fingerprint: accept a local copy by its content
+
+
+def check_fingerprint_text(text: Any, where: str) -> str:
+    """A 'sha256:<64 hex>' fingerprint, or ValueError naming `where`."""
+    import re
+
+    if not isinstance(text, str) or not re.fullmatch(r"sha256:[0-9a-f]{64}", text.strip().lower()):
+        raise ValueError(f"{where} must be a dataset fingerprint 'sha256:<64 hex>' (as printed by `fedhpro "
+                         f"fingerprint`), got {text!r}")
+    return text.strip().lower()
+
+
+def prepare_by_content(name: str, remotes, root: str | Path, mirror: Mapping, expected: str) -> Path:
+    """Accept a local copy whose bytes differ from upstream (e.g. recompressed) by its content.
+
+    Copies the `remotes` from their mirror location (a local folder: `mirror["*"]` or per-file entries) into a
+    staging folder (each copy verified against its source's sha256), loads them with the dataset's loader
+    (`path=` the staging folder) and compares `fingerprint(data)` with `expected` (the one key
+    `mirrors.<dataset>.fingerprint`). Only on a match are the files moved into `<root>/<name>/raw/`; otherwise
+    ValueError naming both fingerprints, and raw/ is left as it was. Returns raw/.
+    """
+    import os
+    import shutil
+    import tempfile
+    import urllib.parse
+    import urllib.request
+
+    from fedhpro.download import _mirror_entry, _source_url, fetch, file_checksum
+
+    spec = DATASETS[name]
+    import inspect
+
+    if "path" not in inspect.signature(spec.loader).parameters:
+        raise ValueError(f"mirrors.{name}.{FINGERPRINT_KEY}: dataset {name!r} has no path= option to load a copy "
+                         "from; give each file's checksum under mirrors instead")
+    raw = Path(root) / name / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".content-", dir=raw.parent))
+    try:
+        for remote in remotes:
+            target, url, _ = _mirror_entry(mirror, remote)
+            source = _source_url(target, url)
+            parsed = urllib.parse.urlparse(source)
+            if parsed.scheme != "file":
+                raise ValueError(f"mirrors.{name}.{FINGERPRINT_KEY}: acceptance by content needs a local copy (a "
+                                 f"folder or file:// URL); {target.filename} comes from {source}")
+            local = Path(urllib.request.url2pathname(parsed.path))
+            if not local.is_file():
+                raise FileNotFoundError(f"mirrors.{name}: {local} does not exist")
+            fetch(target, staging, mirror_url=source, checksum="sha256:" + file_checksum(local, "sha256"))
+        data = spec.loader(Path(root), path=str(staging))
+        found = fingerprint(data)
+        if found != expected:
+            raise ValueError(f"the copy of {name} at {mirror.get('*') or 'the mirror'} has content fingerprint "
+                             f"{found}, but mirrors.{name}.{FINGERPRINT_KEY} says {expected}; it is other data")
+        for f in staging.iterdir():
+            if not f.name.startswith("."):
+                os.replace(f, raw / f.name)
+        return raw
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def load_dataset(name: str, root: str | Path = "data", **options) -> ArrayData:

@@ -95,17 +95,45 @@ def find_layout(names: Iterable[str]) -> tuple[str, str]:
     return ("/".join(prefix) + "/" if prefix else ""), test
 
 
+def walk_files(source: Path):
+    """(path, relative posix name) of every file under `source`, sorted, following directory links once.
+
+    A symlink loop or a dangling link is a ValueError naming it (os.walk would skip or recurse into them).
+    """
+    source = Path(source)
+    visited = {os.path.realpath(source)}
+
+    def walk_error(err: OSError) -> None:
+        raise ValueError(f"folder {source}: cannot read {err.filename}: {err.strerror or err}")
+
+    for dirpath, dirnames, filenames in os.walk(source, followlinks=True, onerror=walk_error):
+        kept = []
+        for d in sorted(dirnames):
+            if d.startswith(".") or d == "__MACOSX":
+                continue
+            link = os.path.join(dirpath, d)
+            real = os.path.realpath(link)
+            if real in visited:
+                raise ValueError(f"folder {source}: symlink loop at {link} (it leads back to {real}); remove the link")
+            visited.add(real)
+            kept.append(d)
+        dirnames[:] = kept
+        for fn in sorted(filenames):
+            full = Path(dirpath) / fn
+            if not full.exists():  # a link to nothing, or a loop of links
+                target = os.readlink(full) if full.is_symlink() else "?"
+                raise ValueError(f"folder {source}: {full} is a dangling or looping symlink (-> {target}); fix or "
+                                 "remove it")
+            yield full, full.relative_to(source).as_posix()
+
+
 def _collect(source: Path) -> dict[str, Callable[[], bytes]]:
     """Relative name -> reader of the bytes, for every image-like file of a dir/tar/zip."""
     if source.is_dir():
         out: dict[str, Callable[[], bytes]] = {}
-        for dirpath, dirnames, filenames in os.walk(source, followlinks=True):
-            dirnames[:] = [d for d in dirnames if not d.startswith(".") and d != "__MACOSX"]
-            for fn in filenames:
-                full = Path(dirpath) / fn
-                rel = full.relative_to(source).as_posix()
-                if _is_image_name(rel):
-                    out[rel] = full.read_bytes
+        for full, rel in walk_files(source):
+            if _is_image_name(rel):
+                out[rel] = full.read_bytes
         return out
     if not source.is_file():
         raise FileNotFoundError(f"{source}: no such file or directory")
@@ -193,12 +221,9 @@ def source_key(source: str | Path) -> dict:
     source = Path(source).resolve()
     if source.is_dir():
         h = hashlib.sha256()
-        for dirpath, dirnames, filenames in os.walk(source, followlinks=True):
-            dirnames.sort()
-            for fn in sorted(filenames):
-                st = os.stat(os.path.join(dirpath, fn))
-                rel = os.path.relpath(os.path.join(dirpath, fn), source)
-                h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        for full, rel in walk_files(source):
+            st = os.stat(full)
+            h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
         return {"path": str(source), "tree": h.hexdigest()}
     st = source.stat()
     return {"path": str(source), "size": st.st_size, "mtime_ns": st.st_mtime_ns}

@@ -17,8 +17,22 @@ if os.path.isdir(os.path.join(workflow.basedir, "fedhpro")):
     sys.path.insert(0, workflow.basedir)
 
 from fedhpro.data import plan_downloads  # noqa: E402
-from fedhpro.sweep import WILDCARD_PATTERNS, SweepConfigError, partitions_of, validate_workflow_config
+from fedhpro.sweep import (
+    WILDCARD_PATTERNS,
+    SweepConfigError,
+    check_config_files,
+    partitions_of,
+    validate_workflow_config,
+)
 
+
+try:  # duplicate keys (Snakemake's YAML loader keeps the last silently) and invalid YAML, naming file and line
+    check_config_files(
+        list(workflow.overwrite_configfiles)
+        or [os.path.join(workflow.basedir, "config", "config.yaml")]
+    )
+except SweepConfigError as err:
+    raise WorkflowError(f"invalid workflow config: {err}") from None
 
 validate(config, schema="../schemas/config.schema.yaml")
 
@@ -137,3 +151,17 @@ ALL_METRICS = MAIN_METRICS + ABLATION_METRICS
 
 def final_outputs():
     return [f"{TABLES}/{name}.md" for name in TABLE_NAMES] + [FIGURES]
+
+
+def data_identity(dataset):
+    """What the workflow config says the dataset's data is (not where it lives)."""
+    from fedhpro.data import DATASETS
+    from fedhpro.download import mirror_checksum
+
+    mirror = config["mirrors"].get(dataset) or {}
+    by_name = {r.filename: r for r in DATASETS[dataset].downloads}
+    files = {
+        name: mirror_checksum(by_name[name], mirror)
+        for name in DOWNLOAD_FILES.get(dataset, [])
+    }
+    return {"files": files, "fingerprint": mirror.get("fingerprint")}

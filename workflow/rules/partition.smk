@@ -1,4 +1,9 @@
 # One client split per (dataset, scheme, alpha / classes per client, rho, clients, partition seed).
+# Its params are what the split is, never where the data lives: the split's keys and the data's declared
+# identity (the checksums its downloads are verified against, a pinned content fingerprint). Moving the
+# data (data_root, dataset_options.path) reruns nothing; declaring other data reruns the partitions and,
+# through them, the runs (data_identity in common.smk). The job records the data's content fingerprint in
+# meta.json; runs check it.
 
 
 localrules:
@@ -22,6 +27,7 @@ rule partition:
         meta=f"{PARTITION_DIR}/meta.json",
     params:
         spec=lambda wildcards: partition_of(wildcards).params(),
+        data=lambda wildcards: data_identity(wildcards.dataset),
     log:
         f"{LOGS}/partition/{{dataset}}/{{het}}/ps{{pseed}}.log",
     conda:

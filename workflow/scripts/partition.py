@@ -13,24 +13,30 @@ if (REPO / "fedhpro").is_dir():  # this checkout's package (else the installed o
 with open(sm.log[0], "w") as log, redirect_stdout(log), redirect_stderr(log):
     try:
         from fedhpro import partition
-        from fedhpro.config import from_dict
-        from fedhpro.data import load_dataset
-        from fedhpro.train import client_partition
+        from fedhpro.data import fingerprint, load_dataset
+        from fedhpro.sweep import workflow_run
+        from fedhpro.train import client_partition, run_partition_identity
 
+        # the params hold the split's identity only; where the data lives comes from the workflow config
+        run = workflow_run(sm.config, sm.wildcards)
         spec = dict(sm.params.spec)
-        # the same call train() would make without a saved partition (train.client_partition)
-        cfg = from_dict({"dataset": spec["dataset"], "data_root": spec["data_root"], "partition": spec["scheme"],
-                         "alpha": spec["alpha"], "classes_per_client": spec["classes_per_client"],
-                         "imbalance_ratio": spec["imbalance_ratio"], "num_clients": spec["num_clients"],
-                         "clients_per_domain": spec["clients_per_domain"], "partition_seed": spec["seed"],
-                         **({"dataset_options": spec["dataset_options"]} if spec.get("dataset_options") else {})})
-        data = load_dataset(cfg.dataset, cfg.data_root, **dict(spec.get("dataset_options") or {}))
+        if run.partition().params() != spec:
+            raise RuntimeError(f"partition {run.partition_id}: the workflow config changed since the DAG was built")
+        cfg = run.config
+        data = load_dataset(cfg.dataset, cfg.data_root, **dict(cfg.dataset_options))
         labels = data.train_y.numpy()
         domains = data.train_domain.numpy() if data.train_domain is not None else None
+        # the same call train() would make without a saved partition (train.client_partition)
         parts = client_partition(cfg, labels, None, domains)
-        meta = {**spec, "num_train": int(len(labels))}
+        identity = run_partition_identity(cfg, fingerprint(data))
+        pinned = dict(sm.params.data).get("fingerprint")
+        if pinned and identity["data_fingerprint"] != pinned.strip().lower():
+            raise RuntimeError(f"the {cfg.dataset} data loaded has content fingerprint {identity['data_fingerprint']}, "
+                               f"but mirrors.{cfg.dataset}.fingerprint says {pinned}; it is other data")
+        meta = {**spec, "num_train": int(len(labels)), "identity": identity}
         partition.save_partition(Path(sm.output.npz).parent, parts, labels, data.num_classes, meta)
         counts = partition.client_class_counts(labels, parts, data.num_classes)
+        print(f"data fingerprint {identity['data_fingerprint']}")
         print(partition.format_count_table(counts))
     except BaseException:
         traceback.print_exc()

@@ -16,7 +16,11 @@ with open(sm.log[0], "w") as log, redirect_stdout(log), redirect_stderr(log):
         from fedhpro.config import from_dict
         from fedhpro.launch import LaunchOptions, launch
 
-        cfg = from_dict(json.loads(sm.params.run_config))
+        from fedhpro.sweep import workflow_run
+
+        cfg = workflow_run(sm.config, sm.wildcards).config  # params hold no data location (data_root, path)
+        if cfg.canonical_json() != from_dict(json.loads(sm.params.run_config)).canonical_json():
+            raise RuntimeError("the workflow config changed since the DAG was built; run snakemake again")
         options = LaunchOptions.from_config(sm.config.get("slurm"), threads=sm.threads)
         print(f"run {cfg.method}/{cfg.variant} on {cfg.dataset} (config {cfg.config_hash()}), "
               f"launcher {options.launcher}", flush=True)

@@ -1,0 +1,477 @@
+"""Nothing silently wrong (issue 15): identity of data, partitions and runs checked end to end.
+
+One fault test per item: (1) a partition made with other split keys or other data is refused naming the
+key; (2) aggregation refuses two same-seed runs of one cell with different configs; (3) the data location
+is out of the config hash and data is identified by content; (4) the thread count is recorded and a
+resume under another is refused; (5) a swapped-in metrics.parquet is refused; (6) provenance keeps the
+original record and appends one per attempt; (7) atomic writes give umask-derived modes. Then the
+one-line CLI errors, the workflow-load refusals and a user's own copy of a dataset (recompressed IDX).
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import shutil
+import stat
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from fedhpro import aggregate as agg
+from fedhpro.cli import INTERRUPTED, main as cli_main
+from fedhpro.config import ConfigError, from_dict, load_config
+from fedhpro.data import fingerprint, load_dataset, plan_downloads, prepare_by_content
+from fedhpro.partition import IDENTITY_KEYS, check_identity, main as partition_main
+from fedhpro.runio import METRICS, atomic_write_text, metrics_identity
+from fedhpro.sweep import SweepConfigError, check_config_files, validate_workflow_config
+from fedhpro.train import train
+
+TINY = {"dataset": "digits", "partition": "dirichlet", "alpha": 0.5, "num_clients": 3, "rounds": 2,
+        "batch_size": 64, "device": "cpu", "method": "fedavg"}
+
+
+def cfg_of(**changes):
+    return from_dict({**TINY, **changes})
+
+
+def one_line_error(capsys, rc, expect_rc=2) -> str:
+    err = capsys.readouterr().err.strip()
+    assert rc == expect_rc, err
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    assert err.startswith("error: "), err
+    return err
+
+
+def make_partition(tmp_path, capsys, *args) -> Path:
+    out = tmp_path / "part"
+    rc = partition_main(["--dataset", "digits", "--num-clients", "3", "--data-root", str(tmp_path / "data"),
+                         "--out", str(out), *args])
+    assert rc == 0
+    capsys.readouterr()
+    return out
+
+
+# ------------------------------------------------------------------------------------------ item 1
+def test_partition_made_with_another_alpha_is_refused_naming_the_key(tmp_path, capsys):
+    part = make_partition(tmp_path, capsys, "--scheme", "dirichlet", "--alpha", "0.05")
+    with pytest.raises(ConfigError, match=r"alpha=0\.05.*alpha=0\.5"):
+        train(cfg_of(), tmp_path / "run", partition_dir=part)
+    assert not (tmp_path / "run" / "config.json").exists()  # refused before anything is recorded
+
+
+def test_matching_partition_gives_the_numbers_of_the_computed_split(tmp_path, capsys):
+    part = make_partition(tmp_path, capsys, "--scheme", "dirichlet", "--alpha", "0.5")
+    a = train(cfg_of(rounds=1), tmp_path / "a", partition_dir=part)
+    b = train(cfg_of(rounds=1), tmp_path / "b")
+    pd.testing.assert_frame_equal(a.drop(columns=[c for c in a if c.startswith("time_")]),
+                                  b.drop(columns=[c for c in b if c.startswith("time_")]))
+
+
+@pytest.mark.parametrize("key, cli, run", [
+    ("scheme", ["--scheme", "iid"], {}),
+    ("alpha", ["--scheme", "dirichlet", "--alpha", "0.3"], {}),
+    ("imbalance_ratio", ["--scheme", "dirichlet", "--alpha", "0.5", "--rho", "2"], {}),
+    ("min_size", ["--scheme", "dirichlet", "--alpha", "0.5", "--min-size", "3"], {}),
+    ("seed", ["--scheme", "dirichlet", "--alpha", "0.5", "--seed", "1"], {}),
+    ("classes_per_client", ["--scheme", "pathological", "--classes-per-client", "3"],
+     {"partition": "pathological", "classes_per_client": 2, "alpha": None}),
+    ("dataset_options", ["--scheme", "dirichlet", "--alpha", "0.5"], {"dataset_options": {"test_fraction": 0.2}}),
+])
+def test_every_partition_key_is_checked(tmp_path, capsys, key, cli, run):
+    part = make_partition(tmp_path, capsys, *cli)
+    with pytest.raises(ConfigError, match=f"made with {key}="):
+        train(cfg_of(**run), tmp_path / "run", partition_dir=part)
+
+
+def test_partition_of_other_data_is_refused(tmp_path, capsys):
+    part = make_partition(tmp_path, capsys, "--scheme", "dirichlet", "--alpha", "0.5")
+    meta = json.loads((part / "meta.json").read_text())
+    assert set(meta["identity"]) == set(IDENTITY_KEYS)
+    meta["identity"]["data_fingerprint"] = "sha256:" + "0" * 64  # as if made from another copy of the data
+    (part / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(ConfigError, match="made with data_fingerprint="):
+        train(cfg_of(), tmp_path / "run", partition_dir=part)
+    with pytest.raises(ValueError, match="no identity record"):
+        check_identity(part, {"dataset": "digits"}, {})
+
+
+# ------------------------------------------------------------------------------------------ item 2
+def test_aggregate_refuses_same_seed_runs_with_different_configs(tmp_path, capsys):
+    train(cfg_of(rounds=1), tmp_path / "runs" / "a")
+    train(cfg_of(rounds=1, lr=0.05), tmp_path / "runs" / "b")
+    with pytest.raises(agg.MixedSeedsError) as info:
+        agg.collect(str(tmp_path / "runs" / "**" / METRICS))
+    text = str(info.value)
+    assert str(tmp_path / "runs" / "a") in text and str(tmp_path / "runs" / "b") in text and "lr: 0.1 vs 0.05" in text
+    err = one_line_error(capsys, cli_main(["aggregate", "--runs", str(tmp_path / "runs" / "**" / METRICS),
+                                           "--out", str(tmp_path / "tables")]))
+    assert "lr" in err and not (tmp_path / "tables" / "main.md").exists()
+    # different seeds of one config are a cell's seeds, as before
+    shutil.rmtree(tmp_path / "runs" / "b")
+    train(cfg_of(rounds=1, seed=1), tmp_path / "runs" / "b")
+    summary = agg.summarize(agg.collect(str(tmp_path / "runs" / "**" / METRICS)))
+    assert summary["n"].tolist() == [2]
+
+
+# ------------------------------------------------------------------------------------------ item 3
+def test_data_location_is_not_part_of_a_run(tmp_path):
+    a, b = cfg_of(data_root="x"), cfg_of(data_root="elsewhere/y")
+    assert a.config_hash() == b.config_hash() and a.canonical_json() == b.canonical_json()
+    assert "data_root" not in a.canonical_json()
+    p1 = cfg_of(dataset_options={"test_fraction": 0.3})
+    assert p1.config_hash() != cfg_of().config_hash()  # a loader option that changes the data still counts
+
+
+def _image_tree(root: Path, shade: int) -> Path:
+    from PIL import Image
+
+    for split in ("train", "test"):
+        for c in ("cat", "dog"):
+            d = root / split / c
+            d.mkdir(parents=True)
+            for i in range(6 if split == "train" else 2):
+                Image.new("RGB", (8, 8), (shade + i, 10 * (c == "dog"), 3)).save(d / f"{i}.png")
+    return root
+
+
+def test_data_identified_by_content_moved_copy_same_changed_copy_refused(tmp_path):
+    src = _image_tree(tmp_path / "imgs", 50)
+    cfg = from_dict({**TINY, "dataset": "imagefolder", "partition": "iid", "alpha": None, "num_clients": 2,
+                     "rounds": 2, "dataset_options": {"path": str(src), "image_size": 8}})
+    fp = fingerprint(load_dataset("imagefolder", tmp_path / "d1", path=str(src), image_size=8))
+    moved = tmp_path / "moved"
+    shutil.copytree(src, moved)
+    assert fingerprint(load_dataset("imagefolder", tmp_path / "d2", path=str(moved), image_size=8)) == fp
+    assert cfg.replace(dataset_options={"path": str(moved), "image_size": 8}).config_hash() == cfg.config_hash()
+    train(cfg, tmp_path / "run", stop_after_round=1)
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["data_fingerprint"] == fp
+    # other data under the same name: the resumed run refuses it instead of mixing two datasets
+    from PIL import Image
+
+    Image.new("RGB", (8, 8), (200, 200, 200)).save(src / "train" / "cat" / "0.png")
+    assert fingerprint(load_dataset("imagefolder", tmp_path / "d3", path=str(src), image_size=8)) != fp
+    with pytest.raises(ConfigError, match="trained on other data"):
+        train(cfg, tmp_path / "run")
+
+
+def _tiny_workflow(tmp_path: Path, data_root: str) -> Path:
+    from test_pipeline import copy_workflow
+
+    config = {"data_root": data_root, "defaults": {"rounds": 1, "num_clients": 3, "device": "cpu"},
+              "datasets": {"digits": {}}, "heterogeneity": [{"partition": "iid"}],
+              "methods": {"fedavg": {"default": {}}}, "seeds": [0], "reporting": {"rule": "final"}}
+    return copy_workflow(tmp_path, config)
+
+
+def test_workflow_moving_data_root_reruns_nothing(tmp_path):
+    from test_pipeline import planned, smk
+
+    wf = _tiny_workflow(tmp_path, "data_a")
+    proc = smk(wf, "--cores", "1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = next((wf / "results" / "runs").glob("**/metrics.parquet"))
+    before = metrics.stat().st_mtime_ns
+    text = (wf / "config" / "config.yaml").read_text().replace("data_a", "data_b")
+    (wf / "config" / "config.yaml").write_text(text)
+    proc = smk(wf, "-n")
+    assert proc.returncode == 0 and "Nothing to be done" in proc.stdout + proc.stderr, planned(proc)
+    # the partition job recorded the data's content fingerprint, which the run checked
+    meta = json.loads(next((wf / "results" / "partitions").glob("**/meta.json")).read_text())
+    assert meta["identity"]["data_fingerprint"] == fingerprint(load_dataset("digits"))
+    assert metrics.stat().st_mtime_ns == before
+
+
+# ------------------------------------------------------------------------------------------ item 4
+def test_threads_recorded_and_resume_with_other_threads_refused(tmp_path):
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        train(cfg_of(rounds=3), tmp_path / "run", stop_after_round=1, threads=1)
+        info = json.loads((tmp_path / "run" / "config.json").read_text())
+        assert info["threads"] == 1 and info["attempts"][0]["threads"] == 1
+        with pytest.raises(ConfigError, match=r"trained with 1 thread\(s\) and would resume with 2.*--threads 1"):
+            train(cfg_of(rounds=3), tmp_path / "run", threads=2)
+        df = train(cfg_of(rounds=3), tmp_path / "run", threads=1)
+        assert len(df) == 3
+        assert metrics_identity(tmp_path / "run" / METRICS)["threads"] == "1"
+    finally:
+        torch.set_num_threads(before)
+
+
+# ------------------------------------------------------------------------------------------ item 5
+def test_swapped_in_metrics_parquet_is_refused(tmp_path, capsys):
+    train(cfg_of(rounds=1), tmp_path / "a")
+    train(cfg_of(rounds=1, seed=1), tmp_path / "b")
+    shutil.copy2(tmp_path / "a" / METRICS, tmp_path / "b" / METRICS)
+    with pytest.raises(ValueError, match="belongs to another run"):
+        train(cfg_of(rounds=1, seed=1), tmp_path / "b")
+    with pytest.raises(agg.MetricsFileError, match="belongs to another run"):
+        agg.collect([tmp_path / "a", tmp_path / "b"])
+    cfg_file = tmp_path / "b.yaml"
+    cfg_file.write_text(yaml.safe_dump({**TINY, "rounds": 1, "seed": 1}))
+    err = one_line_error(capsys, cli_main(["train", "--config", str(cfg_file), "--out", str(tmp_path / "b"),
+                                           "--quiet"]))
+    assert "metrics.parquet" in err
+
+
+# ------------------------------------------------------------------------------------------ item 6
+def test_provenance_original_kept_and_one_record_per_attempt(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    monkeypatch.setenv("SLURM_JOB_ID", "111")
+    train(cfg_of(rounds=3), run, stop_after_round=1)
+    first = json.loads((run / "config.json").read_text())
+    monkeypatch.setenv("SLURM_JOB_ID", "222")
+    monkeypatch.setattr("fedhpro.runio.git_sha", lambda: "feedbeef")  # as if resumed under a newer checkout
+    train(cfg_of(rounds=3), run)
+    info = json.loads((run / "config.json").read_text())
+    for key in ("git_sha", "host", "versions", "slurm_job_id", "started", "config_hash"):
+        assert info[key] == first[key], key
+    assert [a["slurm_job_id"] for a in info["attempts"]] == ["111", "222"]
+    assert [a["resumed_from_round"] for a in info["attempts"]] == [None, 1]
+    assert info["attempts"][1]["git_sha"] == "feedbeef" and info["attempts"][0]["git_sha"] != "feedbeef"
+    assert [a["outcome"] for a in info["attempts"]] == ["stopped", "finished"]
+    assert all(a["started"] and a["ended"] and a["threads"] >= 1 for a in info["attempts"])
+    # calling a finished run again changes nothing on disk
+    text = (run / "config.json").read_text()
+    train(cfg_of(rounds=3), run)
+    assert (run / "config.json").read_text() == text
+
+
+# ------------------------------------------------------------------------------------------ item 7
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o027, 0o640), (0o002, 0o664)])
+def test_atomic_writes_get_the_mode_of_a_plain_write(tmp_path, umask, mode):
+    old = os.umask(umask)
+    try:
+        atomic_write_text(tmp_path / "x.txt", "hi")
+        assert stat.S_IMODE((tmp_path / "x.txt").stat().st_mode) == mode
+    finally:
+        os.umask(old)
+
+
+def test_run_and_partition_files_readable_by_the_group(tmp_path, capsys):
+    old = os.umask(0o022)
+    try:
+        part = make_partition(tmp_path, capsys, "--scheme", "dirichlet", "--alpha", "0.5")
+        train(cfg_of(rounds=1), tmp_path / "run", partition_dir=part)
+        files = [p for d in (part, tmp_path / "run") for p in d.iterdir() if p.is_file() and p.name != ".lock"]
+        assert {p.name for p in files} >= {"partition.npz", "meta.json", "config.json", METRICS}
+        for p in files:
+            assert stat.S_IMODE(p.stat().st_mode) == 0o644, p
+    finally:
+        os.umask(old)
+
+
+# ------------------------------------------------------------------------------------------ one-line errors
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    good = tmp_path / "run.yaml"
+    good.write_text(yaml.safe_dump({**TINY, "rounds": 1}))
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    listed = tmp_path / "listed"
+    listed.mkdir()
+    (listed / "config.json").write_text("[1, 2]")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json")
+    garbage = tmp_path / "garbage"
+    garbage.mkdir()
+    (garbage / "partition.npz").write_bytes(os.urandom(200))
+    (garbage / "meta.json").write_text("{}")
+    cases = [
+        (["train", "--config", str(good), "--out", str(tmp_path / "o"), "--threads", "0"], "--threads"),
+        (["bench", "--threads", "0"], "--threads"),
+        (["train", "--config", str(good), "--out", str(a_file)], "a_file"),
+        (["train", "--config", str(good), "--out", str(a_file / "sub")], "a_file"),
+        (["aggregate", "--runs", str(tmp_path), "--out", str(a_file)], "a_file"),
+        (["partition", "--dataset", "digits", "--scheme", "iid", "--num-clients", "2", "--out", str(a_file)],
+         "a_file"),
+        (["train", "--config", str(good), "--out", str(listed)], "listed/config.json"),
+        (["train", "--config", str(good), "--out", str(broken)], "broken/config.json"),
+        (["partition", "--dataset", "nope", "--scheme", "iid", "--num-clients", "2"], "nope"),
+        (["train", "--config", str(good), "--out", str(tmp_path / "g"), "--partition-dir", str(garbage)],
+         "partition"),
+        (["train", "--config", str(tmp_path / "missing.yaml"), "--out", str(tmp_path / "m")], "missing.yaml"),
+        (["train", "--config", str(good), "--out", str(tmp_path / "s"), "--set", "lr"], "--set"),
+    ]
+    for argv, needle in cases:
+        err = one_line_error(capsys, cli_main(argv))
+        assert needle in err, (argv, err)
+        assert "allow_pickle" not in err
+
+
+def test_garbage_partition_names_the_file(tmp_path, capsys):
+    part = make_partition(tmp_path, capsys, "--scheme", "dirichlet", "--alpha", "0.5")
+    (part / "partition.npz").write_bytes(b"PK\x03\x04" + os.urandom(100))
+    with pytest.raises(ValueError, match=r"partition file .*partition.npz"):
+        train(cfg_of(), tmp_path / "run", partition_dir=part)
+
+
+def test_image_folder_with_link_loop_or_dangling_link_is_one_line(tmp_path, capsys):
+    src = _image_tree(tmp_path / "imgs", 50)
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(yaml.safe_dump({**TINY, "dataset": "imagefolder", "partition": "iid", "num_clients": 2,
+                                   "dataset_options": {"path": str(src), "image_size": 8}}))
+    (src / "train" / "cat" / "loop").symlink_to(src / "train")
+    err = one_line_error(capsys, cli_main(["train", "--config", str(cfg), "--out", str(tmp_path / "r")]))
+    assert "symlink loop" in err
+    (src / "train" / "cat" / "loop").unlink()
+    (src / "train" / "cat" / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    err = one_line_error(capsys, cli_main(["train", "--config", str(cfg), "--out", str(tmp_path / "r")]))
+    assert "dangling" in err and "gone.png" in err
+
+
+def test_ctrl_c_prints_one_line_and_the_run_resumes(tmp_path, capsys, monkeypatch):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(yaml.safe_dump({**TINY, "rounds": 2}))
+    from fedhpro.engine import Engine
+
+    real = Engine.run_round
+
+    def interrupted(self, r):
+        if r == 2:
+            raise KeyboardInterrupt
+        return real(self, r)
+
+    monkeypatch.setattr(Engine, "run_round", interrupted)
+    rc = cli_main(["train", "--config", str(cfg), "--out", str(tmp_path / "r"), "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 130 and err == INTERRUPTED
+    info = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert info["attempts"][-1]["outcome"] == "interrupted"
+    monkeypatch.setattr(Engine, "run_round", real)
+    assert cli_main(["train", "--config", str(cfg), "--out", str(tmp_path / "r"), "--quiet"]) == 0
+    info = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert [a["resumed_from_round"] for a in info["attempts"]] == [None, 1]
+
+
+def test_fedhpro_help_lists_every_subcommand(capsys):
+    assert cli_main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for name in ("train", "partition", "aggregate", "bench", "methods", "datasets", "fingerprint"):
+        assert name in out
+
+
+# ------------------------------------------------------------------------------------------ numbers and keys
+def test_exponent_numbers_are_numbers_and_duplicate_keys_an_error(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("lr: 1e-3\nweight_decay: 5E-4\n")
+    assert (load_config(path).lr, load_config(path).weight_decay) == (0.001, 0.0005)
+    path.write_text(json.dumps({"lr": 1e-2}).replace("0.01", "1e-2"))
+    assert load_config(path).lr == 0.01
+    assert load_config(path, {"lr": "1e-3"}).lr == 0.001  # as --set lr=1e-3 or a YAML 1.1 loader delivers it
+    path.write_text("lr: 0.1\nrounds: 2\nlr: 0.2\n")
+    with pytest.raises(ConfigError, match="duplicate key 'lr'.*line 1.*line 3"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="must be a number"):
+        from_dict({"lr": "fast"})
+
+
+# ------------------------------------------------------------------------------------------ workflow load
+WF = {"defaults": {"rounds": 5, "num_clients": 3}, "datasets": {"digits": {}},
+      "heterogeneity": [{"partition": "iid"}], "methods": {"fedavg": {"default": {}}}, "seeds": [0],
+      "reporting": {"rule": "last_k", "last_k": 3}}
+
+
+def wf(**changes):
+    out = json.loads(json.dumps(WF))
+    for key, value in changes.items():
+        out[key] = value
+    return out
+
+
+def test_workflow_asks_engines_and_methods_what_they_support():
+    with pytest.raises(SweepConfigError, match="defaults.engine.*batched.*fedhpro"):
+        validate_workflow_config(wf(defaults={"rounds": 5, "num_clients": 10, "engine": "batched"},
+                                    methods={"fedhpro": {"default": {}}}))
+    assert validate_workflow_config(wf(defaults={"rounds": 5, "num_clients": 3, "engine": "batched"}))
+    with pytest.raises(SweepConfigError, match="local_test_fraction"):
+        validate_workflow_config(wf(defaults={"rounds": 5, "num_clients": 3, "eval_mode": "personalized",
+                                              "local_test_fraction": 0}, methods={"fedproto": {"default": {}}}))
+
+
+def test_workflow_numbers_and_warnings():
+    runs = validate_workflow_config(wf(defaults={"rounds": 5, "num_clients": 3, "lr": "1e-3"},
+                                       methods={"fedprox": {"default": {"mu": "1e-2"}}}))
+    assert runs[0].config.lr == 0.001 and runs[0].config.method_params["mu"] == 0.01
+    warnings = []
+    validate_workflow_config(wf(defaults={"rounds": 2, "num_clients": 3}), warn=warnings.append)
+    assert any("last_k" in w and "2 round" in w for w in warnings)
+    warnings.clear()
+    validate_workflow_config(wf(heterogeneity=[{"partition": "iid", "imbalance_ratio": 1000}]), warn=warnings.append)
+    assert any("no sample" in w for w in warnings)
+
+
+def test_long_tail_that_empties_classes_is_refused_before_training(tmp_path):
+    with pytest.raises(ConfigError, match="imbalance_ratio.*no training sample"):
+        train(cfg_of(imbalance_ratio=1000), tmp_path / "run")
+    assert not (tmp_path / "run" / "config.json").exists()
+
+
+def test_workflow_config_file_with_duplicate_keys_is_refused(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("seeds: [0]\nmethods: {fedavg: {default: {}}}\nseeds: [1]\n")
+    with pytest.raises(SweepConfigError, match="duplicate key 'seeds'"):
+        check_config_files([path])
+    with pytest.raises(SweepConfigError, match="missing.yaml"):
+        check_config_files([tmp_path / "missing.yaml"])
+
+
+# ------------------------------------------------------------------------------------------ own copy of a dataset
+def _idx(arr: np.ndarray) -> bytes:
+    header = bytes([0, 0, 8, arr.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in arr.shape)
+    return header + arr.astype(np.uint8).tobytes()
+
+
+def _fashion_like(folder: Path, level: int, seed: int = 0) -> Path:
+    """The four Fashion-MNIST IDX files (tiny), gzip-compressed at `level` (so the .gz bytes differ)."""
+    from fedhpro.data.mnist_family import IDX_FILES
+
+    rng = np.random.default_rng(seed)
+    arrays = [rng.integers(0, 256, (40, 28, 28)), np.arange(40) % 10, rng.integers(0, 256, (10, 28, 28)),
+              np.arange(10) % 10]
+    folder.mkdir(parents=True)
+    for name, arr in zip(IDX_FILES, arrays):
+        (folder / name).write_bytes(gzip.compress(_idx(arr), compresslevel=level, mtime=level))
+    return folder
+
+
+def test_own_copy_given_by_path_needs_no_download_and_is_recorded(tmp_path):
+    copy = _fashion_like(tmp_path / "debian-fashion-mnist", level=1)
+    assert plan_downloads([("fashion_mnist", {"path": str(copy)})], tmp_path / "data") == {}
+    assert plan_downloads([("fashion_mnist", {})], tmp_path / "data")  # without path: the upstream files
+    cfg = from_dict({**TINY, "dataset": "fashion_mnist", "partition": "iid", "num_clients": 2, "rounds": 1,
+                     "dataset_options": {"path": str(copy)}})
+    train(cfg, tmp_path / "run")
+    fp = fingerprint(load_dataset("fashion_mnist", tmp_path, path=str(copy)))
+    info = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert info["data_fingerprint"] == fp and info["attempts"][0]["data_fingerprint"] == fp
+    assert metrics_identity(tmp_path / "run" / METRICS)["data_fingerprint"] == fp
+
+
+def test_recompressed_copy_accepted_by_content_with_one_key(tmp_path):
+    from fedhpro.data.mnist_family import FASHION_REMOTES
+
+    original = _fashion_like(tmp_path / "upstream", level=9)
+    recompressed = _fashion_like(tmp_path / "debian", level=1)
+    assert (original / FASHION_REMOTES[0].filename).read_bytes() != (recompressed / FASHION_REMOTES[0].filename
+                                                                     ).read_bytes()
+    fp = fingerprint(load_dataset("fashion_mnist", tmp_path, path=str(original)))
+    root = tmp_path / "data"
+    raw = prepare_by_content("fashion_mnist", FASHION_REMOTES, root, {"*": str(recompressed) + "/",
+                                                                        "fingerprint": fp}, fp)
+    assert sorted(p.name for p in raw.iterdir() if not p.name.startswith(".")) == sorted(
+        r.filename for r in FASHION_REMOTES)
+    assert fingerprint(load_dataset("fashion_mnist", root)) == fp
+    other = _fashion_like(tmp_path / "other", level=1, seed=1)  # other data: refused, raw/ untouched
+    shutil.rmtree(raw)
+    with pytest.raises(ValueError, match="content fingerprint .* other data"):
+        prepare_by_content("fashion_mnist", FASHION_REMOTES, root, {"*": str(other) + "/"}, fp)
+    assert not any(p for p in raw.iterdir() if not p.name.startswith("."))
+    with pytest.raises(ValueError, match="mirrors.fashion_mnist.fingerprint"):
+        plan_downloads([("fashion_mnist", {})], root, {"fashion_mnist": {"fingerprint": "md5:abc"}})
