@@ -26,7 +26,7 @@ NODE=$(hostname -s)
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/bench-cluster.XXXXXX")
 SMK_PID=""
 cleanup() {
-  [[ -n $SMK_PID ]] && kill -TERM "$SMK_PID" 2>/dev/null && sleep 3
+  [[ -n $SMK_PID ]] && kill -INT "$SMK_PID" 2>/dev/null && sleep 3
   [[ -n $SMK_PID ]] && kill -KILL -- "-$SMK_PID" 2>/dev/null
   scancel -u "$(id -un)" 2>/dev/null || true
   scontrol update NodeName="$NODE" State=RESUME >/dev/null 2>&1 || true
@@ -62,9 +62,11 @@ yaml.safe_dump({"defaults": {"rounds": 2, "num_clients": 10, "device": "cpu"}, "
                 "slurm": {"launcher": launcher, "partition": "debug", "account": "testacct", "gpus": 0, "cpus": 1,
                           "mem_gb": 0.5, "time_min": 10, "pack_minutes": 0}}, open(path, "w"))
 EOF
-  (cd "$wf" && PATH=$WORK/bin:$PATH PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH} exec setsid "$SNAKEMAKE" \
+  set -m  # job control: the background Snakemake keeps SIGINT (Ctrl-C: it cancels its jobs and exits)
+  (cd "$wf" && PATH=$WORK/bin:$PATH PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH} exec "$SNAKEMAKE" \
       --profile "profiles/$profile" --jobs "$n" >"$wf/snakemake.out" 2>&1) &
   SMK_PID=$!
+  set +m
   "$PY" - "$SMK_PID" "$n" "$WINDOW" "$CALLS" "$design" <<'EOF'
 import os, subprocess, sys, time
 pid, n, window, calls, design = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3]), sys.argv[4], sys.argv[5]
@@ -119,11 +121,12 @@ per_min = sum(counts.values()) * 60 / (t1 - t0)
 detail = " ".join(f"{k}={v}" for k, v in sorted(counts.items())) or "-"
 print(f"{design:<16} {n:>4} {len(queued):>7} {procs:>9} {pss / 2**20:>8.2f} {per_min:>9.1f}   {detail}")
 EOF
-  # SIGTERM: Snakemake cancels its jobs and exits (a background job of a script ignores SIGINT)
-  kill -TERM "$SMK_PID" 2>/dev/null || true
-  for _ in $(seq 30); do kill -0 "$SMK_PID" 2>/dev/null || break; sleep 1; done
+  kill -INT "$SMK_PID" 2>/dev/null || true
+  for _ in $(seq 60); do kill -0 "$SMK_PID" 2>/dev/null || break; sleep 1; done
   kill -KILL -- "-$SMK_PID" 2>/dev/null || true
+  wait "$SMK_PID" 2>/dev/null || true
   SMK_PID=""
+  echo "$design N=$n: after Ctrl-C, $(squeue -h -o %i | wc -l) jobs left in the queue" >&2
   scancel -u "$(id -un)" 2>/dev/null || true
   while [[ -n $(squeue -h -o %i) ]]; do sleep 1; done
 }
