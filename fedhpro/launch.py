@@ -25,11 +25,13 @@ a second one.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass, field, fields
@@ -38,11 +40,14 @@ from typing import Any, Callable, Mapping
 
 import submitit
 
-from fedhpro.clientstore import CLIENT_STATES_DIR
+# Imported by the Snakemake process on the submit host (snakemake_executor_plugin_fedhpro), so only
+# light modules at the top: fedhpro.runio / clientstore / train import torch, pandas and pyarrow
+# and are imported where a job (or an in-process run) needs them.
 from fedhpro.config import RunConfig, from_dict
-from fedhpro.runio import CHECKPOINT, CONFIG, METRICS, atomic_write_text
 
-__all__ = ["LaunchOptions", "LaunchError", "Trainer", "launch", "clear_stale_run", "read_jobs", "JOBS_FILE"]
+__all__ = ["LaunchOptions", "LaunchError", "Trainer", "RunPack", "PackEntry", "launch", "clear_stale_run", "read_jobs",
+           "record_job", "update_job", "config_sha", "submit_pack", "query_states", "is_final",
+           "failure_report", "JOBS_FILE"]
 
 JOBS_FILE = "slurm_jobs.json"
 SUBMITIT_DIR = "slurm"
@@ -74,6 +79,35 @@ class LaunchOptions:
     additional: Mapping[str, Any] = field(default_factory=dict)
     threads: int = 1  # torch threads of an in-process (local) run
     cluster: str | None = None  # submitit cluster: None = auto (slurm when srun is on PATH), "local", "debug"
+    pack_minutes: float = 0  # runs expected to take less share jobs of about this much work (0: never)
+    run_minutes: float | Mapping[str, float] | None = None  # expected minutes of a run (per dataset)
+
+    def expected_minutes(self, dataset: str) -> float | None:
+        """The expected minutes of one run on `dataset` (`run_minutes`), None if unknown."""
+        if isinstance(self.run_minutes, Mapping):
+            return self.run_minutes.get(dataset, self.run_minutes.get("default"))
+        return self.run_minutes
+
+    def plan_packs(self, runs: list[tuple[Any, str]]) -> list[list[Any]]:
+        """Group (item, dataset) pairs into jobs: runs expected to take less than `pack_minutes` are
+        packed, in order, into jobs of at most `pack_minutes` of expected work; the others get a job
+        each. (`run_minutes` unknown for a dataset: its runs are never packed.)"""
+        packs: list[list[Any]] = []
+        open_pack: list[Any] = []
+        open_minutes = 0.0
+        for item, dataset in runs:
+            minutes = self.expected_minutes(dataset)
+            if minutes is None or not self.pack_minutes or minutes >= self.pack_minutes:
+                packs.append([item])
+                continue
+            if open_pack and open_minutes + minutes > self.pack_minutes:
+                packs.append(open_pack)
+                open_pack, open_minutes = [], 0.0
+            open_pack.append(item)
+            open_minutes += minutes
+        if open_pack:
+            packs.append(open_pack)
+        return packs
 
     @classmethod
     def from_config(cls, slurm: Mapping[str, Any] | None, threads: int = 1, **changes: Any) -> "LaunchOptions":
@@ -98,7 +132,7 @@ class Trainer(submitit.helpers.Checkpointable):
     def __call__(self) -> str:
         import torch
 
-        from fedhpro.runio import CheckpointError
+        from fedhpro.runio import CHECKPOINT, METRICS, CheckpointError
         from fedhpro.train import train
 
         if self.threads:
@@ -133,15 +167,44 @@ def read_jobs(run_dir: str | Path) -> list[dict[str, Any]]:
 
 
 def _write_jobs(run_dir: Path, jobs: list[dict[str, Any]]) -> None:
-    atomic_write_text(run_dir / JOBS_FILE, json.dumps({"jobs": jobs}, indent=2, sort_keys=True) + "\n")
+    # written by the submit host's Snakemake process too, which must not import fedhpro.runio (torch):
+    # the same temp-file + os.replace as runio.atomic_write_text, without its fault points
+    path = Path(run_dir) / JOBS_FILE
+    tmp = path.with_name(f".{JOBS_FILE}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"jobs": jobs}, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
 
 
-def clear_stale_run(cfg: RunConfig, run_dir: str | Path, log: Callable[[str], None] = print) -> bool:
+def record_job(run_dir: str | Path, record: Mapping[str, Any]) -> None:
+    """Append a submitted job's record (job id, cluster, config hash, ...) to the run's slurm_jobs.json."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _write_jobs(run_dir, read_jobs(run_dir) + [dict(record)])
+
+
+def update_job(run_dir: str | Path, job_id: str, **changes: Any) -> None:
+    """Set fields (final_state, result) of the run's record of job `job_id`."""
+    jobs = read_jobs(run_dir)
+    for record in jobs:
+        if record.get("job_id") == str(job_id):
+            record.update(changes)
+    if jobs:
+        _write_jobs(Path(run_dir), jobs)
+
+
+def clear_stale_run(cfg: RunConfig | str, run_dir: str | Path, log: Callable[[str], None] = print, *,
+                    keep_jobs: bool = False) -> bool:
     """Remove what a run directory holds for a *different* config (its config changed); True if cleared.
 
-    The workflow reruns a run when its resolved config changes (Snakemake's params trigger); the
-    old checkpoint and config must go, or `train` would refuse the directory.
+    cfg: the run's config or its config hash. The workflow reruns a run when its resolved config
+    changes (Snakemake's params trigger); the old checkpoint and config must go, or `train` would
+    refuse the directory. keep_jobs: keep slurm_jobs.json's records of this config (a job clearing
+    its own run directory) and drop only the others.
     """
+    from fedhpro.clientstore import CLIENT_STATES_DIR
+    from fedhpro.runio import CHECKPOINT, CONFIG, METRICS
+
+    new = cfg if isinstance(cfg, str) else cfg.config_hash()
     run_dir = Path(run_dir)
     cfg_path = run_dir / CONFIG
     if not cfg_path.exists():
@@ -150,13 +213,17 @@ def clear_stale_run(cfg: RunConfig, run_dir: str | Path, log: Callable[[str], No
         old = json.loads(cfg_path.read_text()).get("config_hash")
     except (OSError, ValueError):
         old = None
-    if old == cfg.config_hash():
+    if old == new:
         return False
-    log(f"{run_dir}: config changed ({old} -> {cfg.config_hash()}); removing the old run's files")
-    for name in (METRICS, CONFIG, CHECKPOINT, CHECKPOINT + ".sha256", CHECKPOINT + ".corrupt", JOBS_FILE):
+    log(f"{run_dir}: config changed ({old} -> {new}); removing the old run's files")
+    for name in (METRICS, CONFIG, CHECKPOINT, CHECKPOINT + ".sha256", CHECKPOINT + ".corrupt",
+                 *(() if keep_jobs else (JOBS_FILE,))):
         with contextlib.suppress(FileNotFoundError):
             (run_dir / name).unlink()
-    shutil.rmtree(run_dir / SUBMITIT_DIR, ignore_errors=True)
+    if keep_jobs:
+        _write_jobs(run_dir, [job for job in read_jobs(run_dir) if job.get("config_hash") in (new, None)])
+    else:
+        shutil.rmtree(run_dir / SUBMITIT_DIR, ignore_errors=True)
     shutil.rmtree(run_dir / CLIENT_STATES_DIR, ignore_errors=True)
     return True
 
@@ -182,6 +249,8 @@ def _squeue_state(job_id: str) -> str | None:
 def launch(cfg: RunConfig, run_dir: str | Path, partition_dir: str | Path | None = None,
            options: LaunchOptions | None = None, log: Callable[[str], None] = print) -> Path:
     """Execute the run and return its ``metrics.parquet`` path (raises LaunchError on failure)."""
+    from fedhpro.runio import METRICS
+
     options = options or LaunchOptions()
     run_dir = Path(run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -199,10 +268,10 @@ def launch(cfg: RunConfig, run_dir: str | Path, partition_dir: str | Path | None
     return metrics
 
 
-def _executor(run_dir: Path, cfg: RunConfig, options: LaunchOptions) -> submitit.AutoExecutor:
-    executor = submitit.AutoExecutor(folder=run_dir / SUBMITIT_DIR, cluster=options.cluster,
+def _executor(folder: Path, name: str, options: LaunchOptions) -> submitit.AutoExecutor:
+    executor = submitit.AutoExecutor(folder=folder, cluster=options.cluster,
                                      slurm_max_num_timeout=options.max_num_timeout)
-    params: dict[str, Any] = {"name": f"fedhpro-{cfg.method}-{cfg.variant}", "timeout_min": options.time_min,
+    params: dict[str, Any] = {"name": name, "timeout_min": options.time_min,
                               "mem_gb": options.mem_gb, "cpus_per_task": options.cpus, "tasks_per_node": 1,
                               "nodes": 1, "slurm_signal_delay_s": options.signal_delay_s}
     if options.partition:
@@ -240,6 +309,8 @@ class _Stop(Exception):
 
 def _submit_and_wait(cfg: RunConfig, run_dir: Path, partition_dir: str | None, options: LaunchOptions,
                      log: Callable[[str], None]) -> None:
+    from fedhpro.runio import METRICS
+
     metrics = run_dir / METRICS
     job = _reattach(cfg, run_dir, log)
     if job is None:
@@ -253,7 +324,7 @@ def _submit_and_wait(cfg: RunConfig, run_dir: Path, partition_dir: str | None, o
     SlurmJob.watcher = SlurmInfoWatcher(delay_s=max(1, int(options.poll_seconds)))
     jobs = read_jobs(run_dir)
     if job is None:
-        executor = _executor(run_dir, cfg, options)
+        executor = _executor(run_dir / SUBMITIT_DIR, f"fedhpro-{cfg.method}-{cfg.variant}", options)
         job = executor.submit(Trainer(cfg.to_dict(), str(run_dir), partition_dir, options.cpus))
         jobs.append({"job_id": str(job.job_id), "cluster": executor.cluster, "config_hash": cfg.config_hash(),
                      "submitted": time.strftime("%Y-%m-%dT%H:%M:%S"), "folder": str(run_dir / SUBMITIT_DIR)})
@@ -335,3 +406,170 @@ def _wait(job: Any, options: LaunchOptions, stop: threading.Event, cluster: str)
             if missing >= 3 and job.watcher.get_state(job.job_id, mode="standard") == "UNKNOWN":
                 return
         stop.wait(min(1.0, poll))
+
+
+# ------------------------------------------------------------------------------ packed jobs (executor plugin)
+# snakemake_executor_plugin_fedhpro submits each group of training runs as one SLURM job through
+# submitit (a job holds one run, or several short runs executed one after another) and polls every
+# job of the sweep with one scheduler query per interval (`query_states`).
+@dataclass(frozen=True)
+class PackEntry:
+    """One run of a packed job: everything the compute node needs, as plain strings."""
+
+    config_json: str  # RunConfig.canonical_json() (the train rule's params)
+    run_dir: str
+    partition_dir: str | None
+    log: str | None  # the run's log file (the train rule's `log:`); None = the job's own stdout
+    # The workflow config and the job's wildcards: config_json (the rerun trigger) holds no data location
+    # (data_root, dataset_options.path), so the node resolves the full config from them, as the train script does.
+    workflow_config: str | None = None
+    wildcards: tuple[tuple[str, str], ...] = ()
+
+
+def run_config_of(entry: PackEntry) -> dict[str, Any]:
+    """The run's full config (data location included) on the compute node: resolved from the workflow config
+    and wildcards when the executor sent them, and checked against the canonical config Snakemake scheduled."""
+    config = json.loads(entry.config_json)
+    if entry.workflow_config is None:
+        return config
+    from fedhpro.sweep import workflow_run
+
+    cfg = workflow_run(json.loads(entry.workflow_config), dict(entry.wildcards)).config
+    if cfg.canonical_json() != from_dict(config).canonical_json():
+        raise RuntimeError("the workflow config changed since the job was scheduled; run snakemake again")
+    return cfg.to_dict()
+
+
+class RunPack(submitit.helpers.Checkpointable):
+    """The callable of a SLURM job: its runs one after another, each resumable from its checkpoint.
+
+    A finished run (its metrics.parquet exists) is skipped, so after a preemption or time-limit
+    requeue (SIGUSR2: `checkpoint` returns the same pack) the job finishes the runs it had not
+    finished, the interrupted one from its checkpoint.pt. A failing run does not stop the others:
+    its traceback goes to its log, and the job fails at the end naming it.
+    """
+
+    def __init__(self, entries: list[PackEntry], threads: int | None = None) -> None:
+        self.entries = list(entries)
+        self.threads = threads
+
+    def __call__(self) -> list[str]:
+        from fedhpro.runio import METRICS
+
+        failed: list[str] = []
+        for entry in self.entries:
+            if (Path(entry.run_dir) / METRICS).exists():
+                continue
+            with _run_log(entry.log) as log:
+                try:
+                    print(f"SLURM job {os.environ.get('SLURM_JOB_ID')} (restart "
+                          f"{os.environ.get('SLURM_RESTART_COUNT', '0')}): run {entry.run_dir}", flush=True)
+                    config = run_config_of(entry)
+                    config_hash = from_dict(config).config_hash()  # the submit host has no torch to compute it
+                    clear_stale_run(config_hash, entry.run_dir, keep_jobs=True)
+                    if os.environ.get("SLURM_JOB_ID"):
+                        update_job(entry.run_dir, os.environ["SLURM_JOB_ID"], config_hash=config_hash)
+                    Trainer(config, entry.run_dir, entry.partition_dir, self.threads)()
+                except Exception as err:  # noqa: BLE001 - reported in the run's log and at the end
+                    import traceback
+
+                    traceback.print_exc()
+                    failed.append(f"{entry.run_dir}: {type(err).__name__}: {err}")
+                log.flush()
+        if failed:
+            raise RuntimeError(f"{len(failed)} of {len(self.entries)} runs failed:\n" + "\n".join(failed))
+        return [str(Path(entry.run_dir) / METRICS) for entry in self.entries]
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
+        print(f"checkpoint requested: requeueing {len(self.entries)} runs (finished ones are skipped)", flush=True)
+        return submitit.helpers.DelayedSubmission(RunPack(self.entries, self.threads))
+
+
+@contextlib.contextmanager
+def _run_log(path: str | None):
+    """stdout and stderr appended to the run's log file (a no-op when it has none)."""
+    if path is None:
+        yield sys.stdout
+        return
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+        yield log
+
+
+def submit_pack(entries: list[PackEntry], options: LaunchOptions, folder: str | Path, name: str) -> Any:
+    """Submit the runs as one job (submitit, one sbatch); record its id in every run's slurm_jobs.json."""
+    executor = _executor(Path(folder), name, options)
+    job = executor.submit(RunPack(entries, options.cpus))
+    submitted = time.strftime("%Y-%m-%dT%H:%M:%S")
+    for entry in entries:
+        record_job(entry.run_dir, {"job_id": str(job.job_id), "cluster": executor.cluster, "submitted": submitted,
+                                   "config_sha": config_sha(entry.config_json),
+                                   "folder": str(job.paths.folder), "pack_size": len(entries)})
+    return job
+
+
+def config_sha(config_json: str) -> str:
+    """Identity of a submitted run config text (a re-attached job must run the same config)."""
+    return hashlib.sha256(config_json.encode()).hexdigest()[:16]
+
+
+def query_states(job_ids: list[str]) -> dict[str, str]:
+    """job id -> SLURM state (first word, e.g. PENDING, COMPLETED) for many jobs in one scheduler call.
+
+    One `sacct` over all ids (allocations only, the latest attempt of a requeued job); where
+    accounting is not available, one `squeue` of the user's jobs, where a job that left the queue
+    is reported as "GONE". Jobs missing from the answer are left out (e.g. sacct's short lag
+    right after submission).
+    """
+    if not job_ids:
+        return {}
+    ids = ",".join(sorted(set(job_ids), key=lambda j: (len(j), j)))
+    try:
+        proc = subprocess.run(["sacct", "-X", "-n", "-P", "-o", "JobIDRaw,State", "-j", ids],
+                              capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.SubprocessError):
+        proc = None
+    states: dict[str, str] = {}
+    if proc is not None and proc.returncode == 0:
+        for line in proc.stdout.splitlines():
+            job_id, _, state = line.partition("|")
+            if state:
+                states[job_id.strip()] = state.split()[0].upper()
+        return states
+    try:
+        proc = subprocess.run(["squeue", "--me", "-h", "-t", "all", "-o", "%i|%T"], capture_output=True,
+                              text=True, timeout=120)
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    if proc.returncode != 0:
+        return {}
+    for line in proc.stdout.splitlines():
+        job_id, _, state = line.partition("|")
+        states[job_id.strip()] = state.strip().upper()
+    return {job_id: states.get(job_id, "GONE") for job_id in set(job_ids)}
+
+
+def is_final(state: str) -> bool:
+    return state in FINAL_STATES or state == "GONE"
+
+
+def failure_report(job_id: str, state: str, entry: PackEntry, folder: str | Path, pack_size: int = 1) -> str:
+    """The error text of a run whose job ended without its metrics: job id, state and the log tails."""
+    folder = Path(folder)
+    stderr = folder / f"{job_id}_0_log.err"
+    stdout = folder / f"{job_id}_0_log.out"
+    parts = [f"SLURM job {job_id} ({state}{f', {pack_size} runs packed' if pack_size > 1 else ''}) ended "
+             f"without finishing run {entry.run_dir}"]
+    if entry.log:
+        parts.append(f"--- run log tail ({entry.log}) ---\n{_tail(_read(entry.log))}")
+    parts.append(f"--- job stderr tail ({stderr}) ---\n{_tail(_read(stderr))}")
+    if not entry.log:
+        parts.append(f"--- job stdout tail ({stdout}) ---\n{_tail(_read(stdout))}")
+    return "\n".join(parts)
+
+
+def _read(path: str | Path) -> str | None:
+    try:
+        return Path(path).read_text(errors="replace")
+    except OSError:
+        return None

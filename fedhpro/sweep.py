@@ -71,7 +71,7 @@ DATASET_EXTRA_KEYS = ("heterogeneity", "methods")
 ABLATION_KEYS = ("methods", "base_variant", "datasets", "heterogeneity", "seeds", "partition_seeds", "variants")
 SLURM_DEFAULTS: dict[str, Any] = {"launcher": "local", "partition": None, "account": None, "gpus": 1, "cpus": 4,
                                   "mem_gb": 16, "time_min": 240, "signal_delay_s": 120, "max_num_timeout": 3,
-                                  "poll_seconds": 30, "additional": {}}
+                                  "poll_seconds": 30, "additional": {}, "pack_minutes": 30, "run_minutes": None}
 
 
 class SweepConfigError(ConfigError):
@@ -238,6 +238,13 @@ def check_slurm(value: Any) -> dict[str, Any]:
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
             raise _err(f"slurm.{key}", f"must be a number > 0, got {v!r}")
     out["additional"] = _mapping(out["additional"], "slurm.additional")
+    v = out["pack_minutes"]
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+        raise _err("slurm.pack_minutes", f"must be a number >= 0, got {v!r}")
+    per_dataset = out["run_minutes"] if isinstance(out["run_minutes"], Mapping) else {"": out["run_minutes"]}
+    for name, v in per_dataset.items():
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0):
+            raise _err(f"slurm.run_minutes{'.' + name if name else ''}", f"must be a number > 0 or null, got {v!r}")
     return out
 
 

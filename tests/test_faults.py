@@ -34,7 +34,7 @@ leaves them out, CI runs them all. Each injected fault goes into the `fault_ledg
    keeps its mtime), the other resumes from its checkpoint with the metrics of an uninterrupted
    run, and the tables are built. A second Snakemake started on the same directory while the first
    runs is stopped by Snakemake's lock. Preemption of SLURM jobs (SIGUSR2, requeue, resume) is
-   tests/test_slurm_pipeline.py::test_preempted_run_requeues_and_resumes_to_identical_metrics.
+   tests/test_slurm_pipeline.py::test_preempted_packed_job_resumes_every_unfinished_run.
 3. Downloads over loopback HTTP (tests/httpserver.py) cut off half-way or corrupted: resumed with a
    Range request and verified, or refused by checksum, or reported after the retries (and resumed
    by the next attempt); a file that did not verify is never extracted.

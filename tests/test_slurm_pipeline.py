@@ -1,57 +1,87 @@
 """The workflow against the real local SLURM cluster (scripts/slurm-local.sh, started by the fixture).
 
-* `snakemake --profile profiles/slurm` on a tiny config: every training run is a SLURM job
-  submitted by fedhpro.launch through submitit; job ids are recorded and the tables are built.
-* Preemption (slow, ~3 min because Slurm holds a requeued job ~120 s): a run submitted through
-  `fedhpro.launch` gets SIGUSR2 after its first checkpoint, requeues itself (submitit
-  Checkpointable), resumes from its checkpoint and ends with the same metrics as an uninterrupted
-  local run.
+* `snakemake --profile slurm` as typed (the profile installed by scripts/install-profile.sh into a
+  temporary XDG config home) on a tiny sweep: the executor fedhpro packs the short runs into one
+  SLURM job (submitit), records the job id in every run, a run that fails on the node fails with
+  its job id and log tail while the others of its job finish; the next invocation builds the tables
+  without resubmitting anything.
+* Preemption of a packed job (slow, ~3 min because Slurm holds a requeued job ~120 s): SIGUSR2 while
+  its second run is mid-way; the job requeues itself (submitit Checkpointable), skips the finished
+  run, resumes the interrupted one from its checkpoint to the same metrics as an uninterrupted
+  local run, and runs the one it had not started.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
-import threading
 import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import yaml
-from slurm_cluster import slurm_autostart, slurm_cluster  # noqa: F401  (fixtures)
+from slurm_cluster import slurm_autostart, slurm_cluster, wait_for_job  # noqa: F401  (fixtures)
 
-from test_pipeline import copy_workflow, snakemake_cmd
+from test_pipeline import REPO, copy_workflow, snakemake_cmd
 
 pytestmark = pytest.mark.slurm
 
 
+def _profile_env(tmp_path: Path) -> dict[str, str]:
+    """Environment with the `slurm` profile installed in a temporary XDG config home, as bootstrap does."""
+    env = {**os.environ, "XDG_CONFIG_HOME": str(tmp_path / "xdg")}
+    proc = subprocess.run(["bash", str(REPO / "scripts" / "install-profile.sh")], env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    return env
+
+
 @pytest.mark.slow
-def test_profile_slurm_runs_every_training_run_as_a_slurm_job(tmp_path, slurm_cluster):
+def test_profile_slurm_packs_runs_records_jobs_and_reports_a_failed_run(tmp_path, slurm_cluster):
     config = {
         "defaults": {"rounds": 2, "num_clients": 10, "batch_size": 32, "lr": 0.05, "device": "cpu"},
         "datasets": {"digits": {}},
         "heterogeneity": [{"partition": "dirichlet", "alpha": 0.5}],
-        "methods": {"fedavg": {"default": {}}, "fedprox": {"default": {"mu": 0.01}}},
+        # fedavg/gpu asks for CUDA, which the (fake-GPU) node does not have: it fails at run time
+        "methods": {"fedavg": {"default": {}, "gpu": {"config": {"device": "cuda"}}},
+                    "fedprox": {"default": {"mu": 0.01}}},
         "seeds": [0],
         "slurm": {"partition": slurm_cluster.partition, "account": slurm_cluster.account, "gpus": 1, "cpus": 1,
-                  "mem_gb": 1, "time_min": 10, "poll_seconds": 2},
+                  "mem_gb": 1, "time_min": 10, "run_minutes": 1, "pack_minutes": 5},
     }
     wf = copy_workflow(tmp_path, config)
-    proc = subprocess.run(snakemake_cmd("--profile", "profiles/slurm"), cwd=wf, capture_output=True, text=True,
-                          timeout=900)
+    env = _profile_env(tmp_path)
+    cmd = snakemake_cmd("--profile", "slurm", "--seconds-between-status-checks", "2")
+    proc = subprocess.run(cmd, cwd=wf, env=env, capture_output=True, text=True, timeout=900)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode != 0, text[-4000:]
+    runs = wf / "results" / "runs" / "digits" / "dirichlet-a0p5-n10"
+    ok = [runs / "fedavg" / "default" / "ps0_s0", runs / "fedprox" / "default" / "ps0_s0"]
+    bad = runs / "fedavg" / "gpu" / "ps0_s0"
+    records = {run: json.loads((run / "slurm_jobs.json").read_text())["jobs"] for run in ok + [bad]}
+    job_ids = {jobs[-1]["job_id"] for jobs in records.values()}
+    assert len(job_ids) == 1, records  # the three short runs shared one SLURM job
+    job_id = job_ids.pop()
+    assert job_id.isdigit() and all(jobs[-1]["pack_size"] == 3 for jobs in records.values())
+    for run in ok:  # the failure of one run did not stop the others of its job
+        assert (run / "metrics.parquet").is_file()
+        assert records[run][-1]["result"] == "ok"
+        assert json.loads((run / "config.json").read_text())["slurm_job_id"] == job_id
+    assert not (bad / "metrics.parquet").exists() and records[bad][-1]["result"] == "failed"
+    assert f"SLURM job {job_id} (FAILED, 3 runs packed)" in text, text[-4000:]
+    assert "run log tail" in text and "CUDA" in text, text[-4000:]  # the run's own traceback, in the error
+
+    # without the failing variant the sweep completes: tables and figures, no new SLURM job
+    config["methods"]["fedavg"].pop("gpu")
+    (wf / "config" / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    proc = subprocess.run(cmd, cwd=wf, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    run_dirs = sorted(p.parent for p in (wf / "results" / "runs").glob("**/metrics.parquet"))
-    assert len(run_dirs) == 2
-    job_ids = set()
-    for run_dir in run_dirs:
-        jobs = json.loads((run_dir / "slurm_jobs.json").read_text())["jobs"]
-        assert len(jobs) == 1 and jobs[0]["job_id"].isdigit() and jobs[0]["cluster"] == "slurm"
-        assert jobs[0]["result"] == "ok"
-        info = json.loads((run_dir / "config.json").read_text())
-        assert info["slurm_job_id"] == jobs[0]["job_id"]
-        job_ids.add(jobs[0]["job_id"])
-    assert len(job_ids) == 2
+    assert "rule train" not in proc.stdout + proc.stderr
+    for run in ok:
+        assert [j["job_id"] for j in json.loads((run / "slurm_jobs.json").read_text())["jobs"]] == [job_id]
     for name in ("main", "ablation", "communication"):
         for ext in ("md", "tex", "csv"):
             assert (wf / "results" / "tables" / f"{name}.{ext}").is_file()
@@ -59,49 +89,47 @@ def test_profile_slurm_runs_every_training_run_as_a_slurm_job(tmp_path, slurm_cl
 
 
 @pytest.mark.slow
-def test_preempted_run_requeues_and_resumes_to_identical_metrics(tmp_path, slurm_cluster):
+def test_preempted_packed_job_resumes_every_unfinished_run(tmp_path, slurm_cluster):
     from fedhpro.config import from_dict
-    from fedhpro.launch import LaunchOptions, launch
+    from fedhpro.launch import LaunchOptions, PackEntry, query_states, submit_pack
     from fedhpro.train import train
 
-    cfg = from_dict({"method": "fedavg", "dataset": "digits", "rounds": 25, "num_clients": 10, "batch_size": 16,
-                     "lr": 0.05, "local_epochs": 2, "device": "cpu", "seed": 3, "checkpoint_every": 1})
-    run_dir = tmp_path / "slurm_run"
-    options = LaunchOptions(launcher="submitit", partition=slurm_cluster.partition, account=slurm_cluster.account,
-                            gpus=0, cpus=1, mem_gb=1, time_min=15, poll_seconds=2)
-    outcome: dict = {}
-
-    def waiter() -> None:
-        try:
-            outcome["metrics"] = launch(cfg, run_dir, None, options, log=lambda m: None)
-        except BaseException as err:  # noqa: BLE001 - reported by the assertion below
-            outcome["error"] = err
-
-    thread = threading.Thread(target=waiter, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 180
-    while not (run_dir / "checkpoint.pt").exists():
-        assert time.monotonic() < deadline, "the SLURM job wrote no checkpoint in time"
-        assert thread.is_alive(), f"launch ended early: {outcome}"
+    base = {"method": "fedavg", "dataset": "digits", "num_clients": 10, "batch_size": 16, "lr": 0.05,
+            "device": "cpu", "checkpoint_every": 1}
+    configs = {"done": from_dict({**base, "rounds": 2, "seed": 1}),          # finished before the preemption
+               "cut": from_dict({**base, "rounds": 25, "local_epochs": 2, "seed": 3}),  # preempted mid-way
+               "todo": from_dict({**base, "rounds": 2, "seed": 5})}          # not started yet
+    runs = {name: tmp_path / "runs" / name for name in configs}
+    entries = [PackEntry(configs[name].canonical_json(), str(runs[name]), None, str(tmp_path / f"{name}.log"))
+               for name in configs]
+    options = LaunchOptions(partition=slurm_cluster.partition, account=slurm_cluster.account, gpus=0, cpus=1,
+                            mem_gb=1, time_min=15)
+    job = submit_pack(entries, options, tmp_path / "jobs" / "%j", "fedhpro-pack3")
+    job_id = str(job.job_id)
+    deadline = time.monotonic() + 240
+    while not (runs["done"] / "metrics.parquet").exists() or not (runs["cut"] / "checkpoint.pt").exists():
+        assert time.monotonic() < deadline, "the packed job did not reach its second run in time"
+        assert query_states([job_id]).get(job_id, "PENDING") in ("PENDING", "RUNNING"), "the job ended early"
         time.sleep(0.5)
-    job_id = json.loads((run_dir / "slurm_jobs.json").read_text())["jobs"][0]["job_id"]
-    assert not (run_dir / "metrics.parquet").exists(), "the run finished before it could be preempted"
+    assert not (runs["cut"] / "metrics.parquet").exists(), "the run finished before it could be preempted"
+    done_mtime = (runs["done"] / "metrics.parquet").stat().st_mtime_ns
     subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
 
     # the uninterrupted reference, computed while Slurm holds the requeued job (~120 s)
-    reference = train(cfg, tmp_path / "local_run")
+    reference = train(configs["cut"], tmp_path / "local_run")
 
-    thread.join(timeout=480)
-    assert not thread.is_alive(), "the requeued job did not finish in time"
-    assert "error" not in outcome, outcome.get("error")
-    info = json.loads((run_dir / "config.json").read_text())
-    assert info["slurm_job_id"] == job_id
-    assert int(info["slurm_restart_count"] or 0) >= 1
-    jobs = json.loads((run_dir / "slurm_jobs.json").read_text())["jobs"]
-    assert [j["job_id"] for j in jobs] == [job_id]  # requeued under the same id, never resubmitted
-    log = (run_dir / "slurm" / f"{job_id}_0_log.err").read_text()
+    assert wait_for_job(job_id, timeout=480) == "COMPLETED"
+    assert (runs["done"] / "metrics.parquet").stat().st_mtime_ns == done_mtime  # not rerun
+    assert (tmp_path / "done.log").read_text().count("run ") == 1
+    info = json.loads((runs["cut"] / "config.json").read_text())
+    assert info["slurm_job_id"] == job_id and int(info["slurm_restart_count"] or 0) >= 1
+    assert info["resumes"] and info["resumes"][-1]["resumed_from_round"] >= 1  # from its checkpoint
+    assert (runs["todo"] / "metrics.parquet").is_file()
+    for run in runs.values():  # requeued under the same id, never resubmitted
+        assert [j["job_id"] for j in json.loads((run / "slurm_jobs.json").read_text())["jobs"]] == [job_id]
+    log = (tmp_path / "jobs" / job_id / f"{job_id}_0_log.err").read_text()
     assert "USR2" in log or "preempted" in log
-    got = pd.read_parquet(run_dir / "metrics.parquet")
+    got = pd.read_parquet(runs["cut"] / "metrics.parquet")
     columns = [c for c in reference.columns if not c.startswith("time_")]
     pd.testing.assert_frame_equal(got[columns].reset_index(drop=True), reference[columns].reset_index(drop=True))
-    assert yaml.safe_dump(cfg.to_dict()) == yaml.safe_dump(info["config"])
+    assert yaml.safe_dump(configs["cut"].to_dict()) == yaml.safe_dump(info["config"])

@@ -5,6 +5,9 @@
 # validates every run's RunConfig with fedhpro.config.from_dict. An invalid value stops the
 # workflow with a message naming the key, e.g.
 #   methods.fedprox.default (dataset digits, heterogeneity[0], ...): config key 'method_params.mu' ...
+# The second check, the run table and the download plan are computed in a child Python
+# (fedhpro.runtable): they need the method/dataset registries, which import torch, and this process
+# stays on the submit host for the whole sweep, so it keeps only the resulting JSON (no torch here).
 import os
 import re
 import sys
@@ -13,17 +16,14 @@ from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
 # the fedhpro package of this checkout (falls back to the installed one)
-if os.path.isdir(os.path.join(workflow.basedir, "fedhpro")):
-    sys.path.insert(0, workflow.basedir)
-
-from fedhpro.data import plan_downloads  # noqa: E402
-from fedhpro.sweep import (
-    WILDCARD_PATTERNS,
-    SweepConfigError,
-    check_config_files,
-    partitions_of,
-    validate_workflow_config,
+PACKAGE_ROOT = (
+    workflow.basedir if os.path.isdir(os.path.join(workflow.basedir, "fedhpro")) else None
 )
+if PACKAGE_ROOT:
+    sys.path.insert(0, PACKAGE_ROOT)
+
+from fedhpro.runtable import RunTableError, load_run_table  # noqa: E402  (no torch)
+from fedhpro.sweep import WILDCARD_PATTERNS, SweepConfigError, check_config_files  # noqa: E402  (no torch)
 
 
 try:  # duplicate keys (Snakemake's YAML loader keeps the last silently) and invalid YAML, naming file and line
@@ -36,16 +36,8 @@ except SweepConfigError as err:
 
 validate(config, schema="../schemas/config.schema.yaml")
 
-try:
-    RUNS = validate_workflow_config(config)
-except SweepConfigError as err:
-    raise WorkflowError(f"invalid workflow config: {err}") from None
-
 RESULTS = config["results"].rstrip("/")
 DATA_ROOT = config["data_root"].rstrip("/")
-RUN_BY_ID = {run.run_id: run for run in RUNS}
-PARTITIONS = partitions_of(RUNS)
-
 
 # dataset -> the files its download step fetches (or finds locally): only those the runs need, e.g.
 # digit_domains with `domains: [mnist, usps]` gets the MNIST and USPS files. A needed file that has
@@ -53,15 +45,14 @@ PARTITIONS = partitions_of(RUNS)
 # here, at load time, not in the job; for a dataset under `pending_datasets` it is dropped with a
 # warning (the loader skips what is missing, e.g. digit_domains a domain).
 try:
-    DOWNLOAD_FILES = plan_downloads(
-        [(run.dataset, run.config.dataset_options) for run in RUNS],
-        DATA_ROOT,
-        config["mirrors"],
-        pending=set(config.get("pending_datasets") or {}),
-        warn=lambda message: print(f"fedhpro workflow: warning: {message}", file=sys.stderr),
-    )
-except ValueError as err:
+    RUN_TABLE = load_run_table(config, DATA_ROOT, package_root=PACKAGE_ROOT)
+except RunTableError as err:
     raise WorkflowError(f"invalid workflow config: {err}") from None
+
+RUNS = RUN_TABLE.runs
+RUN_BY_ID = {run.run_id: run for run in RUNS}
+PARTITIONS = RUN_TABLE.partitions
+DOWNLOAD_FILES = RUN_TABLE.downloads
 DOWNLOAD_DATASETS = sorted(DOWNLOAD_FILES)
 
 RUN_DIR = (
@@ -154,14 +145,6 @@ def final_outputs():
 
 
 def data_identity(dataset):
-    """What the workflow config says the dataset's data is (not where it lives)."""
-    from fedhpro.data import DATASETS
-    from fedhpro.download import mirror_checksum
-
-    mirror = config["mirrors"].get(dataset) or {}
-    by_name = {r.filename: r for r in DATASETS[dataset].downloads}
-    files = {
-        name: mirror_checksum(by_name[name], mirror)
-        for name in DOWNLOAD_FILES.get(dataset, [])
-    }
-    return {"files": files, "fingerprint": mirror.get("fingerprint")}
+    """What the workflow config says the dataset's data is (not where it lives): the checksums its downloads
+    are verified against and any pinned fingerprint (computed with the run table, in the child process)."""
+    return RUN_TABLE.data_identity.get(dataset, {"files": {}, "fingerprint": None})

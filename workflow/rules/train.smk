@@ -11,7 +11,7 @@ rule train:
     output:
         metrics=f"{RUN_DIR}/metrics.parquet",
     params:
-        run_config=lambda wildcards: run_of(wildcards).config.canonical_json(),
+        run_config=lambda wildcards: run_of(wildcards).config_json,
     log:
         f"{LOGS}/train/{{dataset}}/{{het}}/{{method}}/{{variant}}/ps{{pseed}}_s{{seed}}.log",
     threads: 1 if config["slurm"]["launcher"] == "submitit" else config["threads"]

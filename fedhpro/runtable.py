@@ -1,0 +1,130 @@
+"""The workflow's run table, computed in a child process so the Snakemake process never imports torch.
+
+Validating a sweep needs the method, dataset and model registries (`fedhpro.config.from_dict`,
+`fedhpro.data.plan_downloads`), and those import torch: ~0.6 GB resident in the process that
+imports them. Snakemake's main process lives for the whole sweep on the submit host (a login node
+with a few GB per user), so `workflow/rules/common.smk` calls `load_run_table`, which runs
+``python -m fedhpro.runtable`` once: the child validates the config exactly as before
+(`fedhpro.sweep.validate_workflow_config`, `plan_downloads`) and prints plain JSON (run ids, each
+run's canonical config JSON and hash, the partitions, the download plan); the parent keeps only
+that. The parent imports nothing but the standard library from this module.
+
+The strings are the ones the in-process version produced (``RunConfig.canonical_json()``,
+``config_hash()``, ``PartitionSpec.params()``), so Snakemake's params rerun trigger and every run
+id are unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+__all__ = ["RunRow", "PartitionRow", "RunTable", "RunTableError", "load_run_table", "build_run_table"]
+
+
+class RunTableError(ValueError):
+    """The workflow config is invalid (the message names the key), or the run table could not be built."""
+
+
+@dataclass(frozen=True)
+class RunRow:
+    """One training run as the workflow sees it (the torch-free part of `fedhpro.sweep.RunSpec`)."""
+
+    run_id: str
+    partition_id: str
+    kind: str
+    dataset: str
+    method: str
+    variant: str
+    config_json: str  # RunConfig.canonical_json(): the train rule's params and the job's input
+    config_hash: str
+
+
+@dataclass(frozen=True)
+class PartitionRow:
+    """One client split: `params()` is `fedhpro.sweep.PartitionSpec.params()` (the partition rule's params)."""
+
+    partition_id: str
+    values: dict[str, Any]
+
+    def params(self) -> dict[str, Any]:
+        return json.loads(json.dumps(self.values))  # a fresh copy
+
+
+@dataclass(frozen=True)
+class RunTable:
+    runs: list[RunRow]
+    partitions: dict[str, PartitionRow]
+    downloads: dict[str, list[str]]  # dataset -> file names its download step fetches
+    data_identity: dict[str, dict[str, Any]]  # dataset -> {files: {name: checksum}, fingerprint}: what the data is
+
+
+def build_run_table(config: Mapping[str, Any], data_root: str, pending: set[str]) -> dict[str, Any]:
+    """The run table as JSON-ready data (runs in the child: imports torch through the registries)."""
+    from fedhpro.data import DATASETS, plan_downloads
+    from fedhpro.download import mirror_checksum
+    from fedhpro.sweep import partitions_of, validate_workflow_config
+
+    runs = validate_workflow_config(config)
+    partitions = {pid: spec.params() for pid, spec in partitions_of(runs).items()}
+    downloads = plan_downloads([(run.dataset, run.config.dataset_options) for run in runs], data_root,
+                               config.get("mirrors") or {}, pending=pending,
+                               warn=lambda message: print(f"fedhpro workflow: warning: {message}", file=sys.stderr))
+    mirrors = config.get("mirrors") or {}
+    identity = {}
+    for dataset in sorted({r.dataset for r in runs}):
+        mirror = mirrors.get(dataset) or {}
+        by_name = {remote.filename: remote for remote in DATASETS[dataset].downloads}
+        identity[dataset] = {"files": {name: mirror_checksum(by_name[name], mirror)
+                                       for name in downloads.get(dataset, [])},
+                             "fingerprint": mirror.get("fingerprint")}
+    return {"data_identity": identity, "runs": [{"run_id": r.run_id, "partition_id": r.partition_id, "kind": r.kind, "dataset": r.dataset,
+                      "method": r.method, "variant": r.variant, "config_json": r.config.canonical_json(),
+                      "config_hash": r.config.config_hash()} for r in runs],
+            "partitions": partitions, "downloads": downloads}
+
+
+def load_run_table(config: Mapping[str, Any], data_root: str, *, package_root: str | None = None,
+                   python: str = sys.executable, timeout: float = 600) -> RunTable:
+    """Validate `config` and expand it in a child Python; raises RunTableError with its one-line message.
+
+    package_root: a directory to put first on the child's PYTHONPATH (this checkout's fedhpro).
+    """
+    env = dict(os.environ)
+    if package_root:
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+    request = {"config": config, "data_root": data_root, "pending": sorted(config.get("pending_datasets") or {})}
+    try:
+        proc = subprocess.run([python, "-m", "fedhpro.runtable"], input=json.dumps(request, default=str),
+                              stdout=subprocess.PIPE, stderr=None, text=True, env=env, timeout=timeout)
+    except (OSError, subprocess.SubprocessError) as err:
+        raise RunTableError(f"could not run {python} -m fedhpro.runtable: {err}") from None
+    try:
+        answer = json.loads(proc.stdout or "null")
+    except ValueError:
+        answer = None
+    if not isinstance(answer, dict):
+        raise RunTableError(f"{python} -m fedhpro.runtable failed (exit {proc.returncode}); see its output above")
+    if "error" in answer:
+        raise RunTableError(answer["error"])
+    return RunTable(runs=[RunRow(**row) for row in answer["runs"]], partitions={pid: PartitionRow(pid, values) for pid, values in answer["partitions"].items()},
+                    downloads=answer["downloads"], data_identity=answer["data_identity"])
+
+
+def main() -> int:
+    """``python -m fedhpro.runtable``: request JSON on stdin, the run table (or {"error": ...}) on stdout."""
+    request = json.load(sys.stdin)
+    try:
+        table = build_run_table(request["config"], request["data_root"], set(request["pending"]))
+    except ValueError as err:  # ConfigError / SweepConfigError, and plan_downloads' one-line errors
+        table = {"error": str(err)}
+    json.dump(table, sys.stdout)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,204 @@
+"""Snakemake executor `fedhpro`: training runs as SLURM jobs through submitit, from one light process.
+
+Used by the `slurm` profile (``snakemake --profile slurm``; profiles/slurm/config.yaml). Snakemake
+discovers this package by its name (``snakemake_executor_plugin_*`` on sys.path). Every rule but
+`train` is a local rule and runs on the submit host as usual; this executor handles the `train`
+jobs (the jobs with a ``run_config`` param):
+
+* submission: the ready runs are grouped by `fedhpro.launch.LaunchOptions.plan_packs` (runs
+  expected to take less than ``slurm.pack_minutes`` share a job, executed one after another;
+  the others get a job each) and each group is submitted with submitit as a
+  `fedhpro.launch.RunPack` (Checkpointable: SIGUSR2 -> requeue with the same job id -> the
+  unfinished runs resume from their checkpoints, finished ones are skipped). Compute nodes need
+  no Snakemake; the job ids are recorded in every run's ``slurm_jobs.json``;
+* status: one scheduler query per ``seconds-between-status-checks`` for all jobs of the sweep
+  (`fedhpro.launch.query_states`: one ``sacct -j id1,id2,...``, or one ``squeue --me`` without
+  accounting). A run succeeds as soon as its ``metrics.parquet`` exists (even while the rest of
+  its pack still runs); a job that ends without it fails the run with the job id, state and the
+  tails of the run's log and the job's stderr;
+* interruption (Ctrl-C): one ``scancel`` for all jobs; after a killed Snakemake, a rerun
+  re-attaches to a job of the same run config that is still pending or running.
+
+The process never imports torch: the plugin uses only `fedhpro.launch`'s light part, and the
+workflow computes its run table in a child process (`fedhpro.runtable`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from typing import Any, AsyncGenerator, List
+
+import submitit
+from snakemake_interface_common.exceptions import WorkflowError
+from snakemake_interface_executor_plugins.executors.base import SubmittedJobInfo
+from snakemake_interface_executor_plugins.executors.remote import RemoteExecutor
+from snakemake_interface_executor_plugins.jobs import JobExecutorInterface
+from snakemake_interface_executor_plugins.settings import CommonSettings
+
+from fedhpro.launch import (ACTIVE_STATES, LaunchOptions, PackEntry, config_sha, failure_report, is_final, query_states,
+                            read_jobs, submit_pack, update_job)
+from fedhpro.sweep import SweepConfigError
+
+common_settings = CommonSettings(
+    non_local_exec=True,
+    implies_no_shared_fs=False,  # run directories, logs and submitit's folder live on a shared file system
+    job_deploy_sources=False,
+    pass_default_storage_provider_args=False,
+    pass_default_resources_args=False,
+    pass_envvar_declarations_to_cmd=False,
+    auto_deploy_default_storage_provider=False,
+    init_seconds_before_status_checks=5,
+)
+
+
+class Executor(RemoteExecutor):
+    def __post_init__(self) -> None:
+        config = getattr(self.workflow, "config", None) or {}
+        # sent with every run: the node resolves the run's data location from it (not in the rerun trigger)
+        self.workflow_config_json = json.dumps(config, default=str)
+        try:
+            self.options = LaunchOptions.from_config(config.get("slurm"))
+        except SweepConfigError as err:
+            raise WorkflowError(f"invalid workflow config: {err}") from None
+        results = str(config.get("results", "results")).rstrip("/")
+        # submitit's folder, one per SLURM job: pickled callable, result, stdout/stderr
+        self.jobs_folder = os.path.abspath(os.path.join(results, "logs", "slurm", "%j"))
+        self.submitit_jobs: dict[str, Any] = {}  # job id -> submitit job (non-SLURM clusters: polled locally)
+
+    # ------------------------------------------------------------------ submission
+    def run_job(self, job: JobExecutorInterface) -> None:
+        self.run_jobs([job])
+
+    def run_jobs(self, jobs: List[JobExecutorInterface]) -> None:
+        runs: list[tuple[JobExecutorInterface, PackEntry]] = []
+        for job in jobs:
+            self.run_job_pre(job)
+            config_json = None if job.is_group() else getattr(job.params, "run_config", None)
+            if not isinstance(config_json, str):
+                self.report_job_error(SubmittedJobInfo(job), msg=(
+                    f"the fedhpro executor runs only training runs (rule train) on SLURM; rule {job.rule.name} "
+                    "must be a local rule (localrules:) of the workflow. "))
+                continue
+            log = os.path.abspath(job.log[0]) if job.log else None
+            partition = getattr(job.input, "partition", None)
+            entry = PackEntry(config_json=config_json, run_dir=os.path.abspath(os.path.dirname(job.output[0])),
+                              partition_dir=os.path.abspath(os.path.dirname(partition)) if partition else None,
+                              log=log, workflow_config=self.workflow_config_json,
+                              wildcards=tuple(sorted((k, str(v)) for k, v in dict(job.wildcards).items())))
+            runs.append((job, entry))
+        runs = self._reattach(runs)
+        for pack in self.options.plan_packs([((job, entry), job.wildcards.get("dataset", ""))
+                                             for job, entry in runs]):
+            self._submit(pack)
+
+    def _submit(self, pack: list[tuple[JobExecutorInterface, PackEntry]]) -> None:
+        entries = [entry for _, entry in pack]
+        for entry in entries:
+            if entry.log:  # a fresh log per attempt; the job appends the run's output
+                os.makedirs(os.path.dirname(entry.log), exist_ok=True)
+                with open(entry.log, "w") as fh:
+                    fh.write(f"submitted {time.strftime('%Y-%m-%dT%H:%M:%S')} by the fedhpro executor "
+                             f"({len(entries)} run(s) in one job)\n")
+        first = pack[0][0]
+        name = (f"fedhpro-pack{len(pack)}" if len(pack) > 1 else
+                f"fedhpro-{first.wildcards.get('method', 'run')}-{first.wildcards.get('variant', '')}")
+        try:
+            sub = submit_pack(entries, self.options, self.jobs_folder, name)
+        except Exception as err:  # noqa: BLE001 - sbatch refused (partition, account, ...): fail these runs
+            for job, _ in pack:
+                self.report_job_error(SubmittedJobInfo(job), msg=f"submission failed: {err}\n")
+            return
+        job_id = str(sub.job_id)
+        folder = str(sub.paths.folder)
+        if not isinstance(sub, submitit.SlurmJob):  # e.g. submitit's local executor where srun is missing
+            self.submitit_jobs[job_id] = sub
+        for job, entry in pack:
+            if entry.log:
+                with open(entry.log, "a") as fh:
+                    fh.write(f"SLURM job {job_id}; job logs in {folder}\n")
+            self.report_job_submission(SubmittedJobInfo(job, external_jobid=job_id, aux={
+                "entry": entry, "folder": folder, "pack_size": len(pack), "metrics": os.path.abspath(job.output[0])}))
+        self.logger.info(f"submitted {len(pack)} run(s) as job {job_id}")
+
+    def _reattach(self, runs: list[tuple[JobExecutorInterface, PackEntry]]
+                  ) -> list[tuple[JobExecutorInterface, PackEntry]]:
+        """Runs whose job (same config) is still pending/running after a killed Snakemake are watched, not
+        resubmitted; a live job of a changed config is cancelled. Returns the runs left to submit."""
+        last = {}
+        for job, entry in runs:
+            jobs = read_jobs(entry.run_dir)
+            if jobs and jobs[-1].get("cluster") == "slurm" and not jobs[-1].get("final_state"):
+                last[id(job)] = jobs[-1]
+        if not last:
+            return runs
+        states = query_states([record["job_id"] for record in last.values()])
+        to_submit, stale = [], set()
+        for job, entry in runs:
+            record = last.get(id(job))
+            state = states.get(record["job_id"], "") if record else ""
+            if state not in ACTIVE_STATES:
+                to_submit.append((job, entry))
+            elif record.get("config_sha") != config_sha(entry.config_json):
+                stale.add(record["job_id"])
+                to_submit.append((job, entry))
+            else:
+                self.logger.info(f"re-attaching {entry.run_dir} to SLURM job {record['job_id']} ({state})")
+                self.report_job_submission(SubmittedJobInfo(job, external_jobid=record["job_id"], aux={
+                    "entry": entry, "folder": record.get("folder", ""), "pack_size": record.get("pack_size", 1),
+                    "metrics": os.path.abspath(job.output[0])}))
+        if stale:
+            self.logger.info(f"cancelling SLURM jobs of changed run configs: {' '.join(sorted(stale))}")
+            subprocess.run(["scancel", *sorted(stale)], check=False, capture_output=True)
+        return to_submit
+
+    # ------------------------------------------------------------------ status
+    async def check_active_jobs(self, active_jobs: List[SubmittedJobInfo]
+                                ) -> AsyncGenerator[SubmittedJobInfo, None]:
+        slurm_ids = sorted({info.external_jobid for info in active_jobs if info.external_jobid not in self.submitit_jobs
+                            and not os.path.exists(info.aux["metrics"])})
+        states: dict[str, str] = {}
+        if slurm_ids:
+            async with self.status_rate_limiter:
+                states = query_states(slurm_ids)  # ONE scheduler call for every job in flight
+        for info in active_jobs:
+            job_id, aux = info.external_jobid, info.aux
+            entry: PackEntry = aux["entry"]
+            if os.path.exists(aux["metrics"]):
+                state = states.get(job_id, "")
+                update_job(entry.run_dir, job_id, result="ok", **({"final_state": state} if is_final(state) else {}))
+                self.report_job_success(info)
+                continue
+            if job_id in self.submitit_jobs:
+                sub = self.submitit_jobs[job_id]
+                state = sub.state.split()[0].upper() if sub.done() else "RUNNING"
+                final = sub.done()
+            else:
+                state = states.get(job_id, "UNKNOWN")
+                final = is_final(state)
+            if not final:
+                aux.pop("final_since", None)
+                yield info
+                continue
+            # the metrics of a finished job may show up late on a shared file system
+            since = aux.setdefault("final_since", time.monotonic())
+            if state == "COMPLETED" and time.monotonic() - since < self.workflow.execution_settings.latency_wait:
+                yield info
+                continue
+            update_job(entry.run_dir, job_id, result="failed", final_state=state)
+            self.report_job_error(info, msg=failure_report(job_id, state, entry, aux["folder"], aux["pack_size"])
+                                  + "\n")
+
+    def cancel_jobs(self, active_jobs: List[SubmittedJobInfo]) -> None:
+        ids = sorted({info.external_jobid for info in active_jobs if info.external_jobid})
+        slurm_ids = [job_id for job_id in ids if job_id not in self.submitit_jobs]
+        if slurm_ids:
+            subprocess.run(["scancel", *slurm_ids], check=False, capture_output=True)
+        for job_id in ids:
+            if job_id in self.submitit_jobs:
+                self.submitit_jobs[job_id].cancel(check=False)
+        for info in active_jobs:
+            update_job(info.aux["entry"].run_dir, info.external_jobid,
+                       final_state="CANCELLED (Snakemake interrupted)")
