@@ -568,7 +568,11 @@ def _experiment_blocks(config: Mapping) -> list[tuple[ExperimentSpec, dict, dict
         return [(ExperimentSpec(LEGACY_EXPERIMENT), dict(config), {})]
     experiments = _mapping(experiments, "experiments")
     for key in EXPERIMENT_SWEEP_KEYS:
-        if config.get(key):
+        value = config.get(key)
+        if key == "ablations":  # the JSON schema fills in an empty section (no variants): nothing declared
+            sections = value if isinstance(value, list) else [value]
+            value = [s for s in sections if not isinstance(s, Mapping) or s.get("variants")]
+        if value:
             raise _err(key, "is set at the top level next to 'experiments'; with experiments every dataset, "
                        "heterogeneity setting, method, grid and ablation belongs to an experiment: move it into "
                        "the experiment block(s) that use it")

@@ -57,7 +57,6 @@ PARTITION_DIR = f"{RESULTS}/partitions/{{dataset}}/{{het}}/ps{{pseed}}"
 TABLES = f"{RESULTS}/tables"
 FIGURES = f"{RESULTS}/figures"
 LOGS = f"{RESULTS}/logs"
-TABLE_NAMES = ("main", "ablation", "communication")
 
 
 wildcard_constraints:
@@ -133,7 +132,3 @@ def train_resources():
 MAIN_METRICS = metrics_of([run for run in RUNS if run.kind == "main"])
 ABLATION_METRICS = metrics_of([run for run in RUNS if run.kind == "ablation"])
 ALL_METRICS = MAIN_METRICS + ABLATION_METRICS
-
-
-def final_outputs():
-    return [f"{TABLES}/{name}.md" for name in TABLE_NAMES] + [FIGURES]
