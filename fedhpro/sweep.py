@@ -51,7 +51,7 @@ from typing import Any, Callable, Mapping
 from fedhpro.config import ConfigError, RunConfig, from_dict
 
 __all__ = ["RunSpec", "PartitionSpec", "ExperimentSpec", "SweepConfigError", "expand_sweep", "experiments_of",
-           "runs_by_experiment", "validate_workflow_config",
+           "runs_by_experiment", "pending_datasets_of", "validate_workflow_config",
            "encode_value", "het_id", "partitions_of", "WILDCARD_PATTERNS", "LAUNCHERS", "REPORTING_RULES"]
 
 LAUNCHERS = ("local", "submitit")
@@ -315,7 +315,7 @@ def _dataset_table(config: Mapping, warn: Callable[[str], None]) -> dict[str, tu
 
     table: dict[str, tuple[dict, str]] = {}
     datasets = _mapping(config.get("datasets"), "datasets")
-    if not datasets:
+    if not datasets and not config.get("pending_datasets"):
         raise _err("datasets", "must name at least one dataset")
     for name, entry in datasets.items():
         _check_name(name, f"datasets.{name}")
@@ -365,7 +365,9 @@ def _expand_one(config: Mapping, *, warn: Callable[[str], None] | None = None) -
     seeds = _int_list(config.get("seeds", [0]), "seeds")
     pseeds = _int_list(config.get("partition_seeds", [0]), "partition_seeds")
     datasets = _dataset_table(config, warn)
-    global_het = _het_list(config.get("heterogeneity"), "heterogeneity")
+    # optional when every dataset sets its own list (e.g. an experiment of feature-shift datasets)
+    global_het = (_het_list(config.get("heterogeneity"), "heterogeneity")
+                  if config.get("heterogeneity") is not None else None)
 
     from fedhpro.methods import METHOD_MODULES
 
@@ -399,6 +401,9 @@ def _expand_one(config: Mapping, *, warn: Callable[[str], None] | None = None) -
         entry = dict(entry)
         het = _het_list(entry.pop("heterogeneity"), f"{path}.heterogeneity") if "heterogeneity" in entry \
             else global_het
+        if het is None:
+            raise _err("heterogeneity", f"must be a non-empty list of partition settings (dataset {name} sets "
+                       "no heterogeneity of its own)")
         allowed = entry.pop("methods", None)
         if allowed is None:
             allowed = list(variants)
@@ -571,7 +576,7 @@ def _experiment_blocks(config: Mapping) -> list[tuple[ExperimentSpec, dict, dict
         value = config.get(key)
         if key == "ablations":  # the JSON schema fills in an empty section (no variants): nothing declared
             sections = value if isinstance(value, list) else [value]
-            value = [s for s in sections if not isinstance(s, Mapping) or s.get("variants")]
+            value = [s for s in sections if s is not None and (not isinstance(s, Mapping) or s.get("variants"))]
         if value:
             raise _err(key, "is set at the top level next to 'experiments'; with experiments every dataset, "
                        "heterogeneity setting, method, grid and ablation belongs to an experiment: move it into "
@@ -668,6 +673,14 @@ def expand_sweep(config: Mapping, *, warn: Callable[[str], None] | None = None) 
             partitions.setdefault(part.partition_id, (part, where))
             runs[run.run_id] = replace(run, experiments=(spec.name,))
     return list(runs.values())
+
+
+def pending_datasets_of(config: Mapping) -> set[str]:
+    """Names listed under `pending_datasets`, at the top level or in any experiment (their download plan is lenient)."""
+    names = set(_mapping(config.get("pending_datasets"), "pending_datasets"))
+    for spec, sub, _ in _experiment_blocks(config):
+        names |= set(_mapping(sub.get("pending_datasets"), f"experiments.{spec.name}.pending_datasets"))
+    return names
 
 
 def runs_by_experiment(runs: list[RunSpec]) -> dict[str, list[RunSpec]]:

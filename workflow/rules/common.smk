@@ -38,12 +38,14 @@ PARTITIONS = partitions_of(RUNS)
 # no checksum (upstream or in `mirrors:`; SynDigits has none) and no local copy stops the workflow
 # here, at load time, not in the job; for a dataset under `pending_datasets` it is dropped with a
 # warning (the loader skips what is missing, e.g. digit_domains a domain).
+from fedhpro.sweep import pending_datasets_of  # noqa: E402  (pending in any experiment)
+
 try:
     DOWNLOAD_FILES = plan_downloads(
         [(run.dataset, run.config.dataset_options) for run in RUNS],
         DATA_ROOT,
         config["mirrors"],
-        pending=set(config.get("pending_datasets") or {}),
+        pending=pending_datasets_of(config),
         warn=lambda message: print(f"fedhpro workflow: warning: {message}", file=sys.stderr),
     )
 except ValueError as err:
