@@ -3,29 +3,10 @@
 # Two rules, so deleting the tables (or the figures) rebuilds only those. Each output is a
 # directory(): Snakemake removes it before the job and marks it complete only when the job
 # succeeded, so a partial set of tables never looks complete.
-from fedhpro.sweep import experiments_of, runs_by_experiment
-
-EXPERIMENTS = experiments_of(config)
-RUNS_OF_EXPERIMENT = runs_by_experiment(RUNS)
 
 
 wildcard_constraints:
     experiment="|".join(re.escape(name) for name in RUNS_OF_EXPERIMENT) or "(?!)",
-
-
-def experiment_metrics(wildcards):
-    return metrics_of(RUNS_OF_EXPERIMENT[wildcards.experiment])
-
-
-def experiment_params(wildcards):
-    spec = EXPERIMENTS[wildcards.experiment]
-    return {"kind": spec.kind, "title": spec.title, "protocol": spec.protocol}
-
-
-def final_outputs():
-    return [f"{TABLES}/{name}" for name in RUNS_OF_EXPERIMENT] + [
-        f"{FIGURES}/{name}" for name in RUNS_OF_EXPERIMENT
-    ]
 
 
 localrules:

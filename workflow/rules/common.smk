@@ -134,3 +134,25 @@ def train_resources():
 MAIN_METRICS = metrics_of([run for run in RUNS if run.kind == "main"])
 ABLATION_METRICS = metrics_of([run for run in RUNS if run.kind == "ablation"])
 ALL_METRICS = MAIN_METRICS + ABLATION_METRICS
+
+
+# experiments: each has its own tables and figures, from its own runs (a run may be in several)
+from fedhpro.sweep import experiments_of, runs_by_experiment  # noqa: E402
+
+EXPERIMENTS = experiments_of(config)
+RUNS_OF_EXPERIMENT = runs_by_experiment(RUNS)
+
+
+def experiment_metrics(wildcards):
+    return metrics_of(RUNS_OF_EXPERIMENT[wildcards.experiment])
+
+
+def experiment_params(wildcards):
+    spec = EXPERIMENTS[wildcards.experiment]
+    return {"kind": spec.kind, "title": spec.title, "protocol": spec.protocol}
+
+
+def final_outputs():
+    return [f"{TABLES}/{name}" for name in RUNS_OF_EXPERIMENT] + [
+        f"{FIGURES}/{name}" for name in RUNS_OF_EXPERIMENT
+    ]
