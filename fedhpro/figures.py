@@ -43,7 +43,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from fedhpro.labels import (CONDITION_KEYS, METHOD_NAMES, MB, ablation_styles, cond_id, cond_of, condition_labels,
+from fedhpro.labels import (CONDITION_KEYS, METHOD_NAMES, MB, ablation_style, cond_id, cond_of, condition_labels,
                             condition_slug, is_main_row, method_label, sort_key_condition, sort_key_method,
                             style_of)
 from fedhpro.runio import atomic_write
@@ -251,10 +251,14 @@ def _ablation_panels(settings: list[dict], kind: str) -> list[dict]:
 def _ablation_figure(panels: list[dict], title: str) -> Figure:
     fig, axes = _grid(len(panels), title)
     entries: dict[str, dict] = {}
+    # one style per (method, variant) over the whole figure, so every legend entry is told apart
+    variants = [(p["method"], ln["variant"]) for p in panels for ln in p["lines"] if ln["variant"] != "default"]
+    order = list(dict.fromkeys(variants))
+    styles = {key: ablation_style(i) for i, key in enumerate(order)}
     for ax, panel in zip(axes, panels):
-        styles = ablation_styles(panel["method"], [ln["variant"] for ln in panel["lines"]])
         for line in panel["lines"]:
-            style = styles[line["variant"]]
+            key = (line["method"], line["variant"])
+            style = styles[key] if key in styles else style_of(line["method"])
             name = f"{METHOD_NAMES.get(line['method'], line['method'])}: {line['variant']}"
             entries.setdefault(name, style)
             _draw_line(ax, line["round"].astype(float), line["acc_mean"], line["acc_std"], style, line["dashed"])

@@ -192,13 +192,9 @@ def style_of(method: str, variant: str = "default") -> dict:
     return {"linestyle": "-" if method not in STYLES else "--", **EXTRA_STYLES[pick]}
 
 
-def ablation_styles(method: str, variants: Sequence[str]) -> dict[str, dict]:
-    """Styles of one method's ablation variants: the default in the method's style, the others distinct."""
-    others = sorted(v for v in set(variants) if v != "default")
-    out = {"default": style_of(method)} if "default" in variants else {}
-    for i, v in enumerate(others):
-        out[v] = dict(ABLATION_STYLES[i % len(ABLATION_STYLES)])
-    return out
+def ablation_style(index: int) -> dict:
+    """The style of the `index`-th ablation variant drawn in a figure (the defaults keep their method's style)."""
+    return dict(ABLATION_STYLES[index % len(ABLATION_STYLES)])
 
 
 def is_main_row(method: str, variant: str, methods_with_default: set[str] | None = None) -> bool:
