@@ -51,29 +51,19 @@ from typing import Iterable, Sequence
 import numpy as np
 import pandas as pd
 
+from fedhpro.labels import (AGGREGATION_NAMES, AGGREGATION_NOTE, CONDITION_KEYS, DATASET_NAMES, MAIN_VARIANTS, MB,
+                            METHOD_NAMES, METHOD_ORDER, PARTITION_ORDER, SETTING_KEYS, cond_id, cond_of,
+                            condition_label, condition_labels, condition_slug, heterogeneity_label, is_main_row,
+                            method_label, sort_key_condition, sort_key_method)
 from fedhpro.runio import (METRICS, METRICS_SCHEMA_VERSION, atomic_write_text, metrics_config_hash, read_metrics_meta,
                            read_run_info)
 
 RULES = ("final", "last_k", "best")
-SETTING_KEYS = ("method", "variant", "eval_mode", "dataset", "partition", "alpha", "classes_per_client",
-                "imbalance_ratio", "num_clients", "model", "aggregation")
-# a "setting" as a table column: everything but the method, its variant and how its weights were aggregated
-CONDITION_KEYS = tuple(k for k in SETTING_KEYS if k not in ("method", "variant", "aggregation"))
 RUN_KEYS = SETTING_KEYS + ("partition_seed", "seed", "run_id")
 REQUIRED_COLUMNS = tuple(k for k in RUN_KEYS if k != "aggregation") + ("round", "status", "train_loss", "test_acc", "test_loss", "client_acc_mean",
                                "client_acc_std", "bytes_up", "bytes_down")
 DOMAIN_PREFIX = "domain_acc_"
-MB = 1e6  # tables and figures use SI megabytes (10^6 bytes)
-
-METHOD_NAMES = {"fedavg": "FedAvg", "fedprox": "FedProx", "creff": "CReFF", "fedhpro": "FedHPro", "moon": "MOON",
-                "fedproto": "FedProto", "fpl": "FPL", "fedtgp": "FedTGP", "fedsa": "FedSA", "protonorm": "ProtoNorm",
-                "gfpl": "GFPL"}
-METHOD_ORDER = ("fedavg", "fedprox", "moon", "creff", "fedproto", "fpl", "fedtgp", "fedsa", "protonorm", "gfpl",
-                "fedhpro")
-DATASET_NAMES = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "tinyimagenet": "Tiny-ImageNet",
-                 "ham10000": "HAM10000", "digit_domains": "Digits", "office_caltech": "Office-Caltech",
-                 "agnews": "AG News", "sun397": "SUN397", "digits": "digits"}
-PARTITION_ORDER = ("iid", "dirichlet", "creff", "pathological", "domains")
+DOMAIN_AVG = "domains_avg"  # per run: the unweighted mean of its per-domain accuracies
 REFERENCE_METHOD = "fedhpro"  # the ablation table's method
 
 
@@ -327,6 +317,9 @@ def summarize_runs(df: pd.DataFrame, rule: str = "final", last_k: int = 5) -> pd
         row["has_domains"] = bool(domains) and bool(run[domains].notna().any().any())
         for col in domains:
             row[col] = float(chosen[col].mean()) if len(chosen) and chosen[col].notna().any() else math.nan
+        if domains:  # the feature-shift "Avg": unweighted mean over the domains this run recorded
+            values = [row[c] for c in domains if math.isfinite(row[c])]
+            row[DOMAIN_AVG] = float(np.mean(values)) if values else math.nan
         up, down = run["bytes_up"].astype(float), run["bytes_down"].astype(float)
         row["mb_up_per_round"] = up.mean() / MB
         row["mb_down_per_round"] = down.mean() / MB
@@ -339,46 +332,6 @@ def summarize_runs(df: pd.DataFrame, rule: str = "final", last_k: int = 5) -> pd
 
 
 # ====================================================================== settings
-def _sort_key_method(method: str, variant: str) -> tuple:
-    rank = METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER)
-    return (rank, method, variant != "default", variant)
-
-
-def _num(x) -> float:
-    return math.nan if x is None or x is pd.NA else float(x)
-
-
-def _sort_key_condition(cond: dict) -> tuple:
-    part = cond["partition"]
-    alpha = _num(cond["alpha"])
-    return (cond["dataset"], PARTITION_ORDER.index(part) if part in PARTITION_ORDER else len(PARTITION_ORDER), part,
-            -alpha if alpha == alpha else 0.0, int(cond["classes_per_client"]), float(cond["imbalance_ratio"]),
-            int(cond["num_clients"]), cond["eval_mode"] != "global", cond["eval_mode"], str(cond["model"]))
-
-
-# FedHPro's variants that are rows of the main table (its other variants are ablations): as published
-# (`default`) and with real FedAvg aggregation (`fedavg`), and the paper-text variant with each aggregation.
-MAIN_VARIANTS = {"fedhpro": ("default", "fedavg", "paper", "paper_fedavg")}
-AGGREGATION_NAMES = {"last_client": "last-client aggregation", "fedavg": "FedAvg aggregation"}
-AGGREGATION_NOTE = ("FedHPro rows: \"official code\" and \"last-client aggregation\" = the global model of each round "
-                    "is the last sampled client's trained model (with the re-trained classifier), which is what the "
-                    "official code computes (its client state_dicts alias one reused model; `aggregation: "
-                    "last_client`); \"FedAvg aggregation\" = the sample-weighted mean of the client models "
-                    "(`aggregation: fedavg`).")
-
-
-def method_label(method: str, variant: str = "default", aggregation: str | None = None) -> str:
-    """Display name of a table row; FedHPro's says which aggregation it used."""
-    name = METHOD_NAMES.get(method, method)
-    if method == "fedhpro" and aggregation in AGGREGATION_NAMES:
-        if variant == "default" and aggregation == "last_client":
-            return f"{name} (official code)"
-        if variant in ("default", "fedavg") and aggregation == "fedavg":
-            return f"{name} (FedAvg aggregation)"
-        variant = variant.removesuffix("_fedavg") if aggregation == "fedavg" else variant
-        return f"{name} ({variant}, {AGGREGATION_NAMES[aggregation]})"
-    return name if variant == "default" else f"{name} ({variant})"
-
 
 def _aggregation_of(summary: pd.DataFrame, method: str, variant: str) -> str | None:
     if "aggregation" not in summary.columns:
@@ -390,71 +343,6 @@ def _aggregation_of(summary: pd.DataFrame, method: str, variant: str) -> str | N
 def _shows_fedhpro(summary: pd.DataFrame) -> bool:
     return bool((summary["method"] == "fedhpro").any()) if len(summary) else False
 
-
-def _g(x: float) -> str:
-    return f"{float(x):g}"
-
-
-def heterogeneity_label(cond: dict) -> str:
-    """'Dir(0.5)', 'Dir(0.5) ρ=100', 'pathological k=2', 'iid', 'domains'."""
-    part = cond["partition"]
-    alpha, rho, k = _num(cond["alpha"]), float(cond["imbalance_ratio"]), int(cond["classes_per_client"])
-    if part in ("dirichlet", "creff"):
-        text = f"Dir({_g(alpha)})" if alpha == alpha else part
-    elif part == "pathological":
-        text = f"pathological k={k}" if k > 0 else "pathological"
-    else:
-        text = part
-    if rho > 1 or part == "creff":
-        text += f" ρ={_g(rho)}"
-    return text
-
-
-def condition_label(cond: dict) -> str:
-    return f"{DATASET_NAMES.get(cond['dataset'], cond['dataset'])} {heterogeneity_label(cond)}"
-
-
-def condition_labels(conds: Sequence[dict]) -> list[str]:
-    """Column labels; settings that would read the same get the fields that tell them apart appended."""
-    base = [condition_label(c) for c in conds]
-    extras: list[list[str]] = [[] for _ in conds]
-    for label in set(base):
-        idx = [i for i, b in enumerate(base) if b == label]
-        if len(idx) < 2:
-            continue
-        for key, fmt in (("partition", str), ("eval_mode", str), ("num_clients", lambda v: f"N={int(v)}"),
-                         ("model", str)):
-            values = {str(conds[i][key]) for i in idx}
-            if len(values) > 1:
-                for i in idx:
-                    extras[i].append(fmt(conds[i][key]))
-    return [b + (f" [{', '.join(e)}]" if e else "") for b, e in zip(base, extras)]
-
-
-def _slug_part(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9.]+", "-", str(text)).strip("-.") or "x"
-
-
-def condition_slug(cond: dict) -> str:
-    """A safe, deterministic file-name stem for a setting: 'digits_dirichlet_a0.5_n10_global_auto'."""
-    parts = [cond["dataset"], cond["partition"]]
-    alpha = _num(cond["alpha"])
-    if alpha == alpha:
-        parts.append(f"a{_g(alpha)}")
-    if int(cond["classes_per_client"]) > 0:
-        parts.append(f"k{int(cond['classes_per_client'])}")
-    if float(cond["imbalance_ratio"]) != 1:
-        parts.append(f"rho{_g(cond['imbalance_ratio'])}")
-    parts += [f"n{int(cond['num_clients'])}", cond["eval_mode"], cond["model"]]
-    return "_".join(_slug_part(p) for p in parts)
-
-
-def _cond_of(row) -> dict:
-    return {k: row[k] for k in CONDITION_KEYS}
-
-
-def _cond_id(cond: dict) -> tuple:
-    return tuple("nan" if isinstance(v, float) and v != v else v for v in (cond[k] for k in CONDITION_KEYS))
 
 
 def format_cell(mean: float, std: float, n: int, n_diverged: int, diverged_rounds: Sequence[int],
@@ -481,7 +369,7 @@ def summarize(df: pd.DataFrame, rule: str = "final", last_k: int = 5, *, runs: p
     `df` is the tidy table from `collect` (or pass the per-run table as `runs`).
     """
     runs = summarize_runs(df, rule, last_k) if runs is None else runs
-    domains = [c for c in runs.columns if c.startswith(DOMAIN_PREFIX)]
+    domains = [c for c in runs.columns if c.startswith(DOMAIN_PREFIX) or c == DOMAIN_AVG]
     rows = []
     for _, grp in runs.groupby(list(SETTING_KEYS), dropna=False, sort=False):
         first = grp.iloc[0]
@@ -507,13 +395,13 @@ def summarize(df: pd.DataFrame, rule: str = "final", last_k: int = 5, *, runs: p
     out = pd.DataFrame(rows)
     if out.empty:
         return out
-    conds = [_cond_of(r) for _, r in out.iterrows()]
+    conds = [cond_of(r) for _, r in out.iterrows()]
     out["setting"] = condition_labels(conds)
     out["setting_slug"] = [condition_slug(c) for c in conds]
     out["cell"] = [format_cell(r.acc_mean_pct, r.acc_std_pct, r.n, r.n_diverged,
                                [int(x) for x in r.diverged_rounds.split()]) for r in out.itertuples()]
-    order = sorted(range(len(out)), key=lambda i: (_sort_key_condition(conds[i]),
-                                                   _sort_key_method(out["method"].iloc[i], out["variant"].iloc[i])))
+    order = sorted(range(len(out)), key=lambda i: (sort_key_condition(conds[i]),
+                                                   sort_key_method(out["method"].iloc[i], out["variant"].iloc[i])))
     return out.iloc[order].reset_index(drop=True)
 
 
@@ -585,8 +473,32 @@ class Table:
         return paths
 
 
-def _caption(what: str, rule: str, last_k: int, n_mode: int | None, extra: str = "") -> str:
-    text = f"{what} {accuracy_caption(rule, last_k, n_mode)}. Diverged seeds are excluded from the mean and stated."
+KINDS = ("comparison", "ablation")  # an experiment's tables: methods compared, or variants against their default
+WEIGHTED_COLUMN = "client_acc_weighted"  # personalized accuracy, sample-weighted (written by newer runs)
+
+
+def accuracy_text(eval_modes: Iterable[str], weighted: bool = False) -> str:
+    """Which accuracy a table shows, per evaluation mode present (every caption states it)."""
+    modes = set(eval_modes)
+    parts = []
+    if "global" in modes or not modes:
+        parts.append("global mode: the test accuracy of the global model on the global test set")
+    if "personalized" in modes:
+        parts.append("personalized mode: " + (
+            "sample-weighted accuracy, total correct over total local test samples of all clients (HtFLlib's "
+            "convention)" if weighted else
+            "the mean over clients of each client's accuracy on its own local test split"))
+    return "Accuracy shown: " + "; ".join(parts) + "."
+
+
+def _caption(what: str, rule: str, last_k: int, n_mode: int | None, extra: str = "", *,
+             summary: pd.DataFrame | None = None, weighted: bool = False, protocol: str = "") -> str:
+    text = f"{what} {accuracy_caption(rule, last_k, n_mode)}."
+    if summary is not None:
+        text += " " + accuracy_text(summary["eval_mode"] if len(summary) else (), weighted)
+    if protocol:
+        text += f" Protocol: {protocol.strip().rstrip('.')}."
+    text += " Diverged seeds are excluded from the mean and stated."
     return text + (f" {extra}" if extra else "")
 
 
@@ -598,7 +510,7 @@ def _n_mode(summary: pd.DataFrame) -> int | None:
 def _conditions(summary: pd.DataFrame) -> list[tuple[tuple, str]]:
     seen: dict[tuple, str] = {}
     for _, r in summary.iterrows():
-        seen.setdefault(_cond_id(_cond_of(r)), r["setting"])
+        seen.setdefault(cond_id(cond_of(r)), r["setting"])
     return list(seen.items())
 
 
@@ -607,7 +519,7 @@ def _cell_texts(summary: pd.DataFrame, n_mode: int | None) -> dict[tuple, tuple[
     for _, r in summary.iterrows():
         text = format_cell(r.acc_mean_pct, r.acc_std_pct, int(r.n), int(r.n_diverged),
                            [int(x) for x in str(r.diverged_rounds).split()], n_mode)
-        out[(r.method, r.variant, _cond_id(_cond_of(r)))] = (text, r.acc_mean_pct)
+        out[(r.method, r.variant, cond_id(cond_of(r)))] = (text, r.acc_mean_pct)
     return out
 
 
@@ -641,60 +553,92 @@ def _bold_best(means: list[list[float]], col_offset: int = 1) -> set[tuple[int, 
 
 def _methods(summary: pd.DataFrame) -> list[tuple[str, str]]:
     pairs = {(r.method, r.variant) for r in summary.itertuples()}
-    return sorted(pairs, key=lambda p: _sort_key_method(*p))
+    return sorted(pairs, key=lambda p: sort_key_method(*p))
 
 
-def main_table(summary: pd.DataFrame, rule: str, last_k: int) -> Table:
+def _methods_with_default(summary: pd.DataFrame) -> set[str]:
+    return {r.method for r in summary.itertuples() if r.variant == "default"}
+
+
+def main_table(summary: pd.DataFrame, rule: str, last_k: int, *, name: str = "main", title: str = "",
+               protocol: str = "", weighted: bool = False) -> Table:
     """Rows = methods (+ variant), columns = settings, best mean per column in bold.
 
-    FedHPro's ablation variants are left to the ablation table (as in the paper) when its default ran;
-    other methods' variants (e.g. a FedProx mu sweep) stay here.
+    FedHPro's ablation variants are left to the ablation table (as in the paper) when its default ran
+    (`fedhpro.labels.is_main_row`); other methods' variants (e.g. a FedProx mu sweep) stay here.
+    `weighted`: the summary holds the sample-weighted personalized accuracy (the caption says so).
     """
     n_mode = _n_mode(summary)
     conds = _conditions(summary)
-    methods = _methods(summary)
-    if (REFERENCE_METHOD, "default") in methods:
-        main = MAIN_VARIANTS[REFERENCE_METHOD]
-        methods = [(m, v) for m, v in methods if m != REFERENCE_METHOD or v in main]
+    with_default = _methods_with_default(summary)
+    methods = [(m, v) for m, v in _methods(summary) if is_main_row(m, v, with_default)]
     texts, means = _matrix(summary, methods, conds, n_mode)
     rows = [[method_label(m, v, _aggregation_of(summary, m, v))] + t for (m, v), t in zip(methods, texts)]
     extra = "Best mean per column in bold." + (" " + AGGREGATION_NOTE if _shows_fedhpro(summary) else "")
-    return Table("main", _caption("Main comparison.", rule, last_k, n_mode, extra),
+    what = f"{title.strip().rstrip('.')}." if title else "Main comparison."
+    return Table(name, _caption(what, rule, last_k, n_mode, extra, summary=summary, weighted=weighted,
+                                protocol=protocol),
                  ["Method"] + [label for _, label in conds], rows, _bold_best(means))
 
 
-def ablation_table(summary: pd.DataFrame, rule: str, last_k: int) -> Table:
-    """FedHPro's non-default variants against its default, per setting, with Δ (mean over settings, pp)."""
-    ours = summary[summary["method"] == REFERENCE_METHOD]
-    variant_conds = {_cond_id(_cond_of(r)) for _, r in ours.iterrows() if r["variant"] != "default"}
-    ours = ours[[_cond_id(_cond_of(r)) in variant_conds for _, r in ours.iterrows()]] if len(ours) else ours
-    n_mode = _n_mode(ours) if len(ours) else None
-    extra = ("Δ: accuracy minus the default's, in points, averaged over the settings where both finished. "
-             "Best mean per column in bold.")
+def ablation_rows(summary: pd.DataFrame, kind: str = "comparison") -> list[tuple[str, str]]:
+    """The (method, variant) rows of the ablation table, defaults first per method.
+
+    ``comparison``: every variant of the methods that have variants outside the main table (FedHPro's
+    ablations, `fedhpro.labels.is_main_row`). ``ablation`` (an experiment of ablations): every variant of
+    every method that has more than its default.
+    """
+    pairs = _methods(summary)
+    with_default = _methods_with_default(summary)
+    if kind == "ablation":
+        methods = {m for m, v in pairs if v != "default"}
+    else:
+        methods = {m for m, v in pairs if not is_main_row(m, v, with_default)}
+    return [(m, v) for m, v in pairs if m in methods]
+
+
+def ablation_table(summary: pd.DataFrame, rule: str, last_k: int, *, kind: str = "comparison", title: str = "",
+                   protocol: str = "") -> Table:
+    """Each ablated method's variants against its default, per setting, with Δ (mean over settings, pp)."""
+    rows_of = ablation_rows(summary, kind)
+    methods = list(dict.fromkeys(m for m, _ in rows_of))
+    names = ", ".join(METHOD_NAMES.get(m, m) for m in methods) or METHOD_NAMES.get(REFERENCE_METHOD)
+    what = f"{title.strip().rstrip('.')}." if title else f"Ablation of {names}."
+    extra = ("Δ: accuracy minus the same method's default, in points, averaged over the settings where both "
+             "finished. Best mean per column in bold.")
+    keys = set(rows_of)
+    ours = summary[[(r.method, r.variant) in keys for r in summary.itertuples()]] if len(summary) else summary
+    variant_conds = {cond_id(cond_of(r)) for _, r in ours.iterrows() if r["variant"] != "default"}
+    ours = ours[[cond_id(cond_of(r)) in variant_conds for _, r in ours.iterrows()]] if len(ours) else ours
     if ours.empty:
-        extra = f"No non-default {METHOD_NAMES.get(REFERENCE_METHOD)} variants were found. " + extra
-        return Table("ablation", _caption(f"Ablation of {METHOD_NAMES.get(REFERENCE_METHOD)}.", rule, last_k,
-                                          None, extra), ["Variant", "Δ vs default"], [])
+        extra = "No non-default variants were found. " + extra
+        return Table("ablation", _caption(what, rule, last_k, None, extra, protocol=protocol),
+                     ["Variant", "Δ vs default"], [])
+    n_mode = _n_mode(ours)
     conds = _conditions(ours)
-    variants = sorted({r.variant for r in ours.itertuples()}, key=lambda v: (v != "default", v))
-    texts, means = _matrix(ours, [(REFERENCE_METHOD, v) for v in variants], conds, n_mode)
-    ref = means[variants.index("default")] if "default" in variants else None
+    rows_of = [(m, v) for m, v in rows_of if ((ours["method"] == m) & (ours["variant"] == v)).any()]
+    texts, means = _matrix(ours, rows_of, conds, n_mode)
+    several = len({m for m, _ in rows_of}) > 1
     rows = []
-    for v, t, m in zip(variants, texts, means):
+    for (m, v), t, mean in zip(rows_of, texts, means):
+        ref = means[rows_of.index((m, "default"))] if (m, "default") in rows_of else None
         if ref is None:
             delta = "–"
         elif v == "default":
             delta = "reference"
         else:
-            diffs = [a - b for a, b in zip(m, ref) if math.isfinite(a) and math.isfinite(b)]
+            diffs = [a - b for a, b in zip(mean, ref) if math.isfinite(a) and math.isfinite(b)]
             delta = f"{float(np.mean(diffs)):+.2f}" if diffs else "–"
-        aggregation = _aggregation_of(ours, REFERENCE_METHOD, v)
-        rows.append([v, AGGREGATION_NAMES.get(aggregation, aggregation or "–")] + t + [delta])
-    extra += " Aggregation: how each row's global model was formed. " + AGGREGATION_NOTE
-    return Table("ablation", _caption(f"Ablation of {METHOD_NAMES.get(REFERENCE_METHOD)}.", rule, last_k, n_mode,
-                                      extra),
-                 ["Variant", "Aggregation"] + [label for _, label in conds] + ["Δ vs default"], rows,
-                 _bold_best(means, col_offset=2))
+        aggregation = _aggregation_of(ours, m, v)
+        rows.append(([METHOD_NAMES.get(m, m)] if several else []) + [v, AGGREGATION_NAMES.get(aggregation, aggregation or "–")]
+                    + t + [delta])
+    extra += " Aggregation: how each row's global model was formed."
+    if _shows_fedhpro(ours):
+        extra += " " + AGGREGATION_NOTE
+    lead = ["Method"] if several else []
+    return Table("ablation", _caption(what, rule, last_k, n_mode, extra, summary=ours, protocol=protocol),
+                 lead + ["Variant", "Aggregation"] + [label for _, label in conds] + ["Δ vs default"], rows,
+                 _bold_best(means, col_offset=len(lead) + 2))
 
 
 def _fmt_mb(x: float) -> str:
@@ -717,7 +661,7 @@ def communication_table(summary: pd.DataFrame, rule: str, last_k: int) -> Table:
              "(mean over rounds and seeds); Total: up + down over the whole run (mean over finished seeds).")
     if _shows_fedhpro(summary):
         extra += " " + AGGREGATION_NOTE
-    return Table("communication", _caption("Communication.", rule, last_k, n_mode, extra),
+    return Table("communication", _caption("Communication.", rule, last_k, n_mode, extra, summary=summary),
                  ["Setting", "Method", "Up (MB/round)", "Down (MB/round)", "Total (MB)", "Accuracy (%)"], rows,
                  align="llrrrc")
 
@@ -728,8 +672,8 @@ def domains_table(summary: pd.DataFrame, rule: str, last_k: int) -> Table | None
                   if c.startswith(DOMAIN_PREFIX) and c.endswith("_mean_pct"))
     if not cols or not summary["has_domains"].any():
         return None
-    with_domains = {_cond_id(_cond_of(r)) for _, r in summary[summary["has_domains"]].iterrows()}
-    sub = summary[[_cond_id(_cond_of(r)) in with_domains for _, r in summary.iterrows()]]
+    with_domains = {cond_id(cond_of(r)) for _, r in summary[summary["has_domains"]].iterrows()}
+    sub = summary[[cond_id(cond_of(r)) in with_domains for _, r in summary.iterrows()]]
     if sub.empty:
         return None
     n_mode = _n_mode(sub)
@@ -742,22 +686,60 @@ def domains_table(summary: pd.DataFrame, rule: str, last_k: int) -> Table | None
                          if r.n == 0 or math.isfinite(r[c + "_mean_pct"]) else "–")
         overall = format_cell(r.acc_mean_pct, r.acc_std_pct, int(r.n), int(r.n_diverged),
                               [int(x) for x in str(r.diverged_rounds).split()], n_mode)
+        avg = (format_cell(r[DOMAIN_AVG + "_mean_pct"], r[DOMAIN_AVG + "_std_pct"], int(r.n), int(r.n_diverged),
+                           [int(x) for x in str(r.diverged_rounds).split()], n_mode)
+               if r.n == 0 or math.isfinite(r[DOMAIN_AVG + "_mean_pct"]) else "–")
         rows.append([r.setting, method_label(r.method, r.variant, getattr(r, "aggregation", None))] + cells
-                    + [overall])
-    extra = "Each domain's accuracy is taken over the same rounds as the overall one."
+                    + [avg, overall])
+    extra = ("Each domain's accuracy is taken over the same rounds as the overall one. Avg: the unweighted mean "
+             "of the per-domain accuracies (per seed, then over seeds); All: the accuracy on all domains' test "
+             "samples together.")
     if _shows_fedhpro(sub):
         extra += " " + AGGREGATION_NOTE
-    return Table("domains", _caption("Per-domain accuracy.", rule, last_k, n_mode, extra),
-                 ["Setting", "Method"] + [c[len(DOMAIN_PREFIX):] for c in cols] + ["All"], rows,
-                 align="ll" + "c" * (len(cols) + 1))
+    return Table("domains", _caption("Per-domain accuracy.", rule, last_k, n_mode, extra, summary=sub),
+                 ["Setting", "Method"] + [c[len(DOMAIN_PREFIX):] for c in cols] + ["Avg", "All"], rows,
+                 align="ll" + "c" * (len(cols) + 2))
+
+
+def with_weighted_accuracy(df: pd.DataFrame) -> pd.DataFrame | None:
+    """The tidy table with ``acc`` = the sample-weighted accuracy of personalized runs, or None when no
+    personalized run recorded it (metrics written before the column existed)."""
+    if WEIGHTED_COLUMN not in df.columns:
+        return None
+    personalized = df["eval_mode"] == "personalized"
+    if not (personalized & df[WEIGHTED_COLUMN].notna()).any():
+        return None
+    out = df[personalized].copy()
+    out["acc"] = out[WEIGHTED_COLUMN].astype(float)
+    return out
 
 
 def build_tables(df: pd.DataFrame, rule: str = "final", last_k: int = 5, *,
-                 summary: pd.DataFrame | None = None) -> list[Table]:
-    """The main, ablation, communication and (when recorded) per-domain tables."""
+                 summary: pd.DataFrame | None = None, kind: str = "comparison", title: str = "",
+                 protocol: str = "") -> list[Table]:
+    """An experiment's tables.
+
+    ``comparison``: main (+ ``main_weighted``: personalized runs by sample-weighted accuracy, when recorded),
+    ablation (FedHPro's non-main variants; always written for a config without experiments, else only when
+    there are some), communication and (when recorded) per-domain accuracy. ``ablation``: the ablation table
+    (every method's variants against its default) and communication.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"unknown experiment kind {kind!r}; accepted: {', '.join(KINDS)}")
     summary = summarize(df, rule, last_k) if summary is None else summary
-    tables = [main_table(summary, rule, last_k), ablation_table(summary, rule, last_k),
-              communication_table(summary, rule, last_k)]
+    if kind == "ablation":
+        return [ablation_table(summary, rule, last_k, kind=kind, title=title, protocol=protocol),
+                communication_table(summary, rule, last_k)]
+    tables = [main_table(summary, rule, last_k, title=title, protocol=protocol)]
+    weighted = with_weighted_accuracy(df)
+    if weighted is not None:
+        wsum = summarize(weighted, rule, last_k)
+        what = (f"{title.strip().rstrip('.')}, " if title else "") + "personalized accuracy, sample-weighted."
+        tables.append(main_table(wsum, rule, last_k, name="main_weighted", title=what[0].upper() + what[1:],
+                                 protocol=protocol, weighted=True))
+    if not title or ablation_rows(summary):
+        tables.append(ablation_table(summary, rule, last_k, protocol=protocol))
+    tables.append(communication_table(summary, rule, last_k))
     dom = domains_table(summary, rule, last_k)
     return tables + ([dom] if dom is not None else [])
 
@@ -766,15 +748,16 @@ def _frame_csv(frame: pd.DataFrame) -> str:
     return frame.to_csv(index=False, lineterminator="\n", float_format="%.10g")
 
 
-def write_tables(df: pd.DataFrame, out_dir: str | Path, rule: str = "final", last_k: int = 5) -> list[Path]:
-    """Write main/ablation/communication(/domains) as .md/.tex/.csv, runs.csv and settings.csv; return the paths."""
+def write_tables(df: pd.DataFrame, out_dir: str | Path, rule: str = "final", last_k: int = 5, *,
+                 kind: str = "comparison", title: str = "", protocol: str = "") -> list[Path]:
+    """Write an experiment's tables (`build_tables`) as .md/.tex/.csv, runs.csv and settings.csv; return the paths."""
     _check_rule(rule, last_k)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     runs = summarize_runs(df, rule, last_k)
     summary = summarize(df, rule, last_k, runs=runs)
     paths: list[Path] = []
-    for table in build_tables(df, rule, last_k, summary=summary):
+    for table in build_tables(df, rule, last_k, summary=summary, kind=kind, title=title, protocol=protocol):
         paths += table.write(out_dir)
     atomic_write_text(out_dir / "runs.csv", _frame_csv(runs))
     atomic_write_text(out_dir / "settings.csv", _frame_csv(summary))
@@ -793,6 +776,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rule", choices=RULES, default="final", help="reporting rule (default: final)")
     p.add_argument("--last-k", type=int, default=5, help="k for --rule last_k (default: 5)")
     p.add_argument("--figures", default=None, help="also write figures into this directory")
+    p.add_argument("--kind", choices=KINDS, default="comparison",
+                   help="comparison: main table of methods; ablation: variants against their default")
+    p.add_argument("--title", default="", help="the experiment's title (first words of the captions)")
+    p.add_argument("--protocol", default="", help="the experiment's protocol, stated in the captions")
     return p
 
 
@@ -827,11 +814,12 @@ def _main(argv: Sequence[str] | None = None) -> int:
         df = collect(args.runs)
         for warning in last_k_warnings(df, args.rule, args.last_k):
             print(f"warning: {warning}", file=sys.stderr)
-        paths = write_tables(df, args.out, args.rule, args.last_k)
+        paths = write_tables(df, args.out, args.rule, args.last_k, kind=args.kind, title=args.title,
+                             protocol=args.protocol)
         if args.figures:
             from fedhpro.figures import write_figures
 
-            paths += write_figures(df, args.figures)
+            paths += write_figures(df, args.figures, kind=args.kind, title=args.title)
     except (AggregateError, ValueError) as err:
         print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2

@@ -42,6 +42,7 @@ class RunRow:
     variant: str
     config_json: str  # RunConfig.canonical_json(): the train rule's params and the job's input
     config_hash: str
+    experiments: tuple[str, ...] = ()  # the experiments (tables and figures) that list this run
 
 
 @dataclass(frozen=True)
@@ -84,7 +85,7 @@ def build_run_table(config: Mapping[str, Any], data_root: str, pending: set[str]
                              "fingerprint": mirror.get("fingerprint")}
     return {"data_identity": identity, "runs": [{"run_id": r.run_id, "partition_id": r.partition_id, "kind": r.kind, "dataset": r.dataset,
                       "method": r.method, "variant": r.variant, "config_json": r.config.canonical_json(),
-                      "config_hash": r.config.config_hash()} for r in runs],
+                      "config_hash": r.config.config_hash(), "experiments": list(r.experiments)} for r in runs],
             "partitions": partitions, "downloads": downloads}
 
 
@@ -97,7 +98,13 @@ def load_run_table(config: Mapping[str, Any], data_root: str, *, package_root: s
     env = dict(os.environ)
     if package_root:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
-    request = {"config": config, "data_root": data_root, "pending": sorted(config.get("pending_datasets") or {})}
+    from fedhpro.sweep import pending_datasets_of  # no torch
+
+    try:
+        pending = sorted(pending_datasets_of(config))
+    except ValueError as err:
+        raise RunTableError(str(err)) from None
+    request = {"config": config, "data_root": data_root, "pending": pending}
     try:
         proc = subprocess.run([python, "-m", "fedhpro.runtable"], input=json.dumps(request, default=str),
                               stdout=subprocess.PIPE, stderr=None, text=True, env=env, timeout=timeout)
@@ -111,7 +118,7 @@ def load_run_table(config: Mapping[str, Any], data_root: str, *, package_root: s
         raise RunTableError(f"{python} -m fedhpro.runtable failed (exit {proc.returncode}); see its output above")
     if "error" in answer:
         raise RunTableError(answer["error"])
-    return RunTable(runs=[RunRow(**row) for row in answer["runs"]], partitions={pid: PartitionRow(pid, values) for pid, values in answer["partitions"].items()},
+    return RunTable(runs=[RunRow(**{**row, "experiments": tuple(row.get("experiments", ()))}) for row in answer["runs"]], partitions={pid: PartitionRow(pid, values) for pid, values in answer["partitions"].items()},
                     downloads=answer["downloads"], data_identity=answer["data_identity"])
 
 

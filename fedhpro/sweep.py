@@ -45,12 +45,13 @@ import json
 import math
 import re
 import sys
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Callable, Mapping
 
 from fedhpro.config import _FLOAT_RE, LOCATION_OPTIONS, ConfigError, RunConfig, from_dict, load_yaml_text
 
-__all__ = ["RunSpec", "PartitionSpec", "SweepConfigError", "expand_sweep", "validate_workflow_config",
+__all__ = ["RunSpec", "PartitionSpec", "ExperimentSpec", "SweepConfigError", "expand_sweep", "experiments_of",
+           "runs_by_experiment", "pending_datasets_of", "validate_workflow_config",
            "check_supported", "check_config_files", "yaml12_numbers", "workflow_run",
            "encode_value", "het_id", "partitions_of", "WILDCARD_PATTERNS", "LAUNCHERS", "REPORTING_RULES"]
 
@@ -60,13 +61,15 @@ NAME_RE = re.compile(r"^[A-Za-z0-9_.]+$")  # dataset / method names
 VARIANT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 # regexes of the Snakemake wildcards (no '/' anywhere, so path components never shift)
 WILDCARD_PATTERNS = {"dataset": r"[A-Za-z0-9_.]+", "het": r"[A-Za-z0-9_.-]+", "method": r"[A-Za-z0-9_.]+",
-                     "variant": r"[A-Za-z0-9_.-]+", "pseed": r"[0-9]+", "seed": r"[0-9]+"}
+                     "variant": r"[A-Za-z0-9_.-]+", "pseed": r"[0-9]+", "seed": r"[0-9]+",
+                     "experiment": r"[A-Za-z0-9][A-Za-z0-9_.-]*"}
 
 PARTITION_KEYS = ("partition", "alpha", "classes_per_client", "imbalance_ratio", "num_clients", "clients_per_domain")
 # keys the sweep itself sets: not allowed in defaults / dataset overrides / variant `config`
 AXIS_KEYS = ("method", "variant", "method_params", "dataset", "seed", "partition_seed", "data_root")
 TOP_KEYS = ("results", "data_root", "reporting", "defaults", "datasets", "pending_datasets", "heterogeneity",
-            "methods", "grids", "ablations", "seeds", "partition_seeds", "threads", "slurm", "mirrors")
+            "methods", "grids", "ablations", "seeds", "partition_seeds", "threads", "slurm", "mirrors",
+            "experiments")
 DATASET_EXTRA_KEYS = ("heterogeneity", "methods")
 ABLATION_KEYS = ("methods", "base_variant", "datasets", "heterogeneity", "seeds", "partition_seeds", "variants")
 SLURM_DEFAULTS: dict[str, Any] = {"launcher": "local", "partition": None, "account": None, "gpus": 1, "cpus": 4,
@@ -156,6 +159,7 @@ class RunSpec:
     config: RunConfig = field(compare=False)
     config_hash: str = ""
     source: str = ""  # the config key path the run came from (for messages)
+    experiments: tuple[str, ...] = ()  # the experiments whose tables and figures include this run
 
     @property
     def wildcards(self) -> dict[str, str]:
@@ -321,7 +325,7 @@ def _dataset_table(config: Mapping, warn: Callable[[str], None]) -> dict[str, tu
 
     table: dict[str, tuple[dict, str]] = {}
     datasets = _mapping(config.get("datasets"), "datasets")
-    if not datasets:
+    if not datasets and not config.get("pending_datasets"):
         raise _err("datasets", "must name at least one dataset")
     for name, entry in datasets.items():
         _check_name(name, f"datasets.{name}")
@@ -425,8 +429,9 @@ def _warn_infeasible(runs: list[RunSpec], config: Mapping, warn: Callable[[str],
                  "partition job will refuse it")
 
 
-def expand_sweep(config: Mapping, *, warn: Callable[[str], None] | None = None) -> list[RunSpec]:
-    """Every run of the workflow config, validated (`from_dict`), main runs first, then ablations.
+def _expand_one(config: Mapping, *, warn: Callable[[str], None] | None = None) -> list[RunSpec]:
+    """Every run of one sweep (the top-level keys, or one experiment's), validated (`from_dict`), main runs
+    first, then ablations.
 
     Raises SweepConfigError naming the config entry that set the bad value, then the run, e.g.
     ``methods.fedprox.default.mu: config key 'method_params.mu' (fedprox) must be >= 0.0, got -3.0
@@ -440,7 +445,9 @@ def expand_sweep(config: Mapping, *, warn: Callable[[str], None] | None = None) 
     seeds = _int_list(config.get("seeds", [0]), "seeds")
     pseeds = _int_list(config.get("partition_seeds", [0]), "partition_seeds")
     datasets = _dataset_table(config, warn)
-    global_het = _het_list(config.get("heterogeneity"), "heterogeneity")
+    # optional when every dataset sets its own list (e.g. an experiment of feature-shift datasets)
+    global_het = (_het_list(config.get("heterogeneity"), "heterogeneity")
+                  if config.get("heterogeneity") is not None else None)
 
     from fedhpro.methods import METHOD_MODULES
 
@@ -474,6 +481,9 @@ def expand_sweep(config: Mapping, *, warn: Callable[[str], None] | None = None) 
         entry = dict(entry)
         het = _het_list(entry.pop("heterogeneity"), f"{path}.heterogeneity") if "heterogeneity" in entry \
             else global_het
+        if het is None:
+            raise _err("heterogeneity", f"must be a non-empty list of partition settings (dataset {name} sets "
+                       "no heterogeneity of its own)")
         allowed = entry.pop("methods", None)
         if allowed is None:
             allowed = list(variants)
@@ -543,33 +553,39 @@ def expand_sweep(config: Mapping, *, warn: Callable[[str], None] | None = None) 
                             add("main", dataset, hi, het_entry, ds_overrides, method, vname, vspec, pseed, seed,
                                 het_path)
 
-    abl = _mapping(config.get("ablations"), "ablations")
-    if abl:
+    abl_value = config.get("ablations")
+    # one ablation section (a mapping) or several (a list: e.g. FedHPro's components and GFPL's head wiring)
+    abl_entries = ([(entry, f"ablations[{i}]") for i, entry in enumerate(abl_value)]
+                   if isinstance(abl_value, list) else [(abl_value, "ablations")])
+    for abl, apath in abl_entries:
+        abl = _mapping(abl, apath)
+        if not abl:
+            continue
         unknown = sorted(set(abl) - set(ABLATION_KEYS))
         if unknown:
-            raise _err(f"ablations.{unknown[0]}", f"unknown key; accepted: {', '.join(ABLATION_KEYS)}")
+            raise _err(f"{apath}.{unknown[0]}", f"unknown key; accepted: {', '.join(ABLATION_KEYS)}")
         abl_methods = abl.get("methods", ["fedhpro"])
         if not isinstance(abl_methods, list) or not abl_methods:
-            raise _err("ablations.methods", f"must be a non-empty list of methods, got {abl_methods!r}")
+            raise _err(f"{apath}.methods", f"must be a non-empty list of methods, got {abl_methods!r}")
         for m in abl_methods:
             if m not in METHOD_MODULES:
-                raise _err("ablations.methods", f"unknown method {m!r}; available: {', '.join(METHOD_MODULES)}")
+                raise _err(f"{apath}.methods", f"unknown method {m!r}; available: {', '.join(METHOD_MODULES)}")
         base_name = abl.get("base_variant", "default")
-        abl_variants = _mapping(abl.get("variants"), "ablations.variants")
-        abl_seeds = _int_list(abl["seeds"], "ablations.seeds") if abl.get("seeds") is not None else seeds
-        abl_pseeds = (_int_list(abl["partition_seeds"], "ablations.partition_seeds")
+        abl_variants = _mapping(abl.get("variants"), f"{apath}.variants")
+        abl_seeds = _int_list(abl["seeds"], f"{apath}.seeds") if abl.get("seeds") is not None else seeds
+        abl_pseeds = (_int_list(abl["partition_seeds"], f"{apath}.partition_seeds")
                       if abl.get("partition_seeds") is not None else pseeds)
         abl_datasets = abl.get("datasets")
         if abl_datasets is None:
             abl_datasets = list(datasets)
         if not isinstance(abl_datasets, list):
-            raise _err("ablations.datasets", f"must be a list of dataset names, got {abl_datasets!r}")
+            raise _err(f"{apath}.datasets", f"must be a list of dataset names, got {abl_datasets!r}")
         pending = _mapping(config.get("pending_datasets"), "pending_datasets")
         for dataset in abl_datasets:
             if dataset not in datasets:
                 if dataset in pending:
                     continue  # skipped with a warning above
-                raise _err("ablations.datasets", f"dataset {dataset!r} is not listed under 'datasets'")
+                raise _err(f"{apath}.datasets", f"dataset {dataset!r} is not listed under 'datasets'")
             ds_overrides, het_list, _, ds_path = dataset_parts(dataset)
             het_path = f"{ds_path}.heterogeneity" if "heterogeneity" in datasets[dataset][0] else "heterogeneity"
             indices = abl.get("heterogeneity")
@@ -577,7 +593,7 @@ def expand_sweep(config: Mapping, *, warn: Callable[[str], None] | None = None) 
                 indices = list(range(len(het_list)))
             if not isinstance(indices, list) or not indices or any(
                     isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < len(het_list) for i in indices):
-                raise _err("ablations.heterogeneity", f"must be a list of indices into {het_path} "
+                raise _err(f"{apath}.heterogeneity", f"must be a list of indices into {het_path} "
                            f"(0..{len(het_list) - 1}), got {indices!r}")
             for method in abl_methods:
                 method_variants = variants.get(method, {})
@@ -586,9 +602,9 @@ def expand_sweep(config: Mapping, *, warn: Callable[[str], None] | None = None) 
                 elif base_name == "default":
                     base = ({}, {}, "")  # the method's own defaults
                 else:
-                    raise _err("ablations.base_variant", f"{method!r} has no variant {base_name!r} under 'methods'")
+                    raise _err(f"{apath}.base_variant", f"{method!r} has no variant {base_name!r} under 'methods'")
                 for vname, vspec in abl_variants.items():
-                    path = f"ablations.variants.{vname}"
+                    path = f"{apath}.variants.{vname}"
                     _check_name(vname, path, VARIANT_RE)
                     params, overrides = _variant_params(vspec, path)
                     merged = ({**base[0], **params}, {**base[1], **overrides}, path)
@@ -601,6 +617,160 @@ def expand_sweep(config: Mapping, *, warn: Callable[[str], None] | None = None) 
                                 add("ablation", dataset, hi, het_list[hi], ds_overrides, method, vname, merged,
                                     pseed, seed, het_path)
     return list(runs.values())
+
+
+# ------------------------------------------------------------------------------------------ experiments
+EXPERIMENT_KINDS = ("comparison", "ablation")
+# the sweep keys an experiment block declares for itself (with `experiments:`, never at the top level)
+EXPERIMENT_SWEEP_KEYS = ("datasets", "pending_datasets", "heterogeneity", "methods", "grids", "ablations")
+EXPERIMENT_KEYS = ("title", "kind", "protocol", "defaults", "seeds", "partition_seeds") + EXPERIMENT_SWEEP_KEYS
+LEGACY_EXPERIMENT = "main"  # the one experiment of a config without `experiments:`
+
+
+@dataclass(frozen=True)
+class ExperimentSpec:
+    """One experiment of the paper: its name (results/tables/<name>/, results/figures/<name>/), title,
+    table kind (`comparison` of methods or `ablation` variants against their default) and protocol text
+    (stated in every caption)."""
+
+    name: str
+    title: str = ""
+    kind: str = "comparison"
+    protocol: str = ""
+
+
+def _experiment_blocks(config: Mapping) -> list[tuple[ExperimentSpec, dict, dict]]:
+    """(spec, sweep config of the experiment, its block) for every experiment, in config order.
+
+    Without `experiments:`, the top-level sweep is one experiment named `LEGACY_EXPERIMENT`. With it,
+    every experiment block is a sweep of its own: its `defaults` are merged over the top-level ones, its
+    `seeds` / `partition_seeds` replace the top-level ones, and it declares its own datasets,
+    heterogeneity, methods (and grids, ablations); the top level may not set those.
+    """
+    if not isinstance(config, Mapping):
+        raise SweepConfigError("the workflow config must be a mapping")
+    experiments = config.get("experiments")
+    if experiments is None or experiments == {}:
+        return [(ExperimentSpec(LEGACY_EXPERIMENT), dict(config), {})]
+    experiments = _mapping(experiments, "experiments")
+    for key in EXPERIMENT_SWEEP_KEYS:
+        value = config.get(key)
+        if key == "ablations":  # the JSON schema fills in an empty section (no variants): nothing declared
+            sections = value if isinstance(value, list) else [value]
+            value = [s for s in sections if s is not None and (not isinstance(s, Mapping) or s.get("variants"))]
+        if value:
+            raise _err(key, "is set at the top level next to 'experiments'; with experiments every dataset, "
+                       "heterogeneity setting, method, grid and ablation belongs to an experiment: move it into "
+                       "the experiment block(s) that use it")
+    top_defaults = _mapping(config.get("defaults"), "defaults")
+    shared = {k: v for k, v in config.items() if k not in EXPERIMENT_SWEEP_KEYS + ("experiments", "defaults")}
+    out = []
+    for name, block in experiments.items():
+        path = f"experiments.{name}"
+        _check_name(name, path, VARIANT_RE)
+        block = _mapping(block, path, allow_none=False)
+        unknown = sorted(set(block) - set(EXPERIMENT_KEYS))
+        if unknown:
+            raise _err(f"{path}.{unknown[0]}", f"unknown experiment key; accepted: {', '.join(EXPERIMENT_KEYS)}")
+        for key in ("title", "protocol"):
+            if not isinstance(block.get(key, ""), str):
+                raise _err(f"{path}.{key}", f"must be a string, got {block[key]!r}")
+        kind = block.get("kind", "comparison")
+        if kind not in EXPERIMENT_KINDS:
+            raise _err(f"{path}.kind", f"unknown value {kind!r}; accepted: {', '.join(EXPERIMENT_KINDS)}")
+        if not block.get("datasets") and not block.get("pending_datasets"):
+            raise _err(f"{path}.datasets", "must name at least one dataset (or pending dataset)")
+        sub = dict(shared)
+        sub["defaults"] = {**top_defaults, **_mapping(block.get("defaults"), f"{path}.defaults")}
+        for key in EXPERIMENT_SWEEP_KEYS + ("seeds", "partition_seeds"):
+            if key in block:
+                sub[key] = block[key]
+        if "datasets" not in sub:
+            sub["datasets"] = {}
+        spec = ExperimentSpec(name, block.get("title", "").strip(), kind, " ".join(block.get("protocol", "").split()))
+        out.append((spec, sub, block))
+    if not out:
+        raise _err("experiments", "must declare at least one experiment")
+    return out
+
+
+def experiments_of(config: Mapping) -> dict[str, ExperimentSpec]:
+    """name -> ExperimentSpec of every experiment (no runs expanded; cheap)."""
+    return {spec.name: spec for spec, _, _ in _experiment_blocks(config)}
+
+
+def _prefix_error(err: SweepConfigError, spec: ExperimentSpec, block: dict) -> SweepConfigError:
+    """Prefix a key path from an experiment's sweep with `experiments.<name>.` (unless it names a top-level key)."""
+    text = str(err)
+    if spec.name == LEGACY_EXPERIMENT and not block:
+        return err
+    head = text.split(":", 1)[0]
+    root = head.split(".", 1)[0].split("[", 1)[0]
+    top_level = root not in EXPERIMENT_SWEEP_KEYS + ("seeds", "partition_seeds") and not (
+        root == "defaults" and head.split(".", 1)[-1] in _mapping(block.get("defaults"), "defaults"))
+    if root in ("seeds", "partition_seeds") and root in block:
+        top_level = False
+    if top_level:
+        return err
+    return SweepConfigError(f"experiments.{spec.name}.{text}")
+
+
+def expand_sweep(config: Mapping, *, warn: Callable[[str], None] | None = None) -> list[RunSpec]:
+    """Every run of the workflow config, validated (`from_dict`), experiment by experiment.
+
+    A run that two experiments declare identically (same run id, same config) is one run listed in both
+    (`RunSpec.experiments`); the same run id with a different config, or one partition id with a different
+    split, is an error naming both experiments.
+
+    Raises SweepConfigError naming the config entry that set the bad value, then the run, e.g.
+    ``methods.fedprox.default.mu: config key 'method_params.mu' (fedprox) must be >= 0.0, got -3.0
+    (run fedprox/default on digits, heterogeneity[0], partition seed 0, seed 0; from methods.fedprox.default)``
+    (with `experiments:` prefixed by ``experiments.<name>.``).
+    """
+    runs: dict[str, RunSpec] = {}
+    partitions: dict[str, tuple[PartitionSpec, str]] = {}
+    for spec, sub, block in _experiment_blocks(config):
+        try:
+            expanded = _expand_one(sub, warn=warn)
+        except SweepConfigError as err:
+            raise _prefix_error(err, spec, block) from None
+        for run in expanded:
+            where = f"experiment {spec.name} ({run.source})"
+            old = runs.get(run.run_id)
+            if old is not None:
+                if old.config_hash != run.config_hash:
+                    raise SweepConfigError(f"experiments.{spec.name}: run {run.run_id!r} is also declared by "
+                                           f"experiment(s) {', '.join(old.experiments)} with a different config "
+                                           f"({old.source}); give one of the variants another name")
+                if spec.name not in old.experiments:
+                    kind = "main" if "main" in (old.kind, run.kind) else old.kind
+                    runs[run.run_id] = replace(old, experiments=old.experiments + (spec.name,), kind=kind)
+                continue
+            part = run.partition()
+            known = partitions.get(part.partition_id)
+            if known is not None and known[0] != part:
+                raise SweepConfigError(f"experiments.{spec.name}: partition {part.partition_id!r} would be shared "
+                                       f"with {known[1]}, whose split differs")
+            partitions.setdefault(part.partition_id, (part, where))
+            runs[run.run_id] = replace(run, experiments=(spec.name,))
+    return list(runs.values())
+
+
+def pending_datasets_of(config: Mapping) -> set[str]:
+    """Names listed under `pending_datasets`, at the top level or in any experiment (their download plan is lenient)."""
+    names = set(_mapping(config.get("pending_datasets"), "pending_datasets"))
+    for spec, sub, _ in _experiment_blocks(config):
+        names |= set(_mapping(sub.get("pending_datasets"), f"experiments.{spec.name}.pending_datasets"))
+    return names
+
+
+def runs_by_experiment(runs: list[RunSpec]) -> dict[str, list[RunSpec]]:
+    """experiment name -> its runs (in expansion order)."""
+    out: dict[str, list[RunSpec]] = {}
+    for run in runs:
+        for name in run.experiments:
+            out.setdefault(name, []).append(run)
+    return out
 
 
 def partitions_of(runs: list[RunSpec]) -> dict[str, PartitionSpec]:

@@ -233,12 +233,14 @@ def test_lint_is_clean():
 
 def test_local_run_produces_tables_figures_and_run_files(workflow_run):
     res = workflow_run / "results"
+    tables = res / "tables" / "main"  # a config without `experiments` is the one experiment "main"
     for name in ("main", "ablation", "communication"):
         for ext in ("md", "tex", "csv"):
-            assert (res / "tables" / f"{name}.{ext}").stat().st_size > 0
-    assert (res / "tables" / "runs.csv").is_file()
-    assert {p.suffix for p in (res / "figures").iterdir()} >= {".png", ".pdf"}
-    main = (res / "tables" / "main.md").read_text()
+            assert (tables / f"{name}.{ext}").stat().st_size > 0
+    assert (tables / "runs.csv").is_file()
+    assert {p.name for p in (res / "figures" / "main").iterdir()} == {
+        "accuracy.png", "accuracy.pdf", "communication.png", "communication.pdf"}
+    main = (tables / "main.md").read_text()
     assert "FedAvg" in main and "FedProx" in main
     runs = sorted(p.parent for p in (res / "runs").glob("**/metrics.parquet"))
     assert [str(p.relative_to(res / "runs")) for p in runs] == [
@@ -263,7 +265,7 @@ def test_deleting_tables_rebuilds_only_the_tables(workflow_run):
     assert set(planned(proc)) == {"aggregate", "all"}, proc.stdout[-3000:]
     proc = smk(workflow_run, "--cores", "2")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert (workflow_run / "results" / "tables" / "main.md").is_file()
+    assert (workflow_run / "results" / "tables" / "main" / "main.md").is_file()
     assert "Nothing to be done" in smk(workflow_run, "-n").stdout
 
 
@@ -305,3 +307,39 @@ def test_paper_config_plans_quickly_on_its_own():
     assert not [p for p in trained if "/digits/" in p]
     assert any("/cifar10/creff-a0p2-rho50-n10/fedhpro/paper/" in p for p in trained)
     assert any("/cifar100/pathological-k20-n10/" in p for p in trained)
+    # every experiment of the paper gets its tables and figures
+    experiments = {"label_skew", "label_skew_published", "feature_shift", "model_heterogeneity", "text", "sun397",
+                   "ablation"}
+    assert {Path(p).name for p in jobs["aggregate"]} == experiments
+    assert {Path(p).name for p in jobs["figures"]} == experiments
+    assert any("/cifar10/creff-a0p5-rho100-n10/fedproto/personalized/" in p for p in trained)
+    assert any("/cifar10/dirichlet-a0p1-n20/fedtgp/default/" in p for p in trained)
+    assert any("/cifar10/creff-a0p5-rho100-n10/gfpl/projection/" in p for p in trained)
+
+
+@pytest.mark.slow
+def test_experiments_workflow_writes_tables_and_figures_per_experiment(tmp_path):
+    """Two experiments sharing a run: each gets its own tables and figures from its own runs."""
+    config = {"defaults": {"rounds": 2, "num_clients": 10, "batch_size": 32, "lr": 0.05, "device": "cpu"},
+              "seeds": [0],
+              "experiments": {
+                  "skew": {"title": "Label skew", "datasets": {"digits": {}},
+                           "heterogeneity": [{"partition": "dirichlet", "alpha": 0.5}],
+                           "methods": {"fedavg": {"default": {}}, "fedprox": {"default": {"mu": 0.01}}}},
+                  "abl": {"title": "Ablations", "kind": "ablation", "datasets": {"digits": {}},
+                          "heterogeneity": [{"partition": "dirichlet", "alpha": 0.5}],
+                          "methods": {"fedprox": {"default": {"mu": 0.01}}},
+                          "ablations": {"methods": ["fedprox"], "variants": {"mu1": {"mu": 1.0}}}}}}
+    wf = copy_workflow(tmp_path, config)
+    proc = smk(wf, "--cores", "2")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = wf / "results"
+    assert len(list((res / "runs").glob("**/metrics.parquet"))) == 3  # the shared FedProx run is trained once
+    skew = (res / "tables" / "skew" / "main.md").read_text()
+    assert skew.startswith("Table: Label skew.") and "FedAvg" in skew and "mu1" not in skew
+    assert not (res / "tables" / "skew" / "ablation.md").exists()
+    abl = (res / "tables" / "abl" / "ablation.md").read_text()
+    assert abl.startswith("Table: Ablations.") and "mu1" in abl and "FedAvg" not in abl
+    assert (res / "figures" / "skew" / "accuracy.png").is_file()
+    assert {p.name for p in (res / "figures" / "abl").iterdir()} == {"ablation.png", "ablation.pdf"}
+    assert "Nothing to be done" in smk(wf, "-n").stdout

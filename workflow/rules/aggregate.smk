@@ -1,5 +1,12 @@
-# Tables (fedhpro.aggregate) and figures (fedhpro.figures) from every run's metrics.parquet.
-# Two rules, so deleting the tables (or the figures) rebuilds only those.
+# Tables (fedhpro.aggregate) and figures (fedhpro.figures), one directory of each per experiment:
+# results/tables/<experiment>/ and results/figures/<experiment>/ from that experiment's runs only.
+# Two rules, so deleting the tables (or the figures) rebuilds only those. Each output is a
+# directory(): Snakemake removes it before the job and marks it complete only when the job
+# succeeded, so a partial set of tables never looks complete.
+
+
+wildcard_constraints:
+    experiment="|".join(re.escape(name) for name in RUNS_OF_EXPERIMENT) or "(?!)",
 
 
 localrules:
@@ -9,34 +16,21 @@ localrules:
 
 rule aggregate:
     input:
-        metrics=ALL_METRICS,
+        metrics=experiment_metrics,
     output:
-        **{
-            f"{name}_{ext}": (
-                report(
-                    f"{TABLES}/{name}.{ext}",
-                    caption="../report/tables.rst",
-                    category="Tables",
-                    labels={"table": name, "format": ext},
-                )
-                if ext == "csv"
-                else f"{TABLES}/{name}.{ext}"
-            )
-            for name in TABLE_NAMES
-            for ext in ("md", "tex", "csv")
-        },
-        runs=report(
-            f"{TABLES}/runs.csv",
+        report(
+            directory(f"{TABLES}/{{experiment}}"),
+            patterns=["{name}.csv"],
             caption="../report/tables.rst",
             category="Tables",
-            labels={"table": "runs", "format": "csv"},
+            subcategory="{experiment}",
         ),
-        settings=f"{TABLES}/settings.csv",
     params:
         rule=config["reporting"]["rule"],
         last_k=config["reporting"]["last_k"],
+        experiment=experiment_params,
     log:
-        f"{LOGS}/aggregate.log",
+        f"{LOGS}/aggregate/{{experiment}}.log",
     conda:
         "../envs/fedhpro.yaml"
     script:
@@ -45,16 +39,19 @@ rule aggregate:
 
 rule figures:
     input:
-        metrics=ALL_METRICS,
+        metrics=experiment_metrics,
     output:
         report(
-            directory(FIGURES),
+            directory(f"{FIGURES}/{{experiment}}"),
             patterns=["{name}.png"],
             caption="../report/figures.rst",
             category="Figures",
+            subcategory="{experiment}",
         ),
+    params:
+        experiment=experiment_params,
     log:
-        f"{LOGS}/figures.log",
+        f"{LOGS}/figures/{{experiment}}.log",
     conda:
         "../envs/fedhpro.yaml"
     script:

@@ -62,7 +62,6 @@ PARTITION_DIR = f"{RESULTS}/partitions/{{dataset}}/{{het}}/ps{{pseed}}"
 TABLES = f"{RESULTS}/tables"
 FIGURES = f"{RESULTS}/figures"
 LOGS = f"{RESULTS}/logs"
-TABLE_NAMES = ("main", "ablation", "communication")
 
 
 wildcard_constraints:
@@ -140,8 +139,26 @@ ABLATION_METRICS = metrics_of([run for run in RUNS if run.kind == "ablation"])
 ALL_METRICS = MAIN_METRICS + ABLATION_METRICS
 
 
+# experiments: each has its own tables and figures, from its own runs (a run may be in several)
+from fedhpro.sweep import experiments_of, runs_by_experiment  # noqa: E402
+
+EXPERIMENTS = experiments_of(config)
+RUNS_OF_EXPERIMENT = runs_by_experiment(RUNS)
+
+
+def experiment_metrics(wildcards):
+    return metrics_of(RUNS_OF_EXPERIMENT[wildcards.experiment])
+
+
+def experiment_params(wildcards):
+    spec = EXPERIMENTS[wildcards.experiment]
+    return {"kind": spec.kind, "title": spec.title, "protocol": spec.protocol}
+
+
 def final_outputs():
-    return [f"{TABLES}/{name}.md" for name in TABLE_NAMES] + [FIGURES]
+    return [f"{TABLES}/{name}" for name in RUNS_OF_EXPERIMENT] + [
+        f"{FIGURES}/{name}" for name in RUNS_OF_EXPERIMENT
+    ]
 
 
 def data_identity(dataset):

@@ -1,4 +1,4 @@
-"""Snakemake script of rule aggregate: the tables (python -m fedhpro.aggregate)."""
+"""Snakemake script of rule aggregate: one experiment's tables (python -m fedhpro.aggregate)."""
 
 import sys
 import traceback
@@ -14,16 +14,16 @@ with open(sm.log[0], "w") as log, redirect_stdout(log), redirect_stderr(log):
     try:
         from fedhpro.aggregate import main
 
-        argv = ["--out", str(Path(sm.output.main_md).parent), "--rule", sm.params.rule,
-                "--last-k", str(sm.params.last_k)]
+        experiment = sm.params.experiment
+        argv = ["--out", str(sm.output[0]), "--rule", sm.params.rule, "--last-k", str(sm.params.last_k),
+                "--kind", experiment["kind"], "--title", experiment["title"], "--protocol", experiment["protocol"]]
         for path in sm.input.metrics:
             argv += ["--runs", path]
         rc = main(argv)
         if rc:
             raise RuntimeError(f"fedhpro.aggregate exited with status {rc}")
-        missing = [p for p in sm.output if not Path(p).exists()]
-        if missing:
-            raise RuntimeError(f"fedhpro.aggregate did not write {', '.join(missing)}")
+        if not any(Path(sm.output[0]).glob("*.md")):
+            raise RuntimeError(f"fedhpro.aggregate wrote no table into {sm.output[0]}")
     except BaseException:
         traceback.print_exc()
         raise SystemExit(f"aggregate failed: {sys.exc_info()[1]} (full log: {sm.log[0]})") from None

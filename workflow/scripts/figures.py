@@ -1,4 +1,4 @@
-"""Snakemake script of rule figures: accuracy curves and accuracy vs communication (fedhpro.figures)."""
+"""Snakemake script of rule figures: one experiment's figures (fedhpro.figures)."""
 
 import sys
 import traceback
@@ -15,7 +15,11 @@ with open(sm.log[0], "w") as log, redirect_stdout(log), redirect_stderr(log):
         from fedhpro.aggregate import collect
         from fedhpro.figures import write_figures
 
-        paths = write_figures(collect(list(sm.input.metrics)), sm.output[0])
+        experiment = sm.params.experiment
+        paths = write_figures(collect(list(sm.input.metrics)), sm.output[0], kind=experiment["kind"],
+                              title=experiment["title"])
+        if not paths:
+            raise RuntimeError(f"no figure was drawn into {sm.output[0]} (no evaluated rounds?)")
         print("\n".join(str(p) for p in paths))
     except BaseException:
         traceback.print_exc()
