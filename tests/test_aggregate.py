@@ -407,8 +407,11 @@ def test_domain_table_when_domain_columns_exist(runs_root, tmp_path):
 def test_figures_are_written_as_png_and_pdf(df, tmp_path):
     paths = write_figures(df, tmp_path / "figs")
     # one figure per kind with a panel per setting; FedHPro's ablation variant in a figure of its own
-    assert sorted(p.name for p in paths) == sorted(f"{stem}.{ext}" for stem in ("accuracy", "communication", "ablation")
-                                                   for ext in ("png", "pdf"))
+    # and, since FedHPro's runs record prototype diagnostics, one diagnostics figure per setting
+    settings = sorted({p.stem for p in paths if p.stem.startswith("diagnostics_")})
+    assert settings == ["diagnostics_digits_dirichlet_a0.1_n5_global_auto", "diagnostics_digits_dirichlet_a0.5_n5_global_auto"]
+    assert sorted(p.name for p in paths) == sorted(f"{stem}.{ext}" for stem in ("accuracy", "communication", "ablation",
+                                                                                 *settings) for ext in ("png", "pdf"))
     for p in paths:
         data = p.read_bytes()
         assert len(data) > 1000

@@ -238,7 +238,7 @@ def test_local_run_produces_tables_figures_and_run_files(workflow_run):
         for ext in ("md", "tex", "csv"):
             assert (tables / f"{name}.{ext}").stat().st_size > 0
     assert (tables / "runs.csv").is_file()
-    assert {p.name for p in (res / "figures" / "main").iterdir()} == {
+    assert {p.name for p in (res / "figures" / "main").iterdir() if not p.name.startswith(".")} == {
         "accuracy.png", "accuracy.pdf", "communication.png", "communication.pdf"}
     main = (tables / "main.md").read_text()
     assert "FedAvg" in main and "FedProx" in main
