@@ -40,6 +40,35 @@ Ablations: `hpcl`/`hpal` off, `use_margin`, `prototype_source: random` (no
 gradient matching: H stays at its N(0,1) init) or `average` (H = averaged
 client class-mean features, FedProto-style).
 The paper-style variant is `distance: cos, use_margin: true, hpcl_batch_scale: false`.
+
+Personalized mode and heterogeneous client models (`eval_mode: personalized`, `client_models: [...]`)
+are a reconstruction [recon]: the paper compares FedHPro with FedProto/FedTGP/FedSA under model
+heterogeneity but no code for it is public. Design, chosen so that every server step of the global
+code keeps its meaning:
+
+- each client's feature extractor (backbone + projection to the shared d, `fedhpro.models`) never
+  leaves the client (per-client state, as every personalized method here); only the homogeneous
+  classifier head `nn.Linear(d, C)` is shared. The server's head starts as the round-1 meta
+  classifier (one random `nn.Linear(d, C)`; the global code draws a separate one for the model);
+- down: the head and the hyper-prototypes H (plus the re-trained classifier as `meta_*` only when
+  `send_retrained_classifier: false`, since clients then train with the aggregated head but compute
+  their gradients through the re-trained one, as in global mode). A client puts the head in place of
+  its own classifier and trains extractor and head with CE + HPCL + HPAL against H;
+- up: its trained head and, as in global mode, per class the CE feature-gradient and CReFF's
+  classifier gradients through the head it received (its own extractor, before local training);
+- server: the heads are aggregated with `aggregation` (`last_client`: the last sampled client's head,
+  the global code's outcome; `fedavg`: the sample-weighted mean), then the CReFF federated features
+  are matched, a classifier is re-trained on them and, with `send_retrained_classifier`, replaces the
+  aggregated head; then H is matched through `matching_classifier` exactly as in global mode;
+- evaluation (client accuracy on its local test split): each client's own extractor, as left by its
+  last local training, with the current shared head (what every client holds after the next
+  broadcast). This is HtFLlib's protocol for head-sharing methods (FedGH, LG-FedAvg: the server's
+  `send_parameters` hands the global head to every client before `evaluate`), and the head the
+  server trains on federated features is the point of CReFF/FedHPro; a client's locally trained head
+  is discarded on the next broadcast. Clients never sampled use their initial extractor.
+  Bytes count what the sampled clients receive and send (head + H down; head + gradients up; no
+  extractor weights), as for every method; evaluating unsampled clients with the current head
+  assumes they receive it too (HtFLlib sends the head to all clients), which is not counted.
 """
 
 from __future__ import annotations
@@ -56,9 +85,11 @@ from fedhpro.methods.creff import FederatedFeatures, client_class_gradients, mea
 from fedhpro.methods.gradients import synthetic_gradients, vector_distance
 
 PAPER = "Wang et al., FedHPro: Federated Hyper-Prototype Learning via Gradient Matching, ICML 2026"
-MODES = ("global",)
-HETEROGENEOUS_MODELS = False
-COMMUNICATES = "weights + hyper-prototypes (down); weights + per-class feature and classifier gradients (up)"
+MODES = ("global", "personalized")
+HETEROGENEOUS_MODELS = True  # personalized mode only [recon]: local extractors, one shared classifier head
+COMMUNICATES = ("weights + hyper-prototypes (down); weights + per-class feature and classifier gradients (up); "
+                "personalized [recon]: classifier head instead of the weights")
+HEAD_KEYS = ("classifier.weight", "classifier.bias")  # the shared head in personalized mode
 REVISIONS = (
     "global model = the last sampled client's trained model, as the official code runs (was: FedAvg); "
     "`aggregation: fedavg` keeps the mean",
@@ -153,6 +184,10 @@ class Client(ClientBase):
     def setup(self, client, model, payload, state, gen) -> None:
         p, c = self.params, self.ctx.num_classes
         self.client = client
+        if "head" in payload:  # personalized [recon]: the shared head replaces the client's own classifier
+            with torch.no_grad():
+                model.classifier.weight.copy_(payload["head"]["classifier.weight"])
+                model.classifier.bias.copy_(payload["head"]["classifier.bias"])
         hp = payload["hyper_prototypes"].view(c, p.prototypes_per_class, -1)
         self.class_centres = F.normalize(hp, dim=2).mean(1)  # HPCL: mean of normalised prototypes
         self.class_means = hp.mean(1)  # HPAL: normalised later
@@ -191,33 +226,56 @@ class Client(ClientBase):
             model.eval()
             means, _ = class_feature_means(model, self.ctx, client.x, client.y)
             out["class_means"] = means[g["classes"]]
+        if self.cfg.eval_mode == "personalized":  # [recon] the trained head travels, the extractor stays
+            out["head"] = {k: v.detach().clone() for k, v in model.state_dict().items() if k in HEAD_KEYS}
         return out
 
 
 class Server(ServerBase):
     def __init__(self, ctx: Context):
         super().__init__(ctx)
-        p, c, d = self.params, ctx.num_classes, self.model.feature_dim
+        p, c = self.params, ctx.num_classes
+        d = self.model.feature_dim if self.model is not None else ctx.feature_dim
         # Official init order: H ~ N(0,1), then the federated features, then the round-1 meta classifier.
         self.prototypes = torch.randn(c * p.prototypes_per_class, d, device=ctx.device)
         self.labels = torch.arange(c, device=ctx.device).repeat_interleave(p.prototypes_per_class)
         self.federated = FederatedFeatures(c, p.features_per_class, d, p.prototype_lr, ctx.device)
         meta = nn.Linear(d, c).to(ctx.device)  # round 1: a separate random classifier (spec 1, step 3)
         self.meta_weight, self.meta_bias = meta.weight.detach(), meta.bias.detach()
+        # Personalized [recon]: the shared head (no global model); it starts as the round-1 meta classifier.
+        self.head: dict[str, torch.Tensor] | None = None
+        if self.model is None:
+            self.head = {"classifier.weight": self.meta_weight.clone(), "classifier.bias": self.meta_bias.clone()}
 
     def broadcast(self, round_idx: int) -> dict:
+        p = self.params
         payload = {**super().broadcast(round_idx), "hyper_prototypes": self.prototypes}
-        if self.params.classifier_retraining:
+        if self.head is not None:
+            payload["head"] = self.head
+            # With the re-trained head sent, the head clients train with is the one they compute gradients
+            # through: sending it twice would only count bytes twice.
+            if p.classifier_retraining and not p.send_retrained_classifier:
+                payload.update(meta_weight=self.meta_weight, meta_bias=self.meta_bias)
+        elif p.classifier_retraining:
             payload.update(meta_weight=self.meta_weight, meta_bias=self.meta_bias)
         return payload
+
+    def current_head(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The classifier clients hold now: the global model's (global mode) or the shared head."""
+        if self.head is not None:
+            return self.head["classifier.weight"], self.head["classifier.bias"]
+        return self.model.classifier.weight.detach(), self.model.classifier.bias.detach()
 
     def aggregate(self, round_idx: int, uploads: list[dict]) -> None:
         p, c = self.params, self.ctx.num_classes
         if p.classifier_retraining:
             used_w, used_b = self.meta_weight, self.meta_bias
         else:
-            used_w, used_b = (t.detach().clone() for t in (self.model.classifier.weight, self.model.classifier.bias))
-        super().aggregate(round_idx, uploads)  # `aggregate_weights` below: last client or FedAvg
+            used_w, used_b = (t.clone() for t in self.current_head())
+        super().aggregate(round_idx, uploads)  # global mode: `aggregate_weights` below, last client or FedAvg
+        if self.head is not None:  # personalized: the same rule on the uploaded heads
+            self.head = self.aggregate_weights([{"weights": u["head"], "num_samples": u["num_samples"]}
+                                                for u in uploads])
         if p.classifier_retraining:  # S1-S3
             dw, present = mean_over_clients(uploads, "grad_w", c)
             db, _ = mean_over_clients(uploads, "grad_b", c)
@@ -226,12 +284,14 @@ class Server(ServerBase):
             head = self.federated.retrain_classifier(p.retrain_epochs, p.retrain_batch, p.retrain_lr, gen)
             self.meta_weight, self.meta_bias = head.weight.detach(), head.bias.detach()
             if p.send_retrained_classifier:
-                with torch.no_grad():
-                    self.model.classifier.weight.copy_(self.meta_weight)
-                    self.model.classifier.bias.copy_(self.meta_bias)
+                if self.head is not None:
+                    self.head = {"classifier.weight": self.meta_weight, "classifier.bias": self.meta_bias}
+                else:
+                    with torch.no_grad():
+                        self.model.classifier.weight.copy_(self.meta_weight)
+                        self.model.classifier.bias.copy_(self.meta_bias)
         if p.matching_classifier == "retrained":
-            match_w, match_b = (self.meta_weight, self.meta_bias) if p.classifier_retraining else (
-                self.model.classifier.weight.detach(), self.model.classifier.bias.detach())
+            match_w, match_b = (self.meta_weight, self.meta_bias) if p.classifier_retraining else self.current_head()
         else:
             match_w, match_b = used_w, used_b
         if p.prototype_source == "matching":  # S4
@@ -255,9 +315,18 @@ class Server(ServerBase):
             return uploads[-1]["weights"]
         return super().aggregate_weights(uploads)
 
+    def scores(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if self.head is None:
+            return model(x)[1]
+        # Personalized: the client's own extractor with the current shared head (HtFLlib's head-sharing protocol)
+        return F.linear(model.features(x), self.head["classifier.weight"], self.head["classifier.bias"])
+
     def state_dict(self) -> dict:
-        return {**super().state_dict(), "prototypes": self.prototypes, "features": self.federated.features,
-                "meta_weight": self.meta_weight, "meta_bias": self.meta_bias}
+        state = {**super().state_dict(), "prototypes": self.prototypes, "features": self.federated.features,
+                 "meta_weight": self.meta_weight, "meta_bias": self.meta_bias}
+        if self.head is not None:
+            state["head"] = self.head
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
@@ -265,6 +334,8 @@ class Server(ServerBase):
         self.prototypes = state["prototypes"].to(dev)
         self.federated.features = state["features"].to(dev)
         self.meta_weight, self.meta_bias = state["meta_weight"].to(dev), state["meta_bias"].to(dev)
+        if self.head is not None:
+            self.head = {k: state["head"][k].to(dev) for k in HEAD_KEYS}
 
 
 def match_prototypes(prototypes: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
