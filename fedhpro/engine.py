@@ -341,6 +341,10 @@ class Engine:
             self._batched = BatchedClients(self)
 
     # ---- per-client models -------------------------------------------------------------------
+    def working_models(self) -> list[nn.Module]:
+        """The reusable working model of each architecture, which every client's local training runs on."""
+        return list(self._work_models.values())
+
     def _model_for(self, cid: int) -> nn.Module:
         return self._work_models[self.ctx.model_names[cid]]
 

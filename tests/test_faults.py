@@ -72,6 +72,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from conftest import numbers
 from fedhpro.config import from_dict
 from fedhpro.runio import (CHECKPOINT, CONFIG, METRICS, METRICS_SCHEMA_VERSION, CheckpointError, RunLockedError,
                            atomic_write, load_checkpoint, read_metrics_meta, run_lock, write_metrics)
@@ -127,10 +128,6 @@ def cli_cmd(config: Path, out: Path) -> list[str]:
 def cli_train(config: Path, out: Path, fault: str | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
     return subprocess.run(cli_cmd(config, out), cwd=out.parent, env=cli_env(fault), capture_output=True, text=True,
                           timeout=timeout)
-
-
-def numbers(df: pd.DataFrame) -> pd.DataFrame:
-    return df[[c for c in df.columns if not c.startswith("time_")]].reset_index(drop=True)
 
 
 def assert_same_metrics(got: pd.DataFrame, ref: pd.DataFrame) -> None:

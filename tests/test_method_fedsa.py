@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import METHOD_BASE, MODES, numbers
 from fedhpro.config import ConfigError, from_dict
 from fedhpro.engine import tensor_bytes
 from fedhpro.methods.fedsa import (Client, Params, Server, anchor_loss_terms, ema_anchors, init_anchors,
@@ -16,15 +17,7 @@ from fedhpro.methods.fedsa import (Client, Params, Server, anchor_loss_terms, em
 from fedhpro.models import FeatureClassifier
 from fedhpro.train import build_context, train
 
-BASE = {"dataset": "digits", "num_clients": 6, "partition": "dirichlet", "alpha": 0.5, "rounds": 3,
-        "local_epochs": 3, "batch_size": 32, "lr": 0.1, "seed": 0, "method": "fedsa"}
-MODES = {"personalized": {"eval_mode": "personalized"}, "global": {"eval_mode": "global"},
-         "heterogeneous": {"eval_mode": "personalized", "client_models": ["cnn", "resnet10"]}}
-TIME_COLUMNS = ["time_local", "time_server", "time_eval", "time_io"]
-
-
-def numbers(df: pd.DataFrame) -> pd.DataFrame:
-    return df.drop(columns=TIME_COLUMNS)
+BASE = {**METHOD_BASE, "method": "fedsa"}
 
 
 def _ctx(num_classes=2, dim=2, **params) -> SimpleNamespace:

@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
+from conftest import METHOD_BASE, numbers
 from fedhpro.config import ConfigError, from_dict
 from fedhpro.engine import Engine
 from fedhpro.finch import connected_components, finch
@@ -15,13 +16,7 @@ from fedhpro.methods import METHODS
 from fedhpro.methods.fpl import cluster_prototypes, fpl_terms, unbiased_prototypes
 from fedhpro.train import build_context, train
 
-BASE = {"dataset": "digits", "num_clients": 6, "partition": "dirichlet", "alpha": 0.5, "rounds": 3, "local_epochs": 3,
-        "batch_size": 32, "lr": 0.1, "seed": 0}
-TIME_COLUMNS = ["time_local", "time_server", "time_eval", "time_io"]
-
-
-def numbers(df: pd.DataFrame) -> pd.DataFrame:
-    return df.drop(columns=TIME_COLUMNS)
+BASE = METHOD_BASE
 
 
 def angles(*degrees: float) -> torch.Tensor:

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import METHOD_BASE, numbers
 from fedhpro.config import from_dict
 from fedhpro.engine import Engine, tensor_bytes
 from fedhpro.methods import METHODS
@@ -16,14 +17,8 @@ from fedhpro.methods.gfpl import (DualClassifierNet, Server, bhattacharyya_diag,
                                   simplex_etf)
 from fedhpro.train import build_context, train
 
-BASE = {"dataset": "digits", "num_clients": 6, "partition": "dirichlet", "alpha": 0.5, "rounds": 3,
-        "local_epochs": 3, "batch_size": 32, "lr": 0.1, "seed": 0, "method": "gfpl",
+BASE = {**METHOD_BASE, "method": "gfpl",
         "method_params": {"start_round": 1, "interval": 1}}
-TIME_COLUMNS = ["time_local", "time_server", "time_eval", "time_io"]
-
-
-def numbers(df: pd.DataFrame) -> pd.DataFrame:
-    return df.drop(columns=TIME_COLUMNS)
 
 
 # ---- Bhattacharyya distance and fusion ---------------------------------------------------------------------

@@ -6,20 +6,15 @@ import pandas as pd
 import pytest
 import torch
 
+from conftest import METHOD_BASE, numbers
 from fedhpro.config import ConfigError, from_dict
 from fedhpro.engine import Engine, fedavg
 from fedhpro.methods import METHODS
 from fedhpro.methods.moon import Server, moon_contrastive
 from fedhpro.train import build_context, train
 
-BASE = {"dataset": "digits", "num_clients": 6, "partition": "dirichlet", "alpha": 0.5, "rounds": 3, "local_epochs": 3,
-        "batch_size": 32, "lr": 0.1, "seed": 0}
-TIME_COLUMNS = ["time_local", "time_server", "time_eval", "time_io"]
+BASE = METHOD_BASE
 METRIC_COLUMNS = ["round", "train_loss", "test_acc", "test_loss", "bytes_up", "bytes_down"]
-
-
-def numbers(df: pd.DataFrame) -> pd.DataFrame:
-    return df.drop(columns=TIME_COLUMNS)
 
 
 def state_bytes(model: torch.nn.Module) -> int:

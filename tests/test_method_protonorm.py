@@ -7,18 +7,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import METHOD_BASE, numbers
 from fedhpro.config import from_dict
 from fedhpro.engine import tensor_bytes
 from fedhpro.methods.protonorm import Client, Server, pairwise_forces, riesz_energy, thomson_align
 from fedhpro.train import build_context, train
 
-BASE = {"dataset": "digits", "num_clients": 6, "partition": "dirichlet", "alpha": 0.5, "rounds": 3,
-        "local_epochs": 3, "batch_size": 32, "lr": 0.1, "seed": 0, "method": "protonorm"}
-TIME_COLUMNS = ["time_local", "time_server", "time_eval", "time_io"]
-
-
-def numbers(df: pd.DataFrame) -> pd.DataFrame:
-    return df.drop(columns=TIME_COLUMNS)
+BASE = {**METHOD_BASE, "method": "protonorm"}
 
 
 def min_distance(p: torch.Tensor) -> float:
