@@ -74,6 +74,7 @@ import yaml
 
 from conftest import numbers
 from fedhpro.config import from_dict
+from fedhpro.methods import fast_test_params
 from fedhpro.runio import (CHECKPOINT, CONFIG, METRICS, METRICS_SCHEMA_VERSION, CheckpointError, RunLockedError,
                            atomic_write, load_checkpoint, read_metrics_meta, run_lock, write_metrics)
 
@@ -86,9 +87,7 @@ BASE = {"dataset": "digits", "num_clients": 4, "partition": "dirichlet", "alpha"
         "lr": 0.05, "seed": 1, "local_epochs": 1, "rounds": ROUNDS, "device": "cpu", "checkpoint_every": 1}
 METHODS = {
     "fedavg": {"method": "fedavg"},
-    "fedhpro": {"method": "fedhpro", "method_params": {
-        "prototypes_per_class": 2, "matching_steps": 5, "features_per_class": 10, "feature_matching_steps": 5,
-        "retrain_epochs": 5, "real_batch": 32}},
+    "fedhpro": {"method": "fedhpro", "method_params": fast_test_params("fedhpro")},
     "fedproto": {"method": "fedproto", "eval_mode": "personalized"},
 }
 # (method, fault point, number of k's drawn)

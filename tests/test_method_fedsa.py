@@ -132,7 +132,7 @@ def test_server_step_means_uploads_then_moves_anchors_by_ema():
     assert torch.equal(server.anchors[2], a0[2])
     payload = server.broadcast(2)
     assert payload["prototype_classes"].tolist() == [0, 1]
-    assert tensor_bytes(payload) == (3 * 2 + 2 * 2) * 4  # anchors C x d + P-bar of the received classes
+    assert tensor_bytes(payload, Server.BROADCAST_METADATA) == (3 * 2 + 2 * 2) * 4  # anchors C x d + P-bar of the received classes
     # evaluation: nearest P-bar (not the anchors) in personalized mode
     model = FeatureClassifier(nn.Identity(), 2, 3)
     scores = server.scores(model, torch.tensor([[1.1, 0.0], [2.9, 1.2]]))

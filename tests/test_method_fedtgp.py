@@ -113,7 +113,7 @@ def test_server_step_is_one_sgd_step_on_the_margin_loss():
     with torch.no_grad():
         assert torch.allclose(payload["prototypes"], server.generator(torch.arange(3)))
     assert not payload["prototypes"].requires_grad
-    assert tensor_bytes(payload) == 3 * 4 * 4  # C x d floats; the class ids are header metadata
+    assert tensor_bytes(payload, Server.BROADCAST_METADATA) == 3 * 4 * 4  # C x d floats; the class ids are header metadata
 
 
 def test_server_training_separates_the_prototypes_and_checkpoints():

@@ -11,9 +11,9 @@ from conftest import METHOD_BASE, numbers
 from fedhpro.config import from_dict
 from fedhpro.engine import Engine, tensor_bytes
 from fedhpro.methods import METHODS
-from fedhpro.methods.gfpl import (DualClassifierNet, Server, bhattacharyya_diag, client_gmm_prototypes,
+from fedhpro.methods.gfpl import (Client, DualClassifierNet, Server, bhattacharyya_diag, client_gmm_prototypes,
                                   dot_regression_loss, fuse_components, fuse_uploads, hybrid_loss,
-                                  install_dual_classifier, merge_pair, retrain_heads, sample_pseudo_features,
+                                  merge_pair, retrain_heads, sample_pseudo_features,
                                   simplex_etf)
 from fedhpro.train import build_context, train
 
@@ -145,8 +145,9 @@ def test_client_gmm_prototypes_shapes_weights_and_determinism():
     assert torch.allclose(out["component_means"][-1], feats[-1])  # one sample: its own mean
     again = client_gmm_prototypes(feats, labels, 3, 1e-4, (0, 1, 2))
     assert all(torch.equal(out[k], again[k]) for k in out)
-    # bytes: only weights, means, variances count (component_classes is header metadata)
-    assert tensor_bytes(out) == 6 * (2 * 6 + 1) * 4
+    # bytes: only weights, means, variances count (component_classes is declared header metadata)
+    assert tensor_bytes(out, Client.UPLOAD_METADATA) == 6 * (2 * 6 + 1) * 4
+    assert tensor_bytes(out) == 6 * (2 * 6 + 1) * 4 + 6 * 8
 
 
 def test_pseudo_features_are_class_balanced_and_follow_the_components():
@@ -165,9 +166,7 @@ def test_retraining_updates_only_projection_and_classifier(classifier_input):
     cfg = from_dict({**BASE, "eval_mode": "personalized",
                      "method_params": {"classifier_input": classifier_input, "projection_dim": 4}})
     ctx = build_context(cfg)
-    install_dual_classifier(ctx)  # what the method's Client/Server do on construction
-    install_dual_classifier(ctx)  # idempotent
-    model = ctx.make_model()
+    model = ctx.make_model()  # the run's context applies GFPL's model_wrapper hook
     p = 10  # projection_dim 4 is raised to C = 10 (the ETF needs p >= C)
     assert model.etf.shape == (p, 10)
     assert model.classifier.in_features == (ctx.feature_dim if classifier_input == "feature" else p)

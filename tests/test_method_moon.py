@@ -48,8 +48,8 @@ def test_contrastive_loss_by_hand():
 
 
 def test_projection_head_is_part_of_every_model():
-    ctx = build_context(from_dict({**BASE, "method": "moon"}))
-    base_dim = ctx.feature_dim
+    base_dim = build_context(from_dict({**BASE, "method": "fedavg"})).feature_dim
+    ctx = build_context(from_dict({**BASE, "method": "moon"}))  # applies MOON's model_wrapper hook
     server = Server(ctx)
     Server(ctx)  # a second server on the same context does not stack a second head
     model = server.model

@@ -17,11 +17,11 @@ import torch
 from torch import nn
 
 from conftest import numbers
-import fedhpro.engine as engine_mod
+import fedhpro.local as local_mod
 from fedhpro.config import ConfigError, from_dict
 from fedhpro.data import load_dataset
 from fedhpro.engine import Engine, autocast_context, check_precision, make_grad_scaler
-from fedhpro.methods import METHODS
+from fedhpro.methods import METHODS, fast_test_params
 from fedhpro.runio import load_checkpoint
 from fedhpro.train import build_context, train
 
@@ -187,13 +187,13 @@ def test_channels_last_leaves_non_image_inputs_alone(tiny):
 # ---- (d) fp16 -------------------------------------------------------------------------------------------------
 def test_fp16_on_cpu_trains_with_a_grad_scaler_and_unscaled_proximal_gradients(tiny, monkeypatch):
     scalers, grad_max = [], []
-    original = engine_mod.make_grad_scaler
+    original = local_mod.make_grad_scaler
 
     def spy_scaler(ctx):
         scalers.append(original(ctx))
         return scalers[-1]
 
-    monkeypatch.setattr(engine_mod, "make_grad_scaler", spy_scaler)
+    monkeypatch.setattr(local_mod, "make_grad_scaler", spy_scaler)
     engine = make_engine({**TINY, "method": "fedprox", "rounds": 2, "precision": "fp16"}, tiny)
     before_step = engine.client.before_step
 
@@ -217,21 +217,21 @@ def test_fp16_overflowing_step_is_skipped_not_diverged(tiny, monkeypatch):
         scalers.append(torch.amp.GradScaler("cpu", init_scale=2.0**60))
         return scalers[-1]
 
-    monkeypatch.setattr(engine_mod, "make_grad_scaler", huge_scaler)
+    monkeypatch.setattr(local_mod, "make_grad_scaler", huge_scaler)
     engine = make_engine({**TINY, "method": "fedavg", "rounds": 1, "precision": "fp16", "batch_size": 512}, tiny)
     client = engine.ctx.clients[0]
     model = engine._model_for(client.cid)
     model.load_state_dict(engine.server.model.state_dict())
     start = {n: p.detach().clone() for n, p in model.named_parameters()}
     _, loss = engine.client.train(client, model, {"weights": engine.server.model.state_dict()}, {},
-                                  torch.Generator().manual_seed(0))  # one batch: one (skipped) step
+                                  torch.Generator().manual_seed(0), round_idx=1)  # one batch: one (skipped) step
     assert math.isfinite(loss)
     assert all(torch.equal(p, start[n]) for n, p in model.named_parameters())
     assert scalers[0].get_scale() == 2.0**59  # backed off once
     # a non-finite *loss* (forward overflow) is still a divergence
     engine.client.loss = lambda model, x, y: torch.tensor(float("nan"), requires_grad=True)
-    with pytest.raises(engine_mod.Diverged):
-        engine.client.train(client, model, {}, {}, torch.Generator().manual_seed(0))
+    with pytest.raises(local_mod.Diverged):
+        engine.client.train(client, model, {}, {}, torch.Generator().manual_seed(0), round_idx=1)
 
 
 def test_bf16_on_a_gpu_without_bf16_is_refused(monkeypatch):
@@ -246,11 +246,10 @@ def test_bf16_on_a_gpu_without_bf16_is_refused(monkeypatch):
 # ---- (e) every method ----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("method", list(METHODS))
 def test_every_method_runs_bf16_channels_last(tiny, method):
-    raw = {**TINY, "method": method, "rounds": 2, "precision": "bf16", "channels_last": True}
-    if method == "gfpl":  # exercise the GMM upload (round 1) and the head re-training (round 2)
-        raw["method_params"] = {"start_round": 1, "interval": 1}
-    if method in ("creff", "fedhpro"):  # fewer server steps: this test is about the client side
-        raw["method_params"] = {"retrain_epochs": 5, "matching_steps": 5}
+    # the method's fast parameters: fewer server steps (this test is about the client side); GFPL's exercise the
+    # GMM upload (round 1) and the head re-training (round 2)
+    raw = {**TINY, "method": method, "rounds": 2, "precision": "bf16", "channels_last": True,
+           "method_params": fast_test_params(method)}
     if method == "fedhpro":  # + the client margin, recomputed inside the (autocast) loss every batch
         raw["method_params"].update(use_margin=True, margin_update="batch")
     engine = make_engine(raw, tiny)

@@ -57,12 +57,17 @@ from fedhpro.methods.gradients import synthetic_gradients, vector_distance
 
 PAPER = "Wang et al., FedHPro: Federated Hyper-Prototype Learning via Gradient Matching, ICML 2026"
 MODES = ("global",)
+ENGINES = ("sequential",)
 HETEROGENEOUS_MODELS = False
 COMMUNICATES = "weights + hyper-prototypes (down); weights + per-class feature and classifier gradients (up)"
 REVISIONS = (
     "global model = the last sampled client's trained model, as the official code runs (was: FedAvg); "
     "`aggregation: fedavg` keeps the mean",
 )
+
+# Seconds-long digits runs (tests, quick benchmarks): fewer prototypes, server steps and re-training epochs.
+FAST_TEST_PARAMS = {"prototypes_per_class": 2, "matching_steps": 5, "features_per_class": 10,
+                    "feature_matching_steps": 5, "retrain_epochs": 5, "real_batch": 32}
 
 
 @dataclass(frozen=True)
@@ -150,6 +155,8 @@ def class_feature_means(model: nn.Module, ctx: Context, x: torch.Tensor, y: torc
 
 
 class Client(ClientBase):
+    UPLOAD_METADATA = ("classes",)  # which classes the gradient rows belong to
+
     def setup(self, client, model, payload, state, gen) -> None:
         p, c = self.params, self.ctx.num_classes
         self.client = client
@@ -195,6 +202,8 @@ class Client(ClientBase):
 
 
 class Server(ServerBase):
+    STATE = ("prototypes", "federated.features", "meta_weight", "meta_bias")
+
     def __init__(self, ctx: Context):
         super().__init__(ctx)
         p, c, d = self.params, ctx.num_classes, self.model.feature_dim
@@ -248,17 +257,6 @@ class Server(ServerBase):
         if self.params.aggregation == "last_client":  # official: every state_dict aliases the last client's
             return uploads[-1]["weights"]
         return super().aggregate_weights(uploads)
-
-    def state_dict(self) -> dict:
-        return {**super().state_dict(), "prototypes": self.prototypes, "features": self.federated.features,
-                "meta_weight": self.meta_weight, "meta_bias": self.meta_bias}
-
-    def load_state_dict(self, state: dict) -> None:
-        super().load_state_dict(state)
-        dev = self.ctx.device
-        self.prototypes = state["prototypes"].to(dev)
-        self.federated.features = state["features"].to(dev)
-        self.meta_weight, self.meta_bias = state["meta_weight"].to(dev), state["meta_bias"].to(dev)
 
 
 def match_prototypes(prototypes: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,

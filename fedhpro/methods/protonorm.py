@@ -43,8 +43,12 @@ from fedhpro.methods.prototypes import mean_over_clients
 
 PAPER = "Lee, Shin, Choi, Heterogeneous Federated Learning with Prototype Alignment and Upscaling, arXiv 2507.04310"
 MODES = ("personalized", "global")
+ENGINES = ("sequential",)
 HETEROGENEOUS_MODELS = True
 COMMUNICATES = "per-class prototypes (up), unit-norm aligned prototypes (down); + weights in global mode"
+
+# Seconds-long digits runs (tests): fewer Thomson iterations.
+FAST_TEST_PARAMS = {"thomson_iterations": 50}
 
 
 @dataclass(frozen=True)
