@@ -1,10 +1,10 @@
 """FedHPro (Wang et al., ICML 2026): federated hyper-prototype learning via gradient matching.
 
 Follows the official code (mala-lab/FedHPro `main_run.py`, see
-`shared/specs/fedhpro-official-code.md`) by default; every quirk is a switch:
+`docs/fedhpro-official-code.md`) by default; every quirk is a switch:
 
 - clients send per class the mean feature-gradient of CE through the
-  classifier (1/n^2 scaling, spec 2.1) and CReFF's classifier gradients;
+  classifier (1/n^2 scaling, docs section 2.1) and CReFF's classifier gradients;
 - the new global model is the LAST sampled client's locally trained model
   (`aggregation: last_client`, the default), not an average. This is what the
   official code computes, though `get_agg_params` is written as a FedAvg:
@@ -211,7 +211,7 @@ class Server(ServerBase):
         self.prototypes = torch.randn(c * p.prototypes_per_class, d, device=ctx.device)
         self.labels = torch.arange(c, device=ctx.device).repeat_interleave(p.prototypes_per_class)
         self.federated = FederatedFeatures(c, p.features_per_class, d, p.prototype_lr, ctx.device)
-        meta = nn.Linear(d, c).to(ctx.device)  # round 1: a separate random classifier (spec 1, step 3)
+        meta = nn.Linear(d, c).to(ctx.device)  # round 1: a separate random classifier (docs section 1, step 3)
         self.meta_weight, self.meta_bias = meta.weight.detach(), meta.bias.detach()
 
     def broadcast(self, round_idx: int) -> dict:

@@ -1,7 +1,7 @@
 """GFPL (Lu, He, Li, Wang, Gong, arXiv 2602.21873, 2026): generative federated prototype learning.
 
 No public code exists; the paper text we have lost its formulas and most numbers in extraction
-(`shared/specs/seeds/gfpl-paper-text.txt`). What we take from it, and what we reconstructed:
+(`docs/baselines.md`, section 8). What we take from it, and what we reconstructed:
 
 From the paper [paper]:
 - per-class GMM prototypes of the extractor features z (weights, means, standard deviations / diagonal

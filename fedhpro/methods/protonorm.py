@@ -1,6 +1,6 @@
 """ProtoNorm (Lee, Shin, Choi, arXiv 2507.04310, 2025): prototype alignment (PA) + prototype upscaling (PU).
 
-Follows the official code (regulationLee/ProtoNorm, built on HtFLlib; spec section 7):
+Follows the official code (regulationLee/ProtoNorm, built on HtFLlib; `docs/baselines.md` section 7):
 
 - client loss: CE(h(r), y) + lambda * MSE(r, s * u_y) with lambda = 10 (`-lam`) and s =
   `constant_scale_factor` = 80 (`-csf`, used with `-pu`; `upscale: false` targets u_y itself). MSE is
