@@ -4,7 +4,6 @@ communication bytes by formula (determinism and resume: test_method_contract.py)
 import math
 from types import SimpleNamespace
 
-import pandas as pd
 import pytest
 import torch
 
@@ -152,22 +151,11 @@ def test_params_validated():
 
 # ---- runs on digits ----------------------------------------------------------------------------------------
 
-_RUNS: dict = {}
-
-
-def _run(mode: str, tmp_path_factory) -> pd.DataFrame:
-    if mode not in _RUNS:
-        _RUNS[mode] = train(from_dict({**BASE, **MODES[mode]}), tmp_path_factory.mktemp(mode) / "run")
-    return _RUNS[mode]
-
-
 @pytest.mark.parametrize("mode", list(MODES))
-def test_learns_on_digits_with_expected_bytes(mode, tmp_path_factory):
+def test_digits_run_sends_the_expected_bytes(mode, tmp_path):
+    """Bytes by the method's formula (learning, determinism, resume: test_method_contract.py)."""
     cfg = from_dict({**BASE, **MODES[mode]})
-    df = _run(mode, tmp_path_factory)
-    acc = df["test_acc"] if cfg.eval_mode == "global" else df["client_acc_mean"]
-    assert list(df["round"]) == [1, 2, 3] and (df["status"] == "finished").all()
-    assert acc.iloc[-1] > acc.iloc[0] and acc.iloc[-1] > 0.3
+    df = train(cfg, tmp_path / "run")
     # communication: up = sum_i |local classes_i| x d x 4; down = C x d x 4 from round 2 (+ weights both ways)
     ctx = build_context(cfg)
     d, c, n = ctx.feature_dim, ctx.num_classes, cfg.num_clients

@@ -38,7 +38,7 @@ HETEROGENEOUS_MODELS = False
 COMMUNICATES = "model weights + per-class classifier gradients (up)"
 
 # Seconds-long digits runs (tests, quick benchmarks): fewer federated features, server steps and epochs.
-FAST_TEST_PARAMS = {"features_per_class": 10, "matching_steps": 5, "retrain_epochs": 5, "real_batch": 16}
+FAST_TEST_PARAMS = {"features_per_class": 10, "matching_steps": 5, "retrain_epochs": 50, "real_batch": 16}
 
 
 @dataclass(frozen=True)

@@ -67,7 +67,7 @@ REVISIONS = (
 
 # Seconds-long digits runs (tests, quick benchmarks): fewer prototypes, server steps and re-training epochs.
 FAST_TEST_PARAMS = {"prototypes_per_class": 2, "matching_steps": 5, "features_per_class": 10,
-                    "feature_matching_steps": 5, "retrain_epochs": 5, "real_batch": 32}
+                    "feature_matching_steps": 5, "retrain_epochs": 20, "real_batch": 32}
 
 
 @dataclass(frozen=True)
