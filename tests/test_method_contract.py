@@ -1,7 +1,7 @@
 """The method contract, checked the same way for every registered method and every evaluation mode it declares
 (`MODES`), with the method's own `FAST_TEST_PARAMS`:
 
-- it learns on digits (the training loss falls over three rounds, accuracy beats chance);
+- it learns on digits (accuracy beats chance within three rounds);
 - it is deterministic and resumes bit-identically: a run stopped after round 1 and resumed from its checkpoint
   (server `STATE`, client states, RNG streams) has exactly the numbers of the uninterrupted run;
 - the bytes it reports are the tensors it really sends: every upload and broadcast entry counts except the
@@ -74,10 +74,11 @@ def check_learns_and_resumes(method: str, mode: str, tmp_path: Path) -> None:
     full = train(cfg, tmp_path / "full")
     acc = accuracy(full, mode)
     assert list(full["round"]) == [1, 2, 3] and (full["status"] == "finished").all()
-    # learns: local training lowers the training loss and the evaluated model beats chance (three short rounds
-    # of 3 non-IID clients are few for FedHPro's one-client aggregate and CReFF's re-trained classifier)
-    losses = full["train_loss"]
-    assert losses.iloc[-1] < losses.iloc[0], f"{method}/{mode}: training loss does not fall: {losses.tolist()}"
+    # learns: the evaluated model beats chance (a broken method stays at about 0.1). Not more: three short
+    # rounds of 3 non-IID clients are few for FedHPro's one-client aggregate and CReFF's re-trained classifier,
+    # and the training loss is not monotone (prototype terms start in round 2; FedHPro's aggregate changes
+    # client every round). Per-method files check their methods' learning where it is reliable.
+    assert full["train_loss"].map(lambda v: v == v and abs(v) != float("inf")).all()
     assert acc.max() > 1.3 * CHANCE, f"{method}/{mode} does not learn: {acc.tolist()}"
     partial = train(cfg, tmp_path / "resumed", stop_after_round=1)
     assert len(partial) == 1
