@@ -3,7 +3,7 @@
 `crop_flip` is torchvision's RandomCrop(size, padding) + RandomHorizontalFlip.
 The official FedHPro code applies those transforms to the whole batch tensor,
 so one crop offset and one flip decision are shared by every image of a batch
-(quirk 7 of the spec); `per_sample=True` gives the usual per-image behaviour.
+(quirk 7 in `docs/fedhpro-official-code.md`); `per_sample=True` gives the usual per-image behaviour.
 As in the official code the input is already normalised, so padding is zero in
 normalised space.
 """

@@ -17,7 +17,7 @@ What stays exactly as in `ClientBase.train`:
   and are updated in place in its own slice (no `replace_all_batch_norm_modules_`, which would
   drop the running statistics);
 - SGD (lr, momentum, weight decay) is `torch.optim.SGD`'s single-tensor update, element-wise, so
-  stacking does not change it; FedProx adds mu (w - w_global) to the gradient before the step;
+  stacking does not change it; a declared proximal term adds mu (w - w_global) to the gradient before the step;
 - unequal client sizes: clients are laid out by decreasing number of local steps, so at step t the
   clients that still have a t-th batch are a prefix of the stacked tensors and one that has run out
   of batches is never touched again; a step's batches are bucketed by size (`MIN_FILL`: equal sizes
@@ -27,9 +27,11 @@ What stays exactly as in `ClientBase.train`:
 
 Results equal the sequential engine's within floating-point tolerance (grouped convolutions and
 batched matrix products sum in a different order); `tests/test_batched.py` checks final weights,
-BN buffers and metrics. Supported: FedAvg and FedProx (global mode, one architecture, `precision: fp32`,
-`channels_last: false`); any other method or setting is refused when the engine is built, with a message
-naming it.
+BN buffers and metrics. Supported: methods whose module lists "batched" in `ENGINES` (checked
+at config validation by `fedhpro.methods.check_supported`) in global mode, one architecture, `precision: fp32`,
+`channels_last: false`; a Client that overrides a hook this loop does not reproduce is refused when the engine
+is built (`check_batchable`), with a message naming the hook. No method is named here: a proximal
+`before_step` is reproduced from the client's `proximal_mu()` declaration.
 """
 
 from __future__ import annotations
@@ -41,14 +43,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from fedhpro.config import ConfigError
-from fedhpro.engine import ClientBase, ClientData, Diverged, batches, derive_seed
+from fedhpro.errors import ConfigError
 from fedhpro.faults import fault_point
+from fedhpro.local import ClientBase, ClientData, Diverged, batches, derive_seed
 
 if TYPE_CHECKING:  # pragma: no cover
     from fedhpro.engine import Engine
 
-SUPPORTED_METHODS = ("fedavg", "fedprox")
 # Padding policy per device: a bucket's smallest batch must be >= MIN_FILL x its largest. On CPU the work
 # is compute-bound and padded rows cost as much as real ones (measured: padding everything made FedAvg's
 # local time 1.3-2.2x longer, 80% buckets 1.0-1.2x): no padding, equal sizes only. On CUDA one padded
@@ -56,14 +57,11 @@ SUPPORTED_METHODS = ("fedavg", "fedprox")
 MIN_FILL = {"cpu": 1.0, "cuda": 0.0}
 
 
-def check_supported(cfg, client: ClientBase, model_names: list[str]) -> None:
-    """Raise ConfigError (naming the method) unless `engine: batched` can train this run exactly."""
-    method = cfg.method
-    if method not in SUPPORTED_METHODS:
-        raise ConfigError(f"config key 'engine': 'batched' supports methods {', '.join(SUPPORTED_METHODS)}; "
-                          f"method {method!r} needs engine 'sequential'")
+def check_batchable(cfg, client: ClientBase, model_names: list[str]) -> None:
+    """Raise ConfigError unless `engine: batched` can train this run exactly (the method's support for the
+    engine is its module's `ENGINES`, checked at config validation)."""
     if cfg.eval_mode != "global":
-        raise ConfigError(f"config key 'engine': 'batched' needs eval_mode 'global' (method {method!r})")
+        raise ConfigError(f"config key 'engine': 'batched' needs eval_mode 'global' (method {cfg.method!r})")
     if len(set(model_names)) != 1:
         raise ConfigError("config key 'engine': 'batched' needs identical client models")
     # Autocast and channels-last under vmap's grouped convolutions are not reproduced (nor tested): refused.
@@ -73,12 +71,13 @@ def check_supported(cfg, client: ClientBase, model_names: list[str]) -> None:
     if cfg.channels_last:
         raise ConfigError("config key 'channels_last': engine 'batched' does not support true; use engine "
                           "'sequential'")
-    # The batched loop re-implements ClientBase.train/loss/make_optimizer: refuse a Client that changed them.
+    # The batched loop re-implements ClientBase.train/loss/make_optimizer: refuse a Client that changed them,
+    # except a declared proximal term (`proximal_mu`: its anchor in `setup`, its gradient in `before_step`).
     cls = type(client)
-    mirrored = {"fedprox": ("setup", "before_step")}.get(method, ())  # FedProx's anchor and proximal gradient
-    for hook in ("train", "loss", "make_optimizer", "upload", "setup", "before_step"):
+    mirrored = ("setup", "before_step") if client.proximal_mu() is not None else ()
+    for hook in ("train", "loss", "make_optimizer", "upload", "setup", "start_epoch", "before_step"):
         if hook not in mirrored and getattr(cls, hook) is not getattr(ClientBase, hook):
-            raise ConfigError(f"config key 'engine': method {method!r} overrides Client.{hook}, which "
+            raise ConfigError(f"config key 'engine': method {cfg.method!r} overrides Client.{hook}, which "
                               "engine 'batched' does not reproduce; use engine 'sequential'")
     if cfg.optimizer != "sgd":  # pragma: no cover - only SGD exists today
         raise ConfigError(f"config key 'engine': 'batched' supports optimizer 'sgd', not {cfg.optimizer!r}")
@@ -135,15 +134,15 @@ class MaskedBatchNorm(TorchFunctionMode):
         return out
 
 
-class BatchedClients:
-    """Trains the sampled clients of a round together; used by `Engine.run_round` when `engine: batched`."""
+class BatchedTraining:
+    """`engine: batched`: trains the sampled clients of a round together (a `fedhpro.local.LocalTraining`)."""
 
     def __init__(self, engine: "Engine"):
         self.engine = engine
         self.ctx = engine.ctx
         self.cfg = engine.cfg
-        check_supported(self.cfg, engine.client, self.ctx.model_names)
-        self.mu = float(getattr(self.ctx.params, "mu", 0.0)) if self.cfg.method == "fedprox" else 0.0
+        check_batchable(self.cfg, engine.client, self.ctx.model_names)
+        self.mu = float(engine.client.proximal_mu() or 0.0)
         self._loss_fns: dict[int, tuple[Callable, Callable, MaskedBatchNorm]] = {}
         self.min_fill = MIN_FILL.get(self.ctx.device.type, 1.0)
 
@@ -210,6 +209,8 @@ class BatchedClients:
                        for key in state_keys}
             uploads[i] = {"num_samples": client.num_samples, "cid": client.cid, "weights": weights}
             losses[i] = totals_cpu[pos] / max(counts[pos], 1)
+        for cid in selected:
+            self.engine.client_states.release(cid, r)
         return uploads, losses
 
     def _buckets(self, sizes: list[int]) -> list[list[int]]:
@@ -272,7 +273,7 @@ class BatchedClients:
                 if grad is None:  # the parameter took no part: torch.optim.SGD skips it too
                     continue
                 p = group_params[name]
-                if self.mu:  # FedProx's before_step: grad += mu (w - w_global)
+                if self.mu:  # the proximal before_step: grad += mu (w - w_global)
                     grad.add_(p - anchor[name], alpha=self.mu)
                 # torch.optim.SGD, single-tensor path (element-wise, so exact per client)
                 if cfg.weight_decay != 0:

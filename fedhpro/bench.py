@@ -112,6 +112,8 @@ class BenchConfig:
 
 
 def make_config(quick: bool, gpu: bool, device: str | None) -> BenchConfig:
+    from fedhpro.methods import fast_test_params
+
     dev = device or ("cuda" if gpu and torch.cuda.is_available() else "cpu")
     if gpu:
         cfg = BenchConfig(name="gpu-cifar10shape-resnet10", dataset="cifar10", synthetic=(50000, 10000, 3, 32),
@@ -119,9 +121,8 @@ def make_config(quick: bool, gpu: bool, device: str | None) -> BenchConfig:
     else:
         cfg = BenchConfig(name="cpu-digits-cnn", dataset="digits", synthetic=None, device=dev)
     if quick:
-        tiny = {"retrain_epochs": 2, "feature_matching_steps": 2, "matching_steps": 2, "real_batch": 8,
-                "features_per_class": 5}
-        cfg = replace(cfg, name=cfg.name + "-quick", num_clients=3, local_epochs=1, rounds=1, fedhpro_params=tiny,
+        cfg = replace(cfg, name=cfg.name + "-quick", num_clients=3, local_epochs=1, rounds=1,
+                      fedhpro_params=fast_test_params("fedhpro"),
                       batched_clients=(3, 6), batched_epochs=1, scale_clients=60, scale_samples_per_client=8,
                       scale_personal_rounds=2,
                       partition_labels=100_000, partition_clients=100, sweep_runs=8, precision_rounds=1,
@@ -649,7 +650,7 @@ def bench_batched(cfg: BenchConfig, data, report: Report) -> None:
             torch.manual_seed(0)
             engines[mode] = Engine(ctx, METHODS["fedavg"])
             if fill is not None:
-                engines[mode]._batched.min_fill = fill
+                engines[mode].local.min_fill = fill
             engines[mode].run_round(1)
         times: dict[str, list[float]] = {mode: [] for mode in modes}
         for rep, r in enumerate(range(2, 2 + max(cfg.rounds, 2))):

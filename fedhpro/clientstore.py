@@ -30,6 +30,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
+from fedhpro.payload import tensor_bytes
 from fedhpro.runio import load_hashed, save_hashed
 
 CLIENT_STATES_DIR = "client_states"
@@ -49,8 +50,6 @@ class MemoryClientStore(dict):
         self.clear()
 
     def nbytes_in_memory(self) -> int:
-        from fedhpro.engine import tensor_bytes
-
         return tensor_bytes(dict(self))
 
     def state_dict(self) -> dict:
@@ -140,8 +139,6 @@ class DiskClientStore:
         self.commit()
 
     def nbytes_in_memory(self) -> int:
-        from fedhpro.engine import tensor_bytes
-
         return tensor_bytes(self.open)
 
     def nbytes_on_disk(self) -> int:

@@ -30,9 +30,7 @@ from typing import Any, Mapping
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A config value is invalid; the message names the key and what is accepted."""
+from fedhpro.errors import ConfigError  # noqa: F401  (raised by every check; importable from here)
 
 
 REVISION_KEY = "method_revision"  # not a RunConfig field: the method module's behaviour revision (see above)
@@ -330,7 +328,7 @@ def _positive(cfg: RunConfig, *names: str) -> None:
 
 def _validate(cfg: RunConfig) -> None:
     from fedhpro.data import DATASETS
-    from fedhpro.methods import METHODS
+    from fedhpro.methods import METHODS, check_supported
     from fedhpro.models import MODELS
 
     _choice("method", cfg.method, sorted(METHODS))
@@ -392,9 +390,4 @@ def _validate(cfg: RunConfig) -> None:
         raise ConfigError(f"config key 'partition': 'domains' needs a multi-domain dataset; {cfg.dataset!r} has none")
     if cfg.client_models and cfg.eval_mode != "personalized":
         raise ConfigError("config key 'client_models' (model heterogeneity) needs eval_mode 'personalized'")
-    method = METHODS[cfg.method]
-    if cfg.eval_mode not in method.MODES:
-        raise ConfigError(f"config key 'eval_mode': method {cfg.method!r} supports {', '.join(method.MODES)}, "
-                          f"not {cfg.eval_mode!r}")
-    if len(set(cfg.client_models)) > 1 and not method.HETEROGENEOUS_MODELS:
-        raise ConfigError(f"config key 'client_models': method {cfg.method!r} needs identical client models")
+    check_supported(cfg)  # what the method declares it supports: modes, engines, heterogeneous models

@@ -4,7 +4,7 @@ The official code (`utils/param_aug.py`, mode 'S', strategy
 'color_crop_cutout_flip_scale_rotate') picks one augmentation family at
 random per call and, because a seed is given, applies one set of parameters
 to every image of the batch. It draws from the global torch RNG reseeded with
-the wall clock (quirk 8); we draw from the caller's generator instead, so runs
+the wall clock (quirk 8, `docs/fedhpro-official-code.md`); we draw from the caller's generator instead, so runs
 are deterministic. Parameters: flip 0.5, scale 1.2, rotate 15 deg, crop-pad
 0.125 (after a 1-pixel zero pad, with clamped indices, as in the code), cutout
 0.5, brightness 1.0, saturation 2.0, contrast 0.5.

@@ -163,6 +163,7 @@ def build_context(cfg: RunConfig, partition_dir: Path | None = None, data: Array
                   model_names=model_names, test_domain=data.test_domain.to(device) if data.test_domain is not None
                   else None, domain_names=data.domain_names, _model_factory=factory)
     ctx.feature_dim = factory(model_names[0]).feature_dim
+    ctx.install_model_wrapper(METHODS[cfg.method])  # the method's model hook (MOON's head, GFPL's dual classifier)
     return ctx
 
 

@@ -1,5 +1,7 @@
-"""Shared pytest setup: the local SLURM cluster fixtures (started on demand for tests marked `slurm`)."""
+"""Shared pytest setup: the local SLURM cluster fixtures (started on demand for tests marked `slurm`), the
+shared-data location, the base config of the method tests and the helpers every run-comparing test uses."""
 
+import os
 import sys
 from pathlib import Path
 
@@ -7,9 +9,28 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from slurm_cluster import slurm_autostart, slurm_cluster  # noqa: E402,F401
 
+import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
 # One thread per test process: on the 2-core CI machine this is faster than two competing threads,
 # and CPU results are bit-reproducible for a fixed thread count.
 torch.set_num_threads(1)
 pytest_plugins = ["faults_report"]  # fault_ledger fixture + the fault-injection summary line
+
+REPO = Path(__file__).resolve().parents[1]
+# Real datasets that are never committed (CIFAR-10 JPEG tar, MNIST, USPS, Office-Caltech-10, AG News test):
+# `FEDHPRO_SHARED_DATA`, else `../shared/data` beside the repository. Tests that need a file skip without it.
+SHARED_DATA = Path(os.environ.get("FEDHPRO_SHARED_DATA") or REPO.parent / "shared" / "data")
+
+# The per-method tests' run: scikit-learn digits over 6 clients, 3 rounds of 3 local epochs (seconds on a CPU).
+METHOD_BASE = {"dataset": "digits", "num_clients": 6, "partition": "dirichlet", "alpha": 0.5, "rounds": 3,
+               "local_epochs": 3, "batch_size": 32, "lr": 0.1, "seed": 0}
+# Evaluation modes a prototype method is tested in; `heterogeneous`: different backbones per client.
+MODES = {"personalized": {"eval_mode": "personalized"}, "global": {"eval_mode": "global"},
+         "heterogeneous": {"eval_mode": "personalized", "client_models": ["cnn", "resnet10"]}}
+TIME_COLUMNS = ["time_local", "time_server", "time_eval", "time_io"]
+
+
+def numbers(df: pd.DataFrame) -> pd.DataFrame:
+    """A run's metrics without the wall-clock columns: what must be bit-identical between equal runs."""
+    return df[[c for c in df.columns if c not in TIME_COLUMNS]].reset_index(drop=True)

@@ -1,22 +1,22 @@
-"""FedHPro on the real CIFAR-10 copy in ../shared/data (JPEG image folders): trains above chance.
+"""FedHPro on the real CIFAR-10 copy in the shared data (conftest.SHARED_DATA; JPEG image folders): trains above chance.
 
 The official ResNet-10 takes minutes per round on a 2-core CPU, so CI uses the small CNN and the
 official NID1 split (creff, alpha 0.5, rho 100: 12,406 training images); the ResNet-10 run is the
 same command with `model: resnet10` (see README).
 """
 
-from pathlib import Path
 
 import pytest
 
+from conftest import SHARED_DATA
 from fedhpro.config import from_dict
 from fedhpro.train import train
 
-SHARED_TAR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10-jpeg.tar"
+SHARED_TAR = SHARED_DATA / "cifar10-jpeg.tar"
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not SHARED_TAR.exists(), reason="../shared/data/cifar10-jpeg.tar not present")
+@pytest.mark.skipif(not SHARED_TAR.exists(), reason=f"{SHARED_TAR} not present")
 def test_fedhpro_on_real_cifar10_rises_above_chance(tmp_path):
     root = tmp_path / "data"
     (root / "cifar10").mkdir(parents=True)

@@ -7,12 +7,12 @@ import csv
 import hashlib
 import io
 import tarfile
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from conftest import SHARED_DATA
 from fedhpro.data import DATASETS, load_dataset
 from fedhpro.data.agnews import (AGNEWS_CLASSES, AGNEWS_TEST_REMOTE, AGNEWS_TRAIN_REMOTE, PAD_ID, UNK_ID, build_vocab,
                                  encode, load_agnews_arrays, parse_csv, tokenize, vocab_of)
@@ -24,9 +24,7 @@ try:
 except ImportError:  # tests/ is not a package: pytest put tests/ itself on sys.path
     from httpserver import LoopbackHTTPServer
 
-REAL_TEST = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ag_news_test.csv"
-if not REAL_TEST.exists():
-    REAL_TEST = Path("/work/shared/data/ag_news_test.csv")
+REAL_TEST = SHARED_DATA / "ag_news_test.csv"
 REAL_MD5 = "d52ea96a97a2d943681189a97654912d"
 needs_real = pytest.mark.skipif(not REAL_TEST.is_file(), reason=f"{REAL_TEST} not available")
 

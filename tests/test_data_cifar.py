@@ -16,6 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import SHARED_DATA
 from fedhpro.data import DATASETS, load_dataset
 from fedhpro.data import imagefolder as imagefolder_mod
 from fedhpro.data.cifar import CIFAR10_CLASSES, CIFAR10_REMOTE, CIFAR100_REMOTE, CIFAR_MEAN, CIFAR_STD
@@ -26,9 +27,7 @@ try:
 except ImportError:  # tests/ is not a package: pytest put tests/ itself on sys.path
     from httpserver import LoopbackHTTPServer
 
-REAL_CIFAR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10-jpeg.tar"
-if not REAL_CIFAR.exists():
-    REAL_CIFAR = Path("/work/shared/data/cifar10-jpeg.tar")
+REAL_CIFAR = SHARED_DATA / "cifar10-jpeg.tar"
 
 
 @pytest.fixture

@@ -23,6 +23,7 @@ import scipy.io
 import torch
 import yaml
 
+from conftest import SHARED_DATA
 from fedhpro.data import DATASETS, load_dataset, plan_downloads
 from fedhpro.data.digit_domains import (IMAGENET_MEAN, IMAGENET_STD, SVHN_REMOTES, SYN_FILES, SYN_REMOTE,
                                         USPS_REMOTES, downloads_for, parse_usps, resize_images)
@@ -35,9 +36,7 @@ try:
 except ImportError:  # tests/ is not a package: pytest put tests/ itself on sys.path
     from httpserver import LoopbackHTTPServer
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-if not SHARED.is_dir():
-    SHARED = Path("/work/shared/data")
+SHARED = SHARED_DATA
 REAL = (SHARED / "mnist" / IDX_FILES[0]).is_file() and (SHARED / "usps.bz2").is_file()
 
 

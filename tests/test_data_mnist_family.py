@@ -9,12 +9,12 @@ import io
 import json
 import struct
 import zipfile
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from conftest import SHARED_DATA
 from fedhpro.data import DATASETS, load_dataset
 from fedhpro.data.mnist_family import (FASHION_REMOTES, FEMNIST_CLASSES, IDX_FILES, MNIST_REMOTES, parse_idx)
 from fedhpro.download import (ArchiveError, ChecksumError, RemoteFile, decompress, fetch, is_complete, prepare,
@@ -25,9 +25,7 @@ try:
 except ImportError:  # tests/ is not a package: pytest put tests/ itself on sys.path
     from httpserver import LoopbackHTTPServer
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-if not SHARED.is_dir():
-    SHARED = Path("/work/shared/data")
+SHARED = SHARED_DATA
 REAL_MNIST = SHARED / "mnist"
 
 

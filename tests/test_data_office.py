@@ -11,7 +11,6 @@ import io
 import tarfile
 import time
 import zipfile
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -19,6 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import SHARED_DATA
 from fedhpro.data import DATASETS, load_dataset
 from fedhpro.data.imagefolder import decode_image
 from fedhpro.data.office import (OFFICE_CLASSES, OFFICE_COUNTS, OFFICE_DOMAINS, OFFICE_REMOTE, fpl_split,
@@ -30,9 +30,7 @@ try:
 except ImportError:  # tests/ is not a package: pytest put tests/ itself on sys.path
     from httpserver import LoopbackHTTPServer
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-if not SHARED.is_dir():
-    SHARED = Path("/work/shared/data")
+SHARED = SHARED_DATA
 REAL_TAR = SHARED / "office-caltech10-images.tar"
 REAL_MD5 = "705926e90126d1d7414f52d53845864e"
 

@@ -72,7 +72,9 @@ import pandas as pd
 import pytest
 import yaml
 
+from conftest import numbers
 from fedhpro.config import from_dict
+from fedhpro.methods import fast_test_params
 from fedhpro.runio import (CHECKPOINT, CONFIG, METRICS, METRICS_SCHEMA_VERSION, CheckpointError, RunLockedError,
                            atomic_write, load_checkpoint, read_metrics_meta, run_lock, write_metrics)
 
@@ -85,9 +87,7 @@ BASE = {"dataset": "digits", "num_clients": 4, "partition": "dirichlet", "alpha"
         "lr": 0.05, "seed": 1, "local_epochs": 1, "rounds": ROUNDS, "device": "cpu", "checkpoint_every": 1}
 METHODS = {
     "fedavg": {"method": "fedavg"},
-    "fedhpro": {"method": "fedhpro", "method_params": {
-        "prototypes_per_class": 2, "matching_steps": 5, "features_per_class": 10, "feature_matching_steps": 5,
-        "retrain_epochs": 5, "real_batch": 32}},
+    "fedhpro": {"method": "fedhpro", "method_params": fast_test_params("fedhpro")},
     "fedproto": {"method": "fedproto", "eval_mode": "personalized"},
 }
 # (method, fault point, number of k's drawn)
@@ -127,10 +127,6 @@ def cli_cmd(config: Path, out: Path) -> list[str]:
 def cli_train(config: Path, out: Path, fault: str | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
     return subprocess.run(cli_cmd(config, out), cwd=out.parent, env=cli_env(fault), capture_output=True, text=True,
                           timeout=timeout)
-
-
-def numbers(df: pd.DataFrame) -> pd.DataFrame:
-    return df[[c for c in df.columns if not c.startswith("time_")]].reset_index(drop=True)
 
 
 def assert_same_metrics(got: pd.DataFrame, ref: pd.DataFrame) -> None:

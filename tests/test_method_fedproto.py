@@ -1,17 +1,15 @@
 """FedProto: regulariser and server step by hand; both modes and heterogeneous models on digits; bytes."""
 
-import pandas as pd
 import pytest
 import torch
 
+from conftest import METHOD_BASE
 from fedhpro.config import from_dict
 from fedhpro.methods.fedproto import prototype_regulariser
 from fedhpro.methods.prototypes import PrototypeAccumulator, mean_over_clients, nearest_prototype_scores
 from fedhpro.train import build_context, train
 
-BASE = {"dataset": "digits", "num_clients": 6, "partition": "dirichlet", "alpha": 0.5, "rounds": 3,
-        "local_epochs": 3, "batch_size": 32, "lr": 0.1, "seed": 0, "method": "fedproto"}
-TIME = ["time_local", "time_server", "time_eval", "time_io"]
+BASE = {**METHOD_BASE, "method": "fedproto"}
 
 
 def test_regulariser_mse_targets_own_feature_when_prototype_missing():
@@ -43,13 +41,11 @@ def test_accumulator_server_mean_and_nearest_prototype():
 
 
 @pytest.mark.parametrize("mode, models", [("personalized", []), ("global", []), ("personalized", ["cnn", "resnet10"])])
-def test_trains_deterministically_with_exact_bytes(tmp_path, mode, models):
+def test_learns_with_exact_bytes(tmp_path, mode, models):
     cfg = from_dict({**BASE, "eval_mode": mode, "client_models": models})
     df = train(cfg, tmp_path / "a")
     acc = df["client_acc_mean"] if mode == "personalized" else df["test_acc"]
     assert acc.iloc[-1] > acc.iloc[0]
-    again = train(cfg, tmp_path / "b")
-    pd.testing.assert_frame_equal(df.drop(columns=TIME), again.drop(columns=TIME))
     ctx = build_context(cfg)
     d = ctx.feature_dim
     local_classes = sum(int((c.class_counts > 0).sum()) for c in ctx.clients)
@@ -60,9 +56,3 @@ def test_trains_deterministically_with_exact_bytes(tmp_path, mode, models):
     assert (df["bytes_down"].iloc[1:] > per_round_weights).all()
 
 
-def test_resume_equals_uninterrupted(tmp_path):
-    cfg = from_dict({**BASE, "eval_mode": "personalized", "clients_per_round": 4})
-    full = train(cfg, tmp_path / "full")
-    train(cfg, tmp_path / "r", stop_after_round=1)
-    resumed = train(cfg, tmp_path / "r")
-    pd.testing.assert_frame_equal(full.drop(columns=TIME), resumed.drop(columns=TIME))

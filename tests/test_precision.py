@@ -16,15 +16,15 @@ import pytest
 import torch
 from torch import nn
 
-import fedhpro.engine as engine_mod
+from conftest import numbers
+import fedhpro.local as local_mod
 from fedhpro.config import ConfigError, from_dict
 from fedhpro.data import load_dataset
 from fedhpro.engine import Engine, autocast_context, check_precision, make_grad_scaler
-from fedhpro.methods import METHODS
+from fedhpro.methods import METHODS, fast_test_params
 from fedhpro.runio import load_checkpoint
 from fedhpro.train import build_context, train
 
-TIME = ["time_local", "time_server", "time_eval", "time_io"]
 TINY = {"dataset": "digits", "num_clients": 3, "partition": "dirichlet", "alpha": 0.5, "batch_size": 32,
         "lr": 0.05, "momentum": 0.9, "local_epochs": 1, "seed": 1, "device": "cpu"}
 SHORT = {"dataset": "digits", "num_clients": 2, "partition": "iid", "alpha": None, "batch_size": 32, "lr": 0.05,
@@ -116,7 +116,7 @@ def test_defaults_spelled_out_are_bit_identical_with_the_same_hash(tmp_path):
     assert from_dict({**raw, "precision": "bf16"}).config_hash() != implicit.config_hash()  # own run directory
     a = train(implicit, tmp_path / "implicit")
     b = train(explicit, tmp_path / "explicit")
-    pd.testing.assert_frame_equal(a.drop(columns=TIME), b.drop(columns=TIME))
+    pd.testing.assert_frame_equal(numbers(a), numbers(b))
     # and the defaults take the plain path: no autocast, no scaler, contiguous weights and batches
     ctx = build_context(explicit)
     assert isinstance(autocast_context(ctx), contextlib.nullcontext) and make_grad_scaler(ctx) is None
@@ -128,7 +128,7 @@ def test_defaults_spelled_out_are_bit_identical_with_the_same_hash(tmp_path):
 # ---- (b) bf16 -------------------------------------------------------------------------------------------------
 def test_bf16_runs_low_precision_in_training_and_evaluation_only(tiny):
     engine = make_engine({**TINY, "method": "fedhpro", "rounds": 1, "precision": "bf16"}, tiny)
-    spy = LayerSpy(list(engine._work_models.values()) + [engine.server.model])
+    spy = LayerSpy(engine.working_models() + [engine.server.model])
     res = engine.run_round(1)
     spy.remove()
     under = [c for c in spy.calls if c["autocast"]]
@@ -158,7 +158,7 @@ def test_bf16_accuracy_close_to_fp32(short):
 def test_channels_last_layout_and_results_equal_within_float_tolerance(short):
     plain, res_plain = run({**SHORT, "method": "fedavg"}, short, 2)
     engine = make_engine({**SHORT, "method": "fedavg", "rounds": 2, "channels_last": True}, short)
-    spy = LayerSpy(engine._work_models.values())
+    spy = LayerSpy(engine.working_models())
     res_cl = [engine.run_round(r) for r in (1, 2)]
     spy.remove()
     convs = [c for c in spy.calls if c["conv"]]
@@ -187,13 +187,13 @@ def test_channels_last_leaves_non_image_inputs_alone(tiny):
 # ---- (d) fp16 -------------------------------------------------------------------------------------------------
 def test_fp16_on_cpu_trains_with_a_grad_scaler_and_unscaled_proximal_gradients(tiny, monkeypatch):
     scalers, grad_max = [], []
-    original = engine_mod.make_grad_scaler
+    original = local_mod.make_grad_scaler
 
     def spy_scaler(ctx):
         scalers.append(original(ctx))
         return scalers[-1]
 
-    monkeypatch.setattr(engine_mod, "make_grad_scaler", spy_scaler)
+    monkeypatch.setattr(local_mod, "make_grad_scaler", spy_scaler)
     engine = make_engine({**TINY, "method": "fedprox", "rounds": 2, "precision": "fp16"}, tiny)
     before_step = engine.client.before_step
 
@@ -217,21 +217,21 @@ def test_fp16_overflowing_step_is_skipped_not_diverged(tiny, monkeypatch):
         scalers.append(torch.amp.GradScaler("cpu", init_scale=2.0**60))
         return scalers[-1]
 
-    monkeypatch.setattr(engine_mod, "make_grad_scaler", huge_scaler)
+    monkeypatch.setattr(local_mod, "make_grad_scaler", huge_scaler)
     engine = make_engine({**TINY, "method": "fedavg", "rounds": 1, "precision": "fp16", "batch_size": 512}, tiny)
     client = engine.ctx.clients[0]
     model = engine._model_for(client.cid)
     model.load_state_dict(engine.server.model.state_dict())
     start = {n: p.detach().clone() for n, p in model.named_parameters()}
     _, loss = engine.client.train(client, model, {"weights": engine.server.model.state_dict()}, {},
-                                  torch.Generator().manual_seed(0))  # one batch: one (skipped) step
+                                  torch.Generator().manual_seed(0), round_idx=1)  # one batch: one (skipped) step
     assert math.isfinite(loss)
     assert all(torch.equal(p, start[n]) for n, p in model.named_parameters())
     assert scalers[0].get_scale() == 2.0**59  # backed off once
     # a non-finite *loss* (forward overflow) is still a divergence
     engine.client.loss = lambda model, x, y: torch.tensor(float("nan"), requires_grad=True)
-    with pytest.raises(engine_mod.Diverged):
-        engine.client.train(client, model, {}, {}, torch.Generator().manual_seed(0))
+    with pytest.raises(local_mod.Diverged):
+        engine.client.train(client, model, {}, {}, torch.Generator().manual_seed(0), round_idx=1)
 
 
 def test_bf16_on_a_gpu_without_bf16_is_refused(monkeypatch):
@@ -246,15 +246,14 @@ def test_bf16_on_a_gpu_without_bf16_is_refused(monkeypatch):
 # ---- (e) every method ----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("method", list(METHODS))
 def test_every_method_runs_bf16_channels_last(tiny, method):
-    raw = {**TINY, "method": method, "rounds": 2, "precision": "bf16", "channels_last": True}
-    if method == "gfpl":  # exercise the GMM upload (round 1) and the head re-training (round 2)
-        raw["method_params"] = {"start_round": 1, "interval": 1}
-    if method in ("creff", "fedhpro"):  # fewer server steps: this test is about the client side
-        raw["method_params"] = {"retrain_epochs": 5, "matching_steps": 5}
+    # the method's fast parameters: fewer server steps (this test is about the client side); GFPL's exercise the
+    # GMM upload (round 1) and the head re-training (round 2)
+    raw = {**TINY, "method": method, "rounds": 2, "precision": "bf16", "channels_last": True,
+           "method_params": fast_test_params(method)}
     if method == "fedhpro":  # + the client margin, recomputed inside the (autocast) loss every batch
         raw["method_params"].update(use_margin=True, margin_update="batch")
     engine = make_engine(raw, tiny)
-    spy = LayerSpy(engine._work_models.values())
+    spy = LayerSpy(engine.working_models())
     results = [engine.run_round(r) for r in (1, 2)]
     spy.remove()
     assert any(c["autocast"] and c["dtype"] == torch.bfloat16 for c in spy.calls)
@@ -296,7 +295,7 @@ def test_resume_with_bf16_is_bit_identical(tmp_path):
     partial = train(cfg, tmp_path / "resumed", stop_after_round=1)
     assert len(partial) == 1 and load_checkpoint(tmp_path / "resumed")["round"] == 1
     resumed = train(cfg, tmp_path / "resumed")
-    pd.testing.assert_frame_equal(full.drop(columns=TIME), resumed.drop(columns=TIME))
+    pd.testing.assert_frame_equal(numbers(full), numbers(resumed))
 
 
 # ---- batched engine --------------------------------------------------------------------------------------------

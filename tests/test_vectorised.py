@@ -83,7 +83,7 @@ def test_fedhpro_rounds_identical_with_the_reference_retraining(monkeypatch):
     ref_results, ref_state = run()
     for a, b in zip(fast_results, ref_results):
         assert (a.train_loss, a.test_acc, a.test_loss) == (b.train_loss, b.test_acc, b.test_loss)
-    for key in ("prototypes", "features", "meta_weight", "meta_bias"):
+    for key in ("prototypes", "federated.features", "meta_weight", "meta_bias"):
         assert torch.equal(fast_state[key], ref_state[key]), key
     for key, value in fast_state["model"].items():
         assert torch.equal(value, ref_state["model"][key]), key

@@ -5,8 +5,15 @@ A method module declares:
   `param(default, help, choices=..., low=...)` so defaults, documentation and
   validation live in one place;
 - `Client(ClientBase)` and `Server(ServerBase)` (see `fedhpro.engine`);
-- `MODES`: the evaluation modes it supports; `HETEROGENEOUS_MODELS`: whether
-  clients may use different architectures; `PAPER`: the citation line;
+- `MODES`: the evaluation modes it supports; `ENGINES`: the local-training
+  engines (`engine` key) that run it exactly (default: sequential only);
+  `HETEROGENEOUS_MODELS`: whether clients may use different architectures;
+  `PAPER`: the citation line; validation asks these (`check_supported`);
+- `model_wrapper(ctx)` (optional): returns a function applied to every model
+  the run builds (see `Context.install_model_wrapper`);
+- `FAST_TEST_PARAMS` (optional): method parameters that make a digits run take
+  seconds (fewer server steps); the contract test, the fault and precision
+  tests and the benchmarks use them;
 - `REVISIONS` (optional): one line per change of the method's behaviour under
   unchanged parameters (a bug fix, a corrected reading of the official code).
   Its length is the method's behaviour revision, which enters the config hash
@@ -22,7 +29,7 @@ from collections.abc import Mapping
 from types import ModuleType
 from typing import Any, Iterator
 
-from fedhpro.config import ConfigError
+from fedhpro.errors import ConfigError
 
 METHOD_MODULES = {
     "fedavg": "fedhpro.methods.fedavg",
@@ -106,6 +113,31 @@ def resolve_params(method: str, overrides: Mapping[str, Any]) -> dict[str, Any]:
     return values
 
 
+def supported_engines(module: ModuleType) -> tuple[str, ...]:
+    return tuple(getattr(module, "ENGINES", ("sequential",)))
+
+
+def fast_test_params(method: str) -> dict[str, Any]:
+    """The method's `FAST_TEST_PARAMS` (a copy; {} if it declares none)."""
+    return dict(getattr(METHODS[method], "FAST_TEST_PARAMS", {}))
+
+
+def check_supported(cfg: Any) -> None:
+    """Raise ConfigError (naming the key) unless the method's module declares support for the config's
+    evaluation mode (`MODES`), engine (`ENGINES`) and, with several client architectures,
+    `HETEROGENEOUS_MODELS`."""
+    module = METHODS[cfg.method]
+    if cfg.eval_mode not in module.MODES:
+        raise ConfigError(f"config key 'eval_mode': method {cfg.method!r} supports {', '.join(module.MODES)}, "
+                          f"not {cfg.eval_mode!r}")
+    engines = supported_engines(module)
+    if cfg.engine not in engines:
+        raise ConfigError(f"config key 'engine': method {cfg.method!r} supports engine {', '.join(engines)}, "
+                          f"not {cfg.engine!r}")
+    if len(set(cfg.client_models)) > 1 and not module.HETEROGENEOUS_MODELS:
+        raise ConfigError(f"config key 'client_models': method {cfg.method!r} needs identical client models")
+
+
 def method_revision(method: str) -> int:
     """The method's behaviour revision: how many behaviour changes its `REVISIONS` lists (0 if none)."""
     return len(getattr(METHODS[method], "REVISIONS", ()))
@@ -126,7 +158,8 @@ def describe_methods() -> str:
     for name in METHOD_MODULES:
         module = METHODS[name]
         lines.append(f"{name}: {module.PAPER}")
-        lines.append(f"  modes: {', '.join(module.MODES)}; heterogeneous models: "
+        lines.append(f"  modes: {', '.join(module.MODES)}; engines: {', '.join(supported_engines(module))}; "
+                     f"heterogeneous models: "
                      f"{'yes' if module.HETEROGENEOUS_MODELS else 'no'}; communicates: {module.COMMUNICATES}")
         for f in dataclasses.fields(module.Params):
             extra = f" (one of {', '.join(map(str, f.metadata['choices']))})" if f.metadata.get("choices") else ""

@@ -33,8 +33,12 @@ from fedhpro.methods.gradients import class_gradients, classifier_gradient_dista
 PAPER = ("Shang et al., Federated Learning on Heterogeneous and Long-Tailed Data via Classifier Re-Training "
          "with Federated Features, IJCAI 2022")
 MODES = ("global",)
+ENGINES = ("sequential",)
 HETEROGENEOUS_MODELS = False
 COMMUNICATES = "model weights + per-class classifier gradients (up)"
+
+# Seconds-long digits runs (tests, quick benchmarks): fewer federated features, server steps and epochs.
+FAST_TEST_PARAMS = {"features_per_class": 10, "matching_steps": 5, "retrain_epochs": 50, "real_batch": 16}
 
 
 @dataclass(frozen=True)
@@ -143,6 +147,8 @@ class FederatedFeatures:
 
 
 class Client(ClientBase):
+    UPLOAD_METADATA = ("classes",)  # which classes the gradient rows belong to
+
     def setup(self, client, model, payload, state, gen) -> None:
         p = self.params
         self.gradients = client_class_gradients(self.ctx, client, model, model.classifier.weight,
@@ -154,6 +160,8 @@ class Client(ClientBase):
 
 
 class Server(ServerBase):
+    STATE = ("federated.features", "eval_net")
+
     def __init__(self, ctx: Context):
         super().__init__(ctx)
         p = self.params
@@ -177,11 +185,3 @@ class Server(ServerBase):
 
     def eval_model(self) -> nn.Module:
         return self.eval_net
-
-    def state_dict(self) -> dict:
-        return {**super().state_dict(), "features": self.federated.features, "eval_net": self.eval_net.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        super().load_state_dict(state)
-        self.federated.features = state["features"].to(self.ctx.device)
-        self.eval_net.load_state_dict(state["eval_net"])

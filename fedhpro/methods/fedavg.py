@@ -12,6 +12,7 @@ from fedhpro.engine import ClientBase, ServerBase
 
 PAPER = "McMahan et al., Communication-Efficient Learning of Deep Networks from Decentralized Data, AISTATS 2017"
 MODES = ("global",)
+ENGINES = ("sequential", "batched")
 HETEROGENEOUS_MODELS = False
 COMMUNICATES = "model weights (both directions)"
 

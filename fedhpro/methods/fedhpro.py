@@ -1,10 +1,10 @@
 """FedHPro (Wang et al., ICML 2026): federated hyper-prototype learning via gradient matching.
 
 Follows the official code (mala-lab/FedHPro `main_run.py`, see
-`shared/specs/fedhpro-official-code.md`) by default; every quirk is a switch:
+`docs/fedhpro-official-code.md`) by default; every quirk is a switch:
 
 - clients send per class the mean feature-gradient of CE through the
-  classifier (1/n^2 scaling, spec 2.1) and CReFF's classifier gradients;
+  classifier (1/n^2 scaling, docs section 2.1) and CReFF's classifier gradients;
 - the new global model is the LAST sampled client's locally trained model
   (`aggregation: last_client`, the default), not an average. This is what the
   official code computes, though `get_agg_params` is written as a FedAvg:
@@ -86,6 +86,7 @@ from fedhpro.methods.gradients import synthetic_gradients, vector_distance
 
 PAPER = "Wang et al., FedHPro: Federated Hyper-Prototype Learning via Gradient Matching, ICML 2026"
 MODES = ("global", "personalized")
+ENGINES = ("sequential",)
 HETEROGENEOUS_MODELS = True  # personalized mode only [recon]: local extractors, one shared classifier head
 COMMUNICATES = ("weights + hyper-prototypes (down); weights + per-class feature and classifier gradients (up); "
                 "personalized [recon]: classifier head instead of the weights")
@@ -94,6 +95,10 @@ REVISIONS = (
     "global model = the last sampled client's trained model, as the official code runs (was: FedAvg); "
     "`aggregation: fedavg` keeps the mean",
 )
+
+# Seconds-long digits runs (tests, quick benchmarks): fewer prototypes, server steps and re-training epochs.
+FAST_TEST_PARAMS = {"prototypes_per_class": 2, "matching_steps": 5, "features_per_class": 10,
+                    "feature_matching_steps": 5, "retrain_epochs": 20, "real_batch": 32}
 
 
 @dataclass(frozen=True)
@@ -181,6 +186,8 @@ def class_feature_means(model: nn.Module, ctx: Context, x: torch.Tensor, y: torc
 
 
 class Client(ClientBase):
+    UPLOAD_METADATA = ("classes",)  # which classes the gradient rows belong to
+
     def setup(self, client, model, payload, state, gen) -> None:
         p, c = self.params, self.ctx.num_classes
         self.client = client
@@ -232,6 +239,8 @@ class Client(ClientBase):
 
 
 class Server(ServerBase):
+    STATE = ("prototypes", "federated.features", "meta_weight", "meta_bias", "head")  # head: personalized only
+
     def __init__(self, ctx: Context):
         super().__init__(ctx)
         p, c = self.params, ctx.num_classes
@@ -240,7 +249,7 @@ class Server(ServerBase):
         self.prototypes = torch.randn(c * p.prototypes_per_class, d, device=ctx.device)
         self.labels = torch.arange(c, device=ctx.device).repeat_interleave(p.prototypes_per_class)
         self.federated = FederatedFeatures(c, p.features_per_class, d, p.prototype_lr, ctx.device)
-        meta = nn.Linear(d, c).to(ctx.device)  # round 1: a separate random classifier (spec 1, step 3)
+        meta = nn.Linear(d, c).to(ctx.device)  # round 1: a separate random classifier (docs section 1, step 3)
         self.meta_weight, self.meta_bias = meta.weight.detach(), meta.bias.detach()
         # Personalized [recon]: the shared head (no global model); it starts as the round-1 meta classifier.
         self.head: dict[str, torch.Tensor] | None = None
@@ -320,22 +329,6 @@ class Server(ServerBase):
             return model(x)[1]
         # Personalized: the client's own extractor with the current shared head (HtFLlib's head-sharing protocol)
         return F.linear(model.features(x), self.head["classifier.weight"], self.head["classifier.bias"])
-
-    def state_dict(self) -> dict:
-        state = {**super().state_dict(), "prototypes": self.prototypes, "features": self.federated.features,
-                 "meta_weight": self.meta_weight, "meta_bias": self.meta_bias}
-        if self.head is not None:
-            state["head"] = self.head
-        return state
-
-    def load_state_dict(self, state: dict) -> None:
-        super().load_state_dict(state)
-        dev = self.ctx.device
-        self.prototypes = state["prototypes"].to(dev)
-        self.federated.features = state["features"].to(dev)
-        self.meta_weight, self.meta_bias = state["meta_weight"].to(dev), state["meta_bias"].to(dev)
-        if self.head is not None:
-            self.head = {k: state["head"][k].to(dev) for k in HEAD_KEYS}
 
 
 def match_prototypes(prototypes: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,

@@ -28,6 +28,7 @@ from fedhpro.methods.prototypes import (PrototypeAccumulator, PrototypeEvaluatio
 
 PAPER = "Tan et al., FedProto: Federated Prototype Learning across Heterogeneous Clients, AAAI 2022"
 MODES = ("personalized", "global")
+ENGINES = ("sequential",)
 HETEROGENEOUS_MODELS = True
 COMMUNICATES = "per-class prototypes (both directions); + weights in global mode"
 
@@ -72,6 +73,8 @@ class PrototypeClient(ClientBase):
     FedProto's client, and the base of FedTGP's and ProtoNorm's, which change only the targets.
     """
 
+    UPLOAD_METADATA = ("prototype_classes",)  # which classes the prototype rows belong to
+
     def regulariser_distance(self) -> str:
         return "mse"
 
@@ -112,6 +115,8 @@ class Client(PrototypeClient):
 class PrototypeServer(PrototypeEvaluation, ServerBase):
     """Holds global prototypes for the classes seen (none at first) and broadcasts those; each method
     supplies its own `aggregate` (FedProto: the mean; ProtoNorm: aligned unit prototypes)."""
+
+    BROADCAST_METADATA = ("prototype_classes",)
 
     def __init__(self, ctx: Context):
         super().__init__(ctx)

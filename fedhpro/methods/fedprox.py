@@ -16,6 +16,7 @@ from fedhpro.methods import param
 
 PAPER = "Li et al., Federated Optimization in Heterogeneous Networks, MLSys 2020"
 MODES = ("global",)
+ENGINES = ("sequential", "batched")
 HETEROGENEOUS_MODELS = False
 COMMUNICATES = "model weights (both directions)"
 
@@ -26,6 +27,9 @@ class Params:
 
 
 class Client(ClientBase):
+    def proximal_mu(self) -> float:
+        return self.params.mu  # declared, so `engine: batched` reproduces setup/before_step below
+
     def setup(self, client, model, payload, state, gen) -> None:
         self.anchor = [p.detach().clone() for p in model.parameters()]
 
@@ -33,7 +37,7 @@ class Client(ClientBase):
         with torch.no_grad():
             for p, p0 in zip(model.parameters(), self.anchor):
                 if p.grad is not None:
-                    p.grad.add_(p - p0, alpha=self.params.mu)
+                    p.grad.add_(p - p0, alpha=self.proximal_mu())
 
 
 class Server(ServerBase):

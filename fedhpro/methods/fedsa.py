@@ -40,6 +40,7 @@ from fedhpro.methods.prototypes import (PrototypeAccumulator, PrototypeEvaluatio
 PAPER = ("Zhou et al., FedSA: A Unified Representation Learning via Semantic Anchors for Prototype-based "
          "Federated Learning, AAAI 2025")
 MODES = ("personalized", "global")
+ENGINES = ("sequential",)
 HETEROGENEOUS_MODELS = True
 COMMUNICATES = ("per-class prototypes (up); C semantic anchors + global prototypes for evaluation (down); "
                 "+ weights in global mode")
@@ -89,6 +90,8 @@ def anchor_loss_terms(features: torch.Tensor, logits: torch.Tensor, labels: torc
 
 
 class Client(ClientBase):
+    UPLOAD_METADATA = ("prototype_classes",)
+
     def setup(self, client, model, payload, state, gen) -> None:
         self.anchors = payload["anchors"].to(self.ctx.device)
         previous = state.get("prototypes")
@@ -118,6 +121,9 @@ class Client(ClientBase):
 
 
 class Server(PrototypeEvaluation, ServerBase):
+    STATE = ("anchors",)  # + PrototypeEvaluation's global prototypes
+    BROADCAST_METADATA = ("prototype_classes",)
+
     def __init__(self, ctx: Context):
         super().__init__(ctx)
         c, d = ctx.num_classes, ctx.feature_dim
@@ -143,13 +149,6 @@ class Server(PrototypeEvaluation, ServerBase):
         """Diagnostics: the semantic anchors A (every class), the target the client features are pulled to;
         the mean prototypes P-bar only serve evaluation."""
         return self.anchors, torch.ones(self.ctx.num_classes, dtype=torch.bool, device=self.anchors.device)
-
-    def state_dict(self) -> dict:
-        return {**super().state_dict(), "anchors": self.anchors}
-
-    def load_state_dict(self, state: dict) -> None:
-        super().load_state_dict(state)
-        self.anchors = state["anchors"].to(self.ctx.device)
 
 
 def ema_anchors(anchors: torch.Tensor, prototypes: torch.Tensor, present: torch.Tensor,

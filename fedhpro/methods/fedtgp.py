@@ -36,10 +36,14 @@ from fedhpro.methods.prototypes import mean_over_clients, nearest_prototype_scor
 PAPER = ("Zhang, Liu, Hua, Cao, FedTGP: Trainable Global Prototypes with Adaptive-Margin-Enhanced Contrastive "
          "Learning for Data and Model Heterogeneity in Federated Learning, AAAI 2024")
 MODES = ("personalized", "global")
+ENGINES = ("sequential",)
 HETEROGENEOUS_MODELS = True
 COMMUNICATES = "per-class prototypes (up); all C trainable global prototypes (down); + weights in global mode"
 
 DIST_EPS = 1e-8  # added under the square root of the expanded squared distance
+
+# Seconds-long digits runs (tests): fewer generator epochs per round.
+FAST_TEST_PARAMS = {"server_epochs": 20}
 
 
 @dataclass(frozen=True)
@@ -104,6 +108,9 @@ class Client(fedproto.PrototypeClient):
 
 
 class Server(ServerBase):
+    STATE = ("generator", "prototypes", "trained")  # not the margin and loss: diagnostics of the last round
+    BROADCAST_METADATA = ("prototype_classes",)
+
     def __init__(self, ctx: Context):
         super().__init__(ctx)
         c, d = ctx.num_classes, ctx.feature_dim
@@ -170,13 +177,3 @@ class Server(ServerBase):
             present = torch.ones(self.ctx.num_classes, dtype=torch.bool, device=self.prototypes.device)
             return nearest_prototype_scores(model.features(x), self.prototypes, present)
         return model(x)[1]
-
-    def state_dict(self) -> dict:
-        return {**super().state_dict(), "generator": self.generator.state_dict(), "prototypes": self.prototypes,
-                "trained": self.trained}
-
-    def load_state_dict(self, state: dict) -> None:
-        super().load_state_dict(state)
-        self.generator.load_state_dict(state["generator"])
-        self.prototypes = state["prototypes"].to(self.ctx.device)
-        self.trained = state["trained"].cpu()

@@ -35,13 +35,14 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from fedhpro.engine import ClientBase, Context, ServerBase, batches
+from fedhpro.engine import ClientBase, Context, ServerBase
 from fedhpro.finch import finch
 from fedhpro.methods import param
 from fedhpro.methods.prototypes import PrototypeAccumulator
 
 PAPER = ("Huang et al., Rethinking Federated Learning with Domain Shift: A Prototype View, CVPR 2023")
 MODES = ("global",)
+ENGINES = ("sequential",)
 HETEROGENEOUS_MODELS = False
 COMMUNICATES = "weights (both directions) + per-class prototypes (up) + per-class cluster prototypes (down)"
 
@@ -104,17 +105,19 @@ def fpl_terms(features: torch.Tensor, labels: torch.Tensor, protos: torch.Tensor
 
 
 class Client(ClientBase):
+    UPLOAD_METADATA = ("prototype_classes",)
+
     def setup(self, client, model, payload, state, gen) -> None:
         self.protos = payload.get("cluster_prototypes")
         if self.protos is not None:
             self.proto_classes = payload["cluster_classes"]
             self.unbiased, self.present = unbiased_prototypes(self.protos, self.proto_classes, self.ctx.num_classes)
         self.accumulator = PrototypeAccumulator(self.ctx.num_classes)
-        # Batches per epoch (the engine's own batching, incl. its dropped trailing singleton): the last epoch's start.
-        per_epoch = sum(1 for _ in batches(client.num_samples, self.cfg.batch_size, torch.Generator(),
-                                           torch.device("cpu")))
-        self.collect_from = (self.cfg.local_epochs - 1) * per_epoch if self.params.prototype_epochs == "last" else 0
-        self.step = 0
+        self.collecting = False
+
+    def start_epoch(self, round_idx: int, epoch: int) -> None:
+        # `agg_protos_label` is reset every epoch in the code: only the last epoch's features count.
+        self.collecting = self.params.prototype_epochs == "all" or epoch == self.cfg.local_epochs - 1
 
     def loss(self, model, x, y) -> torch.Tensor:
         features, logits = model(x)
@@ -124,9 +127,8 @@ class Client(ClientBase):
             cpcl, upcl = fpl_terms(features, y, self.protos, self.proto_classes, self.unbiased, self.present,
                                    p.temperature)
             loss = loss + (cpcl if p.cpcl else 0.0) + (upcl if p.upcl else 0.0)
-        if self.step >= self.collect_from:
+        if self.collecting:
             self.accumulator.add(features, y)
-        self.step += 1
         return loss
 
     def upload(self, client, model, state) -> dict:
@@ -135,6 +137,9 @@ class Client(ClientBase):
 
 
 class Server(ServerBase):
+    STATE = ("prototypes", "classes")
+    BROADCAST_METADATA = ("cluster_classes",)
+
     def __init__(self, ctx: Context):
         super().__init__(ctx)
         self.prototypes = torch.zeros(0, ctx.feature_dim, device=ctx.device)
@@ -156,11 +161,3 @@ class Server(ServerBase):
         if not len(self.classes):
             return None
         return unbiased_prototypes(self.prototypes, self.classes, self.ctx.num_classes)
-
-    def state_dict(self) -> dict:
-        return {**super().state_dict(), "prototypes": self.prototypes, "classes": self.classes}
-
-    def load_state_dict(self, state: dict) -> None:
-        super().load_state_dict(state)
-        self.prototypes = state["prototypes"].to(self.ctx.device)
-        self.classes = state["classes"].to(self.ctx.device)

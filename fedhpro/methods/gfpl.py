@@ -1,7 +1,7 @@
 """GFPL (Lu, He, Li, Wang, Gong, arXiv 2602.21873, 2026): generative federated prototype learning.
 
 No public code exists; the paper text we have lost its formulas and most numbers in extraction
-(`shared/specs/seeds/gfpl-paper-text.txt`). What we take from it, and what we reconstructed:
+(`docs/baselines.md`, section 8). What we take from it, and what we reconstructed:
 
 From the paper [paper]:
 - per-class GMM prototypes of the extractor features z (weights, means, standard deviations / diagonal
@@ -46,8 +46,8 @@ Reconstructed [recon] (the paper's values were lost in extraction or never state
   is not part of the state_dict (never communicated);
 - evaluation: argmax of W's logits (`eval_rule: linear`) or of the ETF scores h^T M (`eval_rule: etf`).
 
-The projection layer and W live in the model's state_dict: this module wraps `ctx.make_model` so every
-model the engine builds is a `DualClassifierNet` (stored per client in personalized mode, FedAvg-averaged
+The projection layer and W live in the model's state_dict: this module's `model_wrapper` hook makes every
+model the engine builds a `DualClassifierNet` (stored per client in personalized mode, FedAvg-averaged
 in global mode, where GMM prototypes travel on top of the weights).
 """
 
@@ -56,6 +56,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -68,9 +69,13 @@ from fedhpro.methods import param
 PAPER = ("Lu, He, Li, Wang, Gong, GFPL: Generative Federated Prototype Learning for Resource-Constrained and "
          "Data-Imbalanced Vision Task, arXiv 2602.21873, 2026")
 MODES = ("personalized", "global")
+ENGINES = ("sequential",)
 HETEROGENEOUS_MODELS = True
 COMMUNICATES = ("per-class GMM prototypes (up, rounds t0 + kR) and fused global GMMs (down, the round after); "
                 "+ weights in global mode")
+
+# Short digits runs (tests): GMM upload from round 1 and every round, so two rounds exercise the re-training.
+FAST_TEST_PARAMS = {"start_round": 1, "interval": 1, "pseudo_per_class": 20}
 
 
 @dataclass(frozen=True)
@@ -154,20 +159,13 @@ class DualClassifierNet(nn.Module):
         return list(self.projector.parameters()) + list(self.classifier.parameters())
 
 
-def install_dual_classifier(ctx: Context) -> None:
-    """Make `ctx.make_model` build `DualClassifierNet`s (idempotent), with one ETF shared by all of them."""
-    factory = ctx._model_factory
-    if getattr(factory, "gfpl_dual_classifier", False):
-        return
+def model_wrapper(ctx: Context) -> Callable[[nn.Module], nn.Module]:
+    """The model hook (`Context.install_model_wrapper`): every model of the run becomes a `DualClassifierNet`
+    around it, with one ETF (from the run seed) shared by all of them."""
     p = ctx.params
     dim = max(p.projection_dim, ctx.num_classes)
     etf = simplex_etf(dim, ctx.num_classes, torch.Generator().manual_seed(derive_seed(ctx.cfg.seed, 0xE7F)))
-
-    def build(name: str) -> nn.Module:
-        return DualClassifierNet(factory(name), dim, ctx.num_classes, p.projection_bn, p.classifier_input, etf)
-
-    build.gfpl_dual_classifier = True  # type: ignore[attr-defined]
-    ctx._model_factory = build
+    return lambda base: DualClassifierNet(base, dim, ctx.num_classes, p.projection_bn, p.classifier_input, etf)
 
 
 def dot_regression_loss(h: torch.Tensor, labels: torch.Tensor, etf: torch.Tensor) -> torch.Tensor:
@@ -360,17 +358,17 @@ def gmm_class_means(gmm: dict, num_classes: int) -> tuple[torch.Tensor, torch.Te
 
 
 class Client(ClientBase):
-    def __init__(self, ctx: Context):
-        install_dual_classifier(ctx)
-        super().__init__(ctx)
+    UPLOAD_METADATA = ("component_classes",)
 
     def setup(self, client, model, payload, state, gen) -> None:
         self.gen = gen
-        self.round = int(payload["round"])
         self.collect = bool(payload["collect_prototypes"])
         self.global_gmm = {k: payload[k] for k in GMM_KEYS} if "gmm_classes" in payload else None
         if self.global_gmm is not None and self.params.retrain_timing == "before":
             self._retrain(model)
+
+    def start_epoch(self, round_idx: int, epoch: int) -> None:
+        self.round = round_idx  # part of the GMM fits' seeds (upload)
 
     def _retrain(self, model) -> None:
         p = self.params
@@ -394,15 +392,17 @@ class Client(ClientBase):
 
 
 class Server(ServerBase):
+    STATE = ("gmm", "fused_round")
+    BROADCAST_METADATA = ("gmm_classes",)
+
     def __init__(self, ctx: Context):
-        install_dual_classifier(ctx)
         super().__init__(ctx)
         self.gmm: dict | None = None
         self.fused_round = -1
 
     def broadcast(self, round_idx: int) -> dict:
         p = self.params
-        payload = {**super().broadcast(round_idx), "round": round_idx,
+        payload = {**super().broadcast(round_idx),
                    "collect_prototypes": interaction_round(round_idx, p.start_round, p.interval)}
         if self.gmm is not None and self.fused_round == round_idx - 1:
             payload.update(self.gmm)
@@ -424,12 +424,3 @@ class Server(ServerBase):
     def scores(self, model, x) -> torch.Tensor:
         h, logits = model.heads(model.features(x))
         return logits if self.params.eval_rule == "linear" else h @ model.etf
-
-    def state_dict(self) -> dict:
-        return {**super().state_dict(), "gmm": self.gmm, "fused_round": self.fused_round}
-
-    def load_state_dict(self, state: dict) -> None:
-        super().load_state_dict(state)
-        gmm = state["gmm"]
-        self.gmm = {k: v.to(self.ctx.device) for k, v in gmm.items()} if gmm is not None else None
-        self.fused_round = int(state["fused_round"])

@@ -8,7 +8,7 @@ W z + b and CE averaged over the n_c samples, the closed forms are
     dL/dW   = (1/n_c) sum_i (p_i - e_c) z_i^T,  dL/db = (1/n_c) sum_i (p_i - e_c)
 
 and FedHPro's `truth_gradient[c]` is the mean over samples of dL/dz_i (so it
-carries 1/n_c twice; spec 2.1). All classes are handled in one batched pass;
+carries 1/n_c twice; `docs/fedhpro-official-code.md` 2.1). All classes are handled in one batched pass;
 `tests/test_gradients.py` checks these against the per-class autograd loop of
 the official code.
 

@@ -14,9 +14,9 @@ Representation z (`projection_head`):
   features h (backbone output, after any config-level `feature_dim` projection) go through
   l1 Linear(d, d) -> ReLU -> l2 Linear(d, projection_dim=256) = z, and the classifier l3 is
   Linear(256, C) applied to z, exactly `ModelFedCon`. The head is part of the model, so it is
-  averaged, communicated and evaluated like every other weight. We install it by wrapping the
-  run's model factory when the server is built (before any model exists), so the server, the
-  clients' working models and the frozen copies all share the architecture; `model.features(x)`
+  averaged, communicated and evaluated like every other weight. It is installed by the method's
+  `model_wrapper` hook, which the run's context applies to every model it builds, so the server,
+  the clients' working models and the frozen copies all share the architecture; `model.features(x)`
   then returns z.
 - `false`: PFLlib's `clientmoon.py` variant: no head, l_con on the base features `rep` (the
   classifier's input), same architecture as FedAvg.
@@ -38,6 +38,7 @@ Memory: every client keeps its last local model (CPU) in its state, and checkpoi
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +49,7 @@ from fedhpro.methods import param
 
 PAPER = "Li, He, Song, Model-Contrastive Federated Learning, CVPR 2021"
 MODES = ("global",)
+ENGINES = ("sequential",)
 HETEROGENEOUS_MODELS = False
 COMMUNICATES = "model weights (both directions)"
 
@@ -78,18 +80,13 @@ def add_projection_head(model: nn.Module, out_dim: int) -> nn.Module:
     return model
 
 
-def install_projection_head(ctx: Context, out_dim: int) -> None:
-    """Make every model the run builds (server, working and frozen copies) carry the projection head."""
-    base = ctx._model_factory
-    if getattr(base, "moon_projection_dim", None) is not None:
-        return  # already installed on this context
-
-    def factory(name: str) -> nn.Module:
-        return add_projection_head(base(name), out_dim)
-
-    factory.moon_projection_dim = out_dim  # type: ignore[attr-defined]
-    ctx._model_factory = factory
-    ctx.feature_dim = out_dim
+def model_wrapper(ctx: Context) -> Callable[[nn.Module], nn.Module] | None:
+    """The model hook (`Context.install_model_wrapper`): every model of the run gets the projection head
+    (`projection_head: true`); none is changed otherwise."""
+    if not ctx.params.projection_head:
+        return None
+    out_dim = ctx.params.projection_dim
+    return lambda model: add_projection_head(model, out_dim)
 
 
 def _frozen(model: nn.Module) -> nn.Module:
@@ -130,7 +127,4 @@ class Client(ClientBase):
 
 
 class Server(ServerBase):
-    def __init__(self, ctx: Context):
-        if ctx.params.projection_head:
-            install_projection_head(ctx, ctx.params.projection_dim)
-        super().__init__(ctx)
+    pass

@@ -1,6 +1,6 @@
 """ProtoNorm (Lee, Shin, Choi, arXiv 2507.04310, 2025): prototype alignment (PA) + prototype upscaling (PU).
 
-Follows the official code (regulationLee/ProtoNorm, built on HtFLlib; spec section 7):
+Follows the official code (regulationLee/ProtoNorm, built on HtFLlib; `docs/baselines.md` section 7):
 
 - client loss: CE(h(r), y) + lambda * MSE(r, s * u_y) with lambda = 10 (`-lam`) and s =
   `constant_scale_factor` = 80 (`-csf`, used with `-pu`; `upscale: false` targets u_y itself). MSE is
@@ -43,8 +43,12 @@ from fedhpro.methods.prototypes import mean_over_clients
 
 PAPER = "Lee, Shin, Choi, Heterogeneous Federated Learning with Prototype Alignment and Upscaling, arXiv 2507.04310"
 MODES = ("personalized", "global")
+ENGINES = ("sequential",)
 HETEROGENEOUS_MODELS = True
 COMMUNICATES = "per-class prototypes (up), unit-norm aligned prototypes (down); + weights in global mode"
+
+# Seconds-long digits runs (tests): fewer Thomson iterations.
+FAST_TEST_PARAMS = {"thomson_iterations": 50}
 
 
 @dataclass(frozen=True)

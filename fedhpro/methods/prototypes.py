@@ -76,6 +76,8 @@ class PrototypeEvaluation:
     nearest-prototype evaluation (`eval_rule`: prototype when personalized, logits when global, unless
     set) and checkpointing of both tensors. Use as `class Server(PrototypeEvaluation, ServerBase)`."""
 
+    STATE = ("prototypes", "present")
+
     def use_prototypes(self) -> bool:
         rule = self.params.eval_rule
         if rule == "auto":
@@ -86,10 +88,3 @@ class PrototypeEvaluation:
         if self.use_prototypes():
             return nearest_prototype_scores(model.features(x), self.prototypes, self.present)
         return model(x)[1]
-
-    def state_dict(self) -> dict:
-        return {**super().state_dict(), "prototypes": self.prototypes, "present": self.present}
-
-    def load_state_dict(self, state: dict) -> None:
-        super().load_state_dict(state)
-        self.prototypes, self.present = state["prototypes"].to(self.ctx.device), state["present"].to(self.ctx.device)

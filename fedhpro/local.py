@@ -1,0 +1,263 @@
+"""Local training: what a method's client sees of the engine, and how a round's clients are trained.
+
+`Context` (everything a method may read, built once per run), `ClientData` (one client's tensors),
+`ClientBase` (the client hooks and the sequential local-training loop), the execution switches
+(`precision`, `channels_last`) and the derived seeds. `LocalTraining` is the interface of the two
+local-training strategies: `fedhpro.engine.SequentialTraining` (one client after another on a reused
+working model) and `fedhpro.batched.BatchedTraining` (`engine: batched`, clients stacked under vmap).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fedhpro.augment import apply_augment
+from fedhpro.config import RunConfig
+from fedhpro.errors import ConfigError
+from fedhpro.faults import fault_point
+
+
+class Diverged(RuntimeError):
+    """A loss became NaN or infinite."""
+
+
+# ---- execution switches: `precision` and `channels_last` -----------------------------------------------
+# What runs under autocast (`precision: bf16 | fp16`): the local-training forward pass and loss
+# (`ClientBase.train`, around `Client.loss`) and evaluation (`evaluate`, around the score function). Everything
+# else stays fp32: client-side `setup`/`upload` (FedHPro's and CReFF's per-class client gradients, prototype
+# passes, GFPL's head re-training), and every server step (federated-feature and hyper-prototype gradient
+# matching, classifier re-training, FedTGP's generator). The gradient matching compares small per-class
+# gradients whose low-precision rounding (bf16: 8 significant bits) would dominate the distance being
+# minimised, and the server steps are tiny matrix products where low precision saves nothing.
+# With the defaults (fp32, channels_last false) none of this changes a single operation.
+AUTOCAST_DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast_context(ctx: "Context") -> contextlib.AbstractContextManager:
+    """`torch.autocast` on the run device with the dtype of `precision`; a no-op context for fp32."""
+    dtype = AUTOCAST_DTYPES[ctx.cfg.precision]
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=ctx.device.type, dtype=dtype)
+
+
+def make_grad_scaler(ctx: "Context") -> "torch.amp.GradScaler | None":
+    """fp16 only: a fresh loss scaler per local training (like the fresh optimiser), so a client's steps never
+    depend on another client's, or on rounds before a checkpoint (resumes stay exact)."""
+    return torch.amp.GradScaler(ctx.device.type) if ctx.cfg.precision == "fp16" else None
+
+
+def check_precision(precision: str, device: torch.device) -> None:
+    """Refuse a `precision` the resolved device cannot run (checked once the device is known: `device: auto`
+    may become a GPU). CPUs run bf16 and fp16 autocast (emulated without bf16/fp16 instructions, so slowly);
+    a GPU without bf16 would make torch disable autocast with a warning, i.e. silently train in fp32."""
+    if device.type == "cuda" and precision == "bf16" and not torch.cuda.is_bf16_supported():
+        raise ConfigError(f"config key 'precision': 'bf16' is not supported by {torch.cuda.get_device_name(device)}; "
+                          "use 'fp16' or 'fp32'")
+
+
+def uses_channels_last(ctx: "Context") -> bool:
+    """`channels_last` applies to image runs only (4-D conv inputs); token-id runs ignore it."""
+    return bool(ctx.cfg.channels_last) and ctx.mean is not None
+
+
+def derive_seed(*parts: int) -> int:
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, dtype=np.uint64)[0] % (2**63))
+
+
+@dataclass
+class ClientData:
+    cid: int
+    x: torch.Tensor  # training inputs (uint8 images or token ids), on the run device
+    y: torch.Tensor
+    test_x: torch.Tensor  # local test split (may be empty)
+    test_y: torch.Tensor
+    class_counts: torch.Tensor  # (C,) training samples per class
+    domain: int | None = None
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.y.numel())
+
+
+@dataclass
+class Context:
+    """Everything a method may read; built once per run."""
+
+    cfg: RunConfig
+    params: Any  # the method's frozen Params dataclass
+    device: torch.device
+    num_classes: int
+    in_channels: int
+    mean: torch.Tensor | None
+    std: torch.Tensor | None
+    augment: str
+    clients: list[ClientData]
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    model_names: list[str]  # per client (model heterogeneity), or one name repeated
+    feature_dim: int = 0
+    test_domain: torch.Tensor | None = None
+    domain_names: tuple[str, ...] = ()
+    _model_factory: Callable[[str], nn.Module] | None = None
+    # The method's model wrapper (module-level `model_wrapper(ctx)`, see `install_model_wrapper`).
+    model_wrapper: Callable[[nn.Module], nn.Module] | None = None
+
+    def install_model_wrapper(self, method_module: Any) -> None:
+        """Apply the method's model hook to every model this context builds (server, working and frozen
+        copies alike): `model_wrapper(ctx)`, when the method module defines it, returns a function that turns a
+        project model into the method's (MOON's projection head, GFPL's dual classifier); `feature_dim`
+        becomes the wrapped model's. Called once, when the run's context is built, before any model exists."""
+        hook = getattr(method_module, "model_wrapper", None)
+        self.model_wrapper = hook(self) if hook is not None else None
+        if self.model_wrapper is not None:
+            with torch.random.fork_rng(devices=[]):  # a probe: the run's random stream is not touched
+                self.feature_dim = self.model_wrapper(self._model_factory(self.model_names[0])).feature_dim
+
+    def make_model(self, name: str | None = None) -> nn.Module:
+        """A fresh model on the run device (its 4-D weights channels-last with `channels_last`), wrapped by the
+        method's `model_wrapper` where it has one."""
+        assert self._model_factory is not None
+        model = self._model_factory(name or self.model_names[0])
+        if self.model_wrapper is not None:
+            model = self.model_wrapper(model)
+        model = model.to(self.device)
+        if uses_channels_last(self):
+            model = model.to(memory_format=torch.channels_last)  # converts 4-D (conv) weights only
+        return model
+
+    def prepare(self, x: torch.Tensor, *, train: bool, gen: torch.Generator | None = None) -> torch.Tensor:
+        """uint8 batch -> normalised float batch (augmented when training; channels-last with `channels_last`)."""
+        if self.mean is None:  # not images (e.g. token ids)
+            return x
+        out = (x.float() / 255.0 - self.mean) / self.std
+        if train and self.augment != "none":
+            assert gen is not None
+            out = apply_augment(self.augment, out, gen, per_sample=self.cfg.augment_per == "sample")
+        if uses_channels_last(self) and out.dim() == 4:
+            out = out.contiguous(memory_format=torch.channels_last)
+        return out
+
+
+def batches(n: int, batch_size: int, gen: torch.Generator, device: torch.device):
+    """Shuffled mini-batch index tensors; the last partial batch is kept (as the official loader).
+
+    A trailing batch of a single sample is dropped: BatchNorm cannot normalise
+    one sample once the spatial size reaches 1x1 (deliberate, rare deviation).
+    """
+    perm = torch.randperm(n, generator=gen).to(device)
+    for start in range(0, n, batch_size):
+        idx = perm[start:start + batch_size]
+        if idx.numel() == 1 and n > 1:
+            continue
+        yield idx
+
+
+class ClientBase:
+    """Local training shared by all methods. Override the hooks (`setup`, `start_epoch`, `loss`, `before_step`,
+    `upload`) as needed.
+
+    ONE instance serves EVERY client of a run: the engine calls the hooks for one client after another.
+    - `self` holds what is per run and shared by all clients (`ctx`, `cfg`, `params`, frozen helper models
+      built once), plus scratch values that `setup` sets for the client being trained now and the other
+      hooks of the same local training read (received prototypes, accumulators). Nothing on `self` may carry
+      over from one client to the next: `setup` overwrites it every time.
+    - `state` (a dict passed to `setup` and `upload`) is the client's own, kept between the rounds it is
+      sampled in (`client_store` memory or disk, and in checkpoints): its personalised model (`"model"`,
+      owned by the engine), MOON's previous model, FedSA's previous prototypes. Tensors and plain containers
+      only (checkpoints load with weights_only=True).
+
+    Declarations the engines read instead of inspecting the hooks:
+    - `UPLOAD_METADATA`: keys of `upload()`'s dict that are header metadata, not payload (class ids of
+      prototype rows): not counted in `bytes_up` (`fedhpro.payload.tensor_bytes`);
+    - `proximal_mu()`: not None when `before_step` adds mu (w - w_start) to the gradients and `setup` only
+      records w_start (FedProx): `engine: batched` reproduces exactly that and refuses any other override.
+    """
+
+    UPLOAD_METADATA: tuple[str, ...] = ()
+
+    def __init__(self, ctx: Context):
+        self.ctx = ctx
+        self.cfg = ctx.cfg
+        self.params = ctx.params
+
+    # ---- hooks -------------------------------------------------------------
+    def setup(self, client: ClientData, model: nn.Module, payload: dict, state: dict, gen: torch.Generator) -> None:
+        """Before local training (e.g. read prototypes from the payload)."""
+
+    def start_epoch(self, round_idx: int, epoch: int) -> None:
+        """Before each local epoch (`epoch` from 0 to local_epochs - 1) of round `round_idx` (from 1)."""
+
+    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        _, logits = model(x)
+        return F.cross_entropy(logits, y)
+
+    def before_step(self, model: nn.Module) -> None:
+        """After backward, before the optimiser step (e.g. FedProx's proximal gradient)."""
+
+    def upload(self, client: ClientData, model: nn.Module, state: dict) -> dict:
+        """What the client sends besides its weights (global mode) and sample count."""
+        return {}
+
+    def proximal_mu(self) -> float | None:
+        """mu of a proximal `before_step` (see the class docstring); None: no proximal term."""
+        return None
+
+    # ---- the loop ----------------------------------------------------------
+    def make_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+        return torch.optim.SGD(model.parameters(), lr=self.cfg.lr, momentum=self.cfg.momentum,
+                               weight_decay=self.cfg.weight_decay)
+
+    def train(self, client: ClientData, model: nn.Module, payload: dict, state: dict,
+              gen: torch.Generator, *, round_idx: int) -> tuple[dict, float]:
+        """Local training. `setup` and `upload` run in fp32; the forward pass and loss under `precision`'s
+        autocast. fp16 scales the loss (`torch.amp.GradScaler`): gradients are unscaled before
+        `before_step` (FedProx adds its proximal term to true gradients), and a step whose gradients
+        overflowed is skipped and the scale lowered, as GradScaler does. The divergence check looks at the
+        unscaled loss, which a gradient overflow never touches: only a non-finite forward value stops a run."""
+        self.setup(client, model, payload, state, gen)
+        model.train()
+        optimizer = self.make_optimizer(model)
+        scaler = make_grad_scaler(self.ctx)
+        total, count = 0.0, 0
+        for epoch in range(self.cfg.local_epochs):
+            self.start_epoch(round_idx, epoch)
+            for idx in batches(client.num_samples, self.cfg.batch_size, gen, self.ctx.device):
+                x = self.ctx.prepare(client.x[idx], train=True, gen=gen)
+                with autocast_context(self.ctx):
+                    loss = self.loss(model, x, client.y[idx])
+                if not torch.isfinite(loss):
+                    raise Diverged(f"client {client.cid}: loss is {loss.item()}")
+                optimizer.zero_grad(set_to_none=True)
+                if scaler is None:
+                    loss.backward()
+                    self.before_step(model)
+                    optimizer.step()
+                else:
+                    scaler.scale(loss).backward()
+                    scaler.unscale_(optimizer)
+                    self.before_step(model)
+                    scaler.step(optimizer)  # skipped when a gradient is inf/NaN
+                    scaler.update()
+                fault_point("batch")
+                total += loss.detach().item() * idx.numel()
+                count += idx.numel()
+        return self.upload(client, model, state), total / max(count, 1)
+
+
+class LocalTraining(Protocol):
+    """A local-training strategy: trains a round's sampled clients from the broadcast `payload`.
+
+    `train_round` returns, in sampling order, each client's upload (`num_samples`, `cid`, the method's
+    `upload()` entries, and `weights` in global mode) and its mean training loss; it updates and releases
+    the clients' states (`Engine.client_states`)."""
+
+    def train_round(self, round_idx: int, selected: list[int], payload: dict) -> tuple[list[dict], list[float]]:
+        ...

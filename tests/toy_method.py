@@ -1,0 +1,34 @@
+"""A toy method for tests/test_method_contract.py: FedAvg plus one extra loss term (an L2 penalty on the
+features). Registered only inside that test, it shows that a new method is one file plus its registry line
+and that the contract test covers it with no other test file touched."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from fedhpro.engine import ClientBase, ServerBase
+from fedhpro.methods import param
+
+PAPER = "toy: FedAvg with a feature L2 penalty (tests only)"
+MODES = ("global",)
+ENGINES = ("sequential",)
+HETEROGENEOUS_MODELS = False
+COMMUNICATES = "model weights (both directions)"
+
+
+@dataclass(frozen=True)
+class Params:
+    penalty: float = param(0.01, "weight of the mean squared feature norm added to the CE loss", low=0.0)
+
+
+class Client(ClientBase):
+    def loss(self, model, x, y) -> torch.Tensor:
+        features, logits = model(x)
+        return F.cross_entropy(logits, y) + self.params.penalty * features.pow(2).mean()
+
+
+class Server(ServerBase):
+    pass
