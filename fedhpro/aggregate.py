@@ -766,7 +766,7 @@ def write_tables(df: pd.DataFrame, out_dir: str | Path, rule: str = "final", las
 
 # ====================================================================== CLI
 def build_parser() -> argparse.ArgumentParser:
-    from fedhpro.cli import ArgumentParser
+    from fedhpro.cliutil import ArgumentParser
 
     p = ArgumentParser(prog="fedhpro aggregate",
                                 description="Collect run metrics into tables (and figures).")
@@ -797,13 +797,13 @@ def last_k_warnings(df: pd.DataFrame, rule: str, last_k: int) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """`fedhpro aggregate`: one-line `error: ...` (exit 2) for bad input, like `fedhpro train`."""
-    from fedhpro.cli import run_guarded
+    from fedhpro.cliutil import run_guarded
 
     return run_guarded(_main, argv)
 
 
 def _main(argv: Sequence[str] | None = None) -> int:
-    from fedhpro.cli import check_out_dir
+    from fedhpro.cliutil import check_out_dir
 
     args = build_parser().parse_args(argv)
     try:

@@ -946,7 +946,7 @@ def snakemake_plan(target_runs: int, report: Report) -> dict:
 
 # ---------------------------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
-    from fedhpro.cli import ArgumentParser, positive_int
+    from fedhpro.cliutil import ArgumentParser, positive_int
 
     p = ArgumentParser(prog="fedhpro bench", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -616,7 +616,7 @@ def check_identity(path_dir, meta: dict, want: dict) -> None:
 
 # --------------------------------------------------------------------------- CLI
 def _build_parser() -> argparse.ArgumentParser:
-    from fedhpro.cli import ArgumentParser
+    from fedhpro.cliutil import ArgumentParser
 
     p = ArgumentParser(prog="fedhpro partition",
                                 description="Partition a dataset's training labels among clients.")
@@ -635,7 +635,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     """`fedhpro partition`: one-line `error: ...` (exit 2) for bad input, like `fedhpro train`."""
-    from fedhpro.cli import run_guarded
+    from fedhpro.cliutil import run_guarded
 
     return run_guarded(_main, argv)
 
@@ -643,7 +643,7 @@ def main(argv=None) -> int:
 def _main(argv=None) -> int:
     parser = _build_parser()
     args = parser.parse_args(argv)
-    from fedhpro.cli import check_out_dir
+    from fedhpro.cliutil import check_out_dir
     from fedhpro.data import DATASETS, fingerprint, load_dataset
 
     if args.dataset not in DATASETS:

@@ -55,6 +55,8 @@ def payload_bytes(payload: dict) -> int:
     for key, value in payload.items():
         if key == "weights":
             total += tensor_bytes(value)
+        elif isinstance(value, dict):  # e.g. FedHPro's shared head in personalized mode
+            total += payload_bytes(value)
         elif isinstance(value, torch.Tensor) and value.is_floating_point():
             total += tensor_bytes(value)
     return total
