@@ -56,18 +56,23 @@ def sort_key_condition(cond: dict) -> tuple:
 # FedHPro's variants that are rows of the main table (its other variants are ablations): as published
 # (`default`) and with real FedAvg aggregation (`fedavg`), and the paper-text variant with each aggregation.
 MAIN_VARIANTS = {"fedhpro": ("default", "fedavg", "paper", "paper_fedavg")}
-AGGREGATION_NAMES = {"last_client": "last-client aggregation", "fedavg": "FedAvg aggregation"}
+AGGREGATION_NAMES = {"last_client": "last-client aggregation", "fedavg": "FedAvg aggregation",
+                     "last_client_head": "last-client head aggregation", "fedavg_head": "FedAvg head aggregation"}
 AGGREGATION_NOTE = ("FedHPro rows: \"official code\" and \"last-client aggregation\" = the global model of each round "
                     "is the last sampled client's trained model (with the re-trained classifier), which is what the "
                     "official code computes (its client state_dicts alias one reused model; `aggregation: "
                     "last_client`); \"FedAvg aggregation\" = the sample-weighted mean of the client models "
-                    "(`aggregation: fedavg`).")
+                    "(`aggregation: fedavg`). \"[recon]\" rows: FedHPro with heterogeneous models (personalized "
+                    "mode, reconstructed: no public code), whose shared classifier head is aggregated by the same rule.")
 
 
 def method_label(method: str, variant: str = "default", aggregation: str | None = None) -> str:
     """Display name of a table row; FedHPro's says which aggregation it used."""
     name = METHOD_NAMES.get(method, method)
     if method == "fedhpro" and aggregation in AGGREGATION_NAMES:
+        if aggregation.endswith("_head"):  # personalized mode: a reconstruction, never "the official code"
+            what = AGGREGATION_NAMES[aggregation]
+            return f"{name} [recon] ({what})" if variant == "default" else f"{name} [recon] ({variant}, {what})"
         if variant == "default" and aggregation == "last_client":
             return f"{name} (official code)"
         if variant in ("default", "fedavg") and aggregation == "fedavg":

@@ -168,10 +168,12 @@ def build_context(cfg: RunConfig, partition_dir: Path | None = None, data: Array
 
 
 def weight_aggregation(cfg: RunConfig) -> str:
-    """How the global weights were formed: the method's `aggregation` parameter where it has one (FedHPro:
-    last_client or fedavg), else fedavg in global mode and none in personalized mode (no weights shared)."""
+    """How the shared weights were formed: the method's `aggregation` parameter where it has one (FedHPro:
+    last_client or fedavg; in personalized mode only its classifier head is shared: last_client_head,
+    fedavg_head), else fedavg in global mode and none in personalized mode (no weights shared)."""
     if "aggregation" in cfg.method_params:
-        return str(cfg.method_params["aggregation"])
+        value = str(cfg.method_params["aggregation"])
+        return value if cfg.eval_mode == "global" else f"{value}_head"
     return "fedavg" if cfg.eval_mode == "global" else "none"
 
 

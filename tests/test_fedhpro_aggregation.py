@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from conftest import numbers
-from fedhpro.aggregate import StaleRunError, collect, method_label
+from fedhpro.aggregate import StaleRunError, collect
+from fedhpro.labels import method_label
 from fedhpro.config import ConfigError, from_dict
 from fedhpro.engine import Engine, fedavg
 from fedhpro.methods import METHODS, method_revision
@@ -151,3 +152,16 @@ def test_labels_say_which_aggregation():
     assert method_label("fedhpro", "paper", "last_client") == "FedHPro (paper, last-client aggregation)"
     assert method_label("fedhpro", "paper_fedavg", "fedavg") == "FedHPro (paper, FedAvg aggregation)"
     assert method_label("fedavg", "default", "fedavg") == "FedAvg"
+    # personalized FedHPro (heterogeneous models) is a reconstruction: never labelled "official code"
+    assert method_label("fedhpro", "default", "last_client_head") == "FedHPro [recon] (last-client head aggregation)"
+    assert method_label("fedhpro", "fedavg", "fedavg_head") == "FedHPro [recon] (fedavg, FedAvg head aggregation)"
+
+
+def test_metrics_record_the_aggregation_per_mode():
+    from fedhpro.train import weight_aggregation
+
+    assert weight_aggregation(from_dict({**BASE})) == "last_client"
+    assert weight_aggregation(from_dict({**BASE, "method_params": {"aggregation": "fedavg"}})) == "fedavg"
+    assert weight_aggregation(from_dict({**BASE, "eval_mode": "personalized"})) == "last_client_head"
+    assert weight_aggregation(from_dict({**BASE, "method": "fedproto", "eval_mode": "personalized"})) == "none"
+    assert weight_aggregation(from_dict({**BASE, "method": "fedavg"})) == "fedavg"
