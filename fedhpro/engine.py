@@ -121,6 +121,10 @@ class ServerBase:
         return out
 
     def load_state_dict(self, state: dict) -> None:
+        missing = [name for name in self.state_names() if name not in state]
+        if missing:  # e.g. a checkpoint written before the method declared this state
+            raise RuntimeError(f"checkpoint lacks the server state {', '.join(missing)} of this method (written by "
+                               "an older version?); delete checkpoint.pt to restart the run")
         if self.model is not None:
             self.model.load_state_dict(state["model"])
         for name in self.state_names():

@@ -165,3 +165,11 @@ def test_metrics_record_the_aggregation_per_mode():
     assert weight_aggregation(from_dict({**BASE, "eval_mode": "personalized"})) == "last_client_head"
     assert weight_aggregation(from_dict({**BASE, "method": "fedproto", "eval_mode": "personalized"})) == "none"
     assert weight_aggregation(from_dict({**BASE, "method": "fedavg"})) == "fedavg"
+
+
+def test_checkpoint_without_declared_server_state_is_refused_with_a_message():
+    _, _, _, _, engine = round_with_uploads("last_client")
+    state = engine.server.state_dict()
+    state["features"] = state.pop("federated.features")  # how FedHPro checkpoints named it before STATE
+    with pytest.raises(RuntimeError, match="lacks the server state federated.features.*delete checkpoint.pt"):
+        engine.server.load_state_dict(state)
