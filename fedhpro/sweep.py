@@ -534,12 +534,7 @@ def _expand_one(config: Mapping, *, warn: Callable[[str], None] | None = None) -
                 raise SweepConfigError(f"{where}: run {spec.run_id!r} is also produced by {old.source} with a "
                                        "different config; give one of the variants another name")
             return
-        part = spec.partition()
-        known = partitions.get(part.partition_id)
-        if known is not None and known[0] != part:
-            raise SweepConfigError(f"{where}: partition {part.partition_id!r} would be shared with {known[1]}, "
-                                   f"whose split differs ({known[0].params()} vs {part.params()})")
-        partitions.setdefault(part.partition_id, (part, where))
+        register_partition(partitions, spec.partition(), where, where)
         runs[spec.run_id] = spec
 
     for dataset in datasets:
@@ -746,12 +741,7 @@ def expand_sweep(config: Mapping, *, warn: Callable[[str], None] | None = None) 
                     kind = "main" if "main" in (old.kind, run.kind) else old.kind
                     runs[run.run_id] = replace(old, experiments=old.experiments + (spec.name,), kind=kind)
                 continue
-            part = run.partition()
-            known = partitions.get(part.partition_id)
-            if known is not None and known[0] != part:
-                raise SweepConfigError(f"experiments.{spec.name}: partition {part.partition_id!r} would be shared "
-                                       f"with {known[1]}, whose split differs")
-            partitions.setdefault(part.partition_id, (part, where))
+            register_partition(partitions, run.partition(), where, f"experiments.{spec.name}")
             runs[run.run_id] = replace(run, experiments=(spec.name,))
     return list(runs.values())
 
@@ -762,6 +752,16 @@ def pending_datasets_of(config: Mapping) -> set[str]:
     for spec, sub, _ in _experiment_blocks(config):
         names |= set(_mapping(sub.get("pending_datasets"), f"experiments.{spec.name}.pending_datasets"))
     return names
+
+
+def register_partition(partitions: dict, part: "PartitionSpec", where: str, context: str) -> None:
+    """Record `part` (declared at `where`); one partition id with two different splits is a SweepConfigError
+    naming `context` and the other declaration."""
+    known = partitions.get(part.partition_id)
+    if known is not None and known[0] != part:
+        raise SweepConfigError(f"{context}: partition {part.partition_id!r} would be shared with {known[1]}, "
+                               f"whose split differs ({known[0].params()} vs {part.params()})")
+    partitions.setdefault(part.partition_id, (part, where))
 
 
 def runs_by_experiment(runs: list[RunSpec]) -> dict[str, list[RunSpec]]:
