@@ -214,7 +214,8 @@ class RunTrace:
     client_counts: list[list[int]] = field(default_factory=list)
 
 
-ACC_LINE = re.compile(r"^\s*ACC:\s*\[(.*)\]\s*$")
+# '\t ACC: [...]' after each round; tqdm's progress bar (carriage returns, no newline) may precede it on a line
+ACC_LINE = re.compile(r"(?<![A-Z_])ACC:\s*\[([^\]]*)\]")
 COUNT_LINE = re.compile(r"^(\d+): \[([\d, ]+)\]\s*$")
 
 
@@ -251,7 +252,7 @@ def run_official(checkout: Path, work: Path, seed: int, rounds: int, local_epoch
                 trace.client_counts.append([int(v) for v in count.group(2).split(",")])
             if "FedHPro-training" in line and last is None:
                 last = now  # the round loop started (data and partition are ready)
-            acc = ACC_LINE.match(line)
+            acc = ACC_LINE.search(line)
             if acc:
                 values = [float(v) for v in acc.group(1).split(",") if v.strip()]
                 if len(values) == len(trace.accuracy) + 1:
