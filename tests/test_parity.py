@@ -101,7 +101,7 @@ accs = []
 for r in range(args.num_rounds):
     time.sleep(0.05)
     accs.append(round(0.1 + 0.05 * r, 4))
-    print("FedHPro-training:  50%|#####     | 1/2 [00:01<00:01]\\r" if r else "", end="")  # tqdm: no newline
+    print("\\rFedHPro-training:  50%|#####     | 1/2 [00:01<00:01]" if r else "", end="")  # tqdm: no newline
     print("\\t ACC:", accs)
 print("\\n ALL_ACC:", accs)
 FAIL
