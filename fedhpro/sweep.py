@@ -368,7 +368,7 @@ def check_supported(cfg: RunConfig) -> None:
 
     check_run(cfg)
     if cfg.engine == "batched":
-        from fedhpro.batched import check_supported as batched_supports
+        from fedhpro.batched import check_batchable as batched_supports
         from fedhpro.methods import METHODS
 
         client_cls = METHODS[cfg.method].Client

