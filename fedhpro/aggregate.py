@@ -619,6 +619,7 @@ def ablation_table(summary: pd.DataFrame, rule: str, last_k: int, *, kind: str =
     rows_of = [(m, v) for m, v in rows_of if ((ours["method"] == m) & (ours["variant"] == v)).any()]
     texts, means = _matrix(ours, rows_of, conds, n_mode)
     several = len({m for m, _ in rows_of}) > 1
+    show_aggregation = _shows_fedhpro(ours)  # the one method whose aggregation is a choice (last_client, fedavg)
     rows = []
     for (m, v), t, mean in zip(rows_of, texts, means):
         ref = means[rows_of.index((m, "default"))] if (m, "default") in rows_of else None
@@ -630,15 +631,14 @@ def ablation_table(summary: pd.DataFrame, rule: str, last_k: int, *, kind: str =
             diffs = [a - b for a, b in zip(mean, ref) if math.isfinite(a) and math.isfinite(b)]
             delta = f"{float(np.mean(diffs)):+.2f}" if diffs else "–"
         aggregation = _aggregation_of(ours, m, v)
-        rows.append(([METHOD_NAMES.get(m, m)] if several else []) + [v, AGGREGATION_NAMES.get(aggregation, aggregation or "–")]
-                    + t + [delta])
-    extra += " Aggregation: how each row's global model was formed."
-    if _shows_fedhpro(ours):
-        extra += " " + AGGREGATION_NOTE
-    lead = ["Method"] if several else []
+        agg_cell = [AGGREGATION_NAMES.get(aggregation, aggregation or "–")] if show_aggregation else []
+        rows.append(([METHOD_NAMES.get(m, m)] if several else []) + [v] + agg_cell + t + [delta])
+    if show_aggregation:
+        extra += " Aggregation: how each row's global model was formed. " + AGGREGATION_NOTE
+    lead = (["Method"] if several else []) + ["Variant"] + (["Aggregation"] if show_aggregation else [])
     return Table("ablation", _caption(what, rule, last_k, n_mode, extra, summary=ours, protocol=protocol),
-                 lead + ["Variant", "Aggregation"] + [label for _, label in conds] + ["Δ vs default"], rows,
-                 _bold_best(means, col_offset=len(lead) + 2))
+                 lead + [label for _, label in conds] + ["Δ vs default"], rows,
+                 _bold_best(means, col_offset=len(lead)))
 
 
 def _fmt_mb(x: float) -> str:

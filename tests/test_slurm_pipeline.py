@@ -84,8 +84,8 @@ def test_profile_slurm_packs_runs_records_jobs_and_reports_a_failed_run(tmp_path
         assert [j["job_id"] for j in json.loads((run / "slurm_jobs.json").read_text())["jobs"]] == [job_id]
     for name in ("main", "ablation", "communication"):
         for ext in ("md", "tex", "csv"):
-            assert (wf / "results" / "tables" / f"{name}.{ext}").is_file()
-    assert list((wf / "results" / "figures").glob("*.png"))
+            assert (wf / "results" / "tables" / "main" / f"{name}.{ext}").is_file()
+    assert list((wf / "results" / "figures" / "main").glob("*.png"))
 
 
 @pytest.mark.slow
@@ -122,7 +122,8 @@ def test_preempted_packed_job_resumes_every_unfinished_run(tmp_path, slurm_clust
     assert (runs["done"] / "metrics.parquet").stat().st_mtime_ns == done_mtime  # not rerun
     assert (tmp_path / "done.log").read_text().count("run ") == 1
     info = json.loads((runs["cut"] / "config.json").read_text())
-    assert info["slurm_job_id"] == job_id and int(info["slurm_restart_count"] or 0) >= 1
+    last = info["attempts"][-1]  # config.json keeps the first attempt's provenance and appends each attempt
+    assert last["slurm_job_id"] == job_id and int(last["slurm_restart_count"] or 0) >= 1
     assert info["resumes"] and info["resumes"][-1]["resumed_from_round"] >= 1  # from its checkpoint
     assert (runs["todo"] / "metrics.parquet").is_file()
     for run in runs.values():  # requeued under the same id, never resubmitted
