@@ -341,5 +341,6 @@ def test_experiments_workflow_writes_tables_and_figures_per_experiment(tmp_path)
     abl = (res / "tables" / "abl" / "ablation.md").read_text()
     assert abl.startswith("Table: Ablations.") and "mu1" in abl and "FedAvg" not in abl
     assert (res / "figures" / "skew" / "accuracy.png").is_file()
-    assert {p.name for p in (res / "figures" / "abl").iterdir()} == {"ablation.png", "ablation.pdf"}
+    assert {p.name for p in (res / "figures" / "abl").iterdir() if not p.name.startswith(".")} == {
+        "ablation.png", "ablation.pdf"}
     assert "Nothing to be done" in smk(wf, "-n").stdout

@@ -133,4 +133,4 @@ def test_preempted_packed_job_resumes_every_unfinished_run(tmp_path, slurm_clust
     got = pd.read_parquet(runs["cut"] / "metrics.parquet")
     columns = [c for c in reference.columns if not c.startswith("time_")]
     pd.testing.assert_frame_equal(got[columns].reset_index(drop=True), reference[columns].reset_index(drop=True))
-    assert yaml.safe_dump(configs["cut"].to_dict()) == yaml.safe_dump(info["config"])
+    assert yaml.safe_dump(configs["cut"].provenance_dict()) == yaml.safe_dump(info["config"])
