@@ -290,6 +290,40 @@ def our_client_counts(data_dir: Path, seed: int) -> list[list[int]]:
     return client_class_counts(labels, parts, 10).astype(int).tolist()
 
 
+# Ours in a child process, so that runs can go side by side (--jobs): the child prints its trace as JSON.
+OURS_CHILD = """
+import json, sys
+from pathlib import Path
+from fedhpro.parity import run_ours
+a = json.loads(sys.argv[1])
+t = run_ours(Path(a["data_dir"]), Path(a["work"]), a["seed"], a["rounds"], a["local_epochs"], a["device"],
+             a["aggregation"], log=lambda m: print(m, flush=True))
+print("TRACE " + json.dumps(t.__dict__), flush=True)
+"""
+
+
+def run_ours_child(data_dir: Path, work: Path, seed: int, rounds: int, local_epochs: int, device: str,
+                   aggregation: str, log=print) -> RunTrace:
+    """`run_ours` in a child Python (its lines are passed to `log`); same result, runs can overlap."""
+    args = {"data_dir": str(data_dir), "work": str(work), "seed": seed, "rounds": rounds,
+            "local_epochs": local_epochs, "device": device, "aggregation": aggregation}
+    cmd = [sys.executable, "-u", "-c", OURS_CHILD, json.dumps(args)]
+    tail: list[str] = []
+    trace = None
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1"}) as proc:
+        for line in proc.stdout:
+            tail = (tail + [line.rstrip()])[-20:]
+            if line.startswith("TRACE "):
+                trace = RunTrace(**json.loads(line[len("TRACE "):]))
+            elif line.lstrip().startswith("ours ("):
+                log(line.rstrip())
+        rc = proc.wait()
+    if rc != 0 or trace is None:
+        raise ParityError(f"our run ({aggregation}, seed {seed}) exited {rc}; its last lines:\n" + "\n".join(tail))
+    return trace
+
+
 def run_ours(data_dir: Path, work: Path, seed: int, rounds: int, local_epochs: int, device: str, aggregation: str,
              log=print) -> RunTrace:
     from fedhpro.train import train
@@ -354,13 +388,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="results/parity", help="where the table, JSON and runs go")
     p.add_argument("--pack", default=None, metavar="FILE.parity.tar",
                    help="only write a parity pack of --cifar (the image-folder tar) for these seeds, then stop")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="runs side by side (each its own process; on a GPU they share it); default 1")
     p.add_argument("--skip-official", action="store_true", help=argparse.SUPPRESS)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    for key in ("rounds", "local_epochs", "seeds"):
+    for key in ("rounds", "local_epochs", "seeds", "jobs"):
         if getattr(args, key) < 1:
             raise ConfigError(f"--{key.replace('_', '-')} must be >= 1, got {getattr(args, key)}")
     seeds = list(range(FIRST_SEED, FIRST_SEED + args.seeds))
@@ -381,21 +417,48 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     write_cifar_python(read_cifar(source), data_root)
     print(f"prepared {data_root}/cifar-10-batches-py from {source} in {time.perf_counter() - t0:.1f} s", flush=True)
-    traces: dict[str, list[RunTrace]] = {"official": [], "last_client": [], "fedavg": []}
-    for seed in seeds:
-        print(f"seed {seed}", flush=True)
-        if not args.skip_official:
-            official = run_official(checkout, work, seed, args.rounds, args.local_epochs, args.device,
-                                    log=lambda m: print(m, flush=True))
+    kinds = ([] if args.skip_official else ["official"]) + list(AGGREGATIONS)
+    results: dict[tuple[str, int], RunTrace] = {}
+    say = lambda m: print(m, flush=True)  # noqa: E731
+
+    def run_one(kind: str, seed: int) -> RunTrace:
+        if kind == "official":
+            official = run_official(checkout, work, seed, args.rounds, args.local_epochs, args.device, log=say)
             ours_counts = our_client_counts(data_root, seed)
             if official.client_counts != ours_counts:
                 raise ParityError(f"seed {seed}: the official partition differs from ours:\nofficial "
                                   f"{official.client_counts}\nours     {ours_counts}")
-            print(f"  partition identical (client x class counts, seed {seed})", flush=True)
-            traces["official"].append(official)
-        for aggregation in AGGREGATIONS:
-            traces[aggregation].append(run_ours(data_root, work, seed, args.rounds, args.local_epochs, args.device,
-                                                aggregation, log=lambda m: print(m, flush=True)))
+            say(f"  partition identical (client x class counts, seed {seed})")
+            return official
+        runner = run_ours if args.jobs == 1 else run_ours_child
+        return runner(data_root, work, seed, args.rounds, args.local_epochs, args.device, kind, log=say)
+
+    def save_partial() -> None:  # after every run, so a run cut short still leaves what finished
+        done = {k: {str(s): results[(k, s)].__dict__ for s in seeds if (k, s) in results} for k in kinds}
+        (out / "parity.json").write_text(json.dumps({"complete": False, "runs": done}, indent=1))
+
+    tasks = [(kind, seed) for seed in seeds for kind in kinds]
+    if args.jobs == 1:
+        for kind, seed in tasks:
+            results[(kind, seed)] = run_one(kind, seed)
+            save_partial()
+    else:
+        from concurrent.futures import ThreadPoolExecutor, as_completed
+
+        errors: list[str] = []
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            futures = {pool.submit(run_one, kind, seed): (kind, seed) for kind, seed in tasks}
+            for fut in as_completed(futures):  # each result saved as it lands; one failure stops no other run
+                try:
+                    results[futures[fut]] = fut.result()
+                    save_partial()
+                except ParityError as err:
+                    errors.append(str(err))
+        if errors:
+            raise ParityError("\n".join(errors))
+    traces: dict[str, list[RunTrace]] = {"official": [], "last_client": [], "fedavg": []}
+    for kind, seed in tasks:
+        traces[kind].append(results[(kind, seed)])
     if args.skip_official:
         traces["official"] = [RunTrace([float("nan")] * args.rounds, [float("nan")] * args.rounds)]
     table = format_table(traces, args.rounds)
@@ -408,7 +471,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"ours ({aggregation}) inside the official spread (min - sd .. max + sd) in "
                   f"{sum(inside)} of {args.rounds} rounds")
     (out / "parity.md").write_text(header + "\n\n" + table + "\n")
-    (out / "parity.json").write_text(json.dumps({k: [t.__dict__ for t in v] for k, v in traces.items()}, indent=1))
+    (out / "parity.json").write_text(json.dumps({"complete": True, "header": header,
+                                                 "runs": {k: [t.__dict__ for t in v] for k, v in traces.items()}},
+                                                indent=1))
     print(f"wrote {out / 'parity.md'} and {out / 'parity.json'}")
     return 0
 

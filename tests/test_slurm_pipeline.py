@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 import yaml
 from slurm_cluster import slurm_autostart, slurm_cluster, wait_for_job  # noqa: F401  (fixtures)
 
@@ -115,13 +116,19 @@ def test_preempted_packed_job_resumes_every_unfinished_run(tmp_path, slurm_clust
     done_mtime = (runs["done"] / "metrics.parquet").stat().st_mtime_ns
     subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
 
-    # the uninterrupted reference, computed while Slurm holds the requeued job (~120 s)
-    reference = train(configs["cut"], tmp_path / "local_run")
+    # the uninterrupted reference, computed while Slurm holds the requeued job (~120 s), with the packed
+    # job's thread count (CPU results are bit-identical for one thread count only)
+    saved_threads = torch.get_num_threads()
+    try:
+        reference = train(configs["cut"], tmp_path / "local_run", threads=options.threads)
+    finally:
+        torch.set_num_threads(saved_threads)
 
     assert wait_for_job(job_id, timeout=480) == "COMPLETED"
     assert (runs["done"] / "metrics.parquet").stat().st_mtime_ns == done_mtime  # not rerun
     assert (tmp_path / "done.log").read_text().count("run ") == 1
     info = json.loads((runs["cut"] / "config.json").read_text())
+    assert {a["threads"] for a in info["attempts"]} == {options.threads}
     last = info["attempts"][-1]  # config.json keeps the first attempt's provenance and appends each attempt
     assert last["slurm_job_id"] == job_id and int(last["slurm_restart_count"] or 0) >= 1
     assert info["resumes"] and info["resumes"][-1]["resumed_from_round"] >= 1  # from its checkpoint
