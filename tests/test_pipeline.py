@@ -344,3 +344,14 @@ def test_experiments_workflow_writes_tables_and_figures_per_experiment(tmp_path)
     assert {p.name for p in (res / "figures" / "abl").iterdir() if not p.name.startswith(".")} == {
         "ablation.png", "ablation.pdf"}
     assert "Nothing to be done" in smk(wf, "-n").stdout
+
+
+@pytest.mark.parametrize("args", [["--configfile", "missing.yaml"], ["--configfile=missing.yaml"],
+                                  ["--configfile", "config/config.yaml", "missing.yaml"]])
+def test_run_pipeline_names_a_missing_config_file_in_one_line(args):
+    """Snakemake prints a traceback for a missing --configfile before our workflow loads; the script checks first."""
+    proc = subprocess.run(["bash", str(REPO / "scripts" / "run-pipeline.sh"), "-n", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "error: config file missing.yaml (--configfile) does not exist"
+    assert "Traceback" not in proc.stdout + proc.stderr
