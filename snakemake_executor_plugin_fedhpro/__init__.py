@@ -28,10 +28,12 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import time
 from typing import Any, AsyncGenerator, List
 
 import submitit
+
 from snakemake_interface_common.exceptions import WorkflowError
 from snakemake_interface_executor_plugins.executors.base import SubmittedJobInfo
 from snakemake_interface_executor_plugins.executors.remote import RemoteExecutor
@@ -202,3 +204,33 @@ class Executor(RemoteExecutor):
         for info in active_jobs:
             update_job(info.aux["entry"].run_dir, info.external_jobid,
                        final_state="CANCELLED (Snakemake interrupted)")
+
+
+def refuse_missing_configfiles(argv: list[str]) -> None:
+    """Exit with a one-line error when a ``--configfile`` named on Snakemake's command line is missing.
+
+    Snakemake reads config files before any workflow code runs and answers a missing one with a
+    traceback. It imports every installed executor plugin while it builds its argument parser, before
+    it reads them, so this module is the earliest point where our code runs in a `snakemake` call.
+    """
+    files: list[str] = []
+    taking = False
+    for arg in argv[1:]:
+        if arg.startswith("--configfile=") or arg.startswith("--configfiles="):
+            files.append(arg.split("=", 1)[1])
+            taking = False
+        elif arg in ("--configfile", "--configfiles"):
+            taking = True
+        elif arg.startswith("-"):
+            taking = False
+        elif taking:
+            files.append(arg)
+    for name in files:
+        if not os.path.isfile(name):
+            print(f"error: config file {name} (--configfile) does not exist", file=sys.stderr)
+            raise SystemExit(2)
+
+
+if "snakemake" in os.path.basename(sys.argv[0] if sys.argv else "") or (
+        sys.argv and sys.argv[0].endswith(os.path.join("snakemake", "__main__.py"))):
+    refuse_missing_configfiles(sys.argv)
