@@ -40,6 +40,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -226,8 +227,15 @@ def check_official(checkout: Path) -> None:
 
 
 def run_official(checkout: Path, work: Path, seed: int, rounds: int, local_epochs: int, device: str,
-                 log=print) -> RunTrace:
-    """The official `main_run.py` (its README command, at the reduced budget) with `--seed seed`."""
+                 log=print, trace: RunTrace | None = None, on_round=None,
+                 expected_counts: list[list[int]] | None = None) -> RunTrace:
+    """The official `main_run.py` (its README command, at the reduced budget) with `--seed seed`.
+
+    With `expected_counts` (our partition's client x class counts), the run is stopped as soon as its
+    round loop starts if the counts it printed differ (so no time is spent on a different split).
+
+    Rounds are appended to `trace` (a new one by default) as they are printed, and `on_round()` is called
+    after each, so a caller can save the rounds of a run that is later cut off."""
     args = ["--dataset", "cifar10", "--num_classes", "10", "--num_clients", "10", "--num_online_clients", "10",
             "--num_rounds", str(rounds), "--num_epochs_local_training", str(local_epochs),
             "--batch_size_local_training", "64", "--repeat_num", "1", "--batch_real", "100",
@@ -238,7 +246,8 @@ def run_official(checkout: Path, work: Path, seed: int, rounds: int, local_epoch
     folder = work / "data" / "CIFAR10" / "cifar-10-batches-py"
     md5 = {f.name: hashlib.md5(f.read_bytes()).hexdigest() for f in folder.iterdir()}
     cmd = [sys.executable, "-u", "-c", OFFICIAL_WRAPPER, str(checkout.resolve()), json.dumps(md5), *args]
-    trace = RunTrace([], [])
+    trace = trace if trace is not None else RunTrace([], [])
+    checked = False
     tail: list[str] = []
     start = time.perf_counter()
     last = None
@@ -253,6 +262,13 @@ def run_official(checkout: Path, work: Path, seed: int, rounds: int, local_epoch
             if "FedHPro-training" in line and last is None:
                 last = now  # the round loop started (data and partition are ready)
             acc = ACC_LINE.search(line)
+            if expected_counts is not None and not checked and (last is not None or acc):
+                checked = True  # the partition was printed before the round loop
+                if trace.client_counts != expected_counts:
+                    proc.kill()
+                    raise ParityError(f"seed {seed}: the official partition differs from ours:\nofficial "
+                                      f"{trace.client_counts}\nours     {expected_counts}")
+                log(f"  partition identical (client x class counts, seed {seed})")
             if acc:
                 values = [float(v) for v in acc.group(1).split(",") if v.strip()]
                 if len(values) == len(trace.accuracy) + 1:
@@ -261,6 +277,8 @@ def run_official(checkout: Path, work: Path, seed: int, rounds: int, local_epoch
                     last = now
                     log(f"  official seed {seed} round {len(trace.accuracy)}: {trace.accuracy[-1]:.2f}% "
                         f"({trace.seconds[-1]:.1f} s)")
+                    if on_round is not None:
+                        on_round()
         rc = proc.wait()
     if rc != 0 or len(trace.accuracy) != rounds:
         raise ParityError(f"the official code (seed {seed}) exited {rc} after {len(trace.accuracy)} of {rounds} "
@@ -419,23 +437,27 @@ def main(argv: list[str] | None = None) -> int:
     print(f"prepared {data_root}/cifar-10-batches-py from {source} in {time.perf_counter() - t0:.1f} s", flush=True)
     kinds = ([] if args.skip_official else ["official"]) + list(AGGREGATIONS)
     results: dict[tuple[str, int], RunTrace] = {}
+    running: dict[tuple[str, int], RunTrace] = {}  # official runs' rounds so far
+    save_lock = threading.Lock()
     say = lambda m: print(m, flush=True)  # noqa: E731
 
     def run_one(kind: str, seed: int) -> RunTrace:
         if kind == "official":
-            official = run_official(checkout, work, seed, args.rounds, args.local_epochs, args.device, log=say)
-            ours_counts = our_client_counts(data_root, seed)
-            if official.client_counts != ours_counts:
-                raise ParityError(f"seed {seed}: the official partition differs from ours:\nofficial "
-                                  f"{official.client_counts}\nours     {ours_counts}")
-            say(f"  partition identical (client x class counts, seed {seed})")
+            running[(kind, seed)] = RunTrace([], [])
+            official = run_official(checkout, work, seed, args.rounds, args.local_epochs, args.device, log=say,
+                                    trace=running[(kind, seed)], on_round=save_partial,
+                                    expected_counts=our_client_counts(data_root, seed))
             return official
         runner = run_ours if args.jobs == 1 else run_ours_child
         return runner(data_root, work, seed, args.rounds, args.local_epochs, args.device, kind, log=say)
 
-    def save_partial() -> None:  # after every run, so a run cut short still leaves what finished
-        done = {k: {str(s): results[(k, s)].__dict__ for s in seeds if (k, s) in results} for k in kinds}
-        (out / "parity.json").write_text(json.dumps({"complete": False, "runs": done}, indent=1))
+    def save_partial() -> None:  # after every run and official round: a harness cut short leaves what finished
+        with save_lock:
+            done = {k: {str(s): results[(k, s)].__dict__ for s in seeds if (k, s) in results} for k in kinds}
+            cut = {f"{k} {s}": t.__dict__ for (k, s), t in list(running.items()) if (k, s) not in results}
+            tmp = out / "parity.json.tmp"
+            tmp.write_text(json.dumps({"complete": False, "runs": done, "unfinished": cut}, indent=1))
+            tmp.replace(out / "parity.json")
 
     tasks = [(kind, seed) for seed in seeds for kind in kinds]
     if args.jobs == 1:

@@ -137,6 +137,12 @@ def test_official_wrapper_runs_the_checkout_and_parses_its_output(tmp_path):
     assert trace.accuracy == pytest.approx([10.0, 15.0, 20.0])
     assert trace.client_counts == counts
     assert len(trace.seconds) == 3 and all(s > 0 for s in trace.seconds)
+    said: list[str] = []
+    parity.run_official(checkout, tmp_path / "work", 25, 3, 1, "cpu", log=said.append, expected_counts=counts)
+    assert "  partition identical (client x class counts, seed 25)" in said
+    other = [counts[0], [0, 2, 4, 0, 0, 0, 0, 0, 0, 2]]
+    with pytest.raises(parity.ParityError, match="seed 25: the official partition differs from ours"):
+        parity.run_official(checkout, tmp_path / "work", 25, 3, 1, "cpu", log=lambda m: None, expected_counts=other)
     failing = stand_in_checkout(tmp_path / "f", counts, fail=True)
     with pytest.raises(parity.ParityError, match="exited 1 after 3 of 3 rounds"):
         parity.run_official(failing, tmp_path / "work", 25, 3, 1, "cpu", log=lambda m: None)
