@@ -1,8 +1,12 @@
 """One frozen, flat, validated config per federated run.
 
-A `RunConfig` is everything that determines a run's numbers. It is loaded from
-YAML/JSON, validated with one-line errors that name the key and the accepted
-values, and saved into the run directory together with the git SHA, package
+A `RunConfig` is everything that determines a run's numbers. Each key is declared
+once, with `fedhpro.params.param` (default, one line of help, choices, bounds), as
+the methods declare their hyperparameters; `fedhpro config` lists them. It is
+loaded from YAML/JSON, each value checked against its declaration by the checker
+method parameters go through too (`fedhpro.params.check_value`), the checks across
+keys made here (`_validate`), with one-line errors that name the key and the
+accepted values, and saved into the run directory together with the git SHA, package
 versions and a hash of its canonical JSON (see `fedhpro.runinfo`).
 
 Method hyperparameters live in each method module's `Params` dataclass; the

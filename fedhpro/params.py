@@ -10,6 +10,7 @@ A neutral module importing nothing else of the package at import time, so that `
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import re
@@ -71,8 +72,10 @@ def field_kind(annotation: Any) -> tuple[str, bool]:
     raise TypeError(f"unsupported declared type {annotation!r}")
 
 
+@functools.cache
 def declared_fields(cls: type) -> dict[str, tuple[dataclasses.Field, str, bool]]:
-    """name -> (field, kind, nullable) of a dataclass whose fields are declared with `param`."""
+    """name -> (field, kind, nullable) of a dataclass whose fields are declared with `param` (cached: every
+    config validation asks; do not modify the result)."""
     hints = typing.get_type_hints(cls)
     return {f.name: (f, *field_kind(hints[f.name])) for f in dataclasses.fields(cls)}
 
