@@ -1,4 +1,4 @@
-"""`fedhpro` command line: train, partition, aggregate, bench, methods, datasets.
+"""`fedhpro` command line: train, partition, aggregate, bench, methods, config, datasets.
 
 Every subcommand runs under one error handler (`run_guarded`): bad input (config values, flags,
 files) ends with a one-line `error: ...` naming the key or file and exit status 2, never a
@@ -54,6 +54,21 @@ def cmd_methods(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_config(args: argparse.Namespace) -> int:
+    from fedhpro.config import RunConfig
+    from fedhpro.methods import METHODS
+    from fedhpro.params import describe_declared
+
+    if args.method is not None and args.method not in METHODS:
+        raise ValueError(f"--method {args.method!r} is not a method; accepted: {', '.join(sorted(METHODS))}")
+    print("RunConfig keys (name (type; accepted values) = default: help):")
+    print("\n".join(describe_declared(RunConfig, indent="  ")))
+    if args.method is not None:
+        print(f"method_params of {args.method}:")
+        print("\n".join(describe_declared(METHODS[args.method].Params, indent="  ")) or "  (none)")
+    return 0
+
+
 def cmd_datasets(args: argparse.Namespace) -> int:
     from fedhpro.data import DATASETS
 
@@ -95,6 +110,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("methods", help="list methods with their hyperparameters and defaults",
                        description="List every method, its paper, modes and hyperparameters.")
     p.set_defaults(func=cmd_methods)
+    p = sub.add_parser("config", help="list every run config key with its type, default and help",
+                       description="List every RunConfig key: its type, accepted values, default and help "
+                                   "(with --method NAME, also that method's parameters).")
+    p.add_argument("--method", default=None, help="also list this method's parameters (method_params)")
+    p.set_defaults(func=cmd_config)
     p = sub.add_parser("datasets", help="list datasets", description="List the registered datasets.")
     p.set_defaults(func=cmd_datasets)
     p = sub.add_parser("fingerprint", help="print a dataset's content fingerprint (as recorded in runs)",

@@ -1,8 +1,12 @@
 """One frozen, flat, validated config per federated run.
 
-A `RunConfig` is everything that determines a run's numbers. It is loaded from
-YAML/JSON, validated with one-line errors that name the key and the accepted
-values, and saved into the run directory together with the git SHA, package
+A `RunConfig` is everything that determines a run's numbers. Each key is declared
+once, with `fedhpro.params.param` (default, one line of help, choices, bounds), as
+the methods declare their hyperparameters; `fedhpro config` lists them. It is
+loaded from YAML/JSON, each value checked against its declaration by the checker
+method parameters go through too (`fedhpro.params.check_value`), the checks across
+keys made here (`_validate`), with one-line errors that name the key and the
+accepted values, and saved into the run directory together with the git SHA, package
 versions and a hash of its canonical JSON (see `fedhpro.runinfo`).
 
 Method hyperparameters live in each method module's `Params` dataclass; the
@@ -22,15 +26,14 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
-import re
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
 import yaml
 
 from fedhpro.errors import ConfigError  # noqa: F401  (raised by every check; importable from here)
+from fedhpro.params import _FLOAT_RE, check_value, declared_fields, param  # _FLOAT_RE: also sweep's
 
 
 REVISION_KEY = "method_revision"  # not a RunConfig field: the method module's behaviour revision (see above)
@@ -51,51 +54,93 @@ LOCATION_KEYS = ("data_root",)
 LOCATION_OPTIONS = ("path",)  # dataset_options that say where the data is, not what it is
 
 
+def _method_names() -> tuple[str, ...]:
+    from fedhpro.methods import METHOD_MODULES
+
+    return tuple(sorted(METHOD_MODULES))
+
+
+def _dataset_names() -> tuple[str, ...]:
+    from fedhpro.data import DATASETS  # late import: loaders import numpy/torch
+
+    return tuple(sorted(DATASETS))
+
+
+def _model_names() -> tuple[str, ...]:
+    from fedhpro.models import MODELS  # late import: models import torch
+
+    return tuple(sorted(MODELS))
+
+
+def _model_names_or_auto() -> tuple[str, ...]:
+    return ("auto",) + _model_names()
+
+
 @dataclass(frozen=True)
 class RunConfig:
+    """Every key declared once with `param`: default, help, accepted values (`fedhpro config` lists them)."""
+
     # -- what is trained
-    method: str = "fedavg"
-    variant: str = "default"  # a name for this set of method_params, used in run ids and tables
-    method_params: Mapping[str, Any] = field(default_factory=dict)
-    eval_mode: str = "global"  # global: weights averaged, global test; personalized: per-client models
+    method: str = param("fedavg", "federated learning method (see `fedhpro methods`)", choices=_method_names)
+    variant: str = param("default", "name of this set of method_params, used in run ids and tables")
+    method_params: Mapping[str, Any] = param(default_factory=dict, help="the method's hyperparameters (see "
+                                             "`fedhpro config --method NAME`); unset ones take their defaults")
+    eval_mode: str = param("global", "global: weights averaged, global test set; personalized: per-client models "
+                           "and local test sets", choices=EVAL_MODES)
     # -- data and its split over clients
-    dataset: str = "digits"
-    dataset_options: Mapping[str, Any] = field(default_factory=dict)  # loader options, e.g. {domains: [mnist, usps]}
-    data_root: str = "data"
-    partition: str = "dirichlet"
-    alpha: float | None = 0.5
-    classes_per_client: int | None = None
-    imbalance_ratio: float = 1.0  # rho >= 1; 1 = no long-tail selection
-    num_clients: int = 10
-    clients_per_domain: int | None = None  # `domains` scheme only
-    partition_seed: int = 0
-    local_test_fraction: float | None = None  # None: 0 in global mode, 0.25 in personalized mode
+    dataset: str = param("digits", "registered dataset (see `fedhpro datasets`)", choices=_dataset_names)
+    dataset_options: Mapping[str, Any] = param(default_factory=dict, help="the dataset loader's options, e.g. "
+                                               "{domains: [mnist, usps]}")
+    data_root: str = param("data", "dataset root; downloads go to <data_root>/<dataset>/raw (not in the hash)")
+    partition: str = param("dirichlet", "client split: creff (long tail + Dirichlet), dirichlet, pathological "
+                           "(classes per client), iid, domains (one domain per client group)",
+                           choices=PARTITION_SCHEMES)
+    alpha: float | None = param(0.5, "Dirichlet concentration (creff, dirichlet)", low=0, low_inclusive=False,
+                                finite=True)
+    classes_per_client: int | None = param(None, "classes per client (pathological)", low=0, low_inclusive=False)
+    imbalance_ratio: float = param(1.0, "long-tail ratio rho (1 = no long-tail selection)", low=1, finite=True)
+    num_clients: int = param(10, "number of clients", low=0, low_inclusive=False)
+    clients_per_domain: int | None = param(None, "clients per domain (domains scheme only)", low=0,
+                                           low_inclusive=False)
+    partition_seed: int = param(0, "seed of the client split", low=0, high=2**32, high_inclusive=False)
+    local_test_fraction: float | None = param(None, "share of each client's data held out as its local test set "
+                                              "(null: 0 in global mode, 0.25 in personalized mode)", low=0,
+                                              high=1, high_inclusive=False, finite=True)
     # -- model
-    model: str = "auto"  # auto = the dataset's default model
-    client_models: tuple[str, ...] = ()  # model heterogeneity: assigned round-robin (personalized only)
-    feature_dim: int | None = None  # None = the model's natural feature size
+    model: str = param("auto", "model architecture (auto = the dataset's default model)",
+                       choices=_model_names_or_auto)
+    client_models: tuple[str, ...] = param((), "model heterogeneity: client architectures, assigned round-robin "
+                                           "(personalized only)", choices=_model_names)
+    feature_dim: int | None = param(None, "feature size before the classifier (null = the model's natural size)",
+                                    low=0, low_inclusive=False)
     # -- optimisation
-    rounds: int = 10
-    local_epochs: int = 1
-    batch_size: int = 64
-    optimizer: str = "sgd"
-    lr: float = 0.1
-    momentum: float = 0.0
-    weight_decay: float = 0.0
-    clients_per_round: int | None = None  # None = all clients every round
-    augment: str = "auto"
-    augment_per: str = "batch"  # official FedHPro: one crop/flip shared by the whole batch
+    rounds: int = param(10, "communication rounds", low=0, low_inclusive=False)
+    local_epochs: int = param(1, "local epochs per round", low=0, low_inclusive=False)
+    batch_size: int = param(64, "local training batch size", low=0, low_inclusive=False)
+    optimizer: str = param("sgd", "local optimizer", choices=OPTIMIZERS)
+    lr: float = param(0.1, "local learning rate", low=0, low_inclusive=False, finite=True)
+    momentum: float = param(0.0, "local SGD momentum", low=0, finite=True)
+    weight_decay: float = param(0.0, "local SGD weight decay", low=0, finite=True)
+    clients_per_round: int | None = param(None, "clients sampled per round (null = all clients every round)",
+                                          low=0, low_inclusive=False)
+    augment: str = param("auto", "training augmentation (auto = the dataset's default)", choices=AUGMENTS)
+    augment_per: str = param("batch", "augmentation drawn per batch (official FedHPro: one crop/flip for the "
+                             "whole batch) or per sample", choices=AUGMENT_GRANULARITY)
     # -- execution
-    engine: str = "sequential"  # sequential | batched (identical-architecture clients trained in one vmap)
-    precision: str = "fp32"  # fp32 | bf16 | fp16: autocast for local training and evaluation (fp16 adds loss scaling)
-    channels_last: bool = False  # image models and batches in channels-last memory format
-    client_store: str = "memory"  # memory | disk: where per-client state lives between rounds (disk: run dir)
-    seed: int = 0
-    device: str = "auto"
-    eval_every: int = 1
-    checkpoint_every: int = 1
-    test_batch_size: int = 500
-    diagnostics: bool = True  # prototype separation/consistency columns on evaluated rounds (no-grad passes)
+    engine: str = param("sequential", "local training: sequential, or batched (identical-architecture clients "
+                        "trained in one vmap)", choices=ENGINES)
+    precision: str = param("fp32", "autocast for local training and evaluation (fp16 adds loss scaling)",
+                           choices=PRECISIONS)
+    channels_last: bool = param(False, "image models and batches in channels-last memory format")
+    client_store: str = param("memory", "where per-client state lives between rounds (disk: the run directory)",
+                              choices=CLIENT_STORES)
+    seed: int = param(0, "training seed", low=0, high=2**32, high_inclusive=False)
+    device: str = param("auto", "auto, cpu, cuda or cuda:N")
+    eval_every: int = param(1, "evaluate every this many rounds", low=0, low_inclusive=False)
+    checkpoint_every: int = param(1, "checkpoint every this many rounds", low=0, low_inclusive=False)
+    test_batch_size: int = param(500, "evaluation batch size", low=0, low_inclusive=False)
+    diagnostics: bool = param(True, "prototype separation/consistency columns on evaluated rounds (no-grad "
+                              "passes)")
 
     # ------------------------------------------------------------------ derived
     @property
@@ -164,12 +209,6 @@ def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) ->
     return from_dict(raw)
 
 
-# YAML 1.2 / JSON numbers: PyYAML follows YAML 1.1, where `1e-3` (no dot) is a string; a user writing
-# `lr: 1e-3` (or valid JSON `1e-2`, or `--set lr=1e-3`) means the number.
-_FLOAT_RE = re.compile(r"^[-+]?(?:(?:[0-9][0-9_]*)\.[0-9_]*|\.[0-9_]+|[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)?$"
-                       r"|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$")
-
-
 class DuplicateKeyError(yaml.constructor.ConstructorError):
     """A mapping names the same key twice (YAML would silently keep the last)."""
 
@@ -236,13 +275,13 @@ def from_dict(raw: Mapping[str, Any]) -> RunConfig:
     """Validate a plain mapping and build the frozen config (method params resolved)."""
     if not isinstance(raw, Mapping):
         raise ConfigError("config must be a mapping of keys to values")
-    known = {f.name: f for f in fields(RunConfig)}
+    known = declared_fields(RunConfig)
     revision = raw.get(REVISION_KEY)
     raw = {k: v for k, v in raw.items() if k != REVISION_KEY}
     unknown = sorted(set(raw) - set(known))
     if unknown:
         raise ConfigError(f"unknown config key {unknown[0]!r}; accepted keys: {', '.join(sorted(known))}")
-    values = {name: _coerce(name, raw[name], known[name]) for name in raw}
+    values = {name: check_value(name, *known[name], raw[name]) for name in raw}
     values.setdefault("method", RunConfig.method)
     cfg = RunConfig(**values)
     _validate(cfg)
@@ -267,105 +306,19 @@ def check_revision(method: str, revision: Any, where: str = "config") -> None:
                           f"revision {current} ({changes}); its results are stale: rerun it")
 
 
-_INT_KEYS = {"classes_per_client", "num_clients", "clients_per_domain", "partition_seed", "feature_dim",
-             "rounds", "local_epochs", "batch_size", "clients_per_round", "seed", "eval_every",
-             "checkpoint_every", "test_batch_size"}
-_FLOAT_KEYS = {"alpha", "imbalance_ratio", "local_test_fraction", "lr", "momentum", "weight_decay"}
-_STR_KEYS = {"method", "variant", "eval_mode", "dataset", "data_root", "partition", "model", "optimizer",
-             "augment", "augment_per", "device", "engine", "precision", "client_store"}
-_BOOL_KEYS = {"channels_last", "diagnostics"}
-
-
-def _coerce(name: str, value: Any, f: dataclasses.Field) -> Any:
-    if value is None:
-        if name in ("alpha", "classes_per_client", "clients_per_domain", "local_test_fraction",
-                    "feature_dim", "clients_per_round"):
-            return None
-        raise ConfigError(f"config key {name!r} must not be null")
-    if name in _BOOL_KEYS:
-        if not isinstance(value, bool):
-            raise ConfigError(f"config key {name!r} must be true or false, got {value!r}")
-        return value
-    if name in _INT_KEYS:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"config key {name!r} must be an integer, got {value!r}")
-        return value
-    if name in _FLOAT_KEYS:
-        if isinstance(value, str) and _FLOAT_RE.match(value.strip()) and "_" not in value:
-            value = float(value)  # `1e-3` read as a string by a YAML 1.1 parser (e.g. Snakemake's config loader)
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"config key {name!r} must be a number, got {value!r}")
-        if not math.isfinite(float(value)):
-            raise ConfigError(f"config key {name!r} must be finite, got {value!r}")
-        return float(value)
-    if name in _STR_KEYS:
-        if not isinstance(value, str) or not value:
-            raise ConfigError(f"config key {name!r} must be a non-empty string, got {value!r}")
-        return value
-    if name in ("method_params", "dataset_options"):
-        if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
-            raise ConfigError(f"config key {name!r} must be a mapping of names to values, got {value!r}")
-        return dict(value)
-    if name == "client_models":
-        if isinstance(value, str) or not isinstance(value, (list, tuple)) or not all(
-                isinstance(v, str) and v for v in value):
-            raise ConfigError(f"config key 'client_models' must be a list of model names, got {value!r}")
-        return tuple(value)
-    raise AssertionError(name)  # pragma: no cover - every field is covered above
-
-
-def _choice(name: str, value: str, accepted: tuple[str, ...] | list[str]) -> None:
-    if value not in accepted:
-        raise ConfigError(f"config key {name!r}: unknown value {value!r}; accepted: {', '.join(accepted)}")
-
-
-def _positive(cfg: RunConfig, *names: str) -> None:
-    for name in names:
-        value = getattr(cfg, name)
-        if value is not None and value <= 0:
-            raise ConfigError(f"config key {name!r} must be > 0, got {value!r}")
-
-
 def _validate(cfg: RunConfig) -> None:
+    """The checks across keys (each key's own type, choices and bounds are checked by its declaration)."""
     from fedhpro.data import DATASETS
-    from fedhpro.methods import METHODS, check_supported
-    from fedhpro.models import MODELS
+    from fedhpro.methods import check_supported
 
-    _choice("method", cfg.method, sorted(METHODS))
-    _choice("eval_mode", cfg.eval_mode, EVAL_MODES)
-    _choice("dataset", cfg.dataset, sorted(DATASETS))
-    _choice("partition", cfg.partition, PARTITION_SCHEMES)
-    _choice("optimizer", cfg.optimizer, OPTIMIZERS)
-    _choice("augment", cfg.augment, AUGMENTS)
-    _choice("augment_per", cfg.augment_per, AUGMENT_GRANULARITY)
-    _choice("engine", cfg.engine, ENGINES)
-    _choice("precision", cfg.precision, PRECISIONS)
-    _choice("client_store", cfg.client_store, CLIENT_STORES)
-    _choice("device", cfg.device.split(":")[0], DEVICES)
-    if cfg.model != "auto":
-        _choice("model", cfg.model, sorted(MODELS))
-    for name in cfg.client_models:
-        _choice("client_models", name, sorted(MODELS))
-    _positive(cfg, "num_clients", "rounds", "local_epochs", "batch_size", "lr", "eval_every",
-              "checkpoint_every", "test_batch_size", "clients_per_round", "feature_dim", "classes_per_client",
-              "clients_per_domain")
-    for name in ("momentum", "weight_decay"):
-        if getattr(cfg, name) < 0:
-            raise ConfigError(f"config key {name!r} must be >= 0, got {getattr(cfg, name)!r}")
-    for name in ("seed", "partition_seed"):
-        if not 0 <= getattr(cfg, name) < 2**32:
-            raise ConfigError(f"config key {name!r} must be in [0, 2**32), got {getattr(cfg, name)!r}")
-    if cfg.imbalance_ratio < 1:
-        raise ConfigError(f"config key 'imbalance_ratio' must be >= 1 (rho), got {cfg.imbalance_ratio!r}")
-    if cfg.local_test_fraction is not None and not 0 <= cfg.local_test_fraction < 1:
-        raise ConfigError(f"config key 'local_test_fraction' must be in [0, 1), got {cfg.local_test_fraction!r}")
+    if cfg.device.split(":")[0] not in DEVICES:  # cuda:N names a GPU
+        raise ConfigError(f"config key 'device': unknown value {cfg.device!r}; accepted: {', '.join(DEVICES)}, "
+                          f"cuda:N")
     if cfg.clients_per_round is not None and cfg.clients_per_round > cfg.num_clients:
         raise ConfigError(f"config key 'clients_per_round' ({cfg.clients_per_round}) must be <= num_clients "
                           f"({cfg.num_clients})")
     if cfg.partition in ("creff", "dirichlet") and cfg.alpha is None:
         raise ConfigError(f"config key 'alpha' is required for partition {cfg.partition!r}")
-    if cfg.alpha is not None and cfg.alpha <= 0:
-        raise ConfigError(f"config key 'alpha' must be > 0, got {cfg.alpha!r}")
     if cfg.partition == "pathological" and cfg.classes_per_client is None:
         raise ConfigError("config key 'classes_per_client' is required for partition 'pathological'")
     if cfg.partition == "creff" and cfg.num_clients < 10:

@@ -2,8 +2,9 @@
 
 A method module declares:
 - `Params`: a frozen dataclass of its hyperparameters; each field made with
-  `param(default, help, choices=..., low=...)` so defaults, documentation and
-  validation live in one place;
+  `param(default, help, choices=..., low=...)` (`fedhpro.params`, the helper
+  RunConfig's keys use too) so defaults, documentation and validation live in
+  one place and one checker validates both;
 - `Client(ClientBase)` and `Server(ServerBase)` (see `fedhpro.engine`);
 - `MODES`: the evaluation modes it supports; `ENGINES`: the local-training
   engines (`engine` key) that run it exactly (default: sequential only);
@@ -30,6 +31,7 @@ from types import ModuleType
 from typing import Any, Iterator
 
 from fedhpro.errors import ConfigError
+from fedhpro.params import check_value, declared_choices, declared_fields, param  # noqa: F401  (param: methods')
 
 METHOD_MODULES = {
     "fedavg": "fedhpro.methods.fedavg",
@@ -44,13 +46,6 @@ METHOD_MODULES = {
     "protonorm": "fedhpro.methods.protonorm",
     "gfpl": "fedhpro.methods.gfpl",
 }
-
-
-def param(default: Any, help: str, *, choices: tuple | None = None, low: float | None = None,
-          high: float | None = None, low_inclusive: bool = True) -> Any:
-    """A method hyperparameter with its documentation and accepted values."""
-    return dataclasses.field(default=default, metadata={"help": help, "choices": choices, "low": low,
-                                                        "high": high, "low_inclusive": low_inclusive})
 
 
 class _LazyMethods(Mapping):
@@ -71,46 +66,16 @@ class _LazyMethods(Mapping):
 METHODS: Mapping[str, ModuleType] = _LazyMethods()
 
 
-def _check_value(method: str, f: dataclasses.Field, value: Any) -> Any:
-    key = f"method_params.{f.name}"
-    default = f.default
-    meta = f.metadata
-    if isinstance(default, bool):
-        if not isinstance(value, bool):
-            raise ConfigError(f"config key {key!r} ({method}) must be true or false, got {value!r}")
-    elif isinstance(default, int):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"config key {key!r} ({method}) must be an integer, got {value!r}")
-    elif isinstance(default, float):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
-            raise ConfigError(f"config key {key!r} ({method}) must be a number, got {value!r}")
-        value = float(value)
-    elif isinstance(default, str):
-        if not isinstance(value, str):
-            raise ConfigError(f"config key {key!r} ({method}) must be a string, got {value!r}")
-    if meta.get("choices") and value not in meta["choices"]:
-        raise ConfigError(f"config key {key!r} ({method}): unknown value {value!r}; accepted: "
-                          f"{', '.join(map(str, meta['choices']))}")
-    low, high = meta.get("low"), meta.get("high")
-    if low is not None and (value < low or (value == low and not meta.get("low_inclusive", True))):
-        op = ">=" if meta.get("low_inclusive", True) else ">"
-        raise ConfigError(f"config key {key!r} ({method}) must be {op} {low}, got {value!r}")
-    if high is not None and value > high:
-        raise ConfigError(f"config key {key!r} ({method}) must be <= {high}, got {value!r}")
-    return value
-
-
 def resolve_params(method: str, overrides: Mapping[str, Any]) -> dict[str, Any]:
     """Defaults of `method` updated with `overrides`, validated; a plain dict."""
     module = METHODS[method]
-    known = {f.name: f for f in dataclasses.fields(module.Params)}
+    known = declared_fields(module.Params)
     unknown = sorted(set(overrides) - set(known))
     if unknown:
         raise ConfigError(f"config key 'method_params.{unknown[0]}' is not a parameter of {method!r}; "
                           f"accepted: {', '.join(sorted(known)) or '(none)'}")
-    values = {name: _check_value(method, f, overrides[name]) if name in overrides else f.default
-              for name, f in known.items()}
-    return values
+    return {name: check_value(f"method_params.{name}", f, kind, nullable, overrides[name], owner=method)
+            if name in overrides else f.default for name, (f, kind, nullable) in known.items()}
 
 
 def supported_engines(module: ModuleType) -> tuple[str, ...]:
@@ -162,6 +127,7 @@ def describe_methods() -> str:
                      f"heterogeneous models: "
                      f"{'yes' if module.HETEROGENEOUS_MODELS else 'no'}; communicates: {module.COMMUNICATES}")
         for f in dataclasses.fields(module.Params):
-            extra = f" (one of {', '.join(map(str, f.metadata['choices']))})" if f.metadata.get("choices") else ""
+            choices = declared_choices(f)
+            extra = f" (one of {', '.join(map(str, choices))})" if choices else ""
             lines.append(f"    {f.name} = {f.default!r}{extra}: {f.metadata.get('help', '')}")
     return "\n".join(lines)
