@@ -35,7 +35,8 @@ wildcard-safe (letters, digits, ``_ . -``; numbers encoded with `encode_value`: 
   ``iid-n10``, ``domains-n10`` (every setting that changes the split is in it, so two different
   settings never share a partition);
 * partition id: ``{dataset}/{het}/ps{partition_seed}`` -> ``<results>/partitions/<partition id>/``;
-* run id: ``{dataset}/{het}/{method}/{variant}/ps{partition_seed}_s{seed}`` -> ``<results>/runs/<run id>/``.
+* run id: ``{dataset}/{het}/{method}/{variant}/ps{partition_seed}_s{seed}`` -> ``<results>/runs/<run id>/``
+  (both defined once, in `fedhpro.layout`).
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ import sys
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Callable, Mapping
 
+from fedhpro import layout
 from fedhpro.config import _FLOAT_RE, LOCATION_OPTIONS, ConfigError, RunConfig, from_dict, load_yaml_text
 
 __all__ = ["RunSpec", "PartitionSpec", "ExperimentSpec", "SweepConfigError", "expand_sweep", "experiments_of",
@@ -524,8 +526,8 @@ def _expand_one(config: Mapping, *, warn: Callable[[str], None] | None = None) -
             raise SweepConfigError(f"{origin}: {err} (run {method}/{vname} on {dataset}, {het_path}[{het_index}], "
                                    f"partition seed {pseed}, seed {seed}; from {vpath})") from None
         het = het_id(cfg)
-        spec = RunSpec(run_id=f"{dataset}/{het}/{method}/{vname}/ps{pseed}_s{seed}",
-                       partition_id=f"{dataset}/{het}/ps{pseed}", kind=kind, dataset=dataset, het=het,
+        spec = RunSpec(run_id=layout.run_id(dataset, het, method, vname, pseed, seed),
+                       partition_id=layout.partition_id(dataset, het, pseed), kind=kind, dataset=dataset, het=het,
                        method=method, variant=vname, partition_seed=pseed, seed=seed, config=cfg,
                        config_hash=cfg.config_hash(), source=where)
         old = runs.get(spec.run_id)
@@ -799,10 +801,10 @@ def workflow_run(config: Mapping, wildcards: Mapping[str, str]) -> RunSpec:
     runs = validate_workflow_config(config, warn=lambda message: None)
     w = dict(wildcards)
     if "method" in w:
-        run_id = f"{w['dataset']}/{w['het']}/{w['method']}/{w['variant']}/ps{w['pseed']}_s{w['seed']}"
+        run_id = layout.run_id_of(w)
         found = [r for r in runs if r.run_id == run_id]
     else:
-        pid = f"{w['dataset']}/{w['het']}/ps{w['pseed']}"
+        pid = layout.partition_id_of(w)
         found = [r for r in runs if r.partition_id == pid]
     if not found:
         raise SweepConfigError(f"{w} is not a run or partition of this workflow config")
