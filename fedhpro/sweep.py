@@ -74,6 +74,9 @@ TOP_KEYS = ("results", "data_root", "reporting", "defaults", "datasets", "pendin
             "experiments")
 DATASET_EXTRA_KEYS = ("heterogeneity", "methods")
 ABLATION_KEYS = ("methods", "base_variant", "datasets", "heterogeneity", "seeds", "partition_seeds", "variants")
+# The one declaration of the `slurm:` section's keys and defaults: fedhpro.launch.LaunchOptions takes its
+# defaults from here; the JSON schema's defaults and the shipped configs are tested against it
+# (tests/test_sweep_slurm.py).
 SLURM_DEFAULTS: dict[str, Any] = {"launcher": "local", "partition": None, "account": None, "gpus": 1, "cpus": 4,
                                   "mem_gb": 16, "time_min": 240, "signal_delay_s": 120, "max_num_timeout": 3,
                                   "poll_seconds": 30, "additional": {}, "pack_minutes": 30, "run_minutes": None}
