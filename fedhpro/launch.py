@@ -44,6 +44,7 @@ import submitit
 # light modules at the top: fedhpro.runio / clientstore / train import torch, pandas and pyarrow
 # and are imported where a job (or an in-process run) needs them.
 from fedhpro.config import RunConfig, from_dict
+from fedhpro.sweep import SLURM_DEFAULTS, check_slurm
 
 __all__ = ["LaunchOptions", "LaunchError", "Trainer", "RunPack", "PackEntry", "launch", "clear_stale_run", "read_jobs",
            "record_job", "update_job", "config_sha", "submit_pack", "query_states", "is_final",
@@ -64,23 +65,25 @@ class LaunchError(RuntimeError):
 
 @dataclass(frozen=True)
 class LaunchOptions:
-    """How to execute a run (the workflow config's ``slurm:`` section plus ``threads``)."""
+    """How to execute a run (the workflow config's ``slurm:`` section plus ``threads``); the section's
+    defaults are `fedhpro.sweep.SLURM_DEFAULTS`."""
 
-    launcher: str = "local"  # local | submitit
-    partition: str | None = None
-    account: str | None = None
-    gpus: int = 1
-    cpus: int = 4
-    mem_gb: float = 16
-    time_min: int = 240
-    signal_delay_s: int = 120
-    max_num_timeout: int = 3
-    poll_seconds: float = 30.0
-    additional: Mapping[str, Any] = field(default_factory=dict)
+    launcher: str = SLURM_DEFAULTS["launcher"]  # local | submitit
+    partition: str | None = SLURM_DEFAULTS["partition"]
+    account: str | None = SLURM_DEFAULTS["account"]
+    gpus: int = SLURM_DEFAULTS["gpus"]
+    cpus: int = SLURM_DEFAULTS["cpus"]
+    mem_gb: float = SLURM_DEFAULTS["mem_gb"]
+    time_min: int = SLURM_DEFAULTS["time_min"]
+    signal_delay_s: int = SLURM_DEFAULTS["signal_delay_s"]
+    max_num_timeout: int = SLURM_DEFAULTS["max_num_timeout"]
+    poll_seconds: float = SLURM_DEFAULTS["poll_seconds"]
+    additional: Mapping[str, Any] = field(default_factory=lambda: dict(SLURM_DEFAULTS["additional"]))
     threads: int = 1  # torch threads of an in-process (local) run
     cluster: str | None = None  # submitit cluster: None = auto (slurm when srun is on PATH), "local", "debug"
-    pack_minutes: float = 0  # runs expected to take less share jobs of about this much work (0: never)
-    run_minutes: float | Mapping[str, float] | None = None  # expected minutes of a run (per dataset)
+    # runs expected to take less share jobs of about this much work (0: never; run_minutes None: never)
+    pack_minutes: float = SLURM_DEFAULTS["pack_minutes"]
+    run_minutes: float | Mapping[str, float] | None = SLURM_DEFAULTS["run_minutes"]  # expected minutes (per dataset)
 
     def expected_minutes(self, dataset: str) -> float | None:
         """The expected minutes of one run on `dataset` (`run_minutes`), None if unknown."""
@@ -111,8 +114,6 @@ class LaunchOptions:
 
     @classmethod
     def from_config(cls, slurm: Mapping[str, Any] | None, threads: int = 1, **changes: Any) -> "LaunchOptions":
-        from fedhpro.sweep import check_slurm
-
         values = check_slurm(slurm)
         known = {f.name for f in fields(cls)}
         values = {k: v for k, v in values.items() if k in known}

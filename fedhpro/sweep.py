@@ -35,7 +35,8 @@ wildcard-safe (letters, digits, ``_ . -``; numbers encoded with `encode_value`: 
   ``iid-n10``, ``domains-n10`` (every setting that changes the split is in it, so two different
   settings never share a partition);
 * partition id: ``{dataset}/{het}/ps{partition_seed}`` -> ``<results>/partitions/<partition id>/``;
-* run id: ``{dataset}/{het}/{method}/{variant}/ps{partition_seed}_s{seed}`` -> ``<results>/runs/<run id>/``.
+* run id: ``{dataset}/{het}/{method}/{variant}/ps{partition_seed}_s{seed}`` -> ``<results>/runs/<run id>/``
+  (both defined once, in `fedhpro.layout`).
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ import sys
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Callable, Mapping
 
+from fedhpro import layout
 from fedhpro.config import _FLOAT_RE, LOCATION_OPTIONS, ConfigError, RunConfig, from_dict, load_yaml_text
 
 __all__ = ["RunSpec", "PartitionSpec", "ExperimentSpec", "SweepConfigError", "expand_sweep", "experiments_of",
@@ -72,6 +74,9 @@ TOP_KEYS = ("results", "data_root", "reporting", "defaults", "datasets", "pendin
             "experiments")
 DATASET_EXTRA_KEYS = ("heterogeneity", "methods")
 ABLATION_KEYS = ("methods", "base_variant", "datasets", "heterogeneity", "seeds", "partition_seeds", "variants")
+# The one declaration of the `slurm:` section's keys and defaults: fedhpro.launch.LaunchOptions takes its
+# defaults from here; the JSON schema's defaults and the shipped configs are tested against it
+# (tests/test_sweep_slurm.py).
 SLURM_DEFAULTS: dict[str, Any] = {"launcher": "local", "partition": None, "account": None, "gpus": 1, "cpus": 4,
                                   "mem_gb": 16, "time_min": 240, "signal_delay_s": 120, "max_num_timeout": 3,
                                   "poll_seconds": 30, "additional": {}, "pack_minutes": 30, "run_minutes": None}
@@ -168,7 +173,8 @@ class RunSpec:
 
     def partition(self) -> PartitionSpec:
         c = self.config
-        return PartitionSpec(partition_id=self.partition_id, dataset=c.dataset, scheme=c.partition, num_clients=c.num_clients, seed=c.partition_seed,
+        return PartitionSpec(partition_id=self.partition_id, dataset=c.dataset, scheme=c.partition,
+                             num_clients=c.num_clients, seed=c.partition_seed,
                              alpha=c.alpha if c.partition in ("creff", "dirichlet") else None,
                              classes_per_client=c.classes_per_client if c.partition == "pathological" else None,
                              imbalance_ratio=c.imbalance_ratio,
@@ -429,17 +435,51 @@ def _warn_infeasible(runs: list[RunSpec], config: Mapping, warn: Callable[[str],
                  "partition job will refuse it")
 
 
-def _expand_one(config: Mapping, *, warn: Callable[[str], None] | None = None) -> list[RunSpec]:
-    """Every run of one sweep (the top-level keys, or one experiment's), validated (`from_dict`), main runs
-    first, then ablations.
+Variant = tuple[dict, dict, str]  # (method_params, RunConfig overrides, the config key path that declared it)
 
-    Raises SweepConfigError naming the config entry that set the bad value, then the run, e.g.
-    ``methods.fedprox.default.mu: config key 'method_params.mu' (fedprox) must be >= 0.0, got -3.0
-    (run fedprox/default on digits, heterogeneity[0], partition seed 0, seed 0; from methods.fedprox.default)``.
-    """
-    warn = warn or _warn_stderr
-    check_workflow_keys(config)
-    config = yaml12_numbers(config)
+
+@dataclass(frozen=True)
+class _Sweep:
+    """The checked top of one sweep: what every run of it shares."""
+
+    data_root: str
+    defaults: dict
+    seeds: list[int]
+    pseeds: list[int]
+    datasets: dict[str, tuple[dict, str]]  # name -> (entry, key path)
+    global_het: list[dict] | None  # None when every dataset sets its own list
+    variants: dict[str, dict[str, Variant]]  # method -> variant name -> Variant
+
+
+@dataclass(frozen=True)
+class _DatasetParts:
+    """One dataset entry split into its RunConfig overrides, heterogeneity list and methods."""
+
+    overrides: dict
+    het_list: list[dict]
+    methods: list[str]
+    path: str  # datasets.<name> (or pending_datasets.<name>)
+    het_path: str  # the key path of its heterogeneity list (its own or the top-level one)
+
+
+@dataclass(frozen=True)
+class _RunRequest:
+    """One cell of the sweep before validation: which run, and the config entries it is merged from."""
+
+    kind: str  # "main" or "ablation"
+    dataset: str
+    parts: _DatasetParts
+    het_index: int
+    het_entry: dict
+    method: str
+    variant: str
+    spec: Variant
+    pseed: int
+    seed: int
+
+
+def _sweep_top(config: Mapping, warn: Callable[[str], None]) -> _Sweep:
+    """Check the workflow keys and parse what the runs share (defaults, seeds, datasets, variants)."""
     data_root = config.get("data_root", "data")
     defaults = _check_overrides(_mapping(config.get("defaults"), "defaults"), "defaults")
     seeds = _int_list(config.get("seeds", [0]), "seeds")
@@ -448,13 +488,17 @@ def _expand_one(config: Mapping, *, warn: Callable[[str], None] | None = None) -
     # optional when every dataset sets its own list (e.g. an experiment of feature-shift datasets)
     global_het = (_het_list(config.get("heterogeneity"), "heterogeneity")
                   if config.get("heterogeneity") is not None else None)
+    return _Sweep(data_root, defaults, seeds, pseeds, datasets, global_het, _method_variants(config))
 
+
+def _method_variants(config: Mapping) -> dict[str, dict[str, Variant]]:
+    """method -> variant name -> Variant: the variants under `methods`, then the grid variants of `grids`."""
     from fedhpro.methods import METHOD_MODULES
 
     methods_cfg = _mapping(config.get("methods"), "methods")
     if not methods_cfg:
         raise _err("methods", "must name at least one method")
-    variants: dict[str, dict[str, tuple[dict, dict, str]]] = {}
+    variants: dict[str, dict[str, Variant]] = {}
     for method, vmap in methods_cfg.items():
         if method not in METHOD_MODULES:
             raise _err(f"methods.{method}", f"unknown method {method!r}; available: {', '.join(METHOD_MODULES)}")
@@ -475,142 +519,208 @@ def _expand_one(config: Mapping, *, warn: Callable[[str], None] | None = None) -
                 raise _err(f"grids.{method}", f"grid variant {vname!r} clashes with the variant of that name "
                            f"under methods.{method}")
             variants[method][vname] = spec
+    return variants
 
-    def dataset_parts(name: str) -> tuple[dict, list[dict], list[str], str]:
-        entry, path = datasets[name]
-        entry = dict(entry)
-        het = _het_list(entry.pop("heterogeneity"), f"{path}.heterogeneity") if "heterogeneity" in entry \
-            else global_het
-        if het is None:
-            raise _err("heterogeneity", f"must be a non-empty list of partition settings (dataset {name} sets "
-                       "no heterogeneity of its own)")
-        allowed = entry.pop("methods", None)
-        if allowed is None:
-            allowed = list(variants)
-        elif not isinstance(allowed, list) or any(m not in variants for m in allowed):
-            raise _err(f"{path}.methods", f"must be a list of methods listed under 'methods' "
-                       f"({', '.join(variants)}), got {allowed!r}")
-        return _check_overrides(entry, path), het, allowed, path
 
-    runs: dict[str, RunSpec] = {}
-    ds_path_of = {name: path for name, (_, path) in datasets.items()}
-    partitions: dict[str, tuple[PartitionSpec, str]] = {}
+def _dataset_parts(sweep: _Sweep, name: str) -> _DatasetParts:
+    """The parts of dataset `name`'s entry (its own `heterogeneity` / `methods`, else the sweep's)."""
+    entry, path = sweep.datasets[name]
+    entry = dict(entry)
+    own_het = "heterogeneity" in entry
+    het = _het_list(entry.pop("heterogeneity"), f"{path}.heterogeneity") if own_het else sweep.global_het
+    if het is None:
+        raise _err("heterogeneity", f"must be a non-empty list of partition settings (dataset {name} sets "
+                   "no heterogeneity of its own)")
+    allowed = entry.pop("methods", None)
+    if allowed is None:
+        allowed = list(sweep.variants)
+    elif not isinstance(allowed, list) or any(m not in sweep.variants for m in allowed):
+        raise _err(f"{path}.methods", f"must be a list of methods listed under 'methods' "
+                   f"({', '.join(sweep.variants)}), got {allowed!r}")
+    overrides = _check_overrides(entry, path)
+    return _DatasetParts(overrides, het, allowed, path, f"{path}.heterogeneity" if own_het else "heterogeneity")
 
-    def add(kind: str, dataset: str, het_index: int, het_entry: dict, ds_overrides: dict, method: str,
-            vname: str, vspec: tuple[dict, dict, str], pseed: int, seed: int, het_path: str) -> None:
-        params, overrides, vpath = vspec
-        raw = {**defaults, **ds_overrides, **het_entry, **overrides, "method": method, "variant": vname,
-               "method_params": params, "dataset": dataset, "data_root": data_root, "seed": seed,
-               "partition_seed": pseed}
-        where = f"{vpath} (dataset {dataset}, {het_path}[{het_index}], partition seed {pseed}, seed {seed})"
-        try:
-            cfg = from_dict(raw)
-            check_supported(cfg)
-        except ConfigError as err:
-            # name the config entry that set the offending key, then the run it broke
-            match = re.search(r"config key '([A-Za-z0-9_.]+)'", str(err))
-            key = match.group(1) if match else ""
-            origin = vpath
-            if key.startswith("method_params."):
-                origin = f"{vpath}.{key.split('.', 1)[1]}" if key.split(".", 1)[1] in params else vpath
-            elif key in overrides:
-                origin = f"{vpath}.config.{key}"
-            elif key in het_entry:
-                origin = f"{het_path}[{het_index}].{key}"
-            elif key in ds_overrides:
-                origin = f"{ds_path_of[dataset]}.{key}"
-            elif key in defaults:
-                origin = f"defaults.{key}"
-            raise SweepConfigError(f"{origin}: {err} (run {method}/{vname} on {dataset}, {het_path}[{het_index}], "
-                                   f"partition seed {pseed}, seed {seed}; from {vpath})") from None
-        het = het_id(cfg)
-        spec = RunSpec(run_id=f"{dataset}/{het}/{method}/{vname}/ps{pseed}_s{seed}",
-                       partition_id=f"{dataset}/{het}/ps{pseed}", kind=kind, dataset=dataset, het=het,
-                       method=method, variant=vname, partition_seed=pseed, seed=seed, config=cfg,
-                       config_hash=cfg.config_hash(), source=where)
-        old = runs.get(spec.run_id)
-        if old is not None:
-            if old.config_hash != spec.config_hash:
-                raise SweepConfigError(f"{where}: run {spec.run_id!r} is also produced by {old.source} with a "
-                                       "different config; give one of the variants another name")
-            return
-        register_partition(partitions, spec.partition(), where, where)
-        runs[spec.run_id] = spec
 
-    for dataset in datasets:
-        ds_overrides, het_list, allowed, ds_path = dataset_parts(dataset)
-        het_path = f"{ds_path}.heterogeneity" if "heterogeneity" in datasets[dataset][0] else "heterogeneity"
-        for hi, het_entry in enumerate(het_list):
-            for method in allowed:
-                for vname, vspec in variants[method].items():
+def _main_requests(sweep: _Sweep):
+    """Every main run: dataset x heterogeneity x method x variant x partition seed x seed."""
+    for dataset in sweep.datasets:
+        parts = _dataset_parts(sweep, dataset)
+        for hi, het_entry in enumerate(parts.het_list):
+            for method in parts.methods:
+                for vname, vspec in sweep.variants[method].items():
+                    for pseed in sweep.pseeds:
+                        for seed in sweep.seeds:
+                            yield _RunRequest("main", dataset, parts, hi, het_entry, method, vname, vspec, pseed,
+                                              seed)
+
+
+def _ablation_sections(config: Mapping) -> list[tuple[Any, str]]:
+    """(section, key path): one ablation section (a mapping) or several (a list: e.g. FedHPro's components
+    and GFPL's head wiring)."""
+    value = config.get("ablations")
+    if isinstance(value, list):
+        return [(entry, f"ablations[{i}]") for i, entry in enumerate(value)]
+    return [(value, "ablations")]
+
+
+def _ablation_requests(config: Mapping, sweep: _Sweep):
+    """Every ablation run of every ablation section, in config order."""
+    for abl, apath in _ablation_sections(config):
+        abl = _mapping(abl, apath)
+        if abl:
+            yield from _ablation_section_requests(config, sweep, abl, apath)
+
+
+def _ablation_section_requests(config: Mapping, sweep: _Sweep, abl: dict, apath: str):
+    """The runs of one ablation section: each listed variant of each method, on its datasets, heterogeneity
+    settings and seeds, merged over the base variant."""
+    from fedhpro.methods import METHOD_MODULES
+
+    unknown = sorted(set(abl) - set(ABLATION_KEYS))
+    if unknown:
+        raise _err(f"{apath}.{unknown[0]}", f"unknown key; accepted: {', '.join(ABLATION_KEYS)}")
+    abl_methods = abl.get("methods", ["fedhpro"])
+    if not isinstance(abl_methods, list) or not abl_methods:
+        raise _err(f"{apath}.methods", f"must be a non-empty list of methods, got {abl_methods!r}")
+    for m in abl_methods:
+        if m not in METHOD_MODULES:
+            raise _err(f"{apath}.methods", f"unknown method {m!r}; available: {', '.join(METHOD_MODULES)}")
+    base_name = abl.get("base_variant", "default")
+    abl_variants = _mapping(abl.get("variants"), f"{apath}.variants")
+    seeds = _int_list(abl["seeds"], f"{apath}.seeds") if abl.get("seeds") is not None else sweep.seeds
+    pseeds = (_int_list(abl["partition_seeds"], f"{apath}.partition_seeds")
+              if abl.get("partition_seeds") is not None else sweep.pseeds)
+    abl_datasets = abl.get("datasets")
+    if abl_datasets is None:
+        abl_datasets = list(sweep.datasets)
+    if not isinstance(abl_datasets, list):
+        raise _err(f"{apath}.datasets", f"must be a list of dataset names, got {abl_datasets!r}")
+    pending = _mapping(config.get("pending_datasets"), "pending_datasets")
+    for dataset in abl_datasets:
+        if dataset not in sweep.datasets:
+            if dataset in pending:
+                continue  # skipped with a warning by _dataset_table
+            raise _err(f"{apath}.datasets", f"dataset {dataset!r} is not listed under 'datasets'")
+        parts = _dataset_parts(sweep, dataset)
+        indices = _ablation_het_indices(abl.get("heterogeneity"), parts, apath)
+        for method in abl_methods:
+            base = _ablation_base(sweep.variants.get(method, {}), method, base_name, apath)
+            for vname, vspec in abl_variants.items():
+                path = f"{apath}.variants.{vname}"
+                merged = _ablation_variant(vname, vspec, base, path, sweep.variants.get(method, {}), method)
+                for hi in indices:
                     for pseed in pseeds:
                         for seed in seeds:
-                            add("main", dataset, hi, het_entry, ds_overrides, method, vname, vspec, pseed, seed,
-                                het_path)
+                            yield _RunRequest("ablation", dataset, parts, hi, parts.het_list[hi], method, vname,
+                                              merged, pseed, seed)
 
-    abl_value = config.get("ablations")
-    # one ablation section (a mapping) or several (a list: e.g. FedHPro's components and GFPL's head wiring)
-    abl_entries = ([(entry, f"ablations[{i}]") for i, entry in enumerate(abl_value)]
-                   if isinstance(abl_value, list) else [(abl_value, "ablations")])
-    for abl, apath in abl_entries:
-        abl = _mapping(abl, apath)
-        if not abl:
-            continue
-        unknown = sorted(set(abl) - set(ABLATION_KEYS))
-        if unknown:
-            raise _err(f"{apath}.{unknown[0]}", f"unknown key; accepted: {', '.join(ABLATION_KEYS)}")
-        abl_methods = abl.get("methods", ["fedhpro"])
-        if not isinstance(abl_methods, list) or not abl_methods:
-            raise _err(f"{apath}.methods", f"must be a non-empty list of methods, got {abl_methods!r}")
-        for m in abl_methods:
-            if m not in METHOD_MODULES:
-                raise _err(f"{apath}.methods", f"unknown method {m!r}; available: {', '.join(METHOD_MODULES)}")
-        base_name = abl.get("base_variant", "default")
-        abl_variants = _mapping(abl.get("variants"), f"{apath}.variants")
-        abl_seeds = _int_list(abl["seeds"], f"{apath}.seeds") if abl.get("seeds") is not None else seeds
-        abl_pseeds = (_int_list(abl["partition_seeds"], f"{apath}.partition_seeds")
-                      if abl.get("partition_seeds") is not None else pseeds)
-        abl_datasets = abl.get("datasets")
-        if abl_datasets is None:
-            abl_datasets = list(datasets)
-        if not isinstance(abl_datasets, list):
-            raise _err(f"{apath}.datasets", f"must be a list of dataset names, got {abl_datasets!r}")
-        pending = _mapping(config.get("pending_datasets"), "pending_datasets")
-        for dataset in abl_datasets:
-            if dataset not in datasets:
-                if dataset in pending:
-                    continue  # skipped with a warning above
-                raise _err(f"{apath}.datasets", f"dataset {dataset!r} is not listed under 'datasets'")
-            ds_overrides, het_list, _, ds_path = dataset_parts(dataset)
-            het_path = f"{ds_path}.heterogeneity" if "heterogeneity" in datasets[dataset][0] else "heterogeneity"
-            indices = abl.get("heterogeneity")
-            if indices is None:
-                indices = list(range(len(het_list)))
-            if not isinstance(indices, list) or not indices or any(
-                    isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < len(het_list) for i in indices):
-                raise _err(f"{apath}.heterogeneity", f"must be a list of indices into {het_path} "
-                           f"(0..{len(het_list) - 1}), got {indices!r}")
-            for method in abl_methods:
-                method_variants = variants.get(method, {})
-                if base_name in method_variants:
-                    base = method_variants[base_name]
-                elif base_name == "default":
-                    base = ({}, {}, "")  # the method's own defaults
-                else:
-                    raise _err(f"{apath}.base_variant", f"{method!r} has no variant {base_name!r} under 'methods'")
-                for vname, vspec in abl_variants.items():
-                    path = f"{apath}.variants.{vname}"
-                    _check_name(vname, path, VARIANT_RE)
-                    params, overrides = _variant_params(vspec, path)
-                    merged = ({**base[0], **params}, {**base[1], **overrides}, path)
-                    if vname in variants.get(method, {}):
-                        raise _err(path, f"clashes with the variant {method}.{vname} under 'methods'; "
-                                   "give the ablation another name")
-                    for hi in indices:
-                        for pseed in abl_pseeds:
-                            for seed in abl_seeds:
-                                add("ablation", dataset, hi, het_list[hi], ds_overrides, method, vname, merged,
-                                    pseed, seed, het_path)
+
+def _ablation_het_indices(indices: Any, parts: _DatasetParts, apath: str) -> list[int]:
+    """The ablation's `heterogeneity` indices into the dataset's list (all when not given)."""
+    het_list = parts.het_list
+    if indices is None:
+        indices = list(range(len(het_list)))
+    if not isinstance(indices, list) or not indices or any(
+            isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < len(het_list) for i in indices):
+        raise _err(f"{apath}.heterogeneity", f"must be a list of indices into {parts.het_path} "
+                   f"(0..{len(het_list) - 1}), got {indices!r}")
+    return indices
+
+
+def _ablation_base(method_variants: dict[str, Variant], method: str, base_name: str, apath: str) -> Variant:
+    """The variant an ablation modifies: `base_variant` under `methods`, or the method's own defaults."""
+    if base_name in method_variants:
+        return method_variants[base_name]
+    if base_name == "default":
+        return ({}, {}, "")  # the method's own defaults
+    raise _err(f"{apath}.base_variant", f"{method!r} has no variant {base_name!r} under 'methods'")
+
+
+def _ablation_variant(vname: str, vspec: Any, base: Variant, path: str, method_variants: dict[str, Variant],
+                      method: str) -> Variant:
+    """An ablation variant merged over its base; its name may not clash with a variant under `methods`."""
+    _check_name(vname, path, VARIANT_RE)
+    params, overrides = _variant_params(vspec, path)
+    merged = ({**base[0], **params}, {**base[1], **overrides}, path)
+    if vname in method_variants:
+        raise _err(path, f"clashes with the variant {method}.{vname} under 'methods'; give the ablation another name")
+    return merged
+
+
+def _validated_run(sweep: _Sweep, req: _RunRequest) -> RunSpec:
+    """The RunSpec of a request: its RunConfig merged (defaults < dataset < heterogeneity < variant config <
+    sweep axes) and validated; a ConfigError becomes a SweepConfigError naming the config entry that set
+    the offending key, then the run."""
+    params, overrides, vpath = req.spec
+    parts = req.parts
+    raw = {**sweep.defaults, **parts.overrides, **req.het_entry, **overrides, "method": req.method,
+           "variant": req.variant, "method_params": params, "dataset": req.dataset, "data_root": sweep.data_root,
+           "seed": req.seed, "partition_seed": req.pseed}
+    cell = f"{parts.het_path}[{req.het_index}]"
+    where = f"{vpath} (dataset {req.dataset}, {cell}, partition seed {req.pseed}, seed {req.seed})"
+    try:
+        cfg = from_dict(raw)
+        check_supported(cfg)
+    except ConfigError as err:
+        origin = _error_origin(str(err), sweep, req)
+        raise SweepConfigError(f"{origin}: {err} (run {req.method}/{req.variant} on {req.dataset}, {cell}, "
+                               f"partition seed {req.pseed}, seed {req.seed}; from {vpath})") from None
+    het = het_id(cfg)
+    return RunSpec(run_id=layout.run_id(req.dataset, het, req.method, req.variant, req.pseed, req.seed),
+                   partition_id=layout.partition_id(req.dataset, het, req.pseed), kind=req.kind,
+                   dataset=req.dataset, het=het, method=req.method, variant=req.variant, partition_seed=req.pseed,
+                   seed=req.seed, config=cfg, config_hash=cfg.config_hash(), source=where)
+
+
+def _error_origin(message: str, sweep: _Sweep, req: _RunRequest) -> str:
+    """The config entry that set the key a ConfigError names (`config key '<key>'`), most specific first."""
+    params, overrides, vpath = req.spec
+    match = re.search(r"config key '([A-Za-z0-9_.]+)'", message)
+    key = match.group(1) if match else ""
+    if key.startswith("method_params."):
+        return f"{vpath}.{key.split('.', 1)[1]}" if key.split(".", 1)[1] in params else vpath
+    if key in overrides:
+        return f"{vpath}.config.{key}"
+    if key in req.het_entry:
+        return f"{req.parts.het_path}[{req.het_index}].{key}"
+    if key in req.parts.overrides:
+        return f"{req.parts.path}.{key}"
+    if key in sweep.defaults:
+        return f"defaults.{key}"
+    return vpath
+
+
+def _add_run(runs: dict[str, RunSpec], partitions: dict, spec: RunSpec) -> None:
+    """Add `spec` unless an identical run is already there; the same run id with another config, or a
+    partition id with another split, is a SweepConfigError."""
+    where = spec.source
+    old = runs.get(spec.run_id)
+    if old is not None:
+        if old.config_hash != spec.config_hash:
+            raise SweepConfigError(f"{where}: run {spec.run_id!r} is also produced by {old.source} with a "
+                                   "different config; give one of the variants another name")
+        return
+    register_partition(partitions, spec.partition(), where, where)
+    runs[spec.run_id] = spec
+
+
+def _expand_one(config: Mapping, *, warn: Callable[[str], None] | None = None) -> list[RunSpec]:
+    """Every run of one sweep (the top-level keys, or one experiment's), validated (`from_dict`), main runs
+    first, then ablations.
+
+    Raises SweepConfigError naming the config entry that set the bad value, then the run, e.g.
+    ``methods.fedprox.default.mu: config key 'method_params.mu' (fedprox) must be >= 0.0, got -3.0
+    (run fedprox/default on digits, heterogeneity[0], partition seed 0, seed 0; from methods.fedprox.default)``.
+    """
+    warn = warn or _warn_stderr
+    check_workflow_keys(config)
+    config = yaml12_numbers(config)
+    sweep = _sweep_top(config, warn)
+    runs: dict[str, RunSpec] = {}
+    partitions: dict[str, tuple[PartitionSpec, str]] = {}
+    # generators: each request is validated before the next is parsed, so the first bad entry is reported
+    for req in itertools.chain(_main_requests(sweep), _ablation_requests(config, sweep)):
+        _add_run(runs, partitions, _validated_run(sweep, req))
     return list(runs.values())
 
 
@@ -799,10 +909,10 @@ def workflow_run(config: Mapping, wildcards: Mapping[str, str]) -> RunSpec:
     runs = validate_workflow_config(config, warn=lambda message: None)
     w = dict(wildcards)
     if "method" in w:
-        run_id = f"{w['dataset']}/{w['het']}/{w['method']}/{w['variant']}/ps{w['pseed']}_s{w['seed']}"
+        run_id = layout.run_id_of(w)
         found = [r for r in runs if r.run_id == run_id]
     else:
-        pid = f"{w['dataset']}/{w['het']}/ps{w['pseed']}"
+        pid = layout.partition_id_of(w)
         found = [r for r in runs if r.partition_id == pid]
     if not found:
         raise SweepConfigError(f"{w} is not a run or partition of this workflow config")

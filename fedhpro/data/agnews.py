@@ -56,7 +56,7 @@ import numpy as np
 import torch
 
 from fedhpro.runio import atomic_savez
-from fedhpro.data import ArrayData, DatasetSpec, register
+from fedhpro.data.registry import ArrayData, DatasetSpec, register
 from fedhpro.data.imagefolder import cache_path, is_archive, source_key
 from fedhpro.download import ArchiveError, RemoteFile
 

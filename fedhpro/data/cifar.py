@@ -41,7 +41,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from fedhpro.data import ArrayData, DatasetSpec, register
+from fedhpro.data.registry import ArrayData, DatasetSpec, register
 from fedhpro.data.imagefolder import (FolderArrays, cache_path, find_folder_source, is_archive,
                                       read_image_folder_cached)
 from fedhpro.download import RemoteFile

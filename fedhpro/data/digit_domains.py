@@ -80,7 +80,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from fedhpro.data import ArrayData, DatasetSpec, register
+from fedhpro.data.registry import ArrayData, DatasetSpec, register
 from fedhpro.data.imagefolder import (FolderArrays, _load_npz, _save_npz, cache_path, channel_stats,
                                       read_image_folder, source_key)
 from fedhpro.data.mnist_family import (IDX_FILES, MNIST_REMOTES, find_file, read_bytes, read_idx_dataset,

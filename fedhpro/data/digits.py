@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedhpro.data import ArrayData, DatasetSpec, register
+from fedhpro.data.registry import ArrayData, DatasetSpec, register
 
 
 def load_digits_data(root: Path | None = None, test_fraction: float = 0.2) -> ArrayData:

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from fedhpro.runio import atomic_savez
-from fedhpro.data import ArrayData, DatasetSpec, register
+from fedhpro.data.registry import ArrayData, DatasetSpec, register
 
 log = logging.getLogger(__name__)
 

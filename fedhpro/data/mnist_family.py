@@ -68,7 +68,7 @@ import numpy as np
 import torch
 
 from fedhpro.runio import atomic_savez
-from fedhpro.data import ArrayData, DatasetSpec, register
+from fedhpro.data.registry import ArrayData, DatasetSpec, register
 from fedhpro.data.imagefolder import cache_path, channel_stats
 from fedhpro.download import ArchiveError, RemoteFile
 

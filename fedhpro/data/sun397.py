@@ -44,7 +44,7 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from fedhpro.data import ArrayData, DatasetSpec, register
+from fedhpro.data.registry import ArrayData, DatasetSpec, register
 from fedhpro.data.imagefolder import FolderArrays, channel_stats, source_key
 from fedhpro.data.tinyimagenet import MemberSource, cached_arrays, decode_square, is_image_name, to_array_data
 from fedhpro.download import RemoteFile

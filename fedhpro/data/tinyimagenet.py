@@ -51,7 +51,7 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from fedhpro.data import ArrayData, DatasetSpec, register
+from fedhpro.data.registry import ArrayData, DatasetSpec, register
 from fedhpro.data.imagefolder import (IMAGE_EXTENSIONS, FolderArrays, _load_npz, _save_npz, cache_path,
                                       is_archive)
 from fedhpro.download import ArchiveError, RemoteFile

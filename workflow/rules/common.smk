@@ -22,6 +22,7 @@ PACKAGE_ROOT = (
 if PACKAGE_ROOT:
     sys.path.insert(0, PACKAGE_ROOT)
 
+from fedhpro import layout  # noqa: E402  (no torch)
 from fedhpro.runtable import RunTableError, load_run_table  # noqa: E402  (no torch)
 from fedhpro.sweep import WILDCARD_PATTERNS, SweepConfigError, check_config_files  # noqa: E402  (no torch)
 
@@ -55,10 +56,11 @@ PARTITIONS = RUN_TABLE.partitions
 DOWNLOAD_FILES = RUN_TABLE.downloads
 DOWNLOAD_DATASETS = sorted(DOWNLOAD_FILES)
 
-RUN_DIR = (
-    f"{RESULTS}/runs/{{dataset}}/{{het}}/{{method}}/{{variant}}/ps{{pseed}}_s{{seed}}"
-)
-PARTITION_DIR = f"{RESULTS}/partitions/{{dataset}}/{{het}}/ps{{pseed}}"
+# output patterns: the run and partition ids (fedhpro.layout) are the rules' wildcards
+RUN_ID = layout.RUN_ID
+PARTITION_ID = layout.PARTITION_ID
+RUN_DIR = layout.run_dir(RESULTS, RUN_ID)
+PARTITION_DIR = layout.partition_dir(RESULTS, PARTITION_ID)
 TABLES = f"{RESULTS}/tables"
 FIGURES = f"{RESULTS}/figures"
 LOGS = f"{RESULTS}/logs"
@@ -74,7 +76,7 @@ wildcard_constraints:
 
 
 def run_dir(run):
-    return f"{RESULTS}/runs/{run.run_id}"
+    return layout.run_dir(RESULTS, run.run_id)
 
 
 def metrics_of(runs):
@@ -82,22 +84,14 @@ def metrics_of(runs):
 
 
 def run_of(wildcards):
-    run_id = "/".join(
-        [
-            wildcards.dataset,
-            wildcards.het,
-            wildcards.method,
-            wildcards.variant,
-            f"ps{wildcards.pseed}_s{wildcards.seed}",
-        ]
-    )
+    run_id = layout.run_id_of(wildcards)
     if run_id not in RUN_BY_ID:
         raise WorkflowError(f"{run_id} is not a run of this config")
     return RUN_BY_ID[run_id]
 
 
 def partition_of(wildcards):
-    pid = f"{wildcards.dataset}/{wildcards.het}/ps{wildcards.pseed}"
+    pid = layout.partition_id_of(wildcards)
     if pid not in PARTITIONS:
         raise WorkflowError(f"{pid} is not a partition of this config")
     return PARTITIONS[pid]
@@ -117,7 +111,7 @@ def download_marker(dataset):
 
 def train_input(wildcards):
     run = run_of(wildcards)
-    pdir = f"{RESULTS}/partitions/{run.partition_id}"
+    pdir = layout.partition_dir(RESULTS, run.partition_id)
     return {
         "partition": f"{pdir}/partition.npz",
         "meta": f"{pdir}/meta.json",

@@ -29,7 +29,7 @@ rule partition:
         spec=lambda wildcards: partition_of(wildcards).params(),
         data=lambda wildcards: data_identity(wildcards.dataset),
     log:
-        f"{LOGS}/partition/{{dataset}}/{{het}}/ps{{pseed}}.log",
+        f"{LOGS}/partition/{PARTITION_ID}.log",
     conda:
         "../envs/fedhpro.yaml"
     script:

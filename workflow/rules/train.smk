@@ -13,7 +13,7 @@ rule train:
     params:
         run_config=lambda wildcards: run_of(wildcards).config_json,
     log:
-        f"{LOGS}/train/{{dataset}}/{{het}}/{{method}}/{{variant}}/ps{{pseed}}_s{{seed}}.log",
+        f"{LOGS}/train/{RUN_ID}.log",
     threads: 1 if config["slurm"]["launcher"] == "submitit" else config["threads"]
     resources:
         **train_resources(),

@@ -1,0 +1,46 @@
+"""The shared part of the workflow's Snakemake scripts (workflow/scripts/*.py): each runs its rule's job
+under `run_script`, which sends the job's stdout, stderr and `logging` into the rule's log file and turns
+any failure into one line for Snakemake (``<rule> failed: <message> (full log: <log>)``, exit status 1),
+with the full traceback in the log. The package's `logging` (loggers under ``fedhpro``) goes to the log at
+level INFO.
+
+Imports nothing from the package at import time (no torch): a script imports it before its job imports
+what the job needs, inside the log redirection, so an import error is reported like any other failure.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import traceback
+from contextlib import redirect_stderr, redirect_stdout
+from typing import Any, Callable
+
+__all__ = ["run_script"]
+
+
+def run_script(sm: Any, job: Callable[[Any], int | None], name: str | None = None) -> None:
+    """Run `job(sm)` (sm: the `snakemake` object Snakemake injects into a script) with its stdout, stderr
+    and the `fedhpro` loggers in `sm.log[0]`. A nonzero int returned by the job, or any exception, ends the
+    script with SystemExit and a one-line message naming the rule (`name`, by default `sm.rule`) and the
+    log; nothing else reaches Snakemake's own output."""
+    name = name or getattr(sm, "rule", None) or "job"
+    log_path = sm.log[0]
+    with open(log_path, "w") as log, redirect_stdout(log), redirect_stderr(log):
+        package_log = logging.getLogger("fedhpro")  # the package's loggers (not submitit's, which has its own)
+        handler = logging.StreamHandler(log)
+        handler.setFormatter(logging.Formatter(logging.BASIC_FORMAT))
+        package_log.addHandler(handler)
+        level = package_log.level
+        package_log.setLevel(logging.INFO)
+        try:
+            status = job(sm)
+            if status:
+                raise RuntimeError(f"exited with status {status}")
+        except BaseException:
+            traceback.print_exc()
+            log.flush()
+            raise SystemExit(f"{name} failed: {sys.exc_info()[1]} (full log: {log_path})") from None
+        finally:
+            package_log.removeHandler(handler)
+            package_log.setLevel(level)

@@ -1,0 +1,48 @@
+"""The Snakemake scripts' shared preamble (fedhpro.wfscript.run_script): output into the rule's log, one
+line for Snakemake on failure with the traceback in the log."""
+
+import logging
+import sys
+from types import SimpleNamespace
+
+import pytest
+
+from fedhpro.wfscript import run_script
+
+
+def fake_sm(tmp_path, rule="partition"):
+    return SimpleNamespace(rule=rule, log=[str(tmp_path / f"{rule}.log")])
+
+
+def test_output_and_package_logging_go_to_the_log(tmp_path, capsys):
+    sm = fake_sm(tmp_path)
+
+    def job(sm):
+        print("to stdout")
+        print("to stderr", file=sys.stderr)
+        logging.getLogger("fedhpro.jobs").info("a package message")
+
+    run_script(sm, job)
+    text = (tmp_path / "partition.log").read_text()
+    assert "to stdout" in text and "to stderr" in text and "INFO:fedhpro.jobs:a package message" in text
+    assert capsys.readouterr() == ("", "")  # nothing reaches Snakemake's own output
+    assert not logging.getLogger("fedhpro").handlers  # the handler is removed again
+
+
+def test_a_failure_is_one_line_naming_rule_and_log_with_the_traceback_in_the_log(tmp_path):
+    sm = fake_sm(tmp_path, "download")
+
+    def job(sm):
+        raise ValueError("digits has no download files ['x']")
+
+    with pytest.raises(SystemExit) as exc:
+        run_script(sm, job)
+    log = tmp_path / "download.log"
+    assert exc.value.code == f"download failed: digits has no download files ['x'] (full log: {log})"
+    assert "Traceback" in log.read_text() and "ValueError" in log.read_text()
+
+
+def test_a_nonzero_status_is_a_failure(tmp_path):
+    with pytest.raises(SystemExit, match=r"^aggregate failed: exited with status 2 \(full log: "):
+        run_script(fake_sm(tmp_path, "aggregate"), lambda sm: 2)
+    run_script(fake_sm(tmp_path, "aggregate"), lambda sm: 0)  # 0 / None: success
