@@ -31,7 +31,7 @@ BN buffers and metrics. Supported: methods whose module lists "batched" in `ENGI
 at config validation by `fedhpro.methods.check_supported`) in global mode, one architecture, `precision: fp32`,
 `channels_last: false`; a Client that overrides a hook this loop does not reproduce is refused when the engine
 is built (`check_batchable`), with a message naming the hook. No method is named here: a proximal
-`before_step` is reproduced from the client's `proximal_mu()` declaration.
+`before_step` is reproduced from the Client class's `PROXIMAL_MU` declaration.
 """
 
 from __future__ import annotations
@@ -57,9 +57,10 @@ if TYPE_CHECKING:  # pragma: no cover
 MIN_FILL = {"cpu": 1.0, "cuda": 0.0}
 
 
-def check_batchable(cfg, client: ClientBase, model_names: list[str]) -> None:
-    """Raise ConfigError unless `engine: batched` can train this run exactly (the method's support for the
-    engine is its module's `ENGINES`, checked at config validation)."""
+def check_batchable(cfg, client_cls: type[ClientBase], model_names: list[str]) -> None:
+    """Raise ConfigError unless `engine: batched` can train this run exactly with the method's Client class
+    (asked of the class, no client built; the method's support for the engine is its module's `ENGINES`,
+    checked at config validation)."""
     if cfg.eval_mode != "global":
         raise ConfigError(f"config key 'engine': 'batched' needs eval_mode 'global' (method {cfg.method!r})")
     if len(set(model_names)) != 1:
@@ -72,11 +73,11 @@ def check_batchable(cfg, client: ClientBase, model_names: list[str]) -> None:
         raise ConfigError("config key 'channels_last': engine 'batched' does not support true; use engine "
                           "'sequential'")
     # The batched loop re-implements ClientBase.train/loss/make_optimizer: refuse a Client that changed them,
-    # except a declared proximal term (`proximal_mu`: its anchor in `setup`, its gradient in `before_step`).
-    cls = type(client)
-    mirrored = ("setup", "before_step") if client.proximal_mu() is not None else ()
-    for hook in ("train", "loss", "make_optimizer", "upload", "setup", "start_epoch", "before_step"):
-        if hook not in mirrored and getattr(cls, hook) is not getattr(ClientBase, hook):
+    # except a declared proximal term (`PROXIMAL_MU`: its anchor in `setup`, its gradient in `before_step`).
+    mirrored = ("setup", "before_step") if client_cls.PROXIMAL_MU is not None else ()
+    for hook in ("train", "loss", "make_optimizer", "upload", "setup", "start_epoch", "before_step",
+                 "proximal_mu"):
+        if hook not in mirrored and getattr(client_cls, hook) is not getattr(ClientBase, hook):
             raise ConfigError(f"config key 'engine': method {cfg.method!r} overrides Client.{hook}, which "
                               "engine 'batched' does not reproduce; use engine 'sequential'")
     if cfg.optimizer != "sgd":  # pragma: no cover - only SGD exists today
@@ -141,7 +142,7 @@ class BatchedTraining:
         self.engine = engine
         self.ctx = engine.ctx
         self.cfg = engine.cfg
-        check_batchable(self.cfg, engine.client, self.ctx.model_names)
+        check_batchable(self.cfg, type(engine.client), self.ctx.model_names)
         self.mu = float(engine.client.proximal_mu() or 0.0)
         self._loss_fns: dict[int, tuple[Callable, Callable, MaskedBatchNorm]] = {}
         self.min_fill = MIN_FILL.get(self.ctx.device.type, 1.0)

@@ -177,11 +177,14 @@ class ClientBase:
     Declarations the engines read instead of inspecting the hooks:
     - `UPLOAD_METADATA`: keys of `upload()`'s dict that are header metadata, not payload (class ids of
       prototype rows): not counted in `bytes_up` (`fedhpro.payload.tensor_bytes`);
-    - `proximal_mu()`: not None when `before_step` adds mu (w - w_start) to the gradients and `setup` only
-      records w_start (FedProx): `engine: batched` reproduces exactly that and refuses any other override.
+    - `PROXIMAL_MU`: the name of the `Params` field that is mu when `before_step` adds mu (w - w_start) to the
+      gradients and `setup` only records w_start (FedProx), else None. Declared on the class, so validation
+      asks the class (`fedhpro.batched.check_batchable`) without building a client: `engine: batched`
+      reproduces exactly that proximal term and refuses any other override of the hooks.
     """
 
     UPLOAD_METADATA: tuple[str, ...] = ()
+    PROXIMAL_MU: str | None = None
 
     def __init__(self, ctx: Context):
         self.ctx = ctx
@@ -207,8 +210,8 @@ class ClientBase:
         return {}
 
     def proximal_mu(self) -> float | None:
-        """mu of a proximal `before_step` (see the class docstring); None: no proximal term."""
-        return None
+        """mu of the declared proximal `before_step` (`PROXIMAL_MU`, see the class docstring); None: none."""
+        return None if self.PROXIMAL_MU is None else getattr(self.params, self.PROXIMAL_MU)
 
     # ---- the loop ----------------------------------------------------------
     def make_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:

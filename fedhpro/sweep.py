@@ -377,9 +377,8 @@ def check_supported(cfg: RunConfig) -> None:
         from fedhpro.batched import check_batchable as batched_supports
         from fedhpro.methods import METHODS
 
-        client_cls = METHODS[cfg.method].Client
         names = list(cfg.client_models) or [cfg.model]
-        batched_supports(cfg, client_cls.__new__(client_cls), [names[i % len(names)] for i in range(cfg.num_clients)])
+        batched_supports(cfg, METHODS[cfg.method].Client, [names[i % len(names)] for i in range(cfg.num_clients)])
 
 
 def yaml12_numbers(value: Any) -> Any:

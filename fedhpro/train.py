@@ -306,38 +306,61 @@ def train(cfg: RunConfig, out_dir: str | Path, *, partition_dir: str | Path | No
         return df
 
 
+def start_engine(ctx: Context, out_dir: Path | None, checkpoint: dict | None = None) -> tuple[Engine, list[dict], int]:
+    """The run's engine as `train` starts it: torch seeded with the run's seed, the engine built (`client_store:
+    disk` keeps client states under `out_dir/client_states`, in a temporary directory when `out_dir` is None),
+    then reset (a run from round 1) or loaded from `checkpoint`. Returns (engine, the metrics rows so far, the
+    first round to run). The benchmarks (`fedhpro.bench`) build their engines with it too."""
+    cfg = ctx.cfg
+    torch.manual_seed(cfg.seed)
+    engine = Engine(ctx, METHODS[cfg.method], client_dir=None if out_dir is None else out_dir / CLIENT_STATES_DIR)
+    if checkpoint is None:
+        engine.client_states.reset()  # client_store disk: files of an attempt that never checkpointed
+        return engine, [], 1
+    engine.load_state_dict(checkpoint["engine"])
+    return engine, list(checkpoint["rows"]), int(checkpoint["round"]) + 1
+
+
+def write_checkpoint(engine: Engine, out_dir: Path, rows: list[dict], round_idx: int) -> float:
+    """Checkpoint after round `round_idx` (engine state and the metrics rows so far) in `out_dir`, then drop the
+    client-state files it no longer names (`client_store: disk`); returns the seconds it took."""
+    t0 = time.perf_counter()
+    save_checkpoint(out_dir, {"round": round_idx, "config_hash": engine.cfg.config_hash(), "rows": rows,
+                              "engine": engine.state_dict()})
+    engine.client_states.commit()
+    return time.perf_counter() - t0
+
+
+def train_round(engine: Engine, round_idx: int, rows: list[dict], out_dir: Path) -> RoundResult:
+    """One round exactly as `train` runs it: the engine's round, its metrics row appended to `rows` (status
+    "running"), and when one is due (every `checkpoint_every` rounds, not after the last) a checkpoint in
+    `out_dir` whose write time goes into the row's `time_io`. Raises `Diverged` as the engine does. The
+    benchmarks (`fedhpro.bench`) time this same step."""
+    cfg = engine.cfg
+    res = engine.run_round(round_idx)
+    rows.append(result_row(cfg, res, "running", engine.ctx.domain_names))
+    if round_idx % cfg.checkpoint_every == 0 and round_idx < cfg.rounds:
+        rows[-1]["time_io"] = write_checkpoint(engine, out_dir, rows, round_idx)
+    return res
+
+
 def _train_loop(cfg: RunConfig, ctx: Context, out_dir: Path, checkpoint: dict | None, stop_after_round: int | None,
                 progress: bool, identity: dict) -> tuple[pd.DataFrame, str]:
     metrics_path = out_dir / METRICS
-    torch.manual_seed(cfg.seed)
-    engine = Engine(ctx, METHODS[cfg.method], client_dir=out_dir / CLIENT_STATES_DIR)
-    rows: list[dict] = []
-    start = 1
-    if checkpoint is None:
-        engine.client_states.reset()  # client_store disk: files of an attempt that never checkpointed
-    else:
-        engine.load_state_dict(checkpoint["engine"])
-        rows, start = list(checkpoint["rows"]), int(checkpoint["round"]) + 1
+    engine, rows, start = start_engine(ctx, out_dir, checkpoint)
     status = "finished"
     bar = _progress(range(start, cfg.rounds + 1), cfg, start, progress)
     for r in bar:
         try:
-            res = engine.run_round(r)
+            res = train_round(engine, r, rows, out_dir)
         except Diverged as err:
             status = "diverged"
             res = RoundResult(round=r, selected=[], train_loss=float("nan"))
             rows.append(result_row(cfg, res, status, ctx.domain_names))
             print(f"run diverged in round {r}: {err}")
             break
-        rows.append(result_row(cfg, res, "running", ctx.domain_names))
         if hasattr(bar, "set_postfix"):
             bar.set_postfix(acc=f"{res.test_acc if res.test_acc == res.test_acc else res.client_acc_mean:.4f}")
-        if r % cfg.checkpoint_every == 0 and r < cfg.rounds:
-            t0 = time.perf_counter()
-            save_checkpoint(out_dir, {"round": r, "config_hash": cfg.config_hash(), "rows": rows,
-                                      "engine": engine.state_dict()})
-            engine.client_states.commit()  # disk: drop state files the new checkpoint no longer names
-            rows[-1]["time_io"] = time.perf_counter() - t0
         fault_point("round_end")
         if stop_after_round is not None and r >= stop_after_round and r < cfg.rounds:
             return pd.DataFrame(rows), "stopped"

@@ -1,5 +1,7 @@
 """`engine: batched` (fedhpro.batched) against the sequential engine on real digits with unequal client sizes."""
 
+import types
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -220,6 +222,17 @@ def test_a_client_with_hooks_batched_mode_does_not_mirror_is_refused(digits):
 
     cfg = from_dict({**BASE, "method": "fedavg", "engine": "batched"})
     ctx = build_context(cfg, data=digits)
-    check_batchable(cfg, Client(ctx), ctx.model_names)
+    check_batchable(cfg, Client, ctx.model_names)  # asked of the class: no client is built
     with pytest.raises(ConfigError, match="before_step"):
-        check_batchable(cfg, Custom(ctx), ctx.model_names)
+        check_batchable(cfg, Custom, ctx.model_names)
+    with pytest.raises(ConfigError, match="before_step"):
+        Engine(ctx, types.SimpleNamespace(Client=Custom, Server=METHODS["fedavg"].Server))
+
+
+def test_workflow_validation_asks_the_client_class_fedprox_proximal_term_is_batchable():
+    from fedhpro.methods.fedprox import Client
+    from fedhpro.sweep import check_supported
+
+    assert Client.PROXIMAL_MU == "mu"
+    for method in ("fedavg", "fedprox"):  # before: a faked (uninitialised) FedProx client raised AttributeError
+        check_supported(from_dict({**BASE, "method": method, "engine": "batched"}))

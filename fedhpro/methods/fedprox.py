@@ -27,8 +27,7 @@ class Params:
 
 
 class Client(ClientBase):
-    def proximal_mu(self) -> float:
-        return self.params.mu  # declared, so `engine: batched` reproduces setup/before_step below
+    PROXIMAL_MU = "mu"  # declared, so `engine: batched` reproduces setup/before_step below
 
     def setup(self, client, model, payload, state, gen) -> None:
         self.anchor = [p.detach().clone() for p in model.parameters()]

@@ -1,0 +1,68 @@
+"""`python -m fedhpro.bench` and `fedhpro bench`: options, the sections in order, the report files."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from fedhpro.bench.batched import bench_batched
+from fedhpro.bench.common import load_data, machine_info, make_config
+from fedhpro.bench.precision import bench_precision
+from fedhpro.bench.report import Report
+from fedhpro.bench.rounds import bench_rounds
+from fedhpro.bench.scale import bench_scale
+from fedhpro.cliutil import ArgumentParser, positive_int
+
+DESCRIPTION = "`fedhpro bench`: how fast the engine trains, side by side with a bare PyTorch loop, in one process."
+SECTIONS = ("rounds", "batched", "precision", "scale")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = ArgumentParser(prog="fedhpro bench", description=DESCRIPTION,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="a tiny config that runs every section in seconds")
+    p.add_argument("--gpu", action="store_true", help="ResNet-10 on CIFAR-10-shaped data (CUDA when available)")
+    p.add_argument("--device", default=None, help="override the device (cpu, cuda, cuda:1)")
+    p.add_argument("--threads", type=positive_int, default=1,
+                   help="torch CPU threads (default 1, as the pipeline's jobs)")
+    p.add_argument("--rounds", type=int, default=None, help="measured repeats after the warm-up (default 4; quick 1)")
+    p.add_argument("--out", default=None, help="write <out>/bench*.json and <out>/bench*.md (e.g. results/bench)")
+    p.add_argument("--skip", action="append", default=[], choices=SECTIONS,
+                   help="leave a section out (repeatable)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.device and args.device.startswith("cuda") and not torch.cuda.is_available():
+        print("error: --device cuda requested but no CUDA device is available", file=sys.stderr)
+        return 2
+    torch.set_num_threads(args.threads)
+    cfg = make_config(args.quick, args.gpu, args.device)
+    if args.rounds is not None:
+        cfg = replace(cfg, rounds=max(1, args.rounds))
+    info = machine_info(cfg.device, torch.get_num_threads())
+    report = Report(info, cfg)
+    report.header()
+    if args.gpu and not cfg.device.startswith("cuda"):
+        print("note: --gpu without a CUDA device: running the GPU config on the CPU")
+    t0 = time.perf_counter()
+    data = load_data(cfg)
+    sections = {"rounds": bench_rounds, "batched": bench_batched, "precision": bench_precision,
+                "scale": lambda cfg, data, report: bench_scale(cfg, report)}
+    for name in SECTIONS:
+        if name not in args.skip:
+            sections[name](cfg, data, report)
+    total = time.perf_counter() - t0
+    print(f"\nbenchmark wall time {total:.1f} s; 1-min load average at end {os.getloadavg()[0]:.2f}")
+    print("targets: " + ", ".join(f"{c['status']}" for c in report.checks))
+    if args.out:
+        for path in report.write(Path(args.out)):
+            print(f"wrote {path}")
+    return 0
