@@ -351,7 +351,7 @@ def test_experiments_workflow_writes_tables_and_figures_per_experiment(tmp_path)
 @pytest.mark.parametrize("entry", ["snakemake", "run-pipeline.sh"])
 def test_a_missing_config_file_is_one_line(args, entry):
     """Snakemake reads --configfile before any workflow code and prints a traceback for a missing one; our
-    executor plugin (imported while Snakemake builds its parser) and run-pipeline.sh check first."""
+    executor plugin (imported while Snakemake builds its parser) checks first, also under run-pipeline.sh."""
     cmd = snakemake_cmd("-n", *args) if entry == "snakemake" else \
         ["bash", str(REPO / "scripts" / "run-pipeline.sh"), "-n", *args]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
