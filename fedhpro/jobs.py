@@ -66,11 +66,13 @@ def download_files(dataset: str, names: Sequence[str], root: str | Path, mirror:
 
 
 def write_partition(cfg: Any, out_dir: str | Path, spec: Mapping[str, Any],
-                    pinned_fingerprint: str | None = None) -> str:
+                    pinned_fingerprint: str | None = None, content: str | None = None) -> str:
     """Split the training labels of `cfg`'s dataset over its clients, as `train()` would without a saved
     partition (`fedhpro.train.client_partition`), and save it into `out_dir` with `spec` (the split's keys)
     and the data's identity in meta.json. `pinned_fingerprint` (`mirrors.<dataset>.fingerprint`): the data
-    loaded must have that content fingerprint (RuntimeError otherwise). Returns the report: the data
+    loaded must have that content fingerprint (RuntimeError otherwise). `content`: the fingerprint the workflow
+    read from data given by path when it was loaded; data that changed since is a RuntimeError (run the
+    workflow again, so that it reruns what that data makes out of date). Returns the report: the data
     fingerprint and the client x class count table."""
     from fedhpro import partition
     from fedhpro.data import fingerprint, load_dataset
@@ -84,6 +86,10 @@ def write_partition(cfg: Any, out_dir: str | Path, spec: Mapping[str, Any],
     if pinned_fingerprint and identity["data_fingerprint"] != pinned_fingerprint.strip().lower():
         raise RuntimeError(f"the {cfg.dataset} data loaded has content fingerprint {identity['data_fingerprint']}, "
                            f"but mirrors.{cfg.dataset}.fingerprint says {pinned_fingerprint}; it is other data")
+    if content and identity["data_fingerprint"] != content:
+        raise RuntimeError(f"the {cfg.dataset} data at {dict(cfg.dataset_options).get('path')} changed since the "
+                           f"workflow was loaded (content fingerprint {content}, now {identity['data_fingerprint']}); "
+                           "run snakemake again")
     meta = {**spec, "num_train": int(len(labels)), "identity": identity}
     partition.save_partition(Path(out_dir), parts, labels, data.num_classes, meta)
     counts = partition.client_class_counts(labels, parts, data.num_classes)

@@ -121,7 +121,9 @@ class LaunchOptions:
 
 
 class Trainer(submitit.helpers.Checkpointable):
-    """The callable a SLURM job runs: `fedhpro.train.train` on one run directory (resumable)."""
+    """The callable a workflow job runs (locally or in SLURM): `fedhpro.train.train` on one run directory
+    (resumable). The workflow reruns a run whose data changed (its partition's params hold the data's
+    identity), so a checkpoint of other data is set aside and the run starts over (`restart_on_other_data`)."""
 
     def __init__(self, config: Mapping[str, Any], run_dir: str, partition_dir: str | None = None,
                  threads: int | None = None) -> None:
@@ -140,7 +142,7 @@ class Trainer(submitit.helpers.Checkpointable):
             torch.set_num_threads(int(self.threads))
         cfg = from_dict(self.config)
         try:
-            train(cfg, self.run_dir, partition_dir=self.partition_dir)
+            train(cfg, self.run_dir, partition_dir=self.partition_dir, restart_on_other_data=True)
         except CheckpointError as err:
             # a checkpoint torn by a kill between its two files: keep it aside and start the run over
             bad = Path(self.run_dir) / CHECKPOINT
@@ -148,7 +150,7 @@ class Trainer(submitit.helpers.Checkpointable):
             os.replace(bad, bad.with_name(CHECKPOINT + ".corrupt"))
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(bad.with_name(CHECKPOINT + ".sha256"))
-            train(cfg, self.run_dir, partition_dir=self.partition_dir)
+            train(cfg, self.run_dir, partition_dir=self.partition_dir, restart_on_other_data=True)
         return str(Path(self.run_dir) / METRICS)
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:

@@ -20,7 +20,7 @@ import json
 import os
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 __all__ = ["RunRow", "PartitionRow", "RunTable", "RunTableError", "load_run_table", "build_run_table"]
@@ -62,6 +62,7 @@ class RunTable:
     partitions: dict[str, PartitionRow]
     downloads: dict[str, list[str]]  # dataset -> file names its download step fetches
     data_identity: dict[str, dict[str, Any]]  # dataset -> {files: {name: checksum}, fingerprint}: what the data is
+    partition_content: dict[str, str] = field(default_factory=dict)  # partition id -> content fingerprint of data given by path
 
 
 def build_run_table(config: Mapping[str, Any], data_root: str, pending: set[str]) -> dict[str, Any]:
@@ -83,10 +84,57 @@ def build_run_table(config: Mapping[str, Any], data_root: str, pending: set[str]
         identity[dataset] = {"files": {name: mirror_checksum(by_name[name], mirror)
                                        for name in downloads.get(dataset, [])},
                              "fingerprint": mirror.get("fingerprint")}
-    return {"data_identity": identity, "runs": [{"run_id": r.run_id, "partition_id": r.partition_id, "kind": r.kind, "dataset": r.dataset,
+    content = partition_contents(runs, data_root, pending, cache_file=fingerprint_cache(config))
+    return {"data_identity": identity, "partition_content": content, "runs": [{"run_id": r.run_id, "partition_id": r.partition_id, "kind": r.kind, "dataset": r.dataset,
                       "method": r.method, "variant": r.variant, "config_json": r.config.canonical_json(),
                       "config_hash": r.config.config_hash(), "experiments": list(r.experiments)} for r in runs],
             "partitions": partitions, "downloads": downloads}
+
+
+FINGERPRINT_CACHE = ".cache/data-fingerprints.json"  # under the results root
+
+
+def fingerprint_cache(config: Mapping[str, Any]) -> str:
+    """Where the workflow keeps the content fingerprints of data given by path (`fedhpro.data.path_fingerprint`)."""
+    return os.path.join(str(config.get("results") or "results"), FINGERPRINT_CACHE)
+
+
+def partition_contents(runs, data_root: str, pending: set[str], *, cache_file: str | None) -> dict[str, str]:
+    """{partition id: content fingerprint} for the partitions whose data is given by `dataset_options.path`.
+
+    Such data has no download whose checksums say what it is, so the workflow reads what it is from the files
+    (cached by file stats): the fingerprint goes into the partition rule's params, so other data put under the
+    same path reruns the partitions and, through them, the runs, while moved or touched but equal data reruns
+    nothing. A path that cannot be loaded is a ValueError naming the key (for a dataset under
+    `pending_datasets`, a warning). Two paths of different content for one partition are a ValueError.
+    """
+    from fedhpro.data import path_fingerprint
+
+    found: dict[str, str] = {}  # canonical loader options (path included) -> fingerprint
+    out: dict[str, str] = {}
+    paths: dict[str, str] = {}
+    for run in runs:
+        options = dict(run.config.dataset_options)
+        if options.get("path") is None:
+            continue
+        key = json.dumps([run.dataset, options], sort_keys=True, default=str)
+        if key not in found:
+            try:
+                found[key] = path_fingerprint(run.dataset, run.config.data_root or data_root, options, cache_file)
+            except (OSError, ValueError, KeyError, RuntimeError) as err:
+                message = (f"datasets.{run.dataset}.dataset_options.path: cannot load {options['path']}: "
+                           f"{str(err).splitlines()[0] if str(err) else type(err).__name__}")
+                if run.dataset not in pending:
+                    raise ValueError(message) from None
+                print(f"fedhpro workflow: warning: {message}", file=sys.stderr)
+                found[key] = ""
+        if not found[key]:
+            continue
+        if out.setdefault(run.partition_id, found[key]) != found[key]:
+            raise ValueError(f"partition {run.partition_id}: its runs give data of different content "
+                             f"({paths[run.partition_id]} and {options['path']}); give one dataset_options.path")
+        paths.setdefault(run.partition_id, str(options["path"]))
+    return out
 
 
 def load_run_table(config: Mapping[str, Any], data_root: str, *, package_root: str | None = None,
@@ -119,7 +167,8 @@ def load_run_table(config: Mapping[str, Any], data_root: str, *, package_root: s
     if "error" in answer:
         raise RunTableError(answer["error"])
     return RunTable(runs=[RunRow(**{**row, "experiments": tuple(row.get("experiments", ()))}) for row in answer["runs"]], partitions={pid: PartitionRow(pid, values) for pid, values in answer["partitions"].items()},
-                    downloads=answer["downloads"], data_identity=answer["data_identity"])
+                    downloads=answer["downloads"], data_identity=answer["data_identity"],
+                    partition_content=answer.get("partition_content") or {})
 
 
 def main() -> int:

@@ -22,6 +22,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
+import os
+import shutil
 import time
 from pathlib import Path
 
@@ -42,6 +45,8 @@ from fedhpro.runio import (CHECKPOINT, CONFIG, METRICS, atomic_write_text, attem
 
 ID_COLUMNS = ("run_id", "method", "variant", "eval_mode", "dataset", "partition", "alpha", "classes_per_client",
               "imbalance_ratio", "num_clients", "partition_seed", "seed", "model")
+
+log = logging.getLogger(__name__)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -248,6 +253,28 @@ def open_run_record(cfg: RunConfig, out_dir: Path, info: dict | None, *, threads
     return info
 
 
+SUPERSEDED_DIR = "superseded"  # checkpoints of earlier data, kept: <run dir>/superseded/<fingerprint>/
+
+
+def set_aside_for_other_data(out_dir: Path, info: dict, data_fingerprint: str) -> Path:
+    """Move the checkpoint (and the client states it names) of a run trained on other data into
+    `out_dir/superseded/<that data's fingerprint>/`, and record it in `info["superseded"]`; the run then starts
+    over on `data_fingerprint`. Nothing is deleted: the earlier data's state stays readable there."""
+    old = str(info.get("data_fingerprint"))
+    target = out_dir / SUPERSEDED_DIR / old.replace("sha256:", "")[:16]
+    target.mkdir(parents=True, exist_ok=True)
+    for name in (CHECKPOINT, CHECKPOINT + ".sha256", CLIENT_STATES_DIR):
+        if (out_dir / name).exists():
+            if (target / name).is_dir():
+                shutil.rmtree(target / name)
+            os.replace(out_dir / name, target / name)
+    info.setdefault("superseded", []).append({"at": _now(), "data_fingerprint": old, "now": data_fingerprint,
+                                              "moved_to": str(target.relative_to(out_dir))})
+    log.warning("run %s: the data changed (%s -> %s); its checkpoint is in %s and the run starts over",
+                out_dir, old, data_fingerprint, target)
+    return target
+
+
 def close_attempt(out_dir: Path, info: dict, outcome: str) -> None:
     """Record the end time and outcome of this attempt (the last `attempts` entry) in config.json."""
     info["attempts"][-1].update(ended=_now(), outcome=outcome)
@@ -255,13 +282,18 @@ def close_attempt(out_dir: Path, info: dict, outcome: str) -> None:
 
 
 def train(cfg: RunConfig, out_dir: str | Path, *, partition_dir: str | Path | None = None, progress: bool = False,
-          stop_after_round: int | None = None, threads: int | None = None) -> pd.DataFrame:
+          stop_after_round: int | None = None, threads: int | None = None,
+          restart_on_other_data: bool = False) -> pd.DataFrame:
     """Run (or resume, or return) the run in `out_dir`; returns its per-round metrics.
 
     `threads` sets torch's CPU threads (default: the current setting). CPU results are bit-identical
     for a fixed thread count, so the count is recorded in config.json and the metrics, and a resume under
     another count is refused. A finished run is returned as is, after checking that its metrics.parquet
     belongs to this run (config hash in its metadata) and without touching its provenance.
+
+    A checkpoint made on other data (another content fingerprint) is refused, unless `restart_on_other_data`
+    (the workflow's jobs: the workflow reran the run because its data changed): then the checkpoint is moved
+    aside (`set_aside_for_other_data`) and the run starts over on the data now loaded.
     """
     out_dir = Path(out_dir)
     if threads is not None:
@@ -287,6 +319,10 @@ def train(cfg: RunConfig, out_dir: str | Path, *, partition_dir: str | Path | No
         checkpoint = load_checkpoint(out_dir)
         if checkpoint is not None and checkpoint["config_hash"] != cfg.config_hash():
             raise ConfigError(f"checkpoint in {out_dir} belongs to another config; delete it or use another --out")
+        if (checkpoint is not None and restart_on_other_data and info is not None
+                and info.get("data_fingerprint") not in (None, data_fp)):
+            set_aside_for_other_data(out_dir, info, data_fp)
+            checkpoint = None
         info = open_run_record(cfg, out_dir, info, threads=threads, data_fingerprint=data_fp,
                                resume_round=None if checkpoint is None else int(checkpoint["round"]))
         outcome = "failed"

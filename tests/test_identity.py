@@ -186,6 +186,66 @@ def test_workflow_moving_data_root_reruns_nothing(tmp_path):
     assert metrics.stat().st_mtime_ns == before
 
 
+def test_workflow_reruns_what_other_data_under_the_same_path_makes_out_of_date(tmp_path):
+    """Data given by path is identified by its content at workflow load: a touched or moved but equal copy
+    reruns nothing; other data under the same path reruns the partition and the run, whose checkpoint of the
+    earlier data is kept aside (not mixed in, not deleted)."""
+    from PIL import Image
+    from test_pipeline import copy_workflow, planned, smk
+
+    src = _image_tree(tmp_path / "imgs", 50)
+    config = {"data_root": "data", "defaults": {"rounds": 2, "num_clients": 2, "device": "cpu", "batch_size": 8},
+              "datasets": {"imagefolder": {"dataset_options": {"path": str(src), "image_size": 8}}},
+              "heterogeneity": [{"partition": "iid"}], "methods": {"fedavg": {"default": {}}}, "seeds": [0],
+              "reporting": {"rule": "final"}}
+    wf = copy_workflow(tmp_path, config)
+    proc = smk(wf, "--cores", "1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = next((wf / "results" / "runs").glob("**/metrics.parquet")).parent
+    first = json.loads((run / "config.json").read_text())["data_fingerprint"]
+    assert (run / "checkpoint.pt").exists()  # a finished run keeps its last checkpoint
+    # equal data: touched, then moved (the path is not part of any identity): nothing to do
+    for f in src.rglob("*.png"):
+        os.utime(f, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns + 10**9))
+    proc = smk(wf, "-n")
+    assert proc.returncode == 0 and "Nothing to be done" in proc.stdout + proc.stderr, planned(proc)
+    moved = tmp_path / "moved"
+    shutil.move(src, moved)
+    (wf / "config" / "config.yaml").write_text((wf / "config" / "config.yaml").read_text().replace(str(src), str(moved)))
+    proc = smk(wf, "-n")
+    assert proc.returncode == 0 and "Nothing to be done" in proc.stdout + proc.stderr, planned(proc)
+    # other data under the same path: the partition and the run are rerun, the old checkpoint set aside
+    Image.new("RGB", (8, 8), (200, 200, 200)).save(moved / "train" / "cat" / "0.png")
+    jobs = planned(smk(wf, "-n"))
+    assert len(jobs.get("partition", [])) == 1 and len(jobs.get("train", [])) == 1, jobs
+    proc = smk(wf, "--cores", "1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    info = json.loads((run / "config.json").read_text())
+    second = fingerprint(load_dataset("imagefolder", tmp_path / "d", path=str(moved), image_size=8))
+    assert info["data_fingerprint"] == second != first
+    assert metrics_identity(run / METRICS)["data_fingerprint"] == second
+    assert [s["data_fingerprint"] for s in info["superseded"]] == [first]
+    assert (run / info["superseded"][0]["moved_to"] / "checkpoint.pt").is_file()
+    assert [a.get("resumed_from_round") for a in info["attempts"]] == [None, None]  # started over, not resumed
+    meta = json.loads(next((wf / "results" / "partitions").glob("**/meta.json")).read_text())
+    assert meta["identity"]["data_fingerprint"] == second
+    assert "Nothing to be done" in (lambda p: p.stdout + p.stderr)(smk(wf, "-n"))
+
+
+def test_workflow_path_that_cannot_be_loaded_is_refused_at_load(tmp_path):
+    from test_pipeline import copy_workflow, smk
+
+    config = {"data_root": "data", "defaults": {"rounds": 1, "num_clients": 2, "device": "cpu"},
+              "datasets": {"imagefolder": {"dataset_options": {"path": str(tmp_path / "nowhere")}}},
+              "heterogeneity": [{"partition": "iid"}], "methods": {"fedavg": {"default": {}}}, "seeds": [0],
+              "reporting": {"rule": "final"}}
+    proc = smk(copy_workflow(tmp_path, config), "-n")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "datasets.imagefolder.dataset_options.path: cannot load" in out, out[-2000:]
+    assert "Traceback" not in out
+
+
 # ------------------------------------------------------------------------------------------ item 4
 def test_threads_recorded_and_resume_with_other_threads_refused(tmp_path):
     import torch

@@ -19,7 +19,7 @@ from typing import Any, Callable, Mapping
 from fedhpro.data.registry import DATASETS, ArrayData, DatasetSpec, register
 
 __all__ = ["ArrayData", "DatasetSpec", "DATASETS", "register", "plan_downloads", "fingerprint",
-           "FINGERPRINT_KEY", "check_fingerprint_text", "prepare_by_content", "load_dataset"]
+           "FINGERPRINT_KEY", "check_fingerprint_text", "prepare_by_content", "path_fingerprint", "load_dataset"]
 
 
 def plan_downloads(requests, root: str | Path, mirrors: Mapping | None = None, *, pending=(),
@@ -168,6 +168,52 @@ def prepare_by_content(name: str, remotes, root: str | Path, mirror: Mapping, ex
         return raw
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+PATH_FINGERPRINT_CACHE_VERSION = 1
+
+
+def path_fingerprint(name: str, root: str | Path, options: Mapping[str, Any], cache_file: str | Path | None = None,
+                     ) -> str:
+    """The content fingerprint (`fingerprint`) of dataset `name` loaded with `options`, whose `path` gives the
+    data (a folder or an archive, e.g. a user's own copy): what the workflow identifies such data by, so that
+    other data under the same path reruns the partitions and runs made from it, and moved data reruns nothing.
+
+    Loading is the cost, so the result is kept in `cache_file` (JSON) under a key of the loader options and
+    the path's name, size and mtime of every file (`imagefolder.source_key`): while no file changes, the
+    fingerprint is read back; a touched file costs one load (and gives the same fingerprint if the bytes
+    did not change). An unreadable or unwritable cache is ignored (computed again). Errors of the loader
+    (missing path, bad files) propagate.
+    """
+    import hashlib
+
+    from fedhpro.data.imagefolder import source_key
+    from fedhpro.runio import atomic_write_text
+
+    options = dict(options)
+    key = hashlib.sha256(json.dumps({"v": PATH_FINGERPRINT_CACHE_VERSION, "dataset": name, "options": options,
+                                     "source": source_key(options["path"])}, sort_keys=True,
+                                    default=str).encode()).hexdigest()
+    cache: dict[str, Any] = {}
+    if cache_file is not None:
+        try:
+            loaded = json.loads(Path(cache_file).read_text())
+            cache = loaded if isinstance(loaded, dict) else {}
+        except (OSError, ValueError):
+            cache = {}
+        entry = cache.get(key)
+        if isinstance(entry, dict) and isinstance(entry.get("fingerprint"), str):
+            return entry["fingerprint"]
+    found = fingerprint(load_dataset(name, root, **options))
+    if cache_file is not None:
+        cache[key] = {"fingerprint": found, "dataset": name, "path": str(options["path"])}
+        cache = dict(list(cache.items())[-500:])  # the newest entries; old paths drop out
+        try:
+            Path(cache_file).parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(cache_file, json.dumps(cache, indent=1, sort_keys=True))
+        except OSError:
+            pass  # a cache only saves time
+    return found
 
 
 def load_dataset(name: str, root: str | Path = "data", **options) -> ArrayData:

@@ -159,3 +159,15 @@ def data_identity(dataset):
     """What the workflow config says the dataset's data is (not where it lives): the checksums its downloads
     are verified against and any pinned fingerprint (computed with the run table, in the child process)."""
     return RUN_TABLE.data_identity.get(dataset, {"files": {}, "fingerprint": None})
+
+
+def partition_data_identity(wildcards):
+    """The partition rule's `data` param: the dataset's declared identity (data_identity) and, for data given by
+    dataset_options.path, its content fingerprint read from the files at workflow load (cached by file stats),
+    so that other data under the same path reruns the partition and its runs; absent otherwise, so the params
+    of partitions of downloaded or packaged data are what they were."""
+    identity = dict(data_identity(wildcards.dataset))
+    content = RUN_TABLE.partition_content.get(layout.partition_id_of(wildcards))
+    if content:
+        identity["content"] = content
+    return identity

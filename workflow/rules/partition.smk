@@ -1,9 +1,10 @@
 # One client split per (dataset, scheme, alpha / classes per client, rho, clients, partition seed).
 # Its params are what the split is, never where the data lives: the split's keys and the data's declared
-# identity (the checksums its downloads are verified against, a pinned content fingerprint). Moving the
-# data (data_root, dataset_options.path) reruns nothing; declaring other data reruns the partitions and,
-# through them, the runs (data_identity in common.smk). The job records the data's content fingerprint in
-# meta.json; runs check it.
+# identity (the checksums its downloads are verified against, a pinned content fingerprint, and for data
+# given by dataset_options.path the content fingerprint of what is there). Moving the data (data_root,
+# dataset_options.path) reruns nothing; declaring other data, or putting other data under the same path,
+# reruns the partitions and, through them, the runs (partition_data_identity in common.smk). The job
+# records the data's content fingerprint in meta.json; runs check it.
 
 
 localrules:
@@ -27,7 +28,7 @@ rule partition:
         meta=f"{PARTITION_DIR}/meta.json",
     params:
         spec=lambda wildcards: partition_of(wildcards).params(),
-        data=lambda wildcards: data_identity(wildcards.dataset),
+        data=partition_data_identity,
     log:
         f"{LOGS}/partition/{PARTITION_ID}.log",
     conda:

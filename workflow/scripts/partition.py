@@ -19,7 +19,8 @@ def job(sm) -> None:
     spec = dict(sm.params.spec)
     if run.partition().params() != spec:
         raise RuntimeError(f"partition {run.partition_id}: the workflow config changed since the DAG was built")
-    print(write_partition(run.config, Path(sm.output.npz).parent, spec, dict(sm.params.data).get("fingerprint")))
+    data = dict(sm.params.data)
+    print(write_partition(run.config, Path(sm.output.npz).parent, spec, data.get("fingerprint"), data.get("content")))
 
 
 run_script(sm, job)
