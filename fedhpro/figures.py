@@ -165,8 +165,9 @@ def _grid(n: int, title: str, *, cols: int = MAX_COLS) -> tuple[Figure, list]:
 
 def _draw_line(ax, x: np.ndarray, mean: np.ndarray, std: np.ndarray | None, style: dict, dashed: bool) -> None:
     every = max(1, len(x) // MARKERS_PER_LINE)
-    ax.plot(x, mean, color=style["color"], marker=style["marker"], markevery=every, markersize=5,
-            linestyle="--" if dashed else style.get("linestyle", "-"), linewidth=1.4)
+    ax.plot(x, mean, color=style["color"], marker=style["marker"], markevery=every,
+            markersize=style.get("markersize", 5), alpha=style.get("alpha", 1.0),
+            linestyle="--" if dashed else style.get("linestyle", "-"), linewidth=style.get("linewidth", 1.4))
     if std is not None:
         band = np.isfinite(std)
         if band.any():
@@ -176,7 +177,8 @@ def _draw_line(ax, x: np.ndarray, mean: np.ndarray, std: np.ndarray | None, styl
 
 def _legend_outside(fig: Figure, entries: dict[str, dict]) -> None:
     """One legend for the whole figure, right of the panels (never over data)."""
-    handles = [Line2D([], [], color=s["color"], marker=s["marker"], linestyle=s.get("linestyle", "-"), markersize=6)
+    handles = [Line2D([], [], color=s["color"], marker=s["marker"], linestyle=s.get("linestyle", "-"),
+                      markersize=s.get("markersize", 5) + 1, linewidth=s.get("linewidth", 1.4), alpha=s.get("alpha", 1.0))
                for s in entries.values()]
     fig.tight_layout()
     fig.legend(handles, list(entries), loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, frameon=False)
@@ -248,6 +250,9 @@ def _ablation_panels(settings: list[dict], kind: str) -> list[dict]:
     return panels
 
 
+DEFAULT_UNDER_VARIANTS = {"linewidth": 4.0, "alpha": 0.45, "markersize": 9}  # the default's line in an ablation panel
+
+
 def _ablation_figure(panels: list[dict], title: str) -> Figure:
     fig, axes = _grid(len(panels), title)
     entries: dict[str, dict] = {}
@@ -256,9 +261,11 @@ def _ablation_figure(panels: list[dict], title: str) -> Figure:
     order = list(dict.fromkeys(variants))
     styles = {key: ablation_style(i) for i, key in enumerate(order)}
     for ax, panel in zip(axes, panels):
-        for line in panel["lines"]:
+        # the default first, wide and translucent, the variants thin on top: a variant with the default's numbers
+        # (e.g. one whose switch does nothing in this setting) runs inside it instead of hiding it
+        for line in sorted(panel["lines"], key=lambda ln: ln["variant"] != "default"):
             key = (line["method"], line["variant"])
-            style = styles[key] if key in styles else style_of(line["method"])
+            style = styles[key] if key in styles else {**style_of(line["method"]), **DEFAULT_UNDER_VARIANTS}
             name = f"{METHOD_NAMES.get(line['method'], line['method'])}: {line['variant']}"
             entries.setdefault(name, style)
             _draw_line(ax, line["round"].astype(float), line["acc_mean"], line["acc_std"], style, line["dashed"])

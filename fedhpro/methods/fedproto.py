@@ -23,8 +23,8 @@ import torch.nn.functional as F
 
 from fedhpro.engine import ClientBase, Context, ServerBase
 from fedhpro.methods import param
-from fedhpro.methods.prototypes import (PrototypeAccumulator, PrototypeEvaluation, local_prototypes,
-                                        mean_over_clients)
+from fedhpro.methods.prototypes import (PrototypeAccumulator, PrototypeEvaluation, mean_over_clients,
+                                        uploaded_prototypes)
 
 PAPER = "Tan et al., FedProto: Federated Prototype Learning across Heterogeneous Clients, AAAI 2022"
 MODES = ("personalized", "global")
@@ -94,10 +94,7 @@ class PrototypeClient(ClientBase):
         return loss
 
     def upload(self, client, model, state) -> dict:
-        if self.params.prototype_timing == "after":
-            classes, protos = local_prototypes(model, self.ctx, client)
-        else:
-            classes, protos = self.accumulator.means()
+        classes, protos = uploaded_prototypes(self.params.prototype_timing, self.accumulator, model, self.ctx, client)
         return {"prototype_classes": classes, "prototypes": protos}
 
 

@@ -34,8 +34,8 @@ from torch import nn
 from fedhpro.engine import ClientBase, Context, ServerBase
 from fedhpro.methods import param
 from fedhpro.methods.fedtgp import margin_contrastive_loss, nearest_gaps
-from fedhpro.methods.prototypes import (PrototypeAccumulator, PrototypeEvaluation, local_prototypes,
-                                        mean_over_clients)
+from fedhpro.methods.prototypes import (PrototypeAccumulator, PrototypeEvaluation, mean_over_clients,
+                                        uploaded_prototypes)
 
 PAPER = ("Zhou et al., FedSA: A Unified Representation Learning via Semantic Anchors for Prototype-based "
          "Federated Learning, AAAI 2025")
@@ -110,10 +110,7 @@ class Client(ClientBase):
         return loss
 
     def upload(self, client, model, state) -> dict:
-        if self.params.prototype_timing == "after":
-            classes, protos = local_prototypes(model, self.ctx, client)
-        else:
-            classes, protos = self.accumulator.means()
+        classes, protos = uploaded_prototypes(self.params.prototype_timing, self.accumulator, model, self.ctx, client)
         # Remembered for next round's local gap (the code keeps `self.protos` on the client).
         state["prototypes"] = protos.detach().cpu().clone()
         state["prototype_classes"] = classes.cpu().clone()

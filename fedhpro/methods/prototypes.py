@@ -45,6 +45,16 @@ def local_prototypes(model: nn.Module, ctx: Context, client: ClientData, batch_s
     return acc.means()
 
 
+def uploaded_prototypes(timing: str, accumulator: PrototypeAccumulator, model: nn.Module, ctx: Context,
+                        client: ClientData) -> tuple[torch.Tensor, torch.Tensor]:
+    """The local prototypes a client uploads, by its method's `prototype_timing`: "during", the class means of
+    the training batches' features as they were computed (the HtFLlib/FedSA code), or "after", an eval-mode
+    pass over the client's data once training ended (`local_prototypes`)."""
+    if timing == "after":
+        return local_prototypes(model, ctx, client)
+    return accumulator.means()
+
+
 def mean_over_clients(uploads: list[dict], key: str, num_classes: int, classes_key: str = "classes",
                       weights: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per class, the mean over the clients that uploaded it -> (values (C, ...), present mask (C,)).
