@@ -77,14 +77,15 @@ def build_run_table(config: Mapping[str, Any], data_root: str, pending: set[str]
                                config.get("mirrors") or {}, pending=pending,
                                warn=lambda message: print(f"fedhpro workflow: warning: {message}", file=sys.stderr))
     mirrors = config.get("mirrors") or {}
+    cache_file = fingerprint_cache(config)
     identity = {}
     for dataset in sorted({r.dataset for r in runs}):
         mirror = mirrors.get(dataset) or {}
         by_name = {remote.filename: remote for remote in DATASETS[dataset].downloads}
-        identity[dataset] = {"files": {name: mirror_checksum(by_name[name], mirror)
-                                       for name in downloads.get(dataset, [])},
+        files = {name: mirror_checksum(by_name[name], mirror) for name in downloads.get(dataset, [])}
+        identity[dataset] = {"files": {**files, **hand_placed_checksums(dataset, files, data_root, mirror, cache_file)},
                              "fingerprint": mirror.get("fingerprint")}
-    content = partition_contents(runs, data_root, pending, cache_file=fingerprint_cache(config))
+    content = partition_contents(runs, data_root, pending, cache_file=cache_file)
     return {"data_identity": identity, "partition_content": content, "runs": [{"run_id": r.run_id, "partition_id": r.partition_id, "kind": r.kind, "dataset": r.dataset,
                       "method": r.method, "variant": r.variant, "config_json": r.config.canonical_json(),
                       "config_hash": r.config.config_hash(), "experiments": list(r.experiments)} for r in runs],
@@ -97,6 +98,22 @@ FINGERPRINT_CACHE = ".cache/data-fingerprints.json"  # under the results root
 def fingerprint_cache(config: Mapping[str, Any]) -> str:
     """Where the workflow keeps the content fingerprints of data given by path (`fedhpro.data.path_fingerprint`)."""
     return os.path.join(str(config.get("results") or "results"), FINGERPRINT_CACHE)
+
+
+def hand_placed_checksums(dataset: str, files: Mapping[str, str | None], data_root: str, mirror: Mapping,
+                          cache_file: str | None) -> dict[str, str]:
+    """{file name: 'sha256:...'} of the files that have no checksum to verify them (none published, none in
+    `mirrors:`) and that the workflow uses where they were placed by hand (`find_local_copies`): their bytes
+    are then what the data is, so other files placed there rerun what used them (cached by file stats)."""
+    from fedhpro.data import DATASETS, local_copy_checksum
+
+    unverified = [name for name, checksum in files.items() if checksum is None]
+    if not unverified:
+        return {}
+    spec = DATASETS[dataset]
+    remotes = [r for r in spec.downloads if r.filename in unverified]
+    local = spec.find_local_copies(data_root, remotes, mirror or None)
+    return {name: local_copy_checksum(path, cache_file) for name, path in local.items()}
 
 
 def partition_contents(runs, data_root: str, pending: set[str], *, cache_file: str | None) -> dict[str, str]:

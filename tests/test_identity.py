@@ -232,6 +232,41 @@ def test_workflow_reruns_what_other_data_under_the_same_path_makes_out_of_date(t
     assert "Nothing to be done" in (lambda p: p.stdout + p.stderr)(smk(wf, "-n"))
 
 
+def test_content_identities_are_cached_by_file_stats_and_follow_the_bytes(tmp_path):
+    import hashlib
+
+    from fedhpro.data import cached_by_stat
+    from fedhpro.runtable import hand_placed_checksums
+
+    cache = tmp_path / "cache.json"
+    folder = _image_tree(tmp_path / "imgs", 50)
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return f"value{len(calls)}"
+
+    assert cached_by_stat(cache, {"k": 1}, folder, compute) == "value1"
+    assert cached_by_stat(cache, {"k": 1}, folder, compute) == "value1" and len(calls) == 1  # read back
+    assert cached_by_stat(cache, {"k": 2}, folder, compute) == "value2"  # another key
+    f = folder / "train" / "cat" / "0.png"
+    os.utime(f, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns + 10**9))
+    assert cached_by_stat(cache, {"k": 1}, folder, compute) == "value3"  # a touched file: computed again
+    cache.write_text("[not json")
+    assert cached_by_stat(cache, {"k": 1}, folder, compute) == "value4"  # a broken cache is ignored
+    # a file without a published checksum placed by hand: its bytes are its identity
+    raw = tmp_path / "data" / "syndigits" / "raw"
+    raw.mkdir(parents=True)
+    (raw / "SynthDigits.zip").write_bytes(b"first copy")
+    ids = hand_placed_checksums("syndigits", {"SynthDigits.zip": None}, str(tmp_path / "data"), {}, str(cache))
+    assert ids == {"SynthDigits.zip": "sha256:" + hashlib.sha256(b"first copy").hexdigest()}
+    (raw / "SynthDigits.zip").write_bytes(b"other copy")
+    assert hand_placed_checksums("syndigits", {"SynthDigits.zip": None}, str(tmp_path / "data"), {}, str(cache)) \
+        == {"SynthDigits.zip": "sha256:" + hashlib.sha256(b"other copy").hexdigest()}
+    assert hand_placed_checksums("syndigits", {"SynthDigits.zip": "md5:" + "0" * 32}, str(tmp_path / "data"), {},
+                                 str(cache)) == {}  # verified files are identified by their checksum already
+
+
 def test_workflow_path_that_cannot_be_loaded_is_refused_at_load(tmp_path):
     from test_pipeline import copy_workflow, smk
 

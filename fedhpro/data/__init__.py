@@ -19,7 +19,8 @@ from typing import Any, Callable, Mapping
 from fedhpro.data.registry import DATASETS, ArrayData, DatasetSpec, register
 
 __all__ = ["ArrayData", "DatasetSpec", "DATASETS", "register", "plan_downloads", "fingerprint",
-           "FINGERPRINT_KEY", "check_fingerprint_text", "prepare_by_content", "path_fingerprint", "load_dataset"]
+           "FINGERPRINT_KEY", "check_fingerprint_text", "prepare_by_content", "path_fingerprint", "local_copy_checksum", "cached_by_stat",
+           "load_dataset"]
 
 
 def plan_downloads(requests, root: str | Path, mirrors: Mapping | None = None, *, pending=(),
@@ -170,30 +171,22 @@ def prepare_by_content(name: str, remotes, root: str | Path, mirror: Mapping, ex
         shutil.rmtree(staging, ignore_errors=True)
 
 
-PATH_FINGERPRINT_CACHE_VERSION = 1
+STAT_CACHE_VERSION = 1
 
 
-def path_fingerprint(name: str, root: str | Path, options: Mapping[str, Any], cache_file: str | Path | None = None,
-                     ) -> str:
-    """The content fingerprint (`fingerprint`) of dataset `name` loaded with `options`, whose `path` gives the
-    data (a folder or an archive, e.g. a user's own copy): what the workflow identifies such data by, so that
-    other data under the same path reruns the partitions and runs made from it, and moved data reruns nothing.
-
-    Loading is the cost, so the result is kept in `cache_file` (JSON) under a key of the loader options and
-    the path's name, size and mtime of every file (`imagefolder.source_key`): while no file changes, the
-    fingerprint is read back; a touched file costs one load (and gives the same fingerprint if the bytes
-    did not change). An unreadable or unwritable cache is ignored (computed again). Errors of the loader
-    (missing path, bad files) propagate.
-    """
+def cached_by_stat(cache_file: str | Path | None, key: Mapping[str, Any], source: str | Path,
+                   compute: Callable[[], str]) -> str:
+    """`compute()` (a content identity, which costs a read of `source`), kept in the JSON `cache_file` under
+    `key` and the name, size and mtime of every file of `source` (`imagefolder.source_key`): while no file
+    changes, the value is read back; a touched file costs one `compute()` (the same value if the bytes did
+    not change). An unreadable or unwritable cache is ignored; errors of `compute` propagate."""
     import hashlib
 
     from fedhpro.data.imagefolder import source_key
     from fedhpro.runio import atomic_write_text
 
-    options = dict(options)
-    key = hashlib.sha256(json.dumps({"v": PATH_FINGERPRINT_CACHE_VERSION, "dataset": name, "options": options,
-                                     "source": source_key(options["path"])}, sort_keys=True,
-                                    default=str).encode()).hexdigest()
+    entry_key = hashlib.sha256(json.dumps({"v": STAT_CACHE_VERSION, **key, "source": source_key(source)},
+                                          sort_keys=True, default=str).encode()).hexdigest()
     cache: dict[str, Any] = {}
     if cache_file is not None:
         try:
@@ -201,19 +194,50 @@ def path_fingerprint(name: str, root: str | Path, options: Mapping[str, Any], ca
             cache = loaded if isinstance(loaded, dict) else {}
         except (OSError, ValueError):
             cache = {}
-        entry = cache.get(key)
-        if isinstance(entry, dict) and isinstance(entry.get("fingerprint"), str):
-            return entry["fingerprint"]
-    found = fingerprint(load_dataset(name, root, **options))
+        entry = cache.get(entry_key)
+        if isinstance(entry, dict) and isinstance(entry.get("value"), str):
+            return entry["value"]
+    value = compute()
     if cache_file is not None:
-        cache[key] = {"fingerprint": found, "dataset": name, "path": str(options["path"])}
-        cache = dict(list(cache.items())[-500:])  # the newest entries; old paths drop out
+        cache[entry_key] = {"value": value, "source": str(source), **{k: str(v) for k, v in key.items()}}
+        cache = dict(list(cache.items())[-500:])  # the newest entries; old sources drop out
         try:
             Path(cache_file).parent.mkdir(parents=True, exist_ok=True)
             atomic_write_text(cache_file, json.dumps(cache, indent=1, sort_keys=True))
         except OSError:
             pass  # a cache only saves time
-    return found
+    return value
+
+
+def path_fingerprint(name: str, root: str | Path, options: Mapping[str, Any], cache_file: str | Path | None = None,
+                     ) -> str:
+    """The content fingerprint (`fingerprint`) of dataset `name` loaded with `options`, whose `path` gives the
+    data (a folder or an archive, e.g. a user's own copy): what the workflow identifies such data by, so that
+    other data under the same path reruns the partitions and runs made from it, and moved data reruns nothing.
+    Loading is the cost, so the value is cached by the files' stats (`cached_by_stat`)."""
+    options = dict(options)
+    return cached_by_stat(cache_file, {"kind": "dataset-fingerprint", "dataset": name, "options": options},
+                          options["path"], lambda: fingerprint(load_dataset(name, root, **options)))
+
+
+def local_copy_checksum(path: str | Path, cache_file: str | Path | None = None) -> str:
+    """'sha256:<hex>' of a file placed by hand (no published checksum), or of every file of a folder with its
+    relative name: what such a copy is, for the workflow's data identity; cached by the files' stats."""
+    import hashlib
+
+    from fedhpro.data.imagefolder import walk_files
+    from fedhpro.download import file_checksum
+
+    def compute() -> str:
+        source = Path(path)
+        if source.is_file():
+            return "sha256:" + file_checksum(source, "sha256")
+        h = hashlib.sha256()
+        for full, rel in walk_files(source):
+            h.update(f"{rel}\0{file_checksum(full, 'sha256')}\n".encode())
+        return "sha256-tree:" + h.hexdigest()
+
+    return cached_by_stat(cache_file, {"kind": "file-checksum"}, path, compute)
 
 
 def load_dataset(name: str, root: str | Path = "data", **options) -> ArrayData:
