@@ -89,7 +89,8 @@ def write_partition(cfg: Any, out_dir: str | Path, spec: Mapping[str, Any],
     if content and identity["data_fingerprint"] != content:
         raise RuntimeError(f"the {cfg.dataset} data at {dict(cfg.dataset_options).get('path')} changed since the "
                            f"workflow was loaded (content fingerprint {content}, now {identity['data_fingerprint']}); "
-                           "run snakemake again")
+                           "run snakemake again (if the data did not change, delete <results>/.cache/"
+                           "data-fingerprints.json, the workflow's cache of such fingerprints)")
     meta = {**spec, "num_train": int(len(labels)), "identity": identity}
     partition.save_partition(Path(out_dir), parts, labels, data.num_classes, meta)
     counts = partition.client_class_counts(labels, parts, data.num_classes)

@@ -267,6 +267,19 @@ def test_content_identities_are_cached_by_file_stats_and_follow_the_bytes(tmp_pa
                                  str(cache)) == {}  # verified files are identified by their checksum already
 
 
+def test_partition_job_refuses_data_that_changed_since_the_workflow_loaded(tmp_path):
+    from fedhpro.jobs import write_partition
+
+    src = _image_tree(tmp_path / "imgs", 50)
+    cfg = from_dict({**TINY, "dataset": "imagefolder", "partition": "iid", "alpha": None, "num_clients": 2,
+                     "dataset_options": {"path": str(src), "image_size": 8}, "data_root": str(tmp_path / "d")})
+    fp = fingerprint(load_dataset("imagefolder", tmp_path / "d", path=str(src), image_size=8))
+    assert fp in write_partition(cfg, tmp_path / "p1", {"scheme": "iid"}, None, fp)
+    with pytest.raises(RuntimeError, match="changed since the workflow was loaded"):
+        write_partition(cfg, tmp_path / "p2", {"scheme": "iid"}, None, "sha256:" + "0" * 64)
+    assert not (tmp_path / "p2" / "meta.json").exists()
+
+
 def test_workflow_path_that_cannot_be_loaded_is_refused_at_load(tmp_path):
     from test_pipeline import copy_workflow, smk
 
