@@ -55,7 +55,7 @@ from fedhpro.labels import (AGGREGATION_NAMES, AGGREGATION_NOTE, CONDITION_KEYS,
                             METHOD_NAMES, METHOD_ORDER, PARTITION_ORDER, SETTING_KEYS, cond_id, cond_of,
                             condition_label, condition_labels, condition_slug, heterogeneity_label, is_main_row,
                             method_label, sort_key_condition, sort_key_method)
-from fedhpro.runio import (METRICS, METRICS_SCHEMA_VERSION, atomic_write_text, metrics_config_hash, read_metrics_meta,
+from fedhpro.runio import (METRICS, METRICS_SCHEMA_VERSION, atomic_write_text, metrics_mismatch, read_metrics_meta,
                            read_run_info)
 
 RULES = ("final", "last_k", "best")
@@ -213,16 +213,18 @@ def collect(runs: str | Path | Iterable[str | Path]) -> pd.DataFrame:
         try:
             part = pd.read_parquet(file)
             _, configs[str(file.parent)] = read_metrics_meta(file)
-            found_hash = metrics_config_hash(file)
         except Exception as err:  # noqa: BLE001
             raise MetricsFileError(f"cannot read metrics file {file}: {err}") from None
         try:
             info = read_run_info(file.parent) if file.name == METRICS else None
         except ValueError as err:
             raise MetricsFileError(str(err)) from None
-        if info is not None and info.get("config_hash") != found_hash:
-            raise MetricsFileError(f"metrics file {file} belongs to another run (config hash {found_hash}, but "
-                                   f"{file.parent / 'config.json'} says {info.get('config_hash')}); delete it and "
+        try:
+            reason = None if info is None else metrics_mismatch(file, info)
+        except Exception as err:  # noqa: BLE001
+            raise MetricsFileError(f"cannot read metrics file {file}: {err}") from None
+        if reason:
+            raise MetricsFileError(f"metrics file {file} belongs to another run ({reason}); delete it and "
                                    "re-run, or restore the right file")
         absent = [c for c in REQUIRED_COLUMNS if c not in part.columns]
         if absent:

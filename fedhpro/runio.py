@@ -262,16 +262,36 @@ def metrics_config_hash(path: Path) -> str | None:
     return ids[0] if ids and len(set(ids)) == 1 else None
 
 
-def check_metrics_belong(run_dir: Path, expected_hash: str) -> None:
-    """Refuse a metrics.parquet that belongs to another run than `expected_hash` (config.json's)."""
+IDENTITY_CHECKED = ("config_hash", "data_fingerprint", "threads")  # metrics metadata that must match config.json
+
+
+def metrics_mismatch(path: Path, info: dict) -> str | None:
+    """Why the metrics file `path` does not belong to the run record `info` (config.json), or None: its config
+    hash, data fingerprint and thread count (where both sides record them) must be config.json's. Raises
+    whatever reading the file raises."""
+    ident = metrics_identity(path)
+    found = {"config_hash": metrics_config_hash(path), "data_fingerprint": ident.get("data_fingerprint"),
+             "threads": ident.get("threads")}
+    for key in IDENTITY_CHECKED:
+        mine, theirs = found[key], info.get(key)
+        if key != "config_hash" and (mine is None or theirs is None):
+            continue  # files written before the key was recorded
+        if str(mine) != str(theirs):
+            return f"{key} {mine}, but {Path(path).parent / CONFIG} says {theirs}"
+    return None
+
+
+def check_metrics_belong(run_dir: Path, info: dict) -> None:
+    """Refuse a metrics.parquet that belongs to another run than the record `info` (config.json): another
+    config hash, data fingerprint or thread count (`metrics_mismatch`)."""
     path = Path(run_dir) / METRICS
     try:
-        found = metrics_config_hash(path)
+        reason = metrics_mismatch(path, info)
     except Exception as err:  # noqa: BLE001 - an unreadable file cannot be trusted either
         raise ValueError(f"metrics file {path} cannot be read ({err}); delete it to recompute the run") from None
-    if found != expected_hash:
-        raise ValueError(f"metrics file {path} belongs to another run (config hash {found}, but {run_dir / CONFIG} "
-                         f"says {expected_hash}); delete it to recompute the run, or restore the right file")
+    if reason:
+        raise ValueError(f"metrics file {path} belongs to another run ({reason}); delete it to recompute the run, "
+                         "or restore the right file")
 
 
 # ------------------------------------------------------------------------ lock

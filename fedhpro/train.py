@@ -311,7 +311,7 @@ def train(cfg: RunConfig, out_dir: str | Path, *, partition_dir: str | Path | No
                               f"{info.get('config_hash')}, this config {cfg.config_hash()}); "
                               "choose another --out or delete it")
         if metrics_path.exists():
-            check_metrics_belong(out_dir, cfg.config_hash())
+            check_metrics_belong(out_dir, info if info is not None else {"config_hash": cfg.config_hash()})
             return pd.read_parquet(metrics_path)
         data = load_dataset(cfg.dataset, cfg.data_root, **cfg.dataset_options)
         data_fp = fingerprint(data)

@@ -328,6 +328,28 @@ def test_swapped_in_metrics_parquet_is_refused(tmp_path, capsys):
     assert "metrics.parquet" in err
 
 
+def test_metrics_of_the_same_config_on_other_data_or_threads_are_refused(tmp_path):
+    """Same config hash, but the metrics file was computed on other data (or with another thread count) than
+    config.json records: refused by train and aggregate alike."""
+    src = _image_tree(tmp_path / "imgs", 50)
+    other = _image_tree(tmp_path / "other", 90)
+    base = {**TINY, "dataset": "imagefolder", "partition": "iid", "alpha": None, "num_clients": 2, "rounds": 1}
+    cfg_a = from_dict({**base, "dataset_options": {"path": str(src), "image_size": 8}})
+    cfg_b = from_dict({**base, "dataset_options": {"path": str(other), "image_size": 8}})
+    assert cfg_a.config_hash() == cfg_b.config_hash()
+    train(cfg_a, tmp_path / "a")
+    train(cfg_b, tmp_path / "b")
+    shutil.copy2(tmp_path / "a" / METRICS, tmp_path / "b" / METRICS)
+    with pytest.raises(ValueError, match="belongs to another run .data_fingerprint"):
+        train(cfg_b, tmp_path / "b")
+    with pytest.raises(agg.MetricsFileError, match="belongs to another run .data_fingerprint"):
+        agg.collect([tmp_path / "b"])
+    info = json.loads((tmp_path / "a" / "config.json").read_text())
+    atomic_write_text(tmp_path / "a" / "config.json", json.dumps({**info, "threads": info["threads"] + 1}))
+    with pytest.raises(ValueError, match="belongs to another run .threads"):
+        train(cfg_a, tmp_path / "a")
+
+
 # ------------------------------------------------------------------------------------------ item 6
 def test_provenance_original_kept_and_one_record_per_attempt(tmp_path, monkeypatch):
     run = tmp_path / "run"
