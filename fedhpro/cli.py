@@ -3,7 +3,8 @@
 Every subcommand runs under one error handler (`run_guarded`): bad input (config values, flags,
 files) ends with a one-line `error: ...` naming the key or file and exit status 2, never a
 traceback; a full disk (ENOSPC/EDQUOT, naming the file) is a one-line error with exit status 1;
-Ctrl-C prints "interrupted; rerun the same command to resume" and exits with 130. Set
+Ctrl-C prints "interrupted; rerun the same command to resume" (train; the other subcommands say
+"interrupted") and exits with 130. Set
 FEDHPRO_TRACEBACK=1 to see the traceback of an unexpected error.
 """
 
@@ -137,9 +138,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] and argv[0] in PASS_THROUGH:  # subcommands with their own argparse (and --help)
         import importlib
 
-        module = importlib.import_module(PASS_THROUGH[argv[0]])
-        return run_guarded(lambda rest: module.main(rest), argv[1:])
-    return run_guarded(_main, argv)
+        name = PASS_THROUGH[argv[0]]  # imported under the handler: Ctrl-C while torch loads is one line too
+        return run_guarded(lambda rest: importlib.import_module(name).main(rest), argv[1:])
+    return run_guarded(_main, argv, resumable=bool(argv[:1]) and argv[0] == "train")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,8 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
-INTERRUPTED = "interrupted; rerun the same command to resume"
+INTERRUPTED = "interrupted; rerun the same command to resume"  # train: it resumes from its checkpoint
+INTERRUPTED_NO_RESUME = "interrupted"
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -64,15 +65,22 @@ def _one_line(err: BaseException) -> str:
     return " ".join(text.split())
 
 
-def run_guarded(func: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None) -> int:
-    """Run a subcommand's `func(argv)`; expected failures become one `error: ...` line on stderr."""
-    from fedhpro.config import ConfigError
-    from fedhpro.runio import CheckpointError, RunLockedError
-
+def run_guarded(func: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None, *,
+                resumable: bool = False) -> int:
+    """Run a subcommand's `func(argv)`; expected failures become one `error: ...` line on stderr. Ctrl-C, also
+    while the package and torch are still being imported, prints one line (saying the command resumes when
+    `resumable`: train) and exits with 130."""
+    interrupted = INTERRUPTED if resumable else INTERRUPTED_NO_RESUME
+    try:
+        from fedhpro.config import ConfigError
+        from fedhpro.runio import CheckpointError, RunLockedError
+    except KeyboardInterrupt:
+        print(interrupted, file=sys.stderr)
+        return 130
     try:
         return func(argv) or 0
     except KeyboardInterrupt:
-        print(INTERRUPTED, file=sys.stderr)
+        print(interrupted, file=sys.stderr)
         return 130
     except SystemExit as err:  # argparse: --help (0) or a usage error already printed as one line (2)
         if err.code is None or isinstance(err.code, int):

@@ -203,6 +203,10 @@ def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) ->
     raw = load_raw(path)
     for key, value in (overrides or {}).items():
         if key == "method_params":
+            for where, given in (("--set method_params", value), (f"method_params in {path}", raw.get("method_params"))):
+                if given is not None and not isinstance(given, Mapping):
+                    raise ConfigError(f"{where} must be a mapping of method keys to values, e.g. "
+                                      f"method_params={{mu: 0.01}}, got {given!r}")
             raw["method_params"] = {**(raw.get("method_params") or {}), **value}
         else:
             raw[key] = value
@@ -257,6 +261,8 @@ def load_yaml_text(text: str, source: str = "<text>") -> Any:
 def load_raw(path: str | Path) -> dict[str, Any]:
     """The YAML/JSON mapping of a config file, unvalidated."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {str(path)!r} is a directory, not a file")
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
     try:
@@ -264,8 +270,9 @@ def load_raw(path: str | Path) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError) as err:
         raise ConfigError(f"config file {str(path)!r} cannot be read: {err}") from None
     raw = load_yaml_text(text, f"config file {str(path)!r}")
-    if raw is None:
-        raw = {}
+    if raw is None:  # an empty file (or only comments): surely not meant as "every default"
+        raise ConfigError(f"config file {str(path)!r} is empty; write the run's keys in it (`fedhpro config` lists "
+                          "them), e.g. method: fedavg and dataset: digits")
     if not isinstance(raw, dict):
         raise ConfigError(f"config file {str(path)!r} must hold a mapping of keys to values")
     return raw

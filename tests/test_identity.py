@@ -480,6 +480,39 @@ def test_ctrl_c_prints_one_line_and_the_run_resumes(tmp_path, capsys, monkeypatc
     assert [a["resumed_from_round"] for a in info["attempts"]] == [None, 1]
 
 
+def test_ctrl_c_while_the_package_loads_is_one_line_and_says_resume_only_for_train(monkeypatch, capsys):
+    import sys
+    import types
+
+    class Loading(types.ModuleType):
+        def __getattr__(self, name):  # Ctrl-C arriving while `from fedhpro.runio import ...` imports torch
+            raise KeyboardInterrupt
+
+    monkeypatch.setitem(sys.modules, "fedhpro.runio", Loading("fedhpro.runio"))
+    assert cli_main(["train", "--config", "x.yaml", "--out", "o"]) == 130
+    assert capsys.readouterr().err.strip() == INTERRUPTED
+    monkeypatch.undo()
+
+    def interrupted(*_args, **_kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(agg, "collect", interrupted)
+    assert cli_main(["aggregate", "--runs", "r", "--out", "o"]) == 130
+    assert capsys.readouterr().err.strip() == "interrupted"  # nothing to resume: not promised
+
+
+def test_config_file_that_is_empty_a_directory_or_bad_method_params_is_one_line(tmp_path, capsys):
+    (tmp_path / "empty.yaml").write_text("# nothing yet\n")
+    (tmp_path / "dir.yaml").mkdir()
+    good = tmp_path / "good.yaml"
+    good.write_text(yaml.safe_dump(TINY))
+    for args, expect in (([str(tmp_path / "empty.yaml")], "is empty"), ([str(tmp_path / "dir.yaml")], "is a directory"),
+                         ([str(good), "--set", "method_params=[1,2]"], "--set method_params must be a mapping"),
+                         ([str(good), "--set", "method_params=5"], "--set method_params must be a mapping")):
+        err = one_line_error(capsys, cli_main(["train", "--config", *args, "--out", str(tmp_path / "o"), "--quiet"]))
+        assert expect in err, err
+
+
 def test_fedhpro_help_lists_every_subcommand(capsys):
     assert cli_main(["--help"]) == 0
     out = capsys.readouterr().out
