@@ -155,6 +155,8 @@ def read_json_file(path: Path, what: str = "file") -> Any:
     """A JSON file's value; ValueError naming the file when it cannot be read as JSON."""
     try:
         return json.loads(Path(path).read_text())
+    except IsADirectoryError:
+        raise ValueError(f"{what} {path} is a directory, not a file; delete or restore it") from None
     except UnicodeDecodeError:
         raise ValueError(f"{what} {path} is not valid JSON (not text); delete or restore it") from None
     except json.JSONDecodeError as err:

@@ -513,6 +513,27 @@ def test_config_file_that_is_empty_a_directory_or_bad_method_params_is_one_line(
         assert expect in err, err
 
 
+def test_run_record_that_is_a_directory_is_one_line(tmp_path, capsys):
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text(yaml.safe_dump(TINY))
+    (tmp_path / "run" / "config.json").mkdir(parents=True)
+    err = one_line_error(capsys, cli_main(["train", "--config", str(cfg_file), "--out", str(tmp_path / "run"),
+                                           "--quiet"]))
+    assert "config.json is a directory" in err
+
+
+def test_bench_refuses_a_bad_out_or_rounds_before_it_runs(tmp_path, capsys):
+    import time
+
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    t0 = time.perf_counter()
+    err = one_line_error(capsys, cli_main(["bench", "--quick", "--out", str(afile)]))
+    assert "is a file" in err and time.perf_counter() - t0 < 20  # refused up front, not after the benchmark
+    err = one_line_error(capsys, cli_main(["bench", "--quick", "--rounds", "0"]))
+    assert "--rounds" in err and "expected an integer >= 1" in err
+
+
 def test_fedhpro_help_lists_every_subcommand(capsys):
     assert cli_main(["--help"]) == 0
     out = capsys.readouterr().out

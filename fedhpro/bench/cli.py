@@ -17,7 +17,7 @@ from fedhpro.bench.precision import bench_precision
 from fedhpro.bench.report import Report
 from fedhpro.bench.rounds import bench_rounds
 from fedhpro.bench.scale import bench_scale
-from fedhpro.cliutil import ArgumentParser, positive_int
+from fedhpro.cliutil import ArgumentParser, check_out_dir, positive_int
 
 DESCRIPTION = "`fedhpro bench`: how fast the engine trains, side by side with a bare PyTorch loop, in one process."
 SECTIONS = ("rounds", "batched", "precision", "scale")
@@ -31,7 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="override the device (cpu, cuda, cuda:1)")
     p.add_argument("--threads", type=positive_int, default=1,
                    help="torch CPU threads (default 1, as the pipeline's jobs)")
-    p.add_argument("--rounds", type=int, default=None, help="measured repeats after the warm-up (default 4; quick 1)")
+    p.add_argument("--rounds", type=positive_int, default=None,
+                   help="measured repeats after the warm-up (default 4; quick 1)")
     p.add_argument("--out", default=None, help="write <out>/bench*.json and <out>/bench*.md (e.g. results/bench)")
     p.add_argument("--skip", action="append", default=[], choices=SECTIONS,
                    help="leave a section out (repeatable)")
@@ -43,10 +44,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.device and args.device.startswith("cuda") and not torch.cuda.is_available():
         print("error: --device cuda requested but no CUDA device is available", file=sys.stderr)
         return 2
+    if args.out:
+        check_out_dir(args.out, create=False)  # before the benchmark runs, not after
     torch.set_num_threads(args.threads)
     cfg = make_config(args.quick, args.gpu, args.device)
     if args.rounds is not None:
-        cfg = replace(cfg, rounds=max(1, args.rounds))
+        cfg = replace(cfg, rounds=args.rounds)
     info = machine_info(cfg.device, torch.get_num_threads())
     report = Report(info, cfg)
     report.header()
