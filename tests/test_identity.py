@@ -583,3 +583,28 @@ def test_recompressed_copy_accepted_by_content_with_one_key(tmp_path):
     assert not any(p for p in raw.iterdir() if not p.name.startswith("."))
     with pytest.raises(ValueError, match="mirrors.fashion_mnist.fingerprint"):
         plan_downloads([("fashion_mnist", {})], root, {"fashion_mnist": {"fingerprint": "md5:abc"}})
+
+
+# ---- audit A
+# Found by an audit after the items above: (1) seeds of one cell from different configs, (2) a partition.npz
+# swapped in under another partition's meta.json, (3) an explicit default min_size refused, (4) the partition
+# CLI silent about emptied classes, (5) image caches keyed on a restorable mtime, (6) image loader options
+# unchecked, (7) raw PIL/OS errors for non-images and missing folders.
+def test_audit_aggregate_refuses_cell_seeds_of_different_configs(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    train(cfg_of(rounds=1, lr=0.05, seed=0), runs / "a")
+    train(cfg_of(rounds=1, lr=0.1, seed=1), runs / "b")
+    with pytest.raises(agg.MixedSeedsError) as info:
+        agg.collect(str(runs / "**" / METRICS))
+    text = str(info.value)
+    assert str(runs / "a") in text and str(runs / "b") in text and "lr: 0.05 vs 0.1" in text
+    assert "seed" not in text.split("differ in")[1].split(";")[0]  # the seeds are not named as a difference
+    err = one_line_error(capsys, cli_main(["aggregate", "--runs", str(runs / "**" / METRICS),
+                                           "--out", str(tmp_path / "tables")]))
+    assert "lr: 0.05 vs 0.1" in err and not (tmp_path / "tables" / "main.md").exists()
+    # seeds and partition seeds of one config are one cell's seeds
+    shutil.rmtree(runs / "b")
+    train(cfg_of(rounds=1, lr=0.05, seed=1), runs / "b")
+    train(cfg_of(rounds=1, lr=0.05, seed=0, partition_seed=1), runs / "c")
+    summary = agg.summarize(agg.collect(str(runs / "**" / METRICS)))
+    assert summary["n"].tolist() == [3]
