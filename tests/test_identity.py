@@ -608,3 +608,71 @@ def test_audit_aggregate_refuses_cell_seeds_of_different_configs(tmp_path, capsy
     train(cfg_of(rounds=1, lr=0.05, seed=0, partition_seed=1), runs / "c")
     summary = agg.summarize(agg.collect(str(runs / "**" / METRICS)))
     assert summary["n"].tolist() == [3]
+
+
+def test_audit_partition_npz_swapped_in_from_another_partition_is_refused(tmp_path, capsys):
+    from fedhpro.partition import PARTS_HASH_KEY, load_partition
+
+    part = make_partition(tmp_path, capsys, "--scheme", "dirichlet", "--alpha", "0.5")
+    other = tmp_path / "other"
+    assert partition_main(["--dataset", "digits", "--num-clients", "3", "--data-root", str(tmp_path / "data"),
+                           "--out", str(other), "--scheme", "dirichlet", "--alpha", "0.5", "--seed", "7"]) == 0
+    capsys.readouterr()
+    meta = json.loads((part / "meta.json").read_text())
+    assert meta[PARTS_HASH_KEY].startswith("sha256:")
+    own = (part / "partition.npz").read_bytes()
+    shutil.copy(other / "partition.npz", part / "partition.npz")  # meta.json kept: its identity still matches
+    with pytest.raises(ValueError, match=r"partition file .*partition\.npz does not match its meta\.json"):
+        train(cfg_of(), tmp_path / "run", partition_dir=part)
+    assert not (tmp_path / "run" / "config.json").exists()
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(yaml.safe_dump(TINY))
+    err = one_line_error(capsys, cli_main(["train", "--config", str(cfg), "--out", str(tmp_path / "r"),
+                                           "--partition-dir", str(part)]))
+    assert "partition.npz does not match its meta.json" in err
+    # a partition saved before the digest existed (no hash in meta.json) still loads
+    (part / "partition.npz").write_bytes(own)
+    del meta[PARTS_HASH_KEY]
+    (part / "meta.json").write_text(json.dumps(meta))
+    assert len(load_partition(part)) == 3
+
+
+def test_audit_partition_check_names_the_run_config_key(tmp_path, capsys):
+    part = make_partition(tmp_path, capsys, "--scheme", "dirichlet", "--alpha", "0.5", "--seed", "1")
+    with pytest.raises(ConfigError, match=r"made with seed=1, but the run needs partition_seed=0"):
+        train(cfg_of(), tmp_path / "run", partition_dir=part)
+    shutil.rmtree(part)
+    part = make_partition(tmp_path, capsys, "--scheme", "iid")
+    with pytest.raises(ConfigError, match=r"made with scheme='iid', but the run needs partition='dirichlet'"):
+        train(cfg_of(), tmp_path / "run", partition_dir=part)
+
+
+def test_audit_explicit_default_min_size_is_the_same_split(tmp_path, capsys):
+    from fedhpro.partition import load_partition
+
+    explicit = make_partition(tmp_path, capsys, "--scheme", "dirichlet", "--alpha", "0.5", "--min-size", "10")
+    default = tmp_path / "default"
+    assert partition_main(["--dataset", "digits", "--num-clients", "3", "--data-root", str(tmp_path / "data"),
+                           "--out", str(default), "--scheme", "dirichlet", "--alpha", "0.5"]) == 0
+    assert all(np.array_equal(a, b) for a, b in zip(load_partition(explicit), load_partition(default)))
+    a = train(cfg_of(rounds=1), tmp_path / "a", partition_dir=explicit)  # accepted: the run's own split
+    b = train(cfg_of(rounds=1), tmp_path / "b")
+    assert a["test_acc"].tolist() == b["test_acc"].tolist()
+    assert json.loads((tmp_path / "a" / "config.json").read_text())["config_hash"] == cfg_of(rounds=1).config_hash()
+    # another min_size is another split: still refused, naming the default it was compared with
+    shutil.rmtree(explicit)
+    explicit = make_partition(tmp_path, capsys, "--scheme", "dirichlet", "--alpha", "0.5", "--min-size", "11")
+    with pytest.raises(ConfigError, match=r"made with min_size=11, but the run needs min_size=10"):
+        train(cfg_of(), tmp_path / "run", partition_dir=explicit)
+
+
+def test_audit_partition_cli_warns_of_a_long_tail_that_empties_classes(tmp_path, capsys):
+    rc = partition_main(["--dataset", "digits", "--num-clients", "3", "--data-root", str(tmp_path / "data"),
+                         "--scheme", "iid", "--rho", "10000"])
+    err = capsys.readouterr().err
+    assert rc == 0
+    warnings = [line for line in err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "no training sample" in warnings[0] and "--rho 10000" in warnings[0], err
+    rc = partition_main(["--dataset", "digits", "--num-clients", "3", "--data-root", str(tmp_path / "data"),
+                         "--scheme", "iid", "--rho", "2"])
+    assert rc == 0 and "warning" not in capsys.readouterr().err
