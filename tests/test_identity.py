@@ -676,3 +676,81 @@ def test_audit_partition_cli_warns_of_a_long_tail_that_empties_classes(tmp_path,
     rc = partition_main(["--dataset", "digits", "--num-clients", "3", "--data-root", str(tmp_path / "data"),
                          "--scheme", "iid", "--rho", "2"])
     assert rc == 0 and "warning" not in capsys.readouterr().err
+
+
+def _png_bytes(seed: int) -> bytes:
+    """An uncompressed 8x8 RGB PNG of random pixels: every seed gives other bytes of the same size."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(
+        buf, format="PNG", compress_level=0)
+    return buf.getvalue()
+
+
+def test_audit_image_overwritten_with_same_size_and_restored_mtime_is_decoded_again(tmp_path):
+    src = _image_tree(tmp_path / "imgs", 50)
+    f = src / "train" / "cat" / "0.png"
+    f.write_bytes(_png_bytes(1))
+    first = load_dataset("imagefolder", tmp_path / "d", path=str(src), image_size=8)  # decoded, cached
+    fp = fingerprint(first)
+    st = f.stat()
+    other = _png_bytes(2)
+    assert len(other) == st.st_size and other != f.read_bytes()
+    f.write_bytes(other)
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))  # as cp -p / rsync -a leave it
+    assert (f.stat().st_size, f.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+    second = load_dataset("imagefolder", tmp_path / "d", path=str(src), image_size=8)
+    assert not np.array_equal(first.train_x.numpy(), second.train_x.numpy())
+    assert fingerprint(second) != fp
+    fresh = load_dataset("imagefolder", tmp_path / "d", path=str(src), image_size=8, cache=False)
+    assert np.array_equal(fresh.train_x.numpy(), second.train_x.numpy())
+
+
+@pytest.mark.parametrize("options, needle", [
+    ({"image_size": "8"}, "image_size must be a positive integer or null"),
+    ({"image_size": 2.5}, "image_size must be a positive integer or null"),
+    ({"image_size": -3}, "image_size must be a positive integer or null"),
+    ({"image_size": 0}, "image_size must be a positive integer or null"),
+    ({"image_size": True}, "image_size must be a positive integer or null"),
+    ({"channels": 2}, "channels must be 1"),
+    ({"channels": "3"}, "channels must be 1"),
+])
+def test_audit_image_folder_options_checked_up_front(tmp_path, capsys, options, needle):
+    src = _image_tree(tmp_path / "imgs", 50)
+    with pytest.raises(ValueError, match=needle):
+        load_dataset("imagefolder", tmp_path / "d", path=str(src), **options)
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(yaml.safe_dump({**TINY, "dataset": "imagefolder", "partition": "iid", "num_clients": 2,
+                                   "dataset_options": {"path": str(src), **options}}))
+    err = one_line_error(capsys, cli_main(["train", "--config", str(cfg), "--out", str(tmp_path / "r")]))
+    assert needle in err and "cannot decode" not in err
+
+
+def test_audit_image_folder_valid_options_keep_their_meaning(tmp_path):
+    src = _image_tree(tmp_path / "imgs", 50)
+    grey = load_dataset("imagefolder", tmp_path / "d", path=str(src), image_size=None, channels=1)
+    assert tuple(grey.train_x.shape) == (12, 1, 8, 8)
+    big = load_dataset("imagefolder", tmp_path / "d", path=str(src), image_size=np.int64(16))
+    assert tuple(big.train_x.shape) == (12, 3, 16, 16)
+
+
+def test_audit_non_image_file_and_missing_folder_are_named_plainly(tmp_path, capsys):
+    src = _image_tree(tmp_path / "imgs", 50)
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(yaml.safe_dump({**TINY, "dataset": "imagefolder", "partition": "iid", "num_clients": 2,
+                                   "dataset_options": {"path": str(src), "image_size": 8}}))
+    for content in (b"", b"not a picture at all"):
+        (src / "train" / "cat" / "9.png").write_bytes(content)
+        err = one_line_error(capsys, cli_main(["train", "--config", str(cfg), "--out", str(tmp_path / "r")]))
+        assert f"9.png: not an image file ({len(content)} bytes)" in err and "0x" not in err, err
+    (src / "train" / "cat" / "9.png").unlink()
+    missing = tmp_path / "nowhere"
+    with pytest.raises(FileNotFoundError, match=f"image folder {missing} does not exist"):
+        load_dataset("imagefolder", tmp_path / "d", path=str(missing))
+    cfg.write_text(yaml.safe_dump({**TINY, "dataset": "imagefolder", "partition": "iid", "num_clients": 2,
+                                   "dataset_options": {"path": str(missing)}}))
+    err = one_line_error(capsys, cli_main(["train", "--config", str(cfg), "--out", str(tmp_path / "r")]))
+    assert "does not exist" in err and "Errno" not in err, err
