@@ -724,6 +724,7 @@ def test_audit_image_folder_options_checked_up_front(tmp_path, capsys, options, 
         load_dataset("imagefolder", tmp_path / "d", path=str(src), **options)
     cfg = tmp_path / "run.yaml"
     cfg.write_text(yaml.safe_dump({**TINY, "dataset": "imagefolder", "partition": "iid", "num_clients": 2,
+                                   "data_root": str(tmp_path / "d"),
                                    "dataset_options": {"path": str(src), **options}}))
     err = one_line_error(capsys, cli_main(["train", "--config", str(cfg), "--out", str(tmp_path / "r")]))
     assert needle in err and "cannot decode" not in err
@@ -741,6 +742,7 @@ def test_audit_non_image_file_and_missing_folder_are_named_plainly(tmp_path, cap
     src = _image_tree(tmp_path / "imgs", 50)
     cfg = tmp_path / "run.yaml"
     cfg.write_text(yaml.safe_dump({**TINY, "dataset": "imagefolder", "partition": "iid", "num_clients": 2,
+                                   "data_root": str(tmp_path / "d"),
                                    "dataset_options": {"path": str(src), "image_size": 8}}))
     for content in (b"", b"not a picture at all"):
         (src / "train" / "cat" / "9.png").write_bytes(content)
@@ -751,6 +753,7 @@ def test_audit_non_image_file_and_missing_folder_are_named_plainly(tmp_path, cap
     with pytest.raises(FileNotFoundError, match=f"image folder {missing} does not exist"):
         load_dataset("imagefolder", tmp_path / "d", path=str(missing))
     cfg.write_text(yaml.safe_dump({**TINY, "dataset": "imagefolder", "partition": "iid", "num_clients": 2,
+                                   "data_root": str(tmp_path / "d"),
                                    "dataset_options": {"path": str(missing)}}))
     err = one_line_error(capsys, cli_main(["train", "--config", str(cfg), "--out", str(tmp_path / "r")]))
     assert "does not exist" in err and "Errno" not in err, err
