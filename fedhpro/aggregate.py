@@ -95,12 +95,13 @@ class MixedSeedsError(AggregateError):
 _LOCATION_KEYS = ("data_root",)
 
 
-def _config_differences(a: dict, b: dict) -> list[str]:
-    """'key: a vs b' for every config key (method_params.* and dataset_options.* flattened) that differs."""
+def _config_differences(a: dict, b: dict, ignore: Sequence[str] = ()) -> list[str]:
+    """'key: a vs b' for every config key (method_params.* and dataset_options.* flattened) that differs,
+    but the keys in `ignore` and where the data lives."""
     def flat(cfg: dict) -> dict:
         out = {}
         for key, value in cfg.items():
-            if key in _LOCATION_KEYS:
+            if key in _LOCATION_KEYS or key in ignore:
                 continue
             if isinstance(value, dict):
                 for sub, v in value.items():
@@ -114,9 +115,17 @@ def _config_differences(a: dict, b: dict) -> list[str]:
     return [f"{k}: {fa.get(k)!r} vs {fb.get(k)!r}" for k in sorted(set(fa) | set(fb)) if fa.get(k) != fb.get(k)]
 
 
+# config keys that legitimately differ between the runs averaged in one table cell: the cell's seeds
+# (`summarize` averages over seed x partition seed)
+_SEED_KEYS = ("seed", "partition_seed")
+
+
 def check_seeds_of_one_config(df: pd.DataFrame, configs: dict[str, dict]) -> None:
-    """Every (setting, partition seed, seed) must come from one run directory; else MixedSeedsError naming both
-    directories and the config keys on which they differ (a cell's seeds must share one config)."""
+    """The runs of one table cell (`SETTING_KEYS`) must be seeds of one config; else MixedSeedsError naming two
+    of their directories and the config keys on which they differ.
+
+    Two directories with the same (seed, partition seed) are never seeds of one setting; runs with other seeds
+    must agree on every config key but the seeds (and where the data lives, `_LOCATION_KEYS`)."""
     keys = list(SETTING_KEYS) + ["partition_seed", "seed"]
     firsts = df.drop_duplicates("run_dir")
     for _, grp in firsts.groupby(keys, dropna=False, sort=False):
@@ -131,6 +140,21 @@ def check_seeds_of_one_config(df: pd.DataFrame, configs: dict[str, dict]) -> Non
             f"of {first['method']}/{first['variant']} on {first['dataset']} but differ in "
             f"{'; '.join(diff) if diff else 'their run id'}; a cell's seeds must come from one config: give the "
             "other config its own variant name, or leave one run out")
+    for _, cell in firsts.groupby(list(SETTING_KEYS), dropna=False, sort=False):
+        dirs = sorted(cell["run_dir"].unique())
+        seeds = dict(zip(cell["run_dir"], zip(cell["seed"], cell["partition_seed"])))
+        ref = dirs[0]
+        for other in dirs[1:]:
+            diff = _config_differences(configs.get(ref, {}), configs.get(other, {}), ignore=_SEED_KEYS)
+            if not diff:
+                continue
+            first = cell.iloc[0]
+            (sa, pa), (sb, pb) = seeds[ref], seeds[other]
+            raise MixedSeedsError(
+                f"runs {ref} (seed {int(sa)}, partition seed {int(pa)}) and {other} (seed {int(sb)}, partition "
+                f"seed {int(pb)}) are averaged as seeds of {first['method']}/{first['variant']} on "
+                f"{first['dataset']} but differ in {'; '.join(diff)}; a cell's seeds must come from one config: "
+                "give the other config its own variant name, or leave its runs out")
 
 
 # ====================================================================== collect

@@ -57,6 +57,8 @@ __all__ = [
     "CREFF_MAX_DRAWS",
     "partition_labels",
     "long_tail_counts",
+    "emptied_classes",
+    "parts_digest",
     "client_class_counts",
     "format_count_table",
     "save_partition",
@@ -169,6 +171,18 @@ def _check_alpha(alpha, scheme: str) -> float:
 
 
 # --------------------------------------------------------------------------- public helpers
+def emptied_classes(labels, rho) -> list[int]:
+    """The classes present in `labels` that the long tail with ratio `rho` leaves with no sample (rho None
+    or <= 1: none)."""
+    rho = _check_rho(rho)
+    y = _as_labels(labels)
+    if rho is None or rho <= 1 or y.size == 0:
+        return []
+    sizes = np.bincount(y)
+    kept = long_tail_counts(sizes.tolist(), rho)
+    return [c for c, (n, k) in enumerate(zip(sizes, kept)) if n > 0 and k == 0]
+
+
 def long_tail_counts(class_sizes: Sequence[int], rho: float) -> list[int]:
     """Samples the exponential long tail keeps per class (CReFF `_get_img_num_per_cls`).
 
@@ -500,13 +514,30 @@ def _histogram_png(counts: np.ndarray, f) -> None:
     fig.savefig(f, format="png", dpi=100)
 
 
+PARTS_HASH_KEY = "partition_sha256"  # meta.json: `parts_digest` of partition.npz's arrays
+
+
+def parts_digest(parts: Sequence[np.ndarray]) -> str:
+    """'sha256:<hex>' of client index arrays (count, then each client's length and little-endian int64 bytes):
+    ties partition.npz to its meta.json (the npz file's own bytes hold zip timestamps, so they are not used)."""
+    import hashlib
+
+    h = hashlib.sha256(f"{len(parts)}\n".encode())
+    for p in parts:
+        a = np.ascontiguousarray(np.asarray(p), dtype="<i8")
+        h.update(f"{a.size}\n".encode())
+        h.update(a.tobytes())
+    return "sha256:" + h.hexdigest()
+
+
 def save_partition(path_dir, parts: Sequence[np.ndarray], labels, num_classes: int, meta: dict) -> None:
     """Write a partition to `path_dir` (created if missing), every file atomically.
 
     partition.npz (int64 array per client, keys client_0000, ...), counts.csv
     (client x class counts with totals), class_counts.csv (per class: samples in
     `labels` and samples assigned to clients, i.e. after any long tail),
-    histogram.png (stacked bars per client) and meta.json (`meta` plus sizes).
+    histogram.png (stacked bars per client) and meta.json (`meta` plus sizes and
+    `parts_digest` of the arrays, which `load_partition` checks). meta.json is written last.
     """
     path_dir = Path(path_dir)
     path_dir.mkdir(parents=True, exist_ok=True)
@@ -532,6 +563,7 @@ def save_partition(path_dir, parts: Sequence[np.ndarray], labels, num_classes: i
     _atomic_write(path_dir / "histogram.png", lambda f: _histogram_png(counts, f))
 
     full_meta = dict(meta)
+    full_meta.update({PARTS_HASH_KEY: parts_digest(parts)})
     full_meta.update(num_clients=len(parts), num_classes=int(num_classes),
                      num_samples=int(sum(len(p) for p in parts)),
                      client_sizes=[len(p) for p in parts], class_totals=assigned.tolist())
@@ -543,7 +575,10 @@ def load_partition(path_dir, num_samples: int | None = None) -> list[np.ndarray]
     """The client index arrays that `save_partition` wrote, in client order.
 
     A file that is not such a partition (not an npz, pickled objects, keys or arrays of the wrong kind,
-    indices outside `num_samples`) is a ValueError naming it; pickles are never loaded.
+    indices outside `num_samples`) is a ValueError naming it; pickles are never loaded. So is one whose arrays
+    do not hash to the `parts_digest` its meta.json records (a partition.npz swapped in from another
+    partition); meta.json files written before the digest existed have none, and are not checked (their
+    identity record still is, by `check_identity`).
     """
     path = Path(path_dir) / "partition.npz"
     if not path.is_file():
@@ -573,7 +608,24 @@ def load_partition(path_dir, num_samples: int | None = None) -> list[np.ndarray]
         if p.size and (p.min() < 0 or (num_samples is not None and p.max() >= num_samples)):
             raise ValueError(f"partition file {path}: client {i} has indices outside the {num_samples} training "
                              f"samples of the data; {remake}")
-    return [p.astype(np.int64, copy=False) for p in parts]
+    parts = [p.astype(np.int64, copy=False) for p in parts]
+    recorded = _recorded_digest(Path(path_dir) / "meta.json")
+    if recorded is not None and parts_digest(parts) != recorded:
+        raise ValueError(f"partition file {path} does not match its meta.json (its arrays hash to "
+                         f"{parts_digest(parts)}, meta.json records {recorded}): it comes from another partition; "
+                         f"{remake}")
+    return parts
+
+
+def _recorded_digest(meta_path: Path) -> str | None:
+    """The `parts_digest` a partition's meta.json records; None without one (older fedhpro, or no meta.json:
+    the caller checks the record itself)."""
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, ValueError):
+        return None
+    value = meta.get(PARTS_HASH_KEY) if isinstance(meta, dict) else None
+    return value if isinstance(value, str) else None
 
 
 # The keys that determine a partition: a saved partition is used only by a run that agrees on every one.
@@ -602,16 +654,46 @@ def partition_identity(*, dataset: str, data_fingerprint: str, scheme: str, num_
             "min_size": None if min_size is None or scheme != "dirichlet" else int(min_size)}
 
 
+# identity key -> the run config key (`fedhpro.config.RunConfig`) that sets it, where the names differ
+RUN_CONFIG_KEYS = {"scheme": "partition", "seed": "partition_seed"}
+
+
+def effective_min_size(identity: dict, num_samples) -> int | None:
+    """An identity's `min_size` with None resolved to what `partition_labels` uses for it: the `dirichlet`
+    scheme's default min(10, n // num_clients), n the samples it splits (all of which it assigns, so a saved
+    dirichlet partition's `num_samples`). Other schemes have no min_size (None)."""
+    value = identity.get("min_size")
+    if identity.get("scheme") != "dirichlet" or value is not None:
+        return value
+    clients = identity.get("num_clients")
+    if isinstance(num_samples, int) and isinstance(clients, int) and clients > 0:
+        return min(_DEFAULT_MIN_SIZE, num_samples // clients)
+    return _DEFAULT_MIN_SIZE
+
+
 def check_identity(path_dir, meta: dict, want: dict) -> None:
-    """ValueError naming the first key on which a saved partition's identity differs from `want`."""
+    """ValueError naming the first key on which a saved partition's identity differs from `want` (and the run
+    config key that sets it). `min_size` None counts as the scheme's default (`effective_min_size`), so a
+    partition made with the default given explicitly is the same split."""
     have = meta.get("identity") if isinstance(meta, dict) else None
     if not isinstance(have, dict):
         raise ValueError(f"partition {path_dir} has no identity record in meta.json (made by an older fedhpro, "
                          "or not a fedhpro partition); delete it and make it again")
     for key in IDENTITY_KEYS:
-        if have.get(key) != want.get(key):
-            raise ValueError(f"partition {path_dir} was made with {key}={have.get(key)!r}, but the run needs "
-                             f"{key}={want.get(key)!r}; use the partition made for this run (or none)")
+        found, needed = have.get(key), want.get(key)
+        if key == "min_size":  # compared last: every other key agrees, so both sides split the same samples
+            found = effective_min_size(have, meta.get("num_samples"))
+            needed = effective_min_size(want, meta.get("num_samples"))
+        if found != needed:
+            run_key = RUN_CONFIG_KEYS.get(key, key)
+            if key == "min_size":
+                note = " (the scheme's default; a run cannot set min_size)"
+            elif key == "data_fingerprint":
+                note = " (the content of the data it loads)"
+            else:
+                note = f" (config key '{run_key}')"
+            raise ValueError(f"partition {path_dir} was made with {key}={found!r}, but the run needs "
+                             f"{run_key}={needed!r}{note}; use the partition made for this run (or none)")
 
 
 # --------------------------------------------------------------------------- CLI
@@ -660,6 +742,11 @@ def _main(argv=None) -> int:
     except ValueError as e:
         parser.error(str(e))
     counts = client_class_counts(labels, parts, num_classes)
+    emptied = emptied_classes(labels, args.rho)
+    if emptied:  # `fedhpro train` and the workflow refuse such a split; say so before it is used
+        print(f"warning: --rho {args.rho:g} leaves class(es) {', '.join(map(str, emptied))} of dataset "
+              f"{args.dataset!r} with no training sample ({len(labels)} samples, {num_classes} classes); runs "
+              "with this imbalance_ratio are refused; use a smaller --rho", file=sys.stderr)
     print(format_count_table(counts))
     if args.out:
         identity = partition_identity(dataset=args.dataset, data_fingerprint=fingerprint(data), scheme=args.scheme,

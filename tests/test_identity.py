@@ -659,3 +659,177 @@ def test_recompressed_copy_accepted_by_content_with_one_key(tmp_path):
     assert not any(p for p in raw.iterdir() if not p.name.startswith("."))
     with pytest.raises(ValueError, match="mirrors.fashion_mnist.fingerprint"):
         plan_downloads([("fashion_mnist", {})], root, {"fashion_mnist": {"fingerprint": "md5:abc"}})
+
+
+# ---- audit A
+# Found by an audit after the items above: (1) seeds of one cell from different configs, (2) a partition.npz
+# swapped in under another partition's meta.json, (3) an explicit default min_size refused, (4) the partition
+# CLI silent about emptied classes, (5) image caches keyed on a restorable mtime, (6) image loader options
+# unchecked, (7) raw PIL/OS errors for non-images and missing folders.
+def test_audit_aggregate_refuses_cell_seeds_of_different_configs(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    train(cfg_of(rounds=1, lr=0.05, seed=0), runs / "a")
+    train(cfg_of(rounds=1, lr=0.1, seed=1), runs / "b")
+    with pytest.raises(agg.MixedSeedsError) as info:
+        agg.collect(str(runs / "**" / METRICS))
+    text = str(info.value)
+    assert str(runs / "a") in text and str(runs / "b") in text and "lr: 0.05 vs 0.1" in text
+    assert "seed" not in text.split("differ in")[1].split(";")[0]  # the seeds are not named as a difference
+    err = one_line_error(capsys, cli_main(["aggregate", "--runs", str(runs / "**" / METRICS),
+                                           "--out", str(tmp_path / "tables")]))
+    assert "lr: 0.05 vs 0.1" in err and not (tmp_path / "tables" / "main.md").exists()
+    # seeds and partition seeds of one config are one cell's seeds
+    shutil.rmtree(runs / "b")
+    train(cfg_of(rounds=1, lr=0.05, seed=1), runs / "b")
+    train(cfg_of(rounds=1, lr=0.05, seed=0, partition_seed=1), runs / "c")
+    summary = agg.summarize(agg.collect(str(runs / "**" / METRICS)))
+    assert summary["n"].tolist() == [3]
+
+
+def test_audit_partition_npz_swapped_in_from_another_partition_is_refused(tmp_path, capsys):
+    from fedhpro.partition import PARTS_HASH_KEY, load_partition
+
+    part = make_partition(tmp_path, capsys, "--scheme", "dirichlet", "--alpha", "0.5")
+    other = tmp_path / "other"
+    assert partition_main(["--dataset", "digits", "--num-clients", "3", "--data-root", str(tmp_path / "data"),
+                           "--out", str(other), "--scheme", "dirichlet", "--alpha", "0.5", "--seed", "7"]) == 0
+    capsys.readouterr()
+    meta = json.loads((part / "meta.json").read_text())
+    assert meta[PARTS_HASH_KEY].startswith("sha256:")
+    own = (part / "partition.npz").read_bytes()
+    shutil.copy(other / "partition.npz", part / "partition.npz")  # meta.json kept: its identity still matches
+    with pytest.raises(ValueError, match=r"partition file .*partition\.npz does not match its meta\.json"):
+        train(cfg_of(), tmp_path / "run", partition_dir=part)
+    assert not (tmp_path / "run" / "config.json").exists()
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(yaml.safe_dump(TINY))
+    err = one_line_error(capsys, cli_main(["train", "--config", str(cfg), "--out", str(tmp_path / "r"),
+                                           "--partition-dir", str(part)]))
+    assert "partition.npz does not match its meta.json" in err
+    # a partition saved before the digest existed (no hash in meta.json) still loads
+    (part / "partition.npz").write_bytes(own)
+    del meta[PARTS_HASH_KEY]
+    (part / "meta.json").write_text(json.dumps(meta))
+    assert len(load_partition(part)) == 3
+
+
+def test_audit_partition_check_names_the_run_config_key(tmp_path, capsys):
+    part = make_partition(tmp_path, capsys, "--scheme", "dirichlet", "--alpha", "0.5", "--seed", "1")
+    with pytest.raises(ConfigError, match=r"made with seed=1, but the run needs partition_seed=0"):
+        train(cfg_of(), tmp_path / "run", partition_dir=part)
+    shutil.rmtree(part)
+    part = make_partition(tmp_path, capsys, "--scheme", "iid")
+    with pytest.raises(ConfigError, match=r"made with scheme='iid', but the run needs partition='dirichlet'"):
+        train(cfg_of(), tmp_path / "run", partition_dir=part)
+
+
+def test_audit_explicit_default_min_size_is_the_same_split(tmp_path, capsys):
+    from fedhpro.partition import load_partition
+
+    explicit = make_partition(tmp_path, capsys, "--scheme", "dirichlet", "--alpha", "0.5", "--min-size", "10")
+    default = tmp_path / "default"
+    assert partition_main(["--dataset", "digits", "--num-clients", "3", "--data-root", str(tmp_path / "data"),
+                           "--out", str(default), "--scheme", "dirichlet", "--alpha", "0.5"]) == 0
+    assert all(np.array_equal(a, b) for a, b in zip(load_partition(explicit), load_partition(default)))
+    a = train(cfg_of(rounds=1), tmp_path / "a", partition_dir=explicit)  # accepted: the run's own split
+    b = train(cfg_of(rounds=1), tmp_path / "b")
+    assert a["test_acc"].tolist() == b["test_acc"].tolist()
+    assert json.loads((tmp_path / "a" / "config.json").read_text())["config_hash"] == cfg_of(rounds=1).config_hash()
+    # another min_size is another split: still refused, naming the default it was compared with
+    shutil.rmtree(explicit)
+    explicit = make_partition(tmp_path, capsys, "--scheme", "dirichlet", "--alpha", "0.5", "--min-size", "11")
+    with pytest.raises(ConfigError, match=r"made with min_size=11, but the run needs min_size=10"):
+        train(cfg_of(), tmp_path / "run", partition_dir=explicit)
+
+
+def test_audit_partition_cli_warns_of_a_long_tail_that_empties_classes(tmp_path, capsys):
+    rc = partition_main(["--dataset", "digits", "--num-clients", "3", "--data-root", str(tmp_path / "data"),
+                         "--scheme", "iid", "--rho", "10000"])
+    err = capsys.readouterr().err
+    assert rc == 0
+    warnings = [line for line in err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "no training sample" in warnings[0] and "--rho 10000" in warnings[0], err
+    rc = partition_main(["--dataset", "digits", "--num-clients", "3", "--data-root", str(tmp_path / "data"),
+                         "--scheme", "iid", "--rho", "2"])
+    assert rc == 0 and "warning" not in capsys.readouterr().err
+
+
+def _png_bytes(seed: int) -> bytes:
+    """An uncompressed 8x8 RGB PNG of random pixels: every seed gives other bytes of the same size."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(
+        buf, format="PNG", compress_level=0)
+    return buf.getvalue()
+
+
+def test_audit_image_overwritten_with_same_size_and_restored_mtime_is_decoded_again(tmp_path):
+    src = _image_tree(tmp_path / "imgs", 50)
+    f = src / "train" / "cat" / "0.png"
+    f.write_bytes(_png_bytes(1))
+    first = load_dataset("imagefolder", tmp_path / "d", path=str(src), image_size=8)  # decoded, cached
+    fp = fingerprint(first)
+    st = f.stat()
+    other = _png_bytes(2)
+    assert len(other) == st.st_size and other != f.read_bytes()
+    f.write_bytes(other)
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))  # as cp -p / rsync -a leave it
+    assert (f.stat().st_size, f.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+    second = load_dataset("imagefolder", tmp_path / "d", path=str(src), image_size=8)
+    assert not np.array_equal(first.train_x.numpy(), second.train_x.numpy())
+    assert fingerprint(second) != fp
+    fresh = load_dataset("imagefolder", tmp_path / "d", path=str(src), image_size=8, cache=False)
+    assert np.array_equal(fresh.train_x.numpy(), second.train_x.numpy())
+
+
+@pytest.mark.parametrize("options, needle", [
+    ({"image_size": "8"}, "image_size must be a positive integer or null"),
+    ({"image_size": 2.5}, "image_size must be a positive integer or null"),
+    ({"image_size": -3}, "image_size must be a positive integer or null"),
+    ({"image_size": 0}, "image_size must be a positive integer or null"),
+    ({"image_size": True}, "image_size must be a positive integer or null"),
+    ({"channels": 2}, "channels must be 1"),
+    ({"channels": "3"}, "channels must be 1"),
+])
+def test_audit_image_folder_options_checked_up_front(tmp_path, capsys, options, needle):
+    src = _image_tree(tmp_path / "imgs", 50)
+    with pytest.raises(ValueError, match=needle):
+        load_dataset("imagefolder", tmp_path / "d", path=str(src), **options)
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(yaml.safe_dump({**TINY, "dataset": "imagefolder", "partition": "iid", "num_clients": 2,
+                                   "data_root": str(tmp_path / "d"),
+                                   "dataset_options": {"path": str(src), **options}}))
+    err = one_line_error(capsys, cli_main(["train", "--config", str(cfg), "--out", str(tmp_path / "r")]))
+    assert needle in err and "cannot decode" not in err
+
+
+def test_audit_image_folder_valid_options_keep_their_meaning(tmp_path):
+    src = _image_tree(tmp_path / "imgs", 50)
+    grey = load_dataset("imagefolder", tmp_path / "d", path=str(src), image_size=None, channels=1)
+    assert tuple(grey.train_x.shape) == (12, 1, 8, 8)
+    big = load_dataset("imagefolder", tmp_path / "d", path=str(src), image_size=np.int64(16))
+    assert tuple(big.train_x.shape) == (12, 3, 16, 16)
+
+
+def test_audit_non_image_file_and_missing_folder_are_named_plainly(tmp_path, capsys):
+    src = _image_tree(tmp_path / "imgs", 50)
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(yaml.safe_dump({**TINY, "dataset": "imagefolder", "partition": "iid", "num_clients": 2,
+                                   "data_root": str(tmp_path / "d"),
+                                   "dataset_options": {"path": str(src), "image_size": 8}}))
+    for content in (b"", b"not a picture at all"):
+        (src / "train" / "cat" / "9.png").write_bytes(content)
+        err = one_line_error(capsys, cli_main(["train", "--config", str(cfg), "--out", str(tmp_path / "r")]))
+        assert f"9.png: not an image file ({len(content)} bytes)" in err and "0x" not in err, err
+    (src / "train" / "cat" / "9.png").unlink()
+    missing = tmp_path / "nowhere"
+    with pytest.raises(FileNotFoundError, match=f"image folder {missing} does not exist"):
+        load_dataset("imagefolder", tmp_path / "d", path=str(missing))
+    cfg.write_text(yaml.safe_dump({**TINY, "dataset": "imagefolder", "partition": "iid", "num_clients": 2,
+                                   "data_root": str(tmp_path / "d"),
+                                   "dataset_options": {"path": str(missing)}}))
+    err = one_line_error(capsys, cli_main(["train", "--config", str(cfg), "--out", str(tmp_path / "r")]))
+    assert "does not exist" in err and "Errno" not in err, err

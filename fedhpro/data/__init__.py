@@ -177,9 +177,9 @@ STAT_CACHE_VERSION = 1
 def cached_by_stat(cache_file: str | Path | None, key: Mapping[str, Any], source: str | Path,
                    compute: Callable[[], str]) -> str:
     """`compute()` (a content identity, which costs a read of `source`), kept in the JSON `cache_file` under
-    `key` and the name, size and mtime of every file of `source` (`imagefolder.source_key`): while no file
-    changes, the value is read back; a touched file costs one `compute()` (the same value if the bytes did
-    not change). An unreadable or unwritable cache is ignored; errors of `compute` propagate."""
+    `key` and the name, size, mtime, inode and ctime of every file of `source` (`imagefolder.source_key`):
+    while no file changes, the value is read back; a touched file costs one `compute()` (the same value if the
+    bytes did not change). An unreadable or unwritable cache is ignored; errors of `compute` propagate."""
     import hashlib
 
     from fedhpro.data.imagefolder import source_key

@@ -16,8 +16,14 @@ may sit under one common prefix, e.g. `mydata/train/...` inside the archive):
 
 Decoding many images is slow, so the decoded uint8 arrays are cached as
 `<root>/<dataset>/cache/<key>.npz` (written atomically); the key hashes the
-source's path, size and modification time (every file's, for a directory) and
-the decoding options, so a changed source is decoded again.
+source's path, size, modification time, inode number and status-change time
+(every file's, for a directory) and the decoding options, so a changed source is
+decoded again, also one overwritten with other bytes of the same size whose
+mtime was then restored (`os.utime`, `cp -p`, `rsync -a`): no user can set
+the ctime, and every write, rename or chmod updates it.
+
+Options are checked up front (`check_options`): image_size a positive integer or
+None, channels 1 or 3; a file that is no image is named with its size.
 
 The registered `imagefolder` dataset has `num_classes=0` in its DatasetSpec,
 meaning "determined from the data at load time" (the loaded ArrayData carries
@@ -31,6 +37,7 @@ import io
 import json
 import logging
 import os
+import re
 import tarfile
 import zipfile
 from dataclasses import dataclass
@@ -47,7 +54,7 @@ log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"})
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz", ".zip")
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: source keys hold inode and ctime
 
 
 @dataclass
@@ -136,7 +143,7 @@ def _collect(source: Path) -> dict[str, Callable[[], bytes]]:
                 out[rel] = full.read_bytes
         return out
     if not source.is_file():
-        raise FileNotFoundError(f"{source}: no such file or directory")
+        raise FileNotFoundError(f"image folder {source} does not exist")
     if zipfile.is_zipfile(source) and not tarfile.is_tarfile(source):
         with zipfile.ZipFile(source) as zf:
             return {info.filename: (lambda b=zf.read(info): b) for info in zf.infolist()
@@ -156,25 +163,40 @@ def _collect(source: Path) -> dict[str, Callable[[], bytes]]:
 # ----------------------------------------------------------------------------- decoding
 
 
+def check_options(image_size, channels) -> tuple[int | None, int]:
+    """(image_size, channels) as Python ints; a one-line ValueError naming an option of the wrong kind (checked
+    before any image is read)."""
+    if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, (int, np.integer))
+                                   or image_size < 1):
+        raise ValueError(f"dataset option image_size must be a positive integer or null (original size), "
+                         f"got {image_size!r}")
+    if isinstance(channels, bool) or not isinstance(channels, (int, np.integer)) or channels not in (1, 3):
+        raise ValueError(f"dataset option channels must be 1 (grey) or 3 (RGB), got {channels!r}")
+    return (None if image_size is None else int(image_size)), int(channels)
+
+
 def decode_image(data: bytes, image_size: int | None, channels: int, name: str = "") -> np.ndarray:
     """PIL-decode image bytes to uint8 C x H x W (RGB for channels=3, L for 1)."""
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
 
-    if channels not in (1, 3):
-        raise ValueError(f"channels must be 1 or 3, got {channels}")
+    check_options(image_size, channels)
     try:
         with Image.open(io.BytesIO(data)) as im:
             im = im.convert("RGB" if channels == 3 else "L")
             if image_size and im.size != (image_size, image_size):
                 im = im.resize((image_size, image_size), Image.Resampling.BILINEAR)
             arr = np.asarray(im, dtype=np.uint8)
+    except UnidentifiedImageError:  # its text names the BytesIO object by its address
+        raise ValueError(f"cannot decode image {name or '<bytes>'}: not an image file ({len(data)} bytes)") from None
     except Exception as exc:  # PIL raises several kinds for undecodable data
-        raise ValueError(f"cannot decode image {name or '<bytes>'}: {exc}") from exc
+        why = re.sub(r" at 0x[0-9a-fA-F]+", "", " ".join(str(exc).split())) or type(exc).__name__
+        raise ValueError(f"cannot decode image {name or '<bytes>'}: {why} ({len(data)} bytes)") from None
     return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
 
 
 def read_image_folder(source: str | Path, *, image_size: int | None = 32, channels: int = 3) -> FolderArrays:
     """Decode a train/test image-folder tree from a directory, tar or zip (see module docstring)."""
+    image_size, channels = check_options(image_size, channels)
     source = Path(source)
     files = _collect(source)
     prefix, test_split = find_layout(files)
@@ -217,16 +239,22 @@ def read_image_folder(source: str | Path, *, image_size: int | None = 32, channe
 
 
 def source_key(source: str | Path) -> dict:
-    """What identifies a source's bytes cheaply: path, size and mtime (of every file, for a dir)."""
+    """What identifies a source's bytes cheaply: path, then size, mtime, inode and ctime (of every file, for a
+    dir). The mtime can be set back (`os.utime`, `cp -p`, `rsync -a`) after other bytes of the same size were
+    written; the ctime cannot (every write or chmod updates it), and a file replaced by a rename has another
+    inode."""
     source = Path(source).resolve()
+    if not source.exists():
+        raise FileNotFoundError(f"{source} does not exist")
     if source.is_dir():
         h = hashlib.sha256()
         for full, rel in walk_files(source):
             st = os.stat(full)
-            h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+            h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ino}\0{st.st_ctime_ns}\n".encode())
         return {"path": str(source), "tree": h.hexdigest()}
     st = source.stat()
-    return {"path": str(source), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    return {"path": str(source), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "ino": st.st_ino,
+            "ctime_ns": st.st_ctime_ns}
 
 
 def cache_path(cache_dir: Path, source: str | Path, **options) -> Path:
@@ -248,6 +276,7 @@ def _load_npz(path: Path) -> FolderArrays:
 def read_image_folder_cached(source: str | Path, cache_dir: Path | None, *, image_size: int | None = 32,
                              channels: int = 3) -> FolderArrays:
     """`read_image_folder`, reusing/writing `cache_dir/<key>.npz` (no cache when cache_dir is None)."""
+    image_size, channels = check_options(image_size, channels)
     if cache_dir is None:
         return read_image_folder(source, image_size=image_size, channels=channels)
     path = cache_path(cache_dir, source, image_size=image_size, channels=channels)
@@ -310,11 +339,16 @@ def load_imagefolder(root: Path, path: str | None = None, image_size: int | None
     (itself, a subfolder, or an archive there or in its raw/). The decoded
     arrays are cached under `<root>/imagefolder/cache/` unless cache=False.
     """
+    image_size, channels = check_options(image_size, channels)
+    if not isinstance(cache, bool):
+        raise ValueError(f"dataset option cache must be true or false, got {cache!r}")
     base = Path(root) / "imagefolder"
     source = Path(path).expanduser() if path else find_folder_source(base)
     if source is None:
         raise FileNotFoundError(f"no image folder found under {base}; give path= (a folder or archive "
                                 "with train/<class>/* and test/<class>/*)")
+    if not source.exists():
+        raise FileNotFoundError(f"image folder {source} does not exist")
     arrays = read_image_folder_cached(source, base / "cache" if cache else None,
                                       image_size=image_size, channels=channels)
     if len(arrays.train_x) == 0:
