@@ -7,7 +7,9 @@ with a few GB per user), so `workflow/rules/common.smk` calls `load_run_table`, 
 ``python -m fedhpro.runtable`` once: the child validates the config exactly as before
 (`fedhpro.sweep.validate_workflow_config`, `plan_downloads`) and prints plain JSON (run ids, each
 run's canonical config JSON and hash, the partitions, the download plan); the parent keeps only
-that. The parent imports nothing but the standard library from this module.
+that. The parent imports nothing but the standard library from this module (and, for `schema_error`,
+jsonschema and PyYAML, which Snakemake has loaded already). Ctrl-C while the child runs is one line
+(`RunTableInterrupted`), and so are the checks run before it (`schema_error`, `check_directories`).
 
 The strings are the ones the in-process version produced (``RunConfig.canonical_json()``,
 ``config_hash()``, ``PartitionSpec.params()``), so Snakemake's params rerun trigger and every run

@@ -414,7 +414,8 @@ def test_schema_errors_name_the_key_in_one_line():
 
 @pytest.mark.parametrize("key, value, message", [
     ("results", "{tmp}/a_file", "results: {tmp}/a_file is not a directory"),
-    ("data_root", "{tmp}/a_file/data", "data_root: {tmp}/a_file/data lies under {tmp}/a_file, which is not a directory"),
+    ("data_root", "{tmp}/a_file/data",
+     "data_root: {tmp}/a_file/data lies under {tmp}/a_file, which is not a directory"),
 ])
 def test_a_directory_key_that_is_a_file_is_one_line(tmp_path, key, value, message):
     (tmp_path / "a_file").write_text("not a directory")
