@@ -246,6 +246,20 @@ def refuse_missing_configfiles(argv: list[str]) -> None:
             raise SystemExit(2)
 
 
+def quiet_interrupt_hook(previous=sys.excepthook):
+    """A sys.excepthook that prints one line for a KeyboardInterrupt nobody caught (Ctrl-C while Snakemake
+    starts, e.g. while it imports its plugins) instead of the traceback; other exceptions go to `previous`."""
+    def hook(exc_type, exc, tb):
+        if issubclass(exc_type, KeyboardInterrupt):
+            from fedhpro.cliutil import INTERRUPTED
+
+            print(INTERRUPTED, file=sys.stderr)
+        else:
+            previous(exc_type, exc, tb)
+    return hook
+
+
 if "snakemake" in os.path.basename(sys.argv[0] if sys.argv else "") or (
         sys.argv and sys.argv[0].endswith(os.path.join("snakemake", "__main__.py"))):
+    sys.excepthook = quiet_interrupt_hook()
     refuse_missing_configfiles(sys.argv)

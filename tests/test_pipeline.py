@@ -525,3 +525,16 @@ def test_a_failing_job_is_one_line_naming_its_log_with_the_traceback_only_in_the
     assert f"log: {log} (check log file(s) for error details)" in text, text[-3000:]
     assert "Traceback" not in text, text[-3000:]
     assert "Traceback" in (wf / log).read_text() and "ChecksumError" in (wf / log).read_text()
+
+
+def test_ctrl_c_while_snakemake_starts_is_one_line():
+    """A KeyboardInterrupt that Snakemake does not catch (e.g. while it imports its plugins, before any workflow
+    code) is one line: the executor plugin, imported at Snakemake's start, installs the hook."""
+    code = ("import sys; sys.argv[0] = 'snakemake'; import snakemake_executor_plugin_fedhpro; "
+            "raise KeyboardInterrupt")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert proc.stderr == "interrupted; rerun the same command to resume\n", proc.stderr[-2000:]
+    code = code.replace("KeyboardInterrupt", "ValueError('other errors are shown as before')")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "Traceback" in proc.stderr and "ValueError: other errors are shown as before" in proc.stderr
