@@ -7,7 +7,9 @@ with a few GB per user), so `workflow/rules/common.smk` calls `load_run_table`, 
 ``python -m fedhpro.runtable`` once: the child validates the config exactly as before
 (`fedhpro.sweep.validate_workflow_config`, `plan_downloads`) and prints plain JSON (run ids, each
 run's canonical config JSON and hash, the partitions, the download plan); the parent keeps only
-that. The parent imports nothing but the standard library from this module.
+that. The parent imports nothing but the standard library from this module (and, for `schema_error`,
+jsonschema and PyYAML, which Snakemake has loaded already). Ctrl-C while the child runs is one line
+(`RunTableInterrupted`), and so are the checks run before it (`schema_error`, `check_directories`).
 
 The strings are the ones the in-process version produced (``RunConfig.canonical_json()``,
 ``config_hash()``, ``PartitionSpec.params()``), so Snakemake's params rerun trigger and every run
@@ -18,16 +20,26 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-__all__ = ["RunRow", "PartitionRow", "RunTable", "RunTableError", "load_run_table", "build_run_table"]
+__all__ = ["RunRow", "PartitionRow", "RunTable", "RunTableError", "RunTableInterrupted", "load_run_table",
+           "build_run_table", "check_directories", "schema_error"]
 
 
 class RunTableError(ValueError):
     """The workflow config is invalid (the message names the key), or the run table could not be built."""
+
+
+class RunTableInterrupted(Exception):
+    """Ctrl-C while the child computed the run table (nothing was written; the same command starts over)."""
+
+    def __init__(self) -> None:
+        super().__init__("interrupted while loading the workflow config; rerun the same command")
 
 
 @dataclass(frozen=True)
@@ -154,11 +166,84 @@ def partition_contents(runs, data_root: str, pending: set[str], *, cache_file: s
     return out
 
 
+def schema_error(config: Any, schema_path: str) -> str | None:
+    """The one-line reason `config` fails the workflow's JSON schema, naming the key (None if it passes).
+
+    snakemake.utils.validate reports a failure with the whole schema (~1,400 lines); this is jsonschema's
+    best match instead, e.g. ``heterogenity: unknown key; accepted: results, data_root, ...`` or
+    ``defaults.rounds: 'ten' is not of type 'integer'``.
+    """
+    import yaml
+    from jsonschema import Draft202012Validator
+    from jsonschema.exceptions import best_match
+
+    with open(schema_path) as fh:
+        schema = yaml.safe_load(fh)
+    error = best_match(Draft202012Validator(schema).iter_errors(config))
+    if error is None:
+        return None
+    path = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error.absolute_path).lstrip(".")
+    if error.validator == "additionalProperties" and isinstance(error.instance, dict):
+        accepted = list((error.schema.get("properties") or {}))
+        unknown = sorted(k for k in error.instance if k not in accepted)
+        if unknown:
+            key = f"{path}.{unknown[0]}" if path else unknown[0]
+            return f"{key}: unknown key" + (f"; accepted: {', '.join(accepted)}" if accepted else "")
+    message = error.message
+    shown = repr(error.instance)
+    if len(shown) > 80 and shown in message:  # jsonschema quotes the whole value
+        message = message.replace(shown, shown[:60] + "...")
+    return f"{path or '(top level)'}: {' '.join(message.split())}"
+
+
+def check_directories(config: Mapping[str, Any], keys: tuple[str, ...] = ("results", "data_root")) -> None:
+    """RunTableError naming the key when a directory key (`results`, `data_root`) is, or lies under, a file:
+    the workflow would otherwise fail later on '<file>/tables' with a traceback."""
+    for key in keys:
+        path = config.get(key)
+        if not isinstance(path, str) or not path:
+            continue
+        here = path.rstrip("/") or "/"
+        while here and not os.path.lexists(here):  # the nearest part that exists must be a directory
+            parent = os.path.dirname(here)
+            here = parent if parent != here else ""
+        if here and not os.path.isdir(here):
+            what = "is not a directory" if here == path.rstrip("/") else f"lies under {here}, which is not a directory"
+            raise RunTableError(f"{key}: {path} {what}")
+
+
+def _run_child(cmd: list[str], stdin: str, env: dict[str, str], timeout: float) -> tuple[int, str]:
+    """Run `cmd` with `stdin`; (exit status, stdout). Its stderr is ours (its warnings reach the user).
+
+    The child starts with SIGINT ignored (a disposition that survives exec; Python then installs no
+    KeyboardInterrupt handler): a terminal's Ctrl-C goes to the whole process group, and the child, caught
+    anywhere (even importing torch), would print a traceback. Here the parent alone gets the
+    KeyboardInterrupt and kills the child, like subprocess.run on any exception.
+    """
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGINT) if in_main else None
+    if previous is not None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+    with proc:
+        try:
+            stdout, _ = proc.communicate(stdin, timeout=timeout)
+        except BaseException:
+            proc.kill()
+            raise
+    return proc.returncode, stdout
+
+
 def load_run_table(config: Mapping[str, Any], data_root: str, *, package_root: str | None = None,
                    python: str = sys.executable, timeout: float = 600) -> RunTable:
     """Validate `config` and expand it in a child Python; raises RunTableError with its one-line message.
 
     package_root: a directory to put first on the child's PYTHONPATH (this checkout's fedhpro).
+    Ctrl-C (SIGINT to the process group; the child ignores it and is killed) is RunTableInterrupted.
     """
     env = dict(os.environ)
     if package_root:
@@ -171,16 +256,20 @@ def load_run_table(config: Mapping[str, Any], data_root: str, *, package_root: s
         raise RunTableError(str(err)) from None
     request = {"config": config, "data_root": data_root, "pending": pending}
     try:
-        proc = subprocess.run([python, "-m", "fedhpro.runtable"], input=json.dumps(request, default=str),
-                              stdout=subprocess.PIPE, stderr=None, text=True, env=env, timeout=timeout)
+        status, stdout = _run_child([python, "-m", "fedhpro.runtable"], json.dumps(request, default=str), env,
+                                    timeout)
+    except KeyboardInterrupt:  # the child is killed and reaped
+        raise RunTableInterrupted() from None
     except (OSError, subprocess.SubprocessError) as err:
         raise RunTableError(f"could not run {python} -m fedhpro.runtable: {err}") from None
+    if status in (INTERRUPTED_STATUS, -signal.SIGINT):  # a SIGINT that reached the child only
+        raise RunTableInterrupted()
     try:
-        answer = json.loads(proc.stdout or "null")
+        answer = json.loads(stdout or "null")
     except ValueError:
         answer = None
     if not isinstance(answer, dict):
-        raise RunTableError(f"{python} -m fedhpro.runtable failed (exit {proc.returncode}); see its output above")
+        raise RunTableError(f"{python} -m fedhpro.runtable failed (exit {status}); see its output above")
     if "error" in answer:
         raise RunTableError(answer["error"])
     return RunTable(runs=[RunRow(**{**row, "experiments": tuple(row.get("experiments", ()))}) for row in answer["runs"]], partitions={pid: PartitionRow(pid, values) for pid, values in answer["partitions"].items()},
@@ -188,14 +277,22 @@ def load_run_table(config: Mapping[str, Any], data_root: str, *, package_root: s
                     partition_content=answer.get("partition_content") or {})
 
 
+INTERRUPTED_STATUS = 130  # the child's exit status after Ctrl-C (the shell's 128 + SIGINT)
+
+
 def main() -> int:
-    """``python -m fedhpro.runtable``: request JSON on stdin, the run table (or {"error": ...}) on stdout."""
-    request = json.load(sys.stdin)
+    """``python -m fedhpro.runtable``: request JSON on stdin, the run table (or {"error": ...}) on stdout.
+
+    Run by `load_run_table`, it ignores SIGINT; run otherwise, Ctrl-C exits quietly with status 130."""
     try:
-        table = build_run_table(request["config"], request["data_root"], set(request["pending"]))
-    except ValueError as err:  # ConfigError / SweepConfigError, and plan_downloads' one-line errors
-        table = {"error": str(err)}
-    json.dump(table, sys.stdout)
+        request = json.load(sys.stdin)
+        try:
+            table = build_run_table(request["config"], request["data_root"], set(request["pending"]))
+        except ValueError as err:  # ConfigError / SweepConfigError, and plan_downloads' one-line errors
+            table = {"error": str(err)}
+        json.dump(table, sys.stdout)
+    except KeyboardInterrupt:
+        return INTERRUPTED_STATUS
     return 0
 
 

@@ -1,8 +1,10 @@
 """The shared part of the workflow's Snakemake scripts (workflow/scripts/*.py): each runs its rule's job
 under `run_script`, which sends the job's stdout, stderr and `logging` into the rule's log file and turns
 any failure into one line for Snakemake (``<rule> failed: <message> (full log: <log>)``, exit status 1),
-with the full traceback in the log. The package's `logging` (loggers under ``fedhpro``) goes to the log at
-level INFO.
+with the full traceback in the log only (the profile does not print failed jobs' logs; Snakemake's error
+block names the log). An interrupt (Ctrl-C: SIGINT to the process group) is one line too, ``<rule>:
+interrupted; rerun the same command to resume`` (exit status 130, no traceback anywhere): a training run
+resumes from its checkpoint. The package's `logging` (loggers under ``fedhpro``) goes to the log at level INFO.
 
 Imports nothing from the package at import time (no torch): a script imports it before its job imports
 what the job needs, inside the log redirection, so an import error is reported like any other failure.
@@ -26,6 +28,7 @@ def run_script(sm: Any, job: Callable[[Any], int | None], name: str | None = Non
     log; nothing else reaches Snakemake's own output."""
     name = name or getattr(sm, "rule", None) or "job"
     log_path = sm.log[0]
+    interrupted = ""
     with open(log_path, "w") as log, redirect_stdout(log), redirect_stderr(log):
         package_log = logging.getLogger("fedhpro")  # the package's loggers (not submitit's, which has its own)
         handler = logging.StreamHandler(log)
@@ -37,10 +40,19 @@ def run_script(sm: Any, job: Callable[[Any], int | None], name: str | None = Non
             status = job(sm)
             if status:
                 raise RuntimeError(f"exited with status {status}")
-        except BaseException:
+        except KeyboardInterrupt:  # the traceback would only show where the signal landed
+            from fedhpro.cliutil import INTERRUPTED
+
+            interrupted = f"{name}: {INTERRUPTED}"
+            print(interrupted, file=log, flush=True)
+        except BaseException as err:
             traceback.print_exc()
             log.flush()
-            raise SystemExit(f"{name} failed: {sys.exc_info()[1]} (full log: {log_path})") from None
+            reason = " ".join(str(err).split()) or type(err).__name__
+            raise SystemExit(f"{name} failed: {reason} (full log: {log_path})") from None
         finally:
             package_log.removeHandler(handler)
             package_log.setLevel(level)
+    if interrupted:
+        print(interrupted, file=sys.stderr, flush=True)
+        raise SystemExit(130)

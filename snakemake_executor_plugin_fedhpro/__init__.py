@@ -42,7 +42,7 @@ from snakemake_interface_executor_plugins.settings import CommonSettings
 
 from fedhpro.launch import (ACTIVE_STATES, LaunchOptions, PackEntry, config_sha, failure_report, is_final, query_states,
                             read_jobs, submit_pack, update_job)
-from fedhpro.sweep import SweepConfigError
+from fedhpro.sweep import SweepConfigError, check_config_files
 
 common_settings = CommonSettings(
     non_local_exec=True,
@@ -207,11 +207,14 @@ class Executor(RemoteExecutor):
 
 
 def refuse_missing_configfiles(argv: list[str]) -> None:
-    """Exit with a one-line error when a ``--configfile`` named on Snakemake's command line is missing.
+    """Exit with a one-line error naming the file when a ``--configfile`` named on Snakemake's command line
+    is missing, a directory, unreadable, or not valid YAML/JSON (with the line; duplicate keys too:
+    `fedhpro.sweep.check_config_files`, torch-free, the check the workflow repeats at load).
 
     Snakemake reads config files before any workflow code runs and answers a missing one with a
-    traceback. It imports every installed executor plugin while it builds its argument parser, before
-    it reads them, so this module is the earliest point where our code runs in a `snakemake` call.
+    traceback, invalid YAML with "Config file is not valid JSON or YAML" (no file, no line). It imports
+    every installed executor plugin while it builds its argument parser, before it reads them, so this
+    module is the earliest point where our code runs in a `snakemake` call.
     """
     files: list[str] = []
     taking = False
@@ -226,11 +229,37 @@ def refuse_missing_configfiles(argv: list[str]) -> None:
         elif taking:
             files.append(arg)
     for name in files:
-        if not os.path.isfile(name):
-            print(f"error: config file {name} (--configfile) does not exist", file=sys.stderr)
+        problem = None
+        if os.path.isdir(name):
+            problem = f"config file {name} (--configfile) is a directory"
+        elif not os.path.isfile(name):
+            problem = f"config file {name} (--configfile) does not exist"
+        else:
+            try:
+                check_config_files([name])
+            except SweepConfigError as err:
+                problem = str(err)
+            except UnicodeDecodeError:
+                problem = f"config file {name!r} is not a text file (YAML or JSON)"
+        if problem:
+            print(f"error: {problem}", file=sys.stderr)
             raise SystemExit(2)
+
+
+def quiet_interrupt_hook(previous=sys.excepthook):
+    """A sys.excepthook that prints one line for a KeyboardInterrupt nobody caught (Ctrl-C while Snakemake
+    starts, e.g. while it imports its plugins) instead of the traceback; other exceptions go to `previous`."""
+    def hook(exc_type, exc, tb):
+        if issubclass(exc_type, KeyboardInterrupt):
+            from fedhpro.cliutil import INTERRUPTED
+
+            print(INTERRUPTED, file=sys.stderr)
+        else:
+            previous(exc_type, exc, tb)
+    return hook
 
 
 if "snakemake" in os.path.basename(sys.argv[0] if sys.argv else "") or (
         sys.argv and sys.argv[0].endswith(os.path.join("snakemake", "__main__.py"))):
+    sys.excepthook = quiet_interrupt_hook()
     refuse_missing_configfiles(sys.argv)

@@ -358,3 +358,183 @@ def test_a_missing_config_file_is_one_line(args, entry):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == "error: config file missing.yaml (--configfile) does not exist"
     assert "Traceback" not in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("content, message", [
+    ("[1\n", "error: config file 'bad.yaml' is not valid YAML/JSON (line 2, column 1): "),
+    ("seeds: [0]\nseeds: [1]\n", "error: config file 'bad.yaml': line 2 duplicate key 'seeds'"),
+    (None, "error: config file bad.yaml (--configfile) is a directory"),
+])
+def test_an_invalid_or_directory_config_file_is_one_line_naming_it(tmp_path, content, message):
+    """Snakemake says "Config file is not valid JSON or YAML" (no file, no line) and calls a directory missing."""
+    bad = tmp_path / "bad.yaml"
+    if content is None:
+        bad.mkdir()
+    else:
+        bad.write_text(content)
+    proc = subprocess.run(snakemake_cmd("-n", "--configfile", "bad.yaml"), cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith(message), proc.stderr[-2000:]
+    assert "Traceback" not in proc.stdout + proc.stderr
+
+
+def tiny_workflow_config(**changes) -> dict:
+    """One FedAvg run of one round on digits with 2 clients (fast to load and to run)."""
+    cfg = {"defaults": {"rounds": 1, "num_clients": 2, "batch_size": 32, "device": "cpu"},
+           "datasets": {"digits": {}}, "heterogeneity": [{"partition": "dirichlet", "alpha": 0.5}],
+           "methods": {"fedavg": {"default": {}}}, "seeds": [0], "reporting": {"rule": "final"}}
+    cfg.update(changes)
+    return cfg
+
+
+def test_a_typo_in_a_top_level_key_is_one_line(tmp_path):
+    """snakemake.utils.validate's message holds the whole JSON schema (~1,400 lines)."""
+    cfg = tiny_workflow_config()
+    cfg["heterogenity"] = cfg.pop("heterogeneity")
+    proc = smk(copy_workflow(tmp_path, cfg), "-n")
+    text = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "invalid workflow config: heterogenity: unknown key; accepted: results, data_root," in text, text[-2000:]
+    assert len(text.splitlines()) < 10 and "$defs" not in text, text[-2000:]
+
+
+def test_schema_errors_name_the_key_in_one_line():
+    from fedhpro.runtable import schema_error
+
+    schema = str(REPO / "workflow" / "schemas" / "config.schema.yaml")
+    assert schema_error(tiny_workflow_config(), schema) is None
+    assert schema_error(tiny_workflow_config(reporting={"rule": "final", "lastk": 2}), schema) == \
+        "reporting.lastk: unknown key; accepted: rule, last_k"
+    message = schema_error(tiny_workflow_config(seeds="zero"), schema)
+    assert message.startswith("seeds: 'zero' is not of type 'array'"), message
+    message = schema_error(tiny_workflow_config(results=["x" * 200]), schema)
+    assert message.startswith("results: ['xxx") and "..." in message and len(message) < 150, message
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("results", "{tmp}/a_file", "results: {tmp}/a_file is not a directory"),
+    ("data_root", "{tmp}/a_file/data",
+     "data_root: {tmp}/a_file/data lies under {tmp}/a_file, which is not a directory"),
+])
+def test_a_directory_key_that_is_a_file_is_one_line(tmp_path, key, value, message):
+    (tmp_path / "a_file").write_text("not a directory")
+    value, message = value.format(tmp=tmp_path), message.format(tmp=tmp_path)
+    proc = smk(copy_workflow(tmp_path, tiny_workflow_config(**{key: value})), "-n")
+    text = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and f"invalid workflow config: {message}\n" in text, text[-2000:]
+    assert "Traceback" not in text and "NotADirectoryError" not in text
+
+
+def test_the_run_table_child_exits_quietly_when_interrupted(tmp_path, monkeypatch, capsys):
+    import io
+
+    from fedhpro import runtable
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runtable, "build_run_table", interrupted)
+    monkeypatch.setattr(sys, "stdin", io.StringIO(json.dumps({"config": {}, "data_root": "data", "pending": []})))
+    try:
+        status = runtable.main()
+    except KeyboardInterrupt:  # would end the pytest session
+        pytest.fail("python -m fedhpro.runtable let the KeyboardInterrupt out (a traceback for the user)")
+    assert status == 130
+    assert capsys.readouterr() == ("", "")
+    # the parent: a child that was interrupted alone (exit 130) is the one-line interrupt, not "failed"
+    fake = tmp_path / "python"
+    fake.write_text("#!/bin/sh\ncat >/dev/null\nexit 130\n")
+    fake.chmod(0o755)
+    with pytest.raises(runtable.RunTableInterrupted,
+                       match=r"^interrupted while loading the workflow config; rerun the same command$"):
+        runtable.load_run_table(TINY, "data", python=str(fake))
+
+
+def _group_interrupt(proc: subprocess.Popen, ready, what: str, timeout: float = 120) -> str:
+    """Wait for ready(), then SIGINT the process group (a terminal's Ctrl-C); the output."""
+    import os
+    import signal
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not ready():
+        assert proc.poll() is None, f"snakemake ended before {what}: {proc.communicate()[0][-3000:]}"
+        assert time.monotonic() < deadline, f"no {what} after {timeout}s"
+        time.sleep(0.05)
+    time.sleep(0.3)  # a moment inside: the interrupt then lands in the middle of it
+    os.killpg(proc.pid, signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    return out
+
+
+def test_ctrl_c_while_the_workflow_loads_is_one_line(tmp_path):
+    import os
+
+    wf = copy_workflow(tmp_path, tiny_workflow_config())
+    proc = subprocess.Popen(snakemake_cmd("--cores", "1"), cwd=wf, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+    def child_runs() -> bool:  # the run table's child (`python -m fedhpro.runtable`) of this snakemake
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                if b"fedhpro.runtable" in Path(f"/proc/{pid}/cmdline").read_bytes() and \
+                        os.getpgid(int(pid)) == proc.pid:
+                    return True
+            except OSError:
+                continue
+        return False
+
+    text = _group_interrupt(proc, child_runs, "run table child")
+    assert proc.returncode != 0
+    assert "interrupted while loading the workflow config; rerun the same command" in text, text[-3000:]
+    assert "Traceback" not in text and "KeyboardInterrupt" not in text, text[-3000:]
+
+
+def test_ctrl_c_mid_job_is_one_line_and_the_log_holds_no_traceback(tmp_path):
+    """Was `train failed:  (full log: ...)` (empty reason) and the log's KeyboardInterrupt traceback."""
+    wf = copy_workflow(tmp_path, tiny_workflow_config(defaults={"rounds": 500, "num_clients": 2, "device": "cpu"}))
+    proc = subprocess.Popen(snakemake_cmd("--cores", "1"), cwd=wf, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    runs = wf / "results" / "runs"
+    text = _group_interrupt(proc, lambda: any(runs.glob("**/checkpoint.pt")), "checkpoint", timeout=300)
+    assert proc.returncode != 0
+    assert "train: interrupted; rerun the same command to resume" in text, text[-3000:]
+    assert "Traceback" not in text and "KeyboardInterrupt" not in text and "train failed" not in text, text[-3000:]
+    (log,) = (wf / "results" / "logs" / "train").glob("**/*.log")
+    assert "Traceback" not in log.read_text() and "interrupted; rerun" in log.read_text()
+
+
+def test_a_failing_job_is_one_line_naming_its_log_with_the_traceback_only_in_the_log(tmp_path):
+    """A download whose checksum fails (files of a mirror folder that are not MNIST's): the job's one-line error
+    and Snakemake's error block naming the log, not the log's traceback (the profile's show-failed-logs)."""
+    from fedhpro.data import DATASETS
+
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    for remote in DATASETS["mnist"].downloads:
+        (mirror / remote.filename).write_text("not MNIST")
+    cfg = tiny_workflow_config(datasets={"mnist": {}}, data_root=str(tmp_path / "data"),
+                               mirrors={"mnist": {"*": f"{mirror}/"}})
+    wf = copy_workflow(tmp_path, cfg)
+    proc = smk(wf, "--cores", "1", "--until", "download")
+    text = proc.stdout + proc.stderr
+    log = "results/logs/download/mnist.log"
+    assert proc.returncode != 0
+    assert re.search(rf"^download failed: checksum mismatch for \S+ .*\(full log: {log}\)$", text, re.M), text[-3000:]
+    assert f"log: {log} (check log file(s) for error details)" in text, text[-3000:]
+    assert "Traceback" not in text, text[-3000:]
+    assert "Traceback" in (wf / log).read_text() and "ChecksumError" in (wf / log).read_text()
+
+
+def test_ctrl_c_while_snakemake_starts_is_one_line():
+    """A KeyboardInterrupt that Snakemake does not catch (e.g. while it imports its plugins, before any workflow
+    code) is one line: the executor plugin, imported at Snakemake's start, installs the hook."""
+    code = ("import sys; sys.argv[0] = 'snakemake'; import snakemake_executor_plugin_fedhpro; "
+            "raise KeyboardInterrupt")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert proc.stderr == "interrupted; rerun the same command to resume\n", proc.stderr[-2000:]
+    code = code.replace("KeyboardInterrupt", "ValueError('other errors are shown as before')")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "Traceback" in proc.stderr and "ValueError: other errors are shown as before" in proc.stderr

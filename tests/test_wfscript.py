@@ -46,3 +46,28 @@ def test_a_nonzero_status_is_a_failure(tmp_path):
     with pytest.raises(SystemExit, match=r"^aggregate failed: exited with status 2 \(full log: "):
         run_script(fake_sm(tmp_path, "aggregate"), lambda sm: 2)
     run_script(fake_sm(tmp_path, "aggregate"), lambda sm: 0)  # 0 / None: success
+
+
+def test_an_interrupt_is_one_line_without_a_traceback(tmp_path, capsys):
+    """Ctrl-C mid-job: not `train failed:  (full log: ...)` with an empty reason, and no traceback in the log
+    (which a user reads next); the exit status is the shell's 130."""
+    def job(sm):
+        print("round 1 done")
+        raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit) as exc:
+        run_script(fake_sm(tmp_path, "train"), job)
+    assert exc.value.code == 130
+    assert capsys.readouterr().err == "train: interrupted; rerun the same command to resume\n"
+    text = (tmp_path / "train.log").read_text()
+    assert text == "round 1 done\ntrain: interrupted; rerun the same command to resume\n"
+    assert not logging.getLogger("fedhpro").handlers
+
+
+def test_an_exception_without_a_message_is_named_by_its_type(tmp_path):
+    def job(sm):
+        raise MemoryError
+
+    with pytest.raises(SystemExit) as exc:
+        run_script(fake_sm(tmp_path, "train"), job)
+    assert exc.value.code == f"train failed: MemoryError (full log: {tmp_path / 'train.log'})"

@@ -23,7 +23,13 @@ if PACKAGE_ROOT:
     sys.path.insert(0, PACKAGE_ROOT)
 
 from fedhpro import layout  # noqa: E402  (no torch)
-from fedhpro.runtable import RunTableError, load_run_table  # noqa: E402  (no torch)
+from fedhpro.runtable import (  # noqa: E402  (no torch)
+    RunTableError,
+    RunTableInterrupted,
+    check_directories,
+    load_run_table,
+    schema_error,
+)
 from fedhpro.sweep import WILDCARD_PATTERNS, SweepConfigError, check_config_files  # noqa: E402  (no torch)
 
 
@@ -35,7 +41,20 @@ try:  # duplicate keys (Snakemake's YAML loader keeps the last silently) and inv
 except SweepConfigError as err:
     raise WorkflowError(f"invalid workflow config: {err}") from None
 
-validate(config, schema="../schemas/config.schema.yaml")
+try:  # fills in the schema's defaults
+    validate(config, schema="../schemas/config.schema.yaml")
+except WorkflowError as err:  # its message holds the whole schema: say which key, in one line
+    reason = schema_error(
+        config, os.path.join(workflow.basedir, "workflow", "schemas", "config.schema.yaml")
+    )
+    raise WorkflowError(
+        f"invalid workflow config: {reason or str(err).strip().splitlines()[0]}"
+    ) from None
+
+try:  # `results: <a file>` would fail later, on '<file>/tables', with a traceback
+    check_directories(config)
+except RunTableError as err:
+    raise WorkflowError(f"invalid workflow config: {err}") from None
 
 RESULTS = config["results"].rstrip("/")
 DATA_ROOT = config["data_root"].rstrip("/")
@@ -49,6 +68,8 @@ try:
     RUN_TABLE = load_run_table(config, DATA_ROOT, package_root=PACKAGE_ROOT)
 except RunTableError as err:
     raise WorkflowError(f"invalid workflow config: {err}") from None
+except (RunTableInterrupted, KeyboardInterrupt):  # Ctrl-C: the child exits quietly, this says it once
+    raise WorkflowError(str(RunTableInterrupted())) from None
 
 RUNS = RUN_TABLE.runs
 RUN_BY_ID = {run.run_id: run for run in RUNS}
