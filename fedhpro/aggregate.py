@@ -126,7 +126,10 @@ def check_seeds_of_one_config(df: pd.DataFrame, configs: dict[str, dict]) -> Non
 
     Two directories with the same (seed, partition seed) are never seeds of one setting; runs with other seeds
     must agree on every config key but the seeds (and where the data lives, `_LOCATION_KEYS`)."""
-    keys = list(SETTING_KEYS) + ["partition_seed", "seed"]
+    # a table row is (method, variant) under one condition: `aggregation` (a method parameter) is not part of
+    # the row key, so runs that differ in it (or in any other parameter) must not share a row
+    cell_keys = [k for k in SETTING_KEYS if k != "aggregation"]
+    keys = cell_keys + ["partition_seed", "seed"]
     firsts = df.drop_duplicates("run_dir")
     for _, grp in firsts.groupby(keys, dropna=False, sort=False):
         dirs = sorted(grp["run_dir"].unique())
@@ -140,7 +143,7 @@ def check_seeds_of_one_config(df: pd.DataFrame, configs: dict[str, dict]) -> Non
             f"of {first['method']}/{first['variant']} on {first['dataset']} but differ in "
             f"{'; '.join(diff) if diff else 'their run id'}; a cell's seeds must come from one config: give the "
             "other config its own variant name, or leave one run out")
-    for _, cell in firsts.groupby(list(SETTING_KEYS), dropna=False, sort=False):
+    for _, cell in firsts.groupby(cell_keys, dropna=False, sort=False):
         dirs = sorted(cell["run_dir"].unique())
         seeds = dict(zip(cell["run_dir"], zip(cell["seed"], cell["partition_seed"])))
         ref = dirs[0]
