@@ -350,4 +350,24 @@ def _validate(cfg: RunConfig) -> None:
         raise ConfigError(f"config key 'partition': 'domains' needs a multi-domain dataset; {cfg.dataset!r} has none")
     if cfg.client_models and cfg.eval_mode != "personalized":
         raise ConfigError("config key 'client_models' (model heterogeneity) needs eval_mode 'personalized'")
+    if cfg.client_models and cfg.model != "auto":  # it would be ignored, yet change the run id
+        raise ConfigError(f"config key 'model' ({cfg.model!r}) is not used when 'client_models' is set (the clients' "
+                          f"architectures are {', '.join(cfg.client_models)}); leave 'model' out")
+    _check_models_fit(cfg, spec)
     check_supported(cfg)  # what the method declares it supports: modes, engines, heterogeneous models
+
+
+def _check_models_fit(cfg: RunConfig, spec: Any) -> None:
+    """Text models on token data, image models on images: the dataset's default model says which it holds
+    (a model that does not fit fails only when built, deep into a job)."""
+    from fedhpro.models import MODELS
+    from fedhpro.text import TEXT_BACKBONES
+
+    text_data = spec.default_model in TEXT_BACKBONES
+    fitting = sorted(name for name in MODELS if (name in TEXT_BACKBONES) == text_data)
+    named = [("model", cfg.model)] if cfg.model != "auto" else []
+    for key, name in named + [("client_models", name) for name in cfg.client_models]:
+        if (name in TEXT_BACKBONES) != text_data:
+            raise ConfigError(f"config key {key!r}: {name!r} is a{' text' if name in TEXT_BACKBONES else 'n image'} "
+                              f"model, but dataset {cfg.dataset!r} holds {'text' if text_data else 'images'}; "
+                              f"accepted: {', '.join(fitting)}")

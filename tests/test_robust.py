@@ -68,3 +68,45 @@ def test_aggregate_refuses_one_variant_name_over_two_fedhpro_configs(tmp_path, c
     train(hpro(b, eval_mode=mode, variant="other"), runs / "b", progress=False)
     summary = agg.summarize(agg.collect(str(runs / "**" / METRICS)))
     assert sorted(summary["variant"]) == ["default", "other"] and summary["n"].tolist() == [1, 1]
+
+
+# ------------------------------------------------------------------ 2: configs that cannot run are refused up front
+WF = {"defaults": {"rounds": 5, "num_clients": 3}, "datasets": {"digits": {}},
+      "heterogeneity": [{"partition": "iid"}], "methods": {"fedavg": {"default": {}}}, "seeds": [0],
+      "reporting": {"rule": "last_k", "last_k": 3}}
+HET = {"eval_mode": "personalized", "method": "fedproto"}
+
+
+@pytest.mark.parametrize("changes, match", [
+    ({**HET, "client_models": ["cnn", "text_embedding_bag"]},
+     r"config key 'client_models': 'text_embedding_bag' is a text model, but dataset 'digits' holds images"),
+    ({"model": "text_embedding_bag"}, r"config key 'model': 'text_embedding_bag' is a text model.*'digits' holds "
+                                      r"images; accepted: cnn, "),
+    ({"model": "text_transformer"}, r"config key 'model': 'text_transformer' is a text model"),
+    ({"dataset": "agnews", "model": "cnn"}, r"config key 'model': 'cnn' is an image model, but dataset 'agnews' "
+                                            r"holds text; accepted: text_embedding_bag, text_transformer"),
+    ({**HET, "client_models": ["cnn", "resnet10"], "model": "cnn"},
+     r"config key 'model' \('cnn'\) is not used when 'client_models' is set"),
+], ids=["text-client-model-on-images", "text-model-on-images", "transformer-on-images", "image-model-on-text",
+        "model-with-client_models"])
+def test_models_that_do_not_fit_the_data_are_refused_at_validation(tmp_path, capsys, changes, match):
+    """One check (config validation), reached by `fedhpro train` before anything is written and by the workflow at
+    load, never at run time (a 41-line TypeError before)."""
+    import yaml
+
+    from fedhpro.config import ConfigError
+    from fedhpro.sweep import SweepConfigError, validate_workflow_config
+
+    with pytest.raises(ConfigError, match=match):
+        cfg_of(**changes)
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({**TINY, **changes}))
+    err = one_line_error(capsys, cli_main(["train", "--config", str(config), "--out", str(tmp_path / "run")]))
+    assert ("config key 'model" in err or "config key 'client_models'" in err) and not (tmp_path / "run").exists()
+    dataset = changes.get("dataset", "digits")
+    wf = {**WF, "datasets": {dataset: {}}, "defaults": {**WF["defaults"], **{k: v for k, v in changes.items()
+                                                                          if k not in ("dataset", "method")}},
+          "methods": {changes.get("method", "fedavg"): {"default": {}}}}
+    with pytest.raises(SweepConfigError, match=match):
+        validate_workflow_config(wf)
+    assert cfg_of(**{**HET, "client_models": ["cnn", "resnet10"]}).client_models == ("cnn", "resnet10")
