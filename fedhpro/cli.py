@@ -81,10 +81,9 @@ def cmd_datasets(args: argparse.Namespace) -> int:
 
 
 def cmd_fingerprint(args: argparse.Namespace) -> int:
-    from fedhpro.data import fingerprint, load_dataset
+    from fedhpro.data import cli_options, fingerprint, load_dataset
 
-    options = {"path": args.path} if args.path else {}
-    print(fingerprint(load_dataset(args.dataset, args.data_root, **options)))
+    print(fingerprint(load_dataset(args.dataset, args.data_root, **cli_options(args.dataset, args.path))))
     return 0
 
 

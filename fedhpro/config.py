@@ -340,6 +340,13 @@ def _validate(cfg: RunConfig) -> None:
         if key not in accepted:
             raise ConfigError(f"config key 'dataset_options.{key}' is not an option of dataset {cfg.dataset!r}; "
                               f"accepted: {', '.join(accepted) or '(none)'}")
+    if "test_fraction" in cfg.dataset_options:  # loaders split with it: sklearn/our errors would name test_size
+        fraction = cfg.dataset_options["test_fraction"]
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
+            raise ConfigError(f"config key 'dataset_options.test_fraction' must be a number in (0, 1), got "
+                              f"{fraction!r}")
+    if spec.check_options is not None:
+        spec.check_options(cfg.dataset_options)
     if spec.train_size is not None and cfg.num_clients > spec.train_size:
         raise ConfigError(f"config key 'num_clients' ({cfg.num_clients}) exceeds the {spec.train_size} training "
                           f"samples of dataset {cfg.dataset!r}")

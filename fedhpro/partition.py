@@ -711,6 +711,8 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--classes-per-client", type=int, default=None, help="pathological scheme")
     p.add_argument("--min-size", type=int, default=None, help="dirichlet: minimum samples per client")
     p.add_argument("--data-root", default="data")
+    p.add_argument("--path", default=None, help="your own copy of the data (the loader's path= option; as "
+                   "fingerprint --path)")
     p.add_argument("--out", default=None, help="folder to save the partition to")
     return p
 
@@ -726,13 +728,12 @@ def _main(argv=None) -> int:
     parser = _build_parser()
     args = parser.parse_args(argv)
     from fedhpro.cliutil import check_out_dir
-    from fedhpro.data import DATASETS, fingerprint, load_dataset
+    from fedhpro.data import cli_options, fingerprint, load_dataset
 
-    if args.dataset not in DATASETS:
-        raise ValueError(f"--dataset: unknown dataset {args.dataset!r}; known: {', '.join(sorted(DATASETS))}")
+    options = cli_options(args.dataset, args.path)  # the loader's path= (e.g. "give path=" in its errors)
     if args.out:
         check_out_dir(args.out)
-    data = load_dataset(args.dataset, args.data_root)
+    data = load_dataset(args.dataset, args.data_root, **options)
     labels = data.train_y.numpy()
     num_classes = int(getattr(data, "num_classes", int(labels.max()) + 1))
     try:

@@ -110,3 +110,106 @@ def test_models_that_do_not_fit_the_data_are_refused_at_validation(tmp_path, cap
     with pytest.raises(SweepConfigError, match=match):
         validate_workflow_config(wf)
     assert cfg_of(**{**HET, "client_models": ["cnn", "resnet10"]}).client_models == ("cnn", "resnet10")
+
+
+# ------------------------------------------------------------------ 3: --path of fingerprint and partition
+def _image_tree(root: Path, classes=("cat", "dog")) -> Path:
+    from PIL import Image
+
+    for split in ("train", "test"):
+        for c in classes:
+            d = root / split / c
+            d.mkdir(parents=True)
+            for i in range(6 if split == "train" else 2):
+                Image.new("RGB", (8, 8), (50 + i, 10 * (c == "dog"), 3)).save(d / f"{i}.png")
+    return root
+
+
+def test_fingerprint_and_partition_take_path_or_say_in_one_line_why_not(tmp_path, capsys):
+    from fedhpro.partition import main as partition_main
+
+    for argv in (["fingerprint", "--dataset", "digits", "--path", str(tmp_path)],
+                 ["partition", "--dataset", "digits", "--scheme", "iid", "--num-clients", "3", "--path", str(tmp_path)]):
+        err = one_line_error(capsys, cli_main(argv))
+        assert "--path" in err and "'digits'" in err
+    src = _image_tree(tmp_path / "imgs")
+    assert cli_main(["fingerprint", "--dataset", "imagefolder", "--path", str(src), "--data-root",
+                     str(tmp_path / "data")]) == 0
+    fp = capsys.readouterr().out.strip()
+    assert fp.startswith("sha256:")
+    out = tmp_path / "part"
+    assert partition_main(["--dataset", "imagefolder", "--scheme", "iid", "--num-clients", "2", "--path", str(src),
+                           "--data-root", str(tmp_path / "data"), "--out", str(out)]) == 0
+    import json
+
+    assert json.loads((out / "meta.json").read_text())["identity"]["data_fingerprint"] == fp
+
+
+# ------------------------------------------------------------------ 7: fewer than 2 classes
+def test_one_class_image_folder_is_refused_at_load(tmp_path, capsys):
+    import yaml
+
+    src = _image_tree(tmp_path / "imgs", classes=("cat",))
+    run = {**TINY, "dataset": "imagefolder", "partition": "iid", "alpha": None, "num_clients": 2,
+           "dataset_options": {"path": str(src), "image_size": 8}}
+    with pytest.raises(ValueError, match=r"imgs: 1 class folder\(s\) \(cat\) under train/; a classifier needs at "
+                                         r"least 2"):
+        train(cfg_of(**run), tmp_path / "run", progress=False)
+    assert not (tmp_path / "run" / "metrics.parquet").exists()
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(run))
+    err = one_line_error(capsys, cli_main(["train", "--config", str(config), "--out", str(tmp_path / "r2")]))
+    assert "1 class folder" in err and str(src) in err
+
+
+def test_one_class_training_data_of_any_loader_is_refused(monkeypatch):
+    import torch
+
+    from fedhpro.data import DATASETS, load_dataset
+
+    real = DATASETS["digits"].loader
+
+    def one_class(root, **options):
+        data = real(root, **options)
+        keep = data.train_y == 3
+        data.train_x, data.train_y = data.train_x[keep], data.train_y[keep]
+        return data
+
+    import dataclasses
+
+    monkeypatch.setitem(DATASETS, "digits", dataclasses.replace(DATASETS["digits"], loader=one_class))
+    with pytest.raises(ValueError, match=r"dataset 'digits' holds 1 class\(es\) in its training data"):
+        load_dataset("digits")
+    monkeypatch.undo()
+    assert len(torch.unique(load_dataset("digits").train_y)) == 10
+
+
+# ------------------------------------------------------------------ 10: dataset_options.test_fraction
+@pytest.mark.parametrize("value, match", [
+    (0.001, r"\(0\.001\) leaves 2 test and 1795 training samples.*at least 10 \(one per class\)"),
+    (0.005, r"leaves 9 test"),
+    (0.995, r"leaves 1789 test and 8 training"),
+    (1.0, r"must be a number in \(0, 1\), got 1\.0"),
+    (0, r"must be a number in \(0, 1\), got 0"),
+    (-0.2, r"must be a number in \(0, 1\)"),
+    ("much", r"must be a number in \(0, 1\), got 'much'"),
+])
+def test_test_fraction_is_checked_up_front_naming_the_key(tmp_path, capsys, value, match):
+    import yaml
+
+    from fedhpro.config import ConfigError
+    from fedhpro.data import load_dataset
+    from fedhpro.sweep import SweepConfigError, validate_workflow_config
+
+    with pytest.raises(ConfigError, match=r"config key 'dataset_options\.test_fraction'.*" + match):
+        cfg_of(dataset_options={"test_fraction": value})
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({**TINY, "dataset_options": {"test_fraction": value}}))
+    err = one_line_error(capsys, cli_main(["train", "--config", str(config), "--out", str(tmp_path / "run")]))
+    assert "dataset_options.test_fraction" in err and "test_size" not in err
+    with pytest.raises(SweepConfigError, match="test_fraction"):
+        validate_workflow_config({**WF, "datasets": {"digits": {"options": {"test_fraction": value}}}})
+    if isinstance(value, float) and 0 < value < 1:  # the loader itself (e.g. fingerprint) says the same
+        with pytest.raises(ConfigError, match=match):
+            load_dataset("digits", test_fraction=value)
+    assert len(load_dataset("digits", test_fraction=0.006).test_y) == 11

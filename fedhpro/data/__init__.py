@@ -240,10 +240,43 @@ def local_copy_checksum(path: str | Path, cache_file: str | Path | None = None) 
     return cached_by_stat(cache_file, {"kind": "file-checksum"}, path, compute)
 
 
+def option_names(name: str) -> list[str]:
+    """The options (`dataset_options` keys) the loader of dataset `name` takes."""
+    import inspect
+
+    return [n for n, p in inspect.signature(DATASETS[name].loader).parameters.items()
+            if n != "root" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
+
+
+def cli_options(name: str, path: str | None) -> dict[str, Any]:
+    """The loader options of a command's `--path` (fingerprint, partition); ValueError naming the flag when
+    the dataset reads no path (built-in data such as digits)."""
+    if name not in DATASETS:
+        raise ValueError(f"--dataset: unknown dataset {name!r}; known: {', '.join(sorted(DATASETS))}")
+    if path is None:
+        return {}
+    if "path" not in option_names(name):
+        raise ValueError(f"--path: dataset {name!r} reads no path (its data is built in or found under "
+                         f"--data-root); leave --path out")
+    return {"path": path}
+
+
 def load_dataset(name: str, root: str | Path = "data", **options) -> ArrayData:
+    """The dataset's arrays; ValueError naming the dataset for an option its loader does not take, and for data
+    with fewer than 2 classes (a classifier trained on one class scores 1.0 and says nothing)."""
     if name not in DATASETS:
         raise KeyError(f"unknown dataset {name!r}; known: {', '.join(sorted(DATASETS))}")
-    return DATASETS[name].loader(Path(root), **options)
+    accepted = option_names(name)
+    for key in options:
+        if key not in accepted:
+            raise ValueError(f"dataset {name!r} has no option {key!r}; accepted: {', '.join(accepted) or '(none)'}")
+    data = DATASETS[name].loader(Path(root), **options)
+    present = int(data.train_y.unique().numel()) if len(data.train_y) else 0
+    if data.num_classes < 2 or present < 2:
+        where = f" ({options['path']})" if options.get("path") else ""
+        raise ValueError(f"dataset {name!r}{where} holds {min(present, data.num_classes)} class(es) in its training "
+                         "data; a classifier needs at least 2 (its accuracy would be 1.0 and mean nothing)")
+    return data
 
 
 from fedhpro.data import digits  # noqa: E402,F401  (registers)

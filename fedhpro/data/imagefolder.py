@@ -353,6 +353,9 @@ def load_imagefolder(root: Path, path: str | None = None, image_size: int | None
                                       image_size=image_size, channels=channels)
     if len(arrays.train_x) == 0:
         raise ValueError(f"{source}: no training images")
+    if len(arrays.class_names) < 2:  # one class trains to accuracy 1.0 and means nothing
+        raise ValueError(f"{source}: {len(arrays.class_names)} class folder(s) "
+                         f"({', '.join(arrays.class_names) or 'none'}) under train/; a classifier needs at least 2")
     mean, std = channel_stats(arrays.train_x)
     std = tuple(s if s > 0 else 1.0 for s in std)
     return ArrayData(train_x=torch.from_numpy(arrays.train_x), train_y=torch.from_numpy(arrays.train_y),

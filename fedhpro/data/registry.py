@@ -54,6 +54,9 @@ class DatasetSpec:
     #     copies that verify (`prepare` checks raw/ itself); a file with no checksum at all counts
     #     wherever the loader finds it (None: see find_local_copies).
     downloads_for: Callable[[Mapping[str, Any]], tuple] | None = None
+    # check_options(options) raises ConfigError naming `dataset_options.<key>` for values the loader cannot use
+    # (config validation calls it, so a workflow refuses them at load; None: the loader's own checks only)
+    check_options: Callable[[Mapping[str, Any]], None] | None = None
     local_copies: Callable[..., dict] | None = None
 
     def needed_downloads(self, options: Mapping[str, Any] | None = None) -> tuple:
