@@ -838,7 +838,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
     try:
         _check_rule(args.rule, args.last_k)
         check_out_dir(args.out, create=False)  # nothing is written before the runs are checked
-        if args.figures:
+        if args.figures is not None:
             check_out_dir(args.figures, "--figures", create=False)
         df = collect(args.runs)
         for warning in last_k_warnings(df, args.rule, args.last_k):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Sequence
 
 from fedhpro.cliutil import (INTERRUPTED, ArgumentParser, check_out_dir, positive_int,  # noqa: F401
@@ -36,10 +37,13 @@ def _parse_set(pairs: list[str]) -> dict:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from fedhpro.config import load_config
+    from fedhpro.runio import METRICS
     from fedhpro.train import train
 
     cfg = load_config(args.config, _parse_set(args.set))
-    out = check_out_dir(args.out)
+    # a finished run is only read (train returns its metrics), so its directory need not be writable
+    finished = Path(args.out, METRICS).is_file() if args.out else False
+    out = Path(args.out) if finished else check_out_dir(args.out)
     df = train(cfg, out, partition_dir=args.partition_dir, progress=not args.quiet, threads=args.threads)
     last = df.iloc[-1]
     acc = last["test_acc"] if last["test_acc"] == last["test_acc"] else last["client_acc_mean"]

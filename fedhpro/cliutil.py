@@ -36,7 +36,10 @@ def positive_int(text: str) -> int:
 
 def check_out_dir(path: str | Path, flag: str = "--out", create: bool = True) -> Path:
     """An output directory that exists (created if missing; with create=False only checked to be creatable)
-    and is writable; ValueError naming it otherwise."""
+    and is writable; ValueError naming it otherwise. An empty name is refused (Path('') is the current
+    directory: the outputs would land among the user's files)."""
+    if not str(path).strip():
+        raise ValueError(f"{flag} is empty; name a directory (e.g. {flag} results/run)")
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise ValueError(f"{flag} {path} is a file, not a directory; choose a directory")

@@ -731,7 +731,7 @@ def _main(argv=None) -> int:
     from fedhpro.data import cli_options, fingerprint, load_dataset
 
     options = cli_options(args.dataset, args.path)  # the loader's path= (e.g. "give path=" in its errors)
-    if args.out:
+    if args.out is not None:  # `--out ''` is refused, not taken for "no --out"
         check_out_dir(args.out)
     data = load_dataset(args.dataset, args.data_root, **options)
     labels = data.train_y.numpy()

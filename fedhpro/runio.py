@@ -301,7 +301,16 @@ def check_metrics_belong(run_dir: Path, info: dict) -> None:
 def run_lock(run_dir: Path) -> Iterator[None]:
     """Exclusive writer lock on a run directory; a second writer gets a clear error at once."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(run_dir / ".lock", os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        fd = os.open(run_dir / ".lock", os.O_CREAT | os.O_RDWR, 0o644)
+    except PermissionError:
+        # a read-only run directory (e.g. a finished run made read-only): nothing can be written into it, so
+        # locking the existing lock file for reading is enough; a write would fail naming its file
+        try:
+            fd = os.open(run_dir / ".lock", os.O_RDONLY)
+        except FileNotFoundError:
+            yield
+            return
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

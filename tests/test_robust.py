@@ -213,3 +213,73 @@ def test_test_fraction_is_checked_up_front_naming_the_key(tmp_path, capsys, valu
         with pytest.raises(ConfigError, match=match):
             load_dataset("digits", test_fraction=value)
     assert len(load_dataset("digits", test_fraction=0.006).test_y) == 11
+
+
+# ------------------------------------------------------------------ 4: an empty --out
+def test_empty_out_is_refused_and_nothing_lands_in_the_current_directory(tmp_path, capsys, monkeypatch):
+    import yaml
+
+    from fedhpro.partition import main as partition_main
+
+    monkeypatch.chdir(tmp_path)
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(TINY))
+    before = sorted(tmp_path.iterdir())
+    for flag, argv in [("--out", ["train", "--config", str(config), "--out", ""]),
+                       ("--out", ["partition", "--dataset", "digits", "--scheme", "iid", "--num-clients", "3",
+                                  "--out", ""]),
+                       ("--out", ["aggregate", "--runs", str(tmp_path), "--out", ""]),
+                       ("--figures", ["aggregate", "--runs", str(tmp_path), "--out", "t", "--figures", " "])]:
+        err = one_line_error(capsys, cli_main(argv))
+        assert f"{flag} is empty" in err, err
+    assert sorted(tmp_path.iterdir()) == before
+    assert partition_main(["--dataset", "digits", "--scheme", "iid", "--num-clients", "3", "--out", " "]) == 2
+    assert sorted(tmp_path.iterdir()) == before
+
+
+# ------------------------------------------------------------------ 11: a finished, read-only run directory
+@pytest.mark.slow  # two CLI processes (about 35 s on a 2-core machine)
+def test_finished_read_only_run_is_reinvoked_without_writing():
+    """As another user than root (root writes anywhere): the run is made, its directory and files made read-only,
+    and the same command again prints the run's result and exits 0, writing nothing."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    if os.geteuid() == 0 and not shutil.which("setpriv"):
+        pytest.skip("needs setpriv to drop root")
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as name:  # pytest's own tmp_path is private to its user
+        base = Path(name)
+        base.chmod(0o755)
+        for parent in base.parents:  # the unprivileged user must reach the files
+            if parent != Path("/") and parent.stat().st_mode & 0o005 != 0o005:
+                pytest.skip(f"{parent} is not readable by other users")
+        _reinvoke_read_only(base)
+
+
+def _reinvoke_read_only(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(TINY))
+    out = tmp_path / "run"
+    fedhpro = [sys.executable, "-m", "fedhpro.cli", "train", "--config", str(config), "--out", str(out), "--quiet",
+               "--threads", "1"]
+    assert subprocess.run(fedhpro, capture_output=True, text=True).returncode == 0
+    for path in [out, *out.rglob("*")]:
+        path.chmod(0o555 if path.is_dir() else 0o444)
+    snapshot = {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in out.rglob("*")}
+    drop = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"] if os.geteuid() == 0 else []
+    env = {**os.environ, "HOME": str(tmp_path), "MPLCONFIGDIR": str(tmp_path / "mpl")}
+    done = subprocess.run(drop + fedhpro, capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "status finished" in done.stdout and "not writable" not in done.stderr
+    assert {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in out.rglob("*")} == snapshot

@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.device and args.device.startswith("cuda") and not torch.cuda.is_available():
         print("error: --device cuda requested but no CUDA device is available", file=sys.stderr)
         return 2
-    if args.out:
+    if args.out is not None:  # `--out ''` is refused, not taken for "no --out"
         check_out_dir(args.out, create=False)  # before the benchmark runs, not after
     torch.set_num_threads(args.threads)
     cfg = make_config(args.quick, args.gpu, args.device)
