@@ -410,7 +410,11 @@ def summarize(df: pd.DataFrame, rule: str = "final", last_k: int = 5, *, runs: p
                    diverged_rounds=" ".join(str(int(r)) for r in sorted(div["diverged_round"])),
                    acc_mean_pct=float(acc.mean()) if len(acc) else math.nan,
                    acc_std_pct=float(acc.std(ddof=1)) if len(acc) > 1 else math.nan,
-                   seeds=" ".join(f"{int(s)}/{int(p)}" for s, p in sorted(zip(ok["seed"], ok["partition_seed"]))))
+                   seeds=" ".join(f"{int(s)}/{int(p)}" for s, p in sorted(zip(ok["seed"], ok["partition_seed"]))),
+                   # the fewest rounds a finished seed's number is taken over (last_k: fewer than k when a run
+                   # has fewer evaluated rounds; the caption says so)
+                   rounds_taken_min=min((len(str(x).split()) for x in ok["acc_rounds"]), default=0)
+                   if "acc_rounds" in ok else 0)
         row["has_domains"] = bool(grp["has_domains"].any()) if "has_domains" in grp else False
         basis = ok if len(ok) else grp
         row["mb_up_per_round"] = float(basis["mb_up_per_round"].mean())
@@ -523,12 +527,27 @@ def accuracy_text(eval_modes: Iterable[str], weighted: bool = False) -> str:
 def _caption(what: str, rule: str, last_k: int, n_mode: int | None, extra: str = "", *,
              summary: pd.DataFrame | None = None, weighted: bool = False, protocol: str = "") -> str:
     text = f"{what} {accuracy_caption(rule, last_k, n_mode)}."
+    text += _short_runs_note(summary, rule, last_k)
     if summary is not None:
         text += " " + accuracy_text(summary["eval_mode"] if len(summary) else (), weighted)
     if protocol:
         text += f" Protocol: {protocol.strip().rstrip('.')}."
     text += " Diverged seeds are excluded from the mean and stated."
     return text + (f" {extra}" if extra else "")
+
+
+def _short_runs_note(summary: pd.DataFrame | None, rule: str, last_k: int) -> str:
+    """Under last_k, what was averaged where a run had fewer evaluated rounds than k ('' when none had)."""
+    if rule != "last_k" or summary is None or "rounds_taken_min" not in summary or not len(summary):
+        return ""
+    short = summary[(summary["n"] > 0) & (summary["rounds_taken_min"] < last_k)]
+    if short.empty:
+        return ""
+    cells = [f"{method_label(r.method, r.variant, getattr(r, 'aggregation', None))}, {r.setting}: "
+             f"{int(r.rounds_taken_min)}" for r in short.itertuples()]
+    listed = "; ".join(cells[:4]) + (f"; and {len(cells) - 4} more" if len(cells) > 4 else "")
+    return (f" Runs with fewer than {last_k} evaluated rounds are the mean of all their evaluated rounds "
+            f"(fewest per cell: {listed}).")
 
 
 def _n_mode(summary: pd.DataFrame) -> int | None:
@@ -816,12 +835,16 @@ def last_k_warnings(df: pd.DataFrame, rule: str, last_k: int) -> list[str]:
     """A warning when `last_k` exceeds the evaluated rounds of some run (the caption would promise too much)."""
     if rule != "last_k" or df.empty:
         return []
-    evaluated = df[df["acc"].notna()].groupby("run_dir")["round"].nunique()
-    short = evaluated[evaluated < last_k]
+    runs = summarize_runs(df, rule, last_k)  # what each finished run's number is taken over
+    runs = runs[runs["status"] == "finished"]
+    taken = pd.Series([len(str(x).split()) for x in runs["acc_rounds"]], index=runs["run_dir"], dtype=int)
+    short = taken[taken < last_k].sort_values(kind="stable")
     if short.empty:
         return []
-    return [f"reporting rule last_k={last_k}, but {len(short)} run(s) have only {int(short.min())} evaluated "
-            f"round(s) (e.g. {short.index[0]}); their numbers average fewer rounds than the caption says"]
+    listed = ", ".join(f"{d} ({n})" for d, n in short.head(3).items()) + (", ..." if len(short) > 3 else "")
+    return [f"reporting rule last_k={last_k}, but {len(short)} finished run(s) have fewer evaluated rounds, "
+            f"{int(short.min())} to {int(short.max())}: {listed}; their numbers are the mean of those rounds "
+            "(the captions say so)"]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -283,3 +283,32 @@ def _reinvoke_read_only(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert "status finished" in done.stdout and "not writable" not in done.stderr
     assert {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in out.rglob("*")} == snapshot
+
+
+# ------------------------------------------------------------------ 5: last_k over runs of unequal length
+def test_last_k_over_short_runs_is_counted_and_captioned_as_averaged(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    train(cfg_of(rounds=2), runs / "short", progress=False)
+    train(cfg_of(rounds=4, method="fedprox"), runs / "long", progress=False)
+    train(cfg_of(rounds=4, method="fedprox", eval_every=3, variant="sparse"), runs / "sparse", progress=False)
+    df = agg.collect(str(runs / "**" / METRICS))
+    (warning,) = agg.last_k_warnings(df, "last_k", 3)
+    # short: rounds 1, 2; sparse: rounds 3, 4 evaluated (every 3rd and the last); long: 3 of 4
+    assert "2 finished run(s) have fewer evaluated rounds, 2 to 2" in warning, warning
+    assert str(runs / "short") in warning and str(runs / "sparse") in warning and str(runs / "long") not in warning
+    summary = agg.summarize(df, "last_k", 3)
+    assert dict(zip(summary["variant"] + summary["method"], summary["rounds_taken_min"])) == {
+        "defaultfedavg": 2, "defaultfedprox": 3, "sparsefedprox": 2}
+    assert cli_main(["aggregate", "--runs", str(runs / "**" / METRICS), "--out", str(tmp_path / "t"), "--rule",
+                     "last_k", "--last-k", "3"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: reporting rule last_k=3, but 2 finished run(s)" in err
+    main = (tmp_path / "t" / "main.md").read_text()
+    assert "as the mean of the last 3 rounds" in main
+    assert "Runs with fewer than 3 evaluated rounds are the mean of all their evaluated rounds" in main
+    assert "FedAvg" in main.split("fewest per cell:")[1] and ": 2" in main.split("fewest per cell:")[1]
+    assert "Runs with fewer" in (tmp_path / "t" / "communication.md").read_text()
+    # nothing short: no note
+    shutil.rmtree(runs / "short")
+    shutil.rmtree(runs / "sparse")
+    assert agg.last_k_warnings(agg.collect(str(runs / "**" / METRICS)), "last_k", 3) == []
