@@ -55,7 +55,8 @@ from fedhpro.labels import (AGGREGATION_NAMES, AGGREGATION_NOTE, CONDITION_KEYS,
                             METHOD_NAMES, METHOD_ORDER, PARTITION_ORDER, SETTING_KEYS, cond_id, cond_of,
                             condition_label, condition_labels, condition_slug, heterogeneity_label, is_main_row,
                             method_label, sort_key_condition, sort_key_method)
-from fedhpro.runio import (METRICS, METRICS_SCHEMA_VERSION, atomic_write_text, metrics_mismatch, read_metrics_meta,
+from fedhpro.runio import (METRICS, METRICS_SCHEMA_VERSION, atomic_write_text, is_pipeline_metrics,
+                           metrics_identity, metrics_mismatch, read_metrics_meta,
                            read_run_info)
 
 RULES = ("final", "last_k", "best")
@@ -161,6 +162,21 @@ def check_seeds_of_one_config(df: pd.DataFrame, configs: dict[str, dict]) -> Non
 
 
 # ====================================================================== collect
+def _duplicate_text(run_id: str, a: Path, b: Path) -> str:
+    """Why two directories of one run id are refused: copies, or the same config run again under another thread
+    count or on other data (then the numbers differ, and the message says in what)."""
+    try:
+        ia, ib = metrics_identity(a / METRICS), metrics_identity(b / METRICS)
+    except Exception:  # noqa: BLE001 - the files were read a moment ago; a copy is the likely case
+        ia = ib = {}
+    differs = [f"{key} {ia.get(key)} vs {ib.get(key)}" for key in ("threads", "data_fingerprint")
+               if ia.get(key) is not None and ib.get(key) is not None and ia.get(key) != ib.get(key)]
+    if differs:
+        return (f"run {run_id} (one config) was run twice, in {a} and {b}, with different {'; '.join(differs)}; "
+                "their numbers differ only by that: keep one of them so that no seed is counted twice")
+    return f"run {run_id} appears in both {a} and {b}; keep only one copy so that no seed is counted twice"
+
+
 def find_metrics_files(runs: str | Path | Iterable[str | Path]) -> list[Path]:
     """Resolve run directories, metrics files and glob patterns (``**`` recursive) to metrics files.
 
@@ -220,10 +236,14 @@ def collect(runs: str | Path | Iterable[str | Path]) -> pd.DataFrame:
     for file in files:
         try:
             version, config = read_metrics_meta(file)
+            ours = is_pipeline_metrics(file)
         except Exception as err:  # noqa: BLE001 - any unreadable file is reported by name
             raise MetricsFileError(f"cannot read metrics file {file}: {err}") from None
+        if not ours:  # a Parquet file of something else: no version of ours to regenerate
+            raise MetricsFileError(f"{file} is not a metrics file of this pipeline (no fedhpro metadata); give "
+                                   "run directories or the metrics.parquet files that `fedhpro train` writes")
         if version != METRICS_SCHEMA_VERSION:
-            stale.append(f"{file.parent} (schema version {version})")
+            stale.append(f"{file.absolute().parent} (schema version {version})")
             continue
         reason = stale_method_revision(config)
         if reason:
@@ -260,8 +280,7 @@ def collect(runs: str | Path | Iterable[str | Path]) -> pd.DataFrame:
             raise MetricsFileError(f"metrics file {file} holds no rounds; regenerate {file.parent}")
         for run_id in part["run_id"].unique():
             if run_id in seen and seen[run_id] != file.parent:
-                raise DuplicateRunError(f"run {run_id} appears in both {seen[run_id]} and {file.parent}; "
-                                        "keep only one copy so that no seed is counted twice")
+                raise DuplicateRunError(_duplicate_text(run_id, seen[run_id], file.parent))
             seen[run_id] = file.parent
         if part["round"].duplicated().any():
             raise MetricsFileError(f"metrics file {file} has repeated rounds; regenerate {file.parent}")

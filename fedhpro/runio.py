@@ -239,6 +239,11 @@ def write_metrics(path: Path, rows: list[dict], run_config: dict, identity: dict
     atomic_write(path, sink.getvalue().to_pybytes(), fault="metrics_write")
 
 
+def is_pipeline_metrics(path: Path) -> bool:
+    """Whether a Parquet file was written by this pipeline (`write_metrics`: `fedhpro.*` schema metadata)."""
+    return any(k.startswith(b"fedhpro.") for k in (pq.read_schema(path).metadata or {}))
+
+
 def read_metrics_meta(path: Path) -> tuple[int, dict]:
     meta = pq.read_schema(path).metadata or {}
     version = int(meta.get(b"fedhpro.schema_version", b"0"))

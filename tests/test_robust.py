@@ -312,3 +312,42 @@ def test_last_k_over_short_runs_is_counted_and_captioned_as_averaged(tmp_path, c
     shutil.rmtree(runs / "short")
     shutil.rmtree(runs / "sparse")
     assert agg.last_k_warnings(agg.collect(str(runs / "**" / METRICS)), "last_k", 3) == []
+
+
+# ------------------------------------------------------------------ 6: a foreign Parquet file
+def test_foreign_parquet_is_named_as_not_a_metrics_file(tmp_path, capsys, monkeypatch):
+    import pandas as pd
+
+    monkeypatch.chdir(tmp_path)
+    pd.DataFrame({"a": [1, 2]}).to_parquet("sales.parquet")
+    (tmp_path / "run").mkdir()
+    pd.DataFrame({"round": [1]}).to_parquet(tmp_path / "run" / METRICS)
+    for given, named in (("sales.parquet", "sales.parquet"), (str(tmp_path / "run"), str(tmp_path / "run" / METRICS))):
+        with pytest.raises(agg.MetricsFileError, match="is not a metrics file of this pipeline"):
+            agg.collect(given)
+        err = one_line_error(capsys, cli_main(["aggregate", "--runs", given, "--out", "t"]))
+        assert err.startswith(f"error: {named} is not a metrics file of this pipeline"), err
+        assert "schema version" not in err and " . " not in err and "(delete" not in err
+
+
+# ------------------------------------------------------------------ 9: one run id, two thread counts
+def test_one_run_id_under_two_thread_counts_says_threads(tmp_path, capsys):
+    import torch
+
+    runs = tmp_path / "runs"
+    train(cfg_of(), runs / "a", progress=False, threads=1)
+    try:
+        train(cfg_of(), runs / "b", progress=False, threads=2)
+    finally:
+        torch.set_num_threads(1)
+    with pytest.raises(agg.DuplicateRunError) as info:
+        agg.collect(str(runs / "**" / METRICS))
+    text = str(info.value)
+    assert "with different threads 1 vs 2" in text and "copy" not in text, text
+    assert str(runs / "a") in text and str(runs / "b") in text
+    err = one_line_error(capsys, cli_main(["aggregate", "--runs", str(runs / "**" / METRICS), "--out",
+                                           str(tmp_path / "t")]))
+    assert "threads 1 vs 2" in err
+    shutil.copytree(runs / "a", tmp_path / "copy" / "a")  # a real copy is still called one
+    with pytest.raises(agg.DuplicateRunError, match="keep only one copy"):
+        agg.collect([str(runs / "a"), str(tmp_path / "copy" / "a")])
