@@ -1,6 +1,7 @@
 """The shared part of the workflow's Snakemake scripts (workflow/scripts/*.py): each runs its rule's job
 under `run_script`, which sends the job's stdout, stderr and `logging` into the rule's log file and turns
-any failure into one line for Snakemake (``<rule> failed: <message> (full log: <log>)``, exit status 1),
+any failure into one line for Snakemake (``<rule> failed: <message> (full log: <log>)``, exit status 1;
+the message is the job's own one-line ``error: ...`` where it printed one, e.g. a CLI that returned 2),
 with the full traceback in the log only (the profile does not print failed jobs' logs; Snakemake's error
 block names the log). An interrupt (Ctrl-C: SIGINT to the process group) is one line too, ``<rule>:
 interrupted; rerun the same command to resume`` (exit status 130, no traceback anywhere): a training run
@@ -19,6 +20,17 @@ from contextlib import redirect_stderr, redirect_stdout
 from typing import Any, Callable
 
 __all__ = ["run_script"]
+
+
+def _last_error_line(log_path: str) -> str:
+    """The last one-line `error: ...` the job wrote into its log (a CLI's refusal, e.g. fedhpro.aggregate's), without
+    the prefix; '' if none."""
+    try:
+        with open(log_path, errors="replace") as fh:
+            lines = [line.strip() for line in fh if line.startswith("error: ")]
+    except OSError:
+        return ""
+    return lines[-1][len("error: "):] if lines else ""
 
 
 def run_script(sm: Any, job: Callable[[Any], int | None], name: str | None = None) -> None:
@@ -46,9 +58,13 @@ def run_script(sm: Any, job: Callable[[Any], int | None], name: str | None = Non
             interrupted = f"{name}: {INTERRUPTED}"
             print(interrupted, file=log, flush=True)
         except BaseException as err:
+            log.flush()
+            said = _last_error_line(log_path)  # what the job's CLI said (`error: ...`), the reason to show
             traceback.print_exc()
             log.flush()
             reason = " ".join(str(err).split()) or type(err).__name__
+            if said and said not in reason:
+                reason = f"{said} ({reason})"
             raise SystemExit(f"{name} failed: {reason} (full log: {log_path})") from None
         finally:
             package_log.removeHandler(handler)

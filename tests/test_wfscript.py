@@ -71,3 +71,21 @@ def test_an_exception_without_a_message_is_named_by_its_type(tmp_path):
     with pytest.raises(SystemExit) as exc:
         run_script(fake_sm(tmp_path, "train"), job)
     assert exc.value.code == f"train failed: MemoryError (full log: {tmp_path / 'train.log'})"
+
+
+def test_a_cli_refusal_inside_the_job_is_the_reason_on_the_console(tmp_path):
+    """A job that runs a CLI which prints its one-line `error: ...` and returns 2 (fedhpro.aggregate refusing a
+    swapped metrics.parquet): the console line says why, not only 'exited with status 2'."""
+    def job(sm):
+        print("collecting 4 runs")
+        print("error: metrics file r/metrics.parquet belongs to another run (config_hash a, but r/config.json says b)",
+              file=sys.stderr)
+        raise RuntimeError("fedhpro.aggregate exited with status 2")
+
+    with pytest.raises(SystemExit) as exc:
+        run_script(fake_sm(tmp_path, "aggregate"), job)
+    log = tmp_path / "aggregate.log"
+    assert exc.value.code == ("aggregate failed: metrics file r/metrics.parquet belongs to another run (config_hash a, "
+                              "but r/config.json says b) (fedhpro.aggregate exited with status 2) "
+                              f"(full log: {log})")
+    assert "error: metrics file" in log.read_text()
