@@ -2,7 +2,7 @@
 
 Every subcommand runs under one error handler (`run_guarded`): bad input (config values, flags,
 files) ends with a one-line `error: ...` naming the key or file and exit status 2, never a
-traceback; a full disk (ENOSPC/EDQUOT, naming the file) is a one-line error with exit status 1;
+traceback; a full disk (ENOSPC/EDQUOT, naming the file) is such a one-line error too (exit status 2);
 Ctrl-C prints "interrupted; rerun the same command to resume" (train; the other subcommands say
 "interrupted") and exits with 130. Set
 FEDHPRO_TRACEBACK=1 to see the traceback of an unexpected error.

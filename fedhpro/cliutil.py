@@ -96,7 +96,7 @@ def run_guarded(func: Callable[[Sequence[str] | None], int], argv: Sequence[str]
         if err.errno in (errno.ENOSPC, errno.EDQUOT):
             print(f"error: {_one_line(err)} (the run resumes from its last checkpoint once space is freed)",
                   file=sys.stderr)
-            return 1
+            return 2  # like every CLI error (the README's promise); the message says it is the disk
         print(f"error: {_one_line(err)}", file=sys.stderr)
         return 2
     except (ConfigError, CheckpointError, RunLockedError, ValueError, KeyError, RuntimeError) as err:

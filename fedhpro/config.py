@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -218,7 +219,14 @@ class DuplicateKeyError(yaml.constructor.ConstructorError):
 
 
 class StrictLoader(yaml.SafeLoader):
-    """SafeLoader with YAML 1.2 / JSON floats (`1e-3` is a number) and duplicate keys refused."""
+    """SafeLoader reading YAML 1.2 (core schema) scalars, as JSON does, and refusing duplicate keys. PyYAML follows
+    YAML 1.1, where `1e-3` is a string, `yes`/`on` are true, `1_000` is 1000 and `010` is 8; here `1e-3` is a
+    number, `true`/`false` are the only booleans, an integer is decimal (or 0o/0x) without underscores, and
+    everything else is a string (which the key's declared type then refuses, naming the key)."""
+
+    def construct_yaml_int(self, node):  # YAML 1.1 would read a leading 0 as octal and drop underscores
+        value = self.construct_scalar(node)
+        return int(value, 0) if value.lstrip("+-")[:2] in ("0o", "0x") else int(value, 10)
 
     def construct_mapping(self, node, deep=False):
         if isinstance(node, yaml.MappingNode):
@@ -237,9 +245,18 @@ class StrictLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-StrictLoader.yaml_implicit_resolvers = {k: [(tag, rx) for tag, rx in v if tag != "tag:yaml.org,2002:float"]
+_YAML12_CORE = (  # YAML 1.2 core schema resolvers, tried in this order (an integer before a float)
+    ("tag:yaml.org,2002:null", re.compile(r"^(?:~|null|Null|NULL|)$"), ["~", "n", "N", ""]),
+    ("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")),
+    ("tag:yaml.org,2002:int", re.compile(r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$"), list("-+0123456789")),
+    ("tag:yaml.org,2002:float", _FLOAT_RE, list("-+0123456789.")),
+)
+_YAML11_ONLY = {"tag:yaml.org,2002:timestamp"} | {tag for tag, _, _ in _YAML12_CORE}
+StrictLoader.yaml_implicit_resolvers = {k: [(tag, rx) for tag, rx in v if tag not in _YAML11_ONLY]
                                         for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
-StrictLoader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_RE, list("-+0123456789."))
+for _tag, _regex, _first in _YAML12_CORE:
+    StrictLoader.add_implicit_resolver(_tag, _regex, _first)
+StrictLoader.add_constructor("tag:yaml.org,2002:int", StrictLoader.construct_yaml_int)
 
 
 def load_yaml_text(text: str, source: str = "<text>") -> Any:

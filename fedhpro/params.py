@@ -23,8 +23,8 @@ from fedhpro.errors import ConfigError
 
 # YAML 1.2 / JSON numbers: PyYAML follows YAML 1.1, where `1e-3` (no dot) is a string; a user writing
 # `lr: 1e-3` (or valid JSON `1e-2`, or `--set lr=1e-3`) means the number.
-_FLOAT_RE = re.compile(r"^[-+]?(?:(?:[0-9][0-9_]*)\.[0-9_]*|\.[0-9_]+|[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)?$"
-                       r"|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$")
+_FLOAT_RE = re.compile(r"^[-+]?(?:[0-9]+\.[0-9]*|\.[0-9]+|[0-9]+)(?:[eE][-+]?[0-9]+)?$"
+                       r"|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$")  # YAML 1.2 core: no underscores
 
 KINDS = ("bool", "int", "float", "str", "mapping", "str_list")
 

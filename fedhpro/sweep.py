@@ -49,6 +49,8 @@ import sys
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Callable, Mapping
 
+import yaml
+
 from fedhpro import layout
 from fedhpro.config import _FLOAT_RE, LOCATION_OPTIONS, ConfigError, RunConfig, from_dict, load_yaml_text
 
@@ -402,9 +404,38 @@ def check_config_files(paths) -> None:
         except OSError as err:
             raise SweepConfigError(f"config file {path!r} cannot be read: {err.strerror or err}") from None
         try:
-            load_yaml_text(text, f"config file {str(path)!r}")
+            ours = load_yaml_text(text, f"config file {str(path)!r}")
         except ConfigError as err:
             raise SweepConfigError(str(err)) from None
+        try:
+            snakemakes = yaml12_numbers(yaml.safe_load(text))  # what Snakemake's YAML 1.1 loader makes of it
+        except yaml.YAMLError:
+            continue
+        where = _yaml11_difference(ours, snakemakes)
+        if where is not None:
+            key, mine, theirs = where
+            raise SweepConfigError(f"config file {str(path)!r}: key {key!r}: {mine!r} is read as {theirs!r} by "
+                                   f"Snakemake's YAML 1.1 loader but as {mine!r} by YAML 1.2 (as config files and "
+                                   "--set are read); write it unambiguously (true/false, 1000, a quoted string)")
+
+
+def _yaml11_difference(ours: Any, theirs: Any, key: str = "") -> tuple[str, Any, Any] | None:
+    """The first (key, YAML 1.2 value, YAML 1.1 value) where the two readings of one file differ, or None."""
+    if isinstance(ours, Mapping) and isinstance(theirs, Mapping):
+        for k in ours:
+            if k in theirs:
+                found = _yaml11_difference(ours[k], theirs[k], f"{key}.{k}" if key else str(k))
+                if found:
+                    return found
+        return None
+    if isinstance(ours, list) and isinstance(theirs, list) and len(ours) == len(theirs):
+        for i, (a, b) in enumerate(zip(ours, theirs)):
+            found = _yaml11_difference(a, b, f"{key}[{i}]")
+            if found:
+                return found
+        return None
+    same = type(ours) is type(theirs) and (ours == theirs or ours != ours)  # NaN equals itself here
+    return None if same else (key or "(top level)", ours, theirs)
 
 
 def _warn_infeasible(runs: list[RunSpec], config: Mapping, warn: Callable[[str], None]) -> None:

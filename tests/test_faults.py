@@ -39,7 +39,7 @@ leaves them out, CI runs them all. Each injected fault goes into the `fault_ledg
    Range request and verified, or refused by checksum, or reported after the retries (and resumed
    by the next attempt); a file that did not verify is never extracted.
 4. A full disk (a small tmpfs mounted by the test; skipped where mounting is not permitted): the
-   checkpoint that does not fit ends the run with a one-line ENOSPC error naming the file (exit 1),
+   checkpoint that does not fit ends the run with a one-line ENOSPC error naming the file (exit 2),
    the earlier checkpoint stays loadable, no temp file and no metrics.parquet are left; with space
    freed the same command resumes to identical metrics.
 5. Concurrency: a second training process on the same run directory gets the lock error (exit 2)
@@ -607,7 +607,7 @@ def test_full_disk_during_checkpoint_write_then_resume(tmpfs, configs, reference
     with fault_ledger.fault("full disk during the checkpoint write") as fault:
         proc = cli_train(configs["fedavg"], run)
         fault.injected()
-        assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-3000:]
+        assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-3000:]
         line = one_line_error(proc.stderr)
         assert "No space left on device" in line and str(run / CHECKPOINT) in line, line
         state = inspect_run_dir(run)

@@ -3,6 +3,7 @@ or a one-line error naming the key, file or run, and nothing is lost."""
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -351,3 +352,56 @@ def test_one_run_id_under_two_thread_counts_says_threads(tmp_path, capsys):
     shutil.copytree(runs / "a", tmp_path / "copy" / "a")  # a real copy is still called one
     with pytest.raises(agg.DuplicateRunError, match="keep only one copy"):
         agg.collect([str(runs / "a"), str(tmp_path / "copy" / "a")])
+
+
+# ------------------------------------------------------------------ 12: YAML 1.2 everywhere; a full disk exits 2
+@pytest.mark.parametrize("text, value", [("1_000", "1_000"), ("yes", "yes"), ("on", "on"), ("no", "no"),
+                                         ("010", 10), ("0o17", 15), ("0x1F", 31), ("1e-3", 0.001), ("true", True),
+                                         ("False", False), ("~", None), ("2020-01-01", "2020-01-01")])
+def test_config_files_and_set_read_yaml_1_2(text, value):
+    from fedhpro.cli import _parse_set
+    from fedhpro.config import load_yaml_text
+
+    assert load_yaml_text(f"x: {text}")["x"] == value and type(load_yaml_text(f"x: {text}")["x"]) is type(value)
+    assert _parse_set([f"x={text}"])["x"] == value
+
+
+def test_yaml_1_1_spellings_are_refused_naming_the_key(tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text("dataset: digits\nrounds: 1\nnum_clients: 3\n")
+    for setting, message in (("seed=1_000", "config key 'seed' must be an integer, got '1_000'"),
+                             ("diagnostics=yes", "config key 'diagnostics' must be true or false, got 'yes'")):
+        err = one_line_error(capsys, cli_main(["train", "--config", str(config), "--out", str(tmp_path / "r"),
+                                               "--set", setting]))
+        assert err == f"error: {message}"
+        key, value = setting.split("=")
+        (tmp_path / "file.yaml").write_text(config.read_text() + f"{key}: {value}\n")
+        err = one_line_error(capsys, cli_main(["train", "--config", str(tmp_path / "file.yaml"), "--out",
+                                               str(tmp_path / "r")]))
+        assert err == f"error: {message}"  # one parser for files and --set
+    assert not (tmp_path / "r").exists()
+
+
+def test_workflow_config_that_snakemake_reads_otherwise_is_refused(tmp_path):
+    from fedhpro.sweep import SweepConfigError, check_config_files
+
+    for text, key in (("defaults:\n  diagnostics: yes\n", "defaults.diagnostics"),
+                      ("seeds: [0, 1_000]\n", "seeds[1]"), ("defaults: {partition_seed: 010}\n",
+                                                             "defaults.partition_seed")):
+        (tmp_path / "c.yaml").write_text(text)
+        with pytest.raises(SweepConfigError, match=rf"key '{re.escape(key)}': .* by Snakemake's YAML 1\.1 loader"):
+            check_config_files([str(tmp_path / "c.yaml")])
+    (tmp_path / "c.yaml").write_text("defaults: {lr: 1e-3, diagnostics: false, seed: 1000}\nseeds: [0, 1]\n")
+    check_config_files([str(tmp_path / "c.yaml")])  # 1e-3: a number to both (sweep reads it as YAML 1.2)
+
+
+def test_full_disk_is_exit_status_2_naming_the_file(capsys):
+    import errno
+
+    from fedhpro.cliutil import run_guarded
+
+    def job(argv):
+        raise OSError(errno.ENOSPC, "No space left on device", "/runs/r/checkpoint.pt")
+
+    err = one_line_error(capsys, run_guarded(job, []))
+    assert "No space left on device" in err and "/runs/r/checkpoint.pt" in err
