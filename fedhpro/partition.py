@@ -584,7 +584,7 @@ def load_partition(path_dir, num_samples: int | None = None) -> list[np.ndarray]
     if not path.is_file():
         raise FileNotFoundError(f"partition file {path} does not exist (make it with `fedhpro partition ... --out "
                                 f"{Path(path_dir)}`)")
-    remake = "delete it and make the partition again"
+    remake = "delete it and make the partition again (in the workflow: delete it and rerun snakemake)"
     try:
         with np.load(path, allow_pickle=False) as z:
             names = list(z.files)

@@ -405,3 +405,41 @@ def test_full_disk_is_exit_status_2_naming_the_file(capsys):
 
     err = one_line_error(capsys, run_guarded(job, []))
     assert "No space left on device" in err and "/runs/r/checkpoint.pt" in err
+
+
+# ------------------------------------------------------------------ 8 and 13: the workflow after a refusal
+@pytest.mark.slow  # five real Snakemake runs of a one-round digits workflow (about 2 minutes on 2 cores)
+def test_workflow_rebuilds_what_a_refusal_says_to_delete_and_says_why_on_the_console(tmp_path):
+    from test_pipeline import copy_workflow, planned, smk, tiny_workflow_config
+
+    wf = copy_workflow(tmp_path, tiny_workflow_config())
+    assert smk(wf, "--cores", "1").returncode == 0
+    res = wf / "results"
+    (pdir,) = [p.parent for p in (res / "partitions").glob("**/partition.npz")]
+    (metrics,) = list((res / "runs").glob("**/metrics.parquet"))
+    from fedhpro.partition import main as partition_main
+
+    assert partition_main(["--dataset", "digits", "--scheme", "dirichlet", "--alpha", "0.5", "--num-clients", "2",
+                           "--seed", "7", "--out", str(tmp_path / "other")]) == 0
+    # a partition.npz of another partition: the run is refused, and the console says so and what to do
+    shutil.copy(tmp_path / "other" / "partition.npz", pdir / "partition.npz")
+    proc = smk(wf, "--cores", "1")
+    text = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "does not match its meta.json" in text and "delete it and rerun snakemake" in text
+    (pdir / "partition.npz").unlink()  # as advised
+    assert {"partition", "train"} <= set(planned(smk(wf, "-n"))), "a plain rerun must rebuild the partition and run"
+    assert smk(wf, "--cores", "1").returncode == 0
+    assert (pdir / "partition.npz").is_file() and metrics.is_file()
+    assert "Nothing to be done" in smk(wf, "-n").stdout
+    # a metrics.parquet of another run: aggregate's console line gives the reason, not only its exit status
+    other = tmp_path / "other_run"
+    train(cfg_of(rounds=1, num_clients=2, seed=5), other, progress=False)
+    shutil.copy(other / METRICS, metrics)
+    proc = smk(wf, "--cores", "1", "--forcerun", "aggregate")
+    text = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    (line,) = [x for x in text.splitlines() if "aggregate failed:" in x]
+    assert "belongs to another run" in line and str(metrics.relative_to(wf)) in line, line
+    metrics.unlink()  # as advised
+    assert "train" in planned(smk(wf, "-n"))
+    assert smk(wf, "--cores", "1").returncode == 0 and metrics.is_file()

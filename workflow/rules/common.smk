@@ -171,9 +171,14 @@ def experiment_params(wildcards):
 
 
 def final_outputs():
-    return [f"{TABLES}/{name}" for name in RUNS_OF_EXPERIMENT] + [
-        f"{FIGURES}/{name}" for name in RUNS_OF_EXPERIMENT
-    ]
+    """Every experiment's tables and figures, and every run's metrics: Snakemake rebuilds a missing file only
+    for a job that needs it, so a metrics.parquet deleted after its tables were made (e.g. as a refusal of a
+    swapped partition.npz or metrics.parquet advises) is rebuilt, with its partition, only if `all` asks."""
+    return (
+        [f"{TABLES}/{name}" for name in RUNS_OF_EXPERIMENT]
+        + [f"{FIGURES}/{name}" for name in RUNS_OF_EXPERIMENT]
+        + metrics_of(RUNS)
+    )
 
 
 def data_identity(dataset):
