@@ -43,8 +43,16 @@ TARGETS = ["local training >= 90% of bare-loop throughput", "FedHPro round <= 1.
 @pytest.mark.slow
 def test_bench_quick_end_to_end(tmp_path, capsys):
     out = tmp_path / "bench"
-    assert cli_main(["bench", "--quick", "--out", str(out)]) == 0
+    times = tmp_path / "round-times.csv"
+    assert cli_main(["bench", "--quick", "--out", str(out), "--times", str(times)]) == 0
     text = capsys.readouterr().out
+    # the round split (c, d) also lands in the round-times table `fedhpro plan` reads, keyed so that the quick
+    # subset never stands for a real digits run
+    from fedhpro.plan import read_times
+
+    rows = read_times(times)
+    assert sorted(m.key[4] for m in rows) == ["fedavg", "fedhpro", "fedproto"]
+    assert all(m.key[1] == "digits:quick" and m.s_local > 0 and m.source.startswith("fedhpro bench") for m in rows)
     # machine, torch, device and threads: in the header and on every figure line
     assert "CPU:" in text and "torch " in text and "device cpu" in text and "torch threads 1" in text
     figure_lines = [line for line in text.splitlines() if line.startswith("  ") and "[" in line]
