@@ -65,9 +65,11 @@ def test_bench_quick_end_to_end(tmp_path, capsys):
                    for line in text.splitlines()), target
     # files: one JSON per section, the summary JSON and the Markdown table
     stem = "bench_cpu-digits-cnn-quick"
-    for section in ("throughput", "rounds", "memory", "quick_setting", "batched", "precision", "scale"):
+    for section in ("throughput", "rounds", "memory", "quick_setting", "batched", "precision", "sharing", "scale"):
         payload = json.loads((out / f"{stem}_{section}.json").read_text())
         assert payload["figures"] and payload["machine"]["threads"] == 1
+    sharing = json.loads((out / f"{stem}_sharing.json").read_text())["data"]
+    assert set(sharing) == {"1", "2"} and sharing["2"]["run0_identical_to_alone"] is True  # its own process, same numbers
     summary = json.loads((out / f"{stem}.json").read_text())
     assert summary["machine"]["torch"] and summary["checks"]
     md = (out / f"{stem}.md").read_text()

@@ -17,10 +17,11 @@ from fedhpro.bench.precision import bench_precision
 from fedhpro.bench.report import Report
 from fedhpro.bench.rounds import bench_rounds
 from fedhpro.bench.scale import bench_scale
+from fedhpro.bench.sharing import bench_sharing
 from fedhpro.cliutil import ArgumentParser, check_out_dir, positive_int
 
 DESCRIPTION = "`fedhpro bench`: how fast the engine trains, side by side with a bare PyTorch loop, in one process."
-SECTIONS = ("rounds", "batched", "precision", "scale")
+SECTIONS = ("rounds", "batched", "precision", "sharing", "scale")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     data = load_data(cfg)
     sections = {"rounds": bench_rounds, "batched": bench_batched, "precision": bench_precision,
+                "sharing": bench_sharing,
                 "scale": lambda cfg, data, report: bench_scale(cfg, report)}
     measured = []
     for name in SECTIONS:
