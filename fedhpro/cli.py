@@ -1,4 +1,4 @@
-"""`fedhpro` command line: train, partition, aggregate, bench, methods, config, datasets.
+"""`fedhpro` command line: train, partition, aggregate, bench, plan, methods, config, datasets.
 
 Every subcommand runs under one error handler (`run_guarded`): bad input (config values, flags,
 files) ends with a one-line `error: ...` naming the key or file and exit status 2, never a
@@ -91,7 +91,8 @@ def cmd_fingerprint(args: argparse.Namespace) -> int:
     return 0
 
 
-PASS_THROUGH = {"partition": "fedhpro.partition", "aggregate": "fedhpro.aggregate", "bench": "fedhpro.bench"}
+PASS_THROUGH = {"partition": "fedhpro.partition", "aggregate": "fedhpro.aggregate", "bench": "fedhpro.bench",
+                "plan": "fedhpro.plan"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -111,6 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("partition", help="partition a dataset and print the client x class table", add_help=False)
     sub.add_parser("aggregate", help="collect run Parquets into tables and figures", add_help=False)
     sub.add_parser("bench", help="speed and memory benchmarks (engine vs bare PyTorch loop)", add_help=False)
+    sub.add_parser("plan", help="a sweep's runs, GPU-hours and wall-clock from measured seconds per round",
+                   add_help=False)
     p = sub.add_parser("methods", help="list methods with their hyperparameters and defaults",
                        description="List every method, its paper, modes and hyperparameters.")
     p.set_defaults(func=cmd_methods)

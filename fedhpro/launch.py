@@ -84,6 +84,7 @@ class LaunchOptions:
     # runs expected to take less share jobs of about this much work (0: never; run_minutes None: never)
     pack_minutes: float = SLURM_DEFAULTS["pack_minutes"]
     run_minutes: float | Mapping[str, float] | None = SLURM_DEFAULTS["run_minutes"]  # expected minutes (per dataset)
+    runs_per_gpu: int = SLURM_DEFAULTS["runs_per_gpu"]  # runs of a job trained at once, each in its own process
 
     def expected_minutes(self, dataset: str) -> float | None:
         """The expected minutes of one run on `dataset` (`run_minutes`), None if unknown."""
@@ -98,12 +99,13 @@ class LaunchOptions:
         packs: list[list[Any]] = []
         open_pack: list[Any] = []
         open_minutes = 0.0
+        budget = self.pack_minutes * self.runs_per_gpu  # runs_per_gpu runs at a time: that much work per wall minute
         for item, dataset in runs:
             minutes = self.expected_minutes(dataset)
             if minutes is None or not self.pack_minutes or minutes >= self.pack_minutes:
                 packs.append([item])
                 continue
-            if open_pack and open_minutes + minutes > self.pack_minutes:
+            if open_pack and open_minutes + minutes > budget:
                 packs.append(open_pack)
                 open_pack, open_minutes = [], 0.0
             open_pack.append(item)
@@ -452,40 +454,69 @@ class RunPack(submitit.helpers.Checkpointable):
     its traceback goes to its log, and the job fails at the end naming it.
     """
 
-    def __init__(self, entries: list[PackEntry], threads: int | None = None) -> None:
+    def __init__(self, entries: list[PackEntry], threads: int | None = None, runs_per_gpu: int = 1) -> None:
         self.entries = list(entries)
         self.threads = threads
+        self.runs_per_gpu = max(1, int(runs_per_gpu))
 
     def __call__(self) -> list[str]:
         from fedhpro.runio import METRICS
 
-        failed: list[str] = []
-        for entry in self.entries:
-            if (Path(entry.run_dir) / METRICS).exists():
-                continue
-            with _run_log(entry.log) as log:
-                try:
-                    print(f"SLURM job {os.environ.get('SLURM_JOB_ID')} (restart "
-                          f"{os.environ.get('SLURM_RESTART_COUNT', '0')}): run {entry.run_dir}", flush=True)
-                    config = run_config_of(entry)
-                    config_hash = from_dict(config).config_hash()  # the submit host has no torch to compute it
-                    clear_stale_run(config_hash, entry.run_dir, keep_jobs=True)
-                    if os.environ.get("SLURM_JOB_ID"):
-                        update_job(entry.run_dir, os.environ["SLURM_JOB_ID"], config_hash=config_hash)
-                    Trainer(config, entry.run_dir, entry.partition_dir, self.threads)()
-                except Exception as err:  # noqa: BLE001 - reported in the run's log and at the end
-                    import traceback
-
-                    traceback.print_exc()
-                    failed.append(f"{entry.run_dir}: {type(err).__name__}: {err}")
-                log.flush()
+        todo = [e for e in self.entries if not (Path(e.run_dir) / METRICS).exists()]
+        n = getattr(self, "runs_per_gpu", 1)  # (a job pickled before the option existed has none)
+        if n == 1:
+            failed = [f for f in (run_entry(e, self.threads) for e in todo) if f]
+        else:  # also for a last unfinished run: its thread count must stay the one it started with
+            failed = run_entries_concurrently(todo, self.threads, n)
         if failed:
             raise RuntimeError(f"{len(failed)} of {len(self.entries)} runs failed:\n" + "\n".join(failed))
         return [str(Path(entry.run_dir) / METRICS) for entry in self.entries]
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
         print(f"checkpoint requested: requeueing {len(self.entries)} runs (finished ones are skipped)", flush=True)
-        return submitit.helpers.DelayedSubmission(RunPack(self.entries, self.threads))
+        return submitit.helpers.DelayedSubmission(RunPack(self.entries, self.threads, getattr(self, "runs_per_gpu", 1)))
+
+
+def run_entry(entry: PackEntry, threads: int | None, memory_fraction: float | None = None) -> str | None:
+    """Train one run of a pack (resuming from its checkpoint) with its output in its log; its failure as a line
+    (the traceback stays in the log), else None. `memory_fraction`: this process's share of the GPU's memory."""
+    with _run_log(entry.log) as log:
+        try:
+            print(f"SLURM job {os.environ.get('SLURM_JOB_ID')} (restart "
+                  f"{os.environ.get('SLURM_RESTART_COUNT', '0')}): run {entry.run_dir}", flush=True)
+            if memory_fraction is not None:
+                import torch
+
+                if torch.cuda.is_available():  # one run cannot take the memory of the others sharing the GPU
+                    torch.cuda.set_per_process_memory_fraction(memory_fraction)
+            config = run_config_of(entry)
+            config_hash = from_dict(config).config_hash()  # the submit host has no torch to compute it
+            clear_stale_run(config_hash, entry.run_dir, keep_jobs=True)
+            if os.environ.get("SLURM_JOB_ID"):
+                update_job(entry.run_dir, os.environ["SLURM_JOB_ID"], config_hash=config_hash)
+            Trainer(config, entry.run_dir, entry.partition_dir, threads)()
+        except Exception as err:  # noqa: BLE001 - reported in the run's log and at the end
+            import traceback
+
+            traceback.print_exc()
+            return f"{entry.run_dir}: {type(err).__name__}: {err}"
+        finally:
+            log.flush()
+    return None
+
+
+def run_entries_concurrently(entries: list[PackEntry], threads: int | None, runs_per_gpu: int) -> list[str]:
+    """`runs_per_gpu` runs at a time, each in a fresh process (its own CUDA context, torch threads and RNG, so
+    its numbers are those of the run alone with that thread count), with cpus // runs_per_gpu threads and
+    1/runs_per_gpu of the GPU's memory each. A preempted job is killed whole by SLURM and requeued; every
+    unfinished run then resumes from its own checkpoint."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    per_run = None if threads is None else max(1, threads // runs_per_gpu)
+    with ProcessPoolExecutor(max_workers=runs_per_gpu, mp_context=multiprocessing.get_context("spawn")) as pool:
+        results = list(pool.map(run_entry, entries, [per_run] * len(entries), [1.0 / runs_per_gpu] * len(entries)))
+    return [f for f in results if f]
 
 
 @contextlib.contextmanager
@@ -502,7 +533,7 @@ def _run_log(path: str | None):
 def submit_pack(entries: list[PackEntry], options: LaunchOptions, folder: str | Path, name: str) -> Any:
     """Submit the runs as one job (submitit, one sbatch); record its id in every run's slurm_jobs.json."""
     executor = _executor(Path(folder), name, options)
-    job = executor.submit(RunPack(entries, options.cpus))
+    job = executor.submit(RunPack(entries, options.cpus, options.runs_per_gpu))
     submitted = time.strftime("%Y-%m-%dT%H:%M:%S")
     for entry in entries:
         record_job(entry.run_dir, {"job_id": str(job.job_id), "cluster": executor.cluster, "submitted": submitted,

@@ -146,6 +146,16 @@ class Context:
         return out
 
 
+# Which devices check every local step's loss for NaN/Inf at once (a host sync per step: free on the CPU, where
+# it keeps the exact step a divergence stops at) rather than once per epoch (GPUs, where a sync per step would
+# stall the kernel queue). Tests set it to force the per-epoch path on the CPU.
+STEP_CHECK_DEVICES: tuple[str, ...] = ("cpu",)
+
+
+def check_each_step(device: torch.device) -> bool:
+    return device.type in STEP_CHECK_DEVICES
+
+
 def batches(n: int, batch_size: int, gen: torch.Generator, device: torch.device):
     """Shuffled mini-batch index tensors; the last partial batch is kept (as the official loader).
 
@@ -229,15 +239,27 @@ class ClientBase:
         model.train()
         optimizer = self.make_optimizer(model)
         scaler = make_grad_scaler(self.ctx)
-        total, count = 0.0, 0
+        # The loss sum stays on the device (float64: the same IEEE additions as Python floats, so train_loss is
+        # bit-identical to summing `loss.item()`), so a GPU step needs no host synchronisation. On a GPU the
+        # divergence check is made once per epoch instead of per step (`check_each_step`): a non-finite loss
+        # still stops the client in the same round, with the same message, after the epoch's remaining steps.
+        total = torch.zeros((), dtype=torch.float64, device=self.ctx.device)
+        count = 0
+        each_step = check_each_step(self.ctx.device)
         for epoch in range(self.cfg.local_epochs):
             self.start_epoch(round_idx, epoch)
+            first_bad: torch.Tensor | None = None
             for idx in batches(client.num_samples, self.cfg.batch_size, gen, self.ctx.device):
                 x = self.ctx.prepare(client.x[idx], train=True, gen=gen)
                 with autocast_context(self.ctx):
                     loss = self.loss(model, x, client.y[idx])
-                if not torch.isfinite(loss):
-                    raise Diverged(f"client {client.cid}: loss is {loss.item()}")
+                if each_step:
+                    if not torch.isfinite(loss):
+                        raise Diverged(f"client {client.cid}: loss is {loss.item()}")
+                elif first_bad is None:  # remember the first non-finite loss without a host sync
+                    first_bad = torch.where(torch.isfinite(loss), torch.zeros_like(loss), loss.detach())
+                else:
+                    first_bad = torch.where((first_bad == 0) & ~torch.isfinite(loss), loss.detach(), first_bad)
                 optimizer.zero_grad(set_to_none=True)
                 if scaler is None:
                     loss.backward()
@@ -250,9 +272,11 @@ class ClientBase:
                     scaler.step(optimizer)  # skipped when a gradient is inf/NaN
                     scaler.update()
                 fault_point("batch")
-                total += loss.detach().item() * idx.numel()
+                total += loss.detach().double() * idx.numel()
                 count += idx.numel()
-        return self.upload(client, model, state), total / max(count, 1)
+            if first_bad is not None and bool(first_bad != 0):  # one sync per epoch
+                raise Diverged(f"client {client.cid}: loss is {first_bad.item()}")
+        return self.upload(client, model, state), total.item() / max(count, 1)
 
 
 class LocalTraining(Protocol):

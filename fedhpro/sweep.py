@@ -81,7 +81,8 @@ ABLATION_KEYS = ("methods", "base_variant", "datasets", "heterogeneity", "seeds"
 # (tests/test_sweep_slurm.py).
 SLURM_DEFAULTS: dict[str, Any] = {"launcher": "local", "partition": None, "account": None, "gpus": 1, "cpus": 4,
                                   "mem_gb": 16, "time_min": 240, "signal_delay_s": 120, "max_num_timeout": 3,
-                                  "poll_seconds": 30, "additional": {}, "pack_minutes": 30, "run_minutes": None}
+                                  "poll_seconds": 30, "additional": {}, "pack_minutes": 30, "run_minutes": None,
+                                  "runs_per_gpu": 1}
 
 
 class SweepConfigError(ConfigError):
@@ -241,7 +242,8 @@ def check_slurm(value: Any) -> dict[str, Any]:
     for key in ("partition", "account"):
         if out[key] is not None and (not isinstance(out[key], str) or not out[key]):
             raise _err(f"slurm.{key}", f"must be a non-empty string or null, got {out[key]!r}")
-    for key, low in (("gpus", 0), ("cpus", 1), ("time_min", 1), ("signal_delay_s", 0), ("max_num_timeout", 0)):
+    for key, low in (("gpus", 0), ("cpus", 1), ("time_min", 1), ("signal_delay_s", 0), ("max_num_timeout", 0),
+                     ("runs_per_gpu", 1)):
         v = out[key]
         if isinstance(v, bool) or not isinstance(v, int) or v < low:
             raise _err(f"slurm.{key}", f"must be an integer >= {low}, got {v!r}")

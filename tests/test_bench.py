@@ -43,8 +43,16 @@ TARGETS = ["local training >= 90% of bare-loop throughput", "FedHPro round <= 1.
 @pytest.mark.slow
 def test_bench_quick_end_to_end(tmp_path, capsys):
     out = tmp_path / "bench"
-    assert cli_main(["bench", "--quick", "--out", str(out)]) == 0
+    times = tmp_path / "round-times.csv"
+    assert cli_main(["bench", "--quick", "--out", str(out), "--times", str(times)]) == 0
     text = capsys.readouterr().out
+    # the round split (c, d) also lands in the round-times table `fedhpro plan` reads, keyed so that the quick
+    # subset never stands for a real digits run
+    from fedhpro.plan import read_times
+
+    rows = read_times(times)
+    assert sorted(m.key[4] for m in rows) == ["fedavg", "fedhpro", "fedproto"]
+    assert all(m.key[1] == "digits:quick" and m.s_local > 0 and m.source.startswith("fedhpro bench") for m in rows)
     # machine, torch, device and threads: in the header and on every figure line
     assert "CPU:" in text and "torch " in text and "device cpu" in text and "torch threads 1" in text
     figure_lines = [line for line in text.splitlines() if line.startswith("  ") and "[" in line]
@@ -57,9 +65,11 @@ def test_bench_quick_end_to_end(tmp_path, capsys):
                    for line in text.splitlines()), target
     # files: one JSON per section, the summary JSON and the Markdown table
     stem = "bench_cpu-digits-cnn-quick"
-    for section in ("throughput", "rounds", "memory", "quick_setting", "batched", "precision", "scale"):
+    for section in ("throughput", "rounds", "memory", "quick_setting", "batched", "precision", "sharing", "scale"):
         payload = json.loads((out / f"{stem}_{section}.json").read_text())
         assert payload["figures"] and payload["machine"]["threads"] == 1
+    sharing = json.loads((out / f"{stem}_sharing.json").read_text())["data"]
+    assert set(sharing) == {"1", "2"} and sharing["2"]["run0_identical_to_alone"] is True  # its own process, same numbers
     summary = json.loads((out / f"{stem}.json").read_text())
     assert summary["machine"]["torch"] and summary["checks"]
     md = (out / f"{stem}.md").read_text()

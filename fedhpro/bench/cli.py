@@ -17,10 +17,11 @@ from fedhpro.bench.precision import bench_precision
 from fedhpro.bench.report import Report
 from fedhpro.bench.rounds import bench_rounds
 from fedhpro.bench.scale import bench_scale
+from fedhpro.bench.sharing import bench_sharing
 from fedhpro.cliutil import ArgumentParser, check_out_dir, positive_int
 
 DESCRIPTION = "`fedhpro bench`: how fast the engine trains, side by side with a bare PyTorch loop, in one process."
-SECTIONS = ("rounds", "batched", "precision", "scale")
+SECTIONS = ("rounds", "batched", "precision", "sharing", "scale")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,6 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=positive_int, default=None,
                    help="measured repeats after the warm-up (default 4; quick 1)")
     p.add_argument("--out", default=None, help="write <out>/bench*.json and <out>/bench*.md (e.g. results/bench)")
+    p.add_argument("--times", default=None, metavar="CSV",
+                   help="also add the measured seconds per round (section rounds) to this round-times table, "
+                        "which `fedhpro plan` estimates sweeps from (e.g. config/round-times.csv)")
     p.add_argument("--skip", action="append", default=[], choices=SECTIONS,
                    help="leave a section out (repeatable)")
     return p
@@ -46,6 +50,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.out is not None:  # `--out ''` is refused, not taken for "no --out"
         check_out_dir(args.out, create=False)  # before the benchmark runs, not after
+    if args.times:
+        if "rounds" in args.skip:
+            raise ValueError("--times needs the rounds section (it records that section's round times)")
+        if Path(args.times).exists():
+            from fedhpro.plan import read_times
+
+            read_times(args.times)  # a malformed table is refused before the benchmark, not after
     torch.set_num_threads(args.threads)
     cfg = make_config(args.quick, args.gpu, args.device)
     if args.rounds is not None:
@@ -58,14 +69,23 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     data = load_data(cfg)
     sections = {"rounds": bench_rounds, "batched": bench_batched, "precision": bench_precision,
+                "sharing": bench_sharing,
                 "scale": lambda cfg, data, report: bench_scale(cfg, report)}
+    measured = []
     for name in SECTIONS:
         if name not in args.skip:
-            sections[name](cfg, data, report)
+            result = sections[name](cfg, data, report)
+            if name == "rounds":
+                measured = result
     total = time.perf_counter() - t0
     print(f"\nbenchmark wall time {total:.1f} s; 1-min load average at end {os.getloadavg()[0]:.2f}")
     print("targets: " + ", ".join(f"{c['status']}" for c in report.checks))
     if args.out:
         for path in report.write(Path(args.out)):
             print(f"wrote {path}")
+    if args.times and measured:
+        from fedhpro.plan import read_times, write_times
+
+        write_times(args.times, (read_times(args.times) if Path(args.times).exists() else []) + measured)
+        print(f"wrote {len(measured)} round-time row(s) to {args.times}")
     return 0

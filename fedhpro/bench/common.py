@@ -51,6 +51,8 @@ class BenchConfig:
     sweep_runs: int = 5000
     precision_clients: int = 2  # `precision`/`channels_last` section: a short iid training at the quick setting
     precision_rounds: int = 2
+    sharing_runs: tuple[int, ...] = (1, 2, 4)  # `sharing` section: runs training at once on the device
+    sharing_rounds: int = 2
 
     def run_config(self, method: str, **changes: Any) -> RunConfig:
         raw = {"dataset": self.dataset, "method": method, "num_clients": self.num_clients, "partition": "dirichlet",
@@ -76,6 +78,7 @@ def make_config(quick: bool, gpu: bool, device: str | None) -> BenchConfig:
                       batched_clients=(3, 6), batched_epochs=1, scale_clients=60, scale_samples_per_client=8,
                       scale_personal_rounds=2,
                       partition_labels=100_000, partition_clients=100, sweep_runs=8, precision_rounds=1,
+                      sharing_runs=(1, 2), sharing_rounds=1,
                       quick_setting={"local_epochs": 1, "batch_size": 32, "lr": 0.05, "momentum": 0.9},
                       subset=(300, 100))
         if gpu:

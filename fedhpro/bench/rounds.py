@@ -117,7 +117,8 @@ class BareLoops:
         return {"seconds": time.perf_counter() - t0, "samples": n}
 
 
-def bench_rounds(cfg: BenchConfig, data: ArrayData, report: Report) -> None:
+def bench_rounds(cfg: BenchConfig, data: ArrayData, report: Report) -> list:
+    """(a)-(e) and the quick setting; returns the round-times rows of (c, d) (`fedhpro.plan.Measurement`)."""
     device = torch.device(cfg.device)
     with tempfile.TemporaryDirectory(prefix="fedhpro-bench-") as tmp:
         runs = {m: TimedRun(cfg, m, data, Path(tmp) / m) for m in METHODS_COMPARED}
@@ -149,10 +150,32 @@ def bench_rounds(cfg: BenchConfig, data: ArrayData, report: Report) -> None:
             run = TimedRun(cfg, m, data, Path(tmp) / f"{m}-memory", local_epochs=1)
             run.round(1)
             memory[f"{m} round + checkpoint"] = tensor_peak(lambda: run.round(2), device)
+        measured = round_time_rows(cfg, {m: runs[m].engine.cfg for m in METHODS_COMPARED}, records)
     report_throughput(cfg, ctx0, bare_records, records, report)
     report_round_split(records, report)
     report_memory(memory, report)
     bench_quick_setting(cfg, data, report)
+    return measured
+
+
+def round_time_rows(cfg: BenchConfig, run_configs: dict, records: dict[str, list[dict]]) -> list:
+    """(c, d) as rows of the round-times table that `fedhpro plan` estimates sweeps from (`bench --times`).
+    The quick config's tiny subset is keyed `<dataset>:quick`, so it never stands for a real run."""
+    from fedhpro.plan import Measurement, current_device_kind, run_key
+
+    kind = current_device_kind(cfg.device)
+    today = time.strftime("%Y-%m-%d", time.gmtime())
+    rows = []
+    for m, recs in records.items():
+        run_cfg = run_configs[m]
+        key = run_key(run_cfg, kind)
+        if cfg.subset is not None or (cfg.synthetic and cfg.name.endswith("-quick")):
+            key = (key[0], f"{key[1]}:quick") + key[2:]
+        mid = {k: statistics.median(x[k] for x in recs) for k in ("local", "server", "eval", "io")}
+        rows.append(Measurement(key=key, local_epochs=run_cfg.local_epochs, s_local=mid["local"],
+                                s_server=mid["server"], s_eval=mid["eval"], s_io=mid["io"], runs_sharing=1,
+                                rounds_measured=len(recs), source=f"fedhpro bench ({cfg.name})", measured=today))
+    return rows
 
 
 def report_throughput(cfg: BenchConfig, ctx0: Context, bare: dict[str, list[dict]], records: dict[str, list[dict]],
