@@ -49,6 +49,8 @@ rule figures:
             subcategory="{experiment}",
         ),
     params:
+        rule=config["reporting"]["rule"],
+        last_k=config["reporting"]["last_k"],
         experiment=experiment_params,
     log:
         f"{LOGS}/figures/{{experiment}}.log",
