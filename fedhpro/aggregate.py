@@ -826,9 +826,10 @@ def _upload_ratio_note(summary: pd.DataFrame) -> str:
     if not parts:
         return ""
     names = ", ".join(METHOD_NAMES[m] for m in baselines)
-    return ("FedHPro uploads, besides its model, one classifier gradient per class it holds (for gradient matching; "
-            f"plus a global model in global mode), so its upload per round is a multiple of the prototype baselines' "
-            f"({names}), measured here: " + "; ".join(parts) + ".")
+    return ("FedHPro uploads, besides what the prototype baselines send, one classifier gradient per class it holds "
+            "(for gradient matching; each the size of the classifier, so about classes x the prototype upload). Its "
+            f"upload per round over the prototype baselines' ({names}), measured here: " + "; ".join(parts)
+            + " (in global mode both also upload the whole model, which dilutes the ratio).")
 
 
 def communication_table(summary: pd.DataFrame, rule: str, last_k: int, *, df: pd.DataFrame | None = None,

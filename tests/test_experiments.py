@@ -8,6 +8,7 @@ the training code of this checkout writes them.
 from __future__ import annotations
 
 import copy
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -541,3 +542,23 @@ def test_quick_default_has_a_model_heterogeneity_block():
     # the label-skew runs keep their run directories
     assert "digits/dirichlet-a0p5-n10/fedhpro/default/ps0_s1" in {r.run_id for r in by["label_skew"]}
     assert {r.variant for r in by["ablation"] if r.method == "gfpl"} == {"default", "projection", "etf"}
+
+
+# ---------------------------------------------------------------------------------------- README figures
+def _dry_run(*args: str) -> str:
+    proc = subprocess.run([str(REPO / ".venv" / "bin" / "snakemake"), "-n", "--nolock", "--cores", "1", *args],
+                          capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout
+
+
+@pytest.mark.slow  # two Snakemake dry runs of the quick default (the run table imports torch): about 40 s
+def test_readme_figures_are_regenerated_by_the_quick_default(tmp_path):
+    out = _dry_run("--forceall")
+    jobs = set(re.findall(r"output: (docs/figures/\S+\.png)", out))
+    assert jobs == {f"docs/figures/{name}.png" for name in ("accuracy", "communication", "ablation", "diagnostics")}
+    # another config (--configfile, e.g. the paper's grid) leaves the README's figures alone
+    config = tmp_path / "config.yaml"
+    config.write_text((REPO / "config" / "config.yaml").read_text().replace("results: results",
+                                                                           f"results: {tmp_path / 'res'}"))
+    assert "docs/figures" not in _dry_run("--forceall", "--configfile", str(config))

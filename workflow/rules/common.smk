@@ -170,10 +170,34 @@ def experiment_params(wildcards):
     return {"kind": spec.kind, "title": spec.title, "protocol": spec.protocol}
 
 
-def final_outputs():
-    return [f"{TABLES}/{name}" for name in RUNS_OF_EXPERIMENT] + [
-        f"{FIGURES}/{name}" for name in RUNS_OF_EXPERIMENT
+# README figures: a run of the quick default (config/config.yaml, no --configfile) copies these of its
+# figures into docs/figures, so the README always shows the figures of the last quick-default run, made by
+# this code (never hand-copied, never stale). name -> (experiment, file in results/figures/<experiment>/).
+DOCS_FIGURES = {
+    "accuracy": ("label_skew", "accuracy.png"),
+    "communication": ("model_heterogeneity", "communication.png"),
+    "ablation": ("ablation", "ablation.png"),
+    "diagnostics": ("label_skew", "diagnostics_digits_dirichlet_a0.5_n10_global_auto.png"),
+}
+
+
+def docs_figure_outputs():
+    """The README figures that this run regenerates: none unless it runs the quick default."""
+    if workflow.overwrite_configfiles:
+        return []
+    return [
+        f"docs/figures/{name}.png"
+        for name, (experiment, _) in DOCS_FIGURES.items()
+        if experiment in RUNS_OF_EXPERIMENT
     ]
+
+
+def final_outputs():
+    return (
+        [f"{TABLES}/{name}" for name in RUNS_OF_EXPERIMENT]
+        + [f"{FIGURES}/{name}" for name in RUNS_OF_EXPERIMENT]
+        + docs_figure_outputs()  # the README figures (quick default only; rule docs_figure)
+    )
 
 
 def data_identity(dataset):
