@@ -562,3 +562,39 @@ def test_readme_figures_are_regenerated_by_the_quick_default(tmp_path):
     config.write_text((REPO / "config" / "config.yaml").read_text().replace("results: results",
                                                                            f"results: {tmp_path / 'res'}"))
     assert "docs/figures" not in _dry_run("--forceall", "--configfile", str(config))
+
+
+def test_collect_clients_reads_the_per_client_file_defensively(tmp_path):
+    from fedhpro.aggregate import MetricsFileError, collect_clients
+
+    pers = frames(*[frame(m, eval_mode="personalized", seed=s) for m in ("fedproto", "gfpl") for s in (0, 1)])
+    pers["run_dir"] = [str(tmp_path / rid) for rid in pers["run_id"]]
+    written = clients_frame(pers)
+    run_ids = sorted(pers["run_id"].unique())
+    for rid in run_ids[:3]:  # the fourth run predates the file: no per-client results, not an error
+        (tmp_path / rid).mkdir()
+        written.loc[written["run_id"] == rid, list(agg_client_columns())].to_parquet(tmp_path / rid / "clients.parquet")
+    got = collect_clients(pers)
+    assert sorted(got["run_id"].unique()) == run_ids[:3]
+    assert len(got) == 3 * ROUNDS * 10
+    row = got[(got["run_id"] == run_ids[0]) & (got["client"] == 0) & (got["round"] == 1)].iloc[0]
+    first = pers[pers["run_id"] == run_ids[0]].iloc[0]
+    assert row["method"] == first["method"] and row["eval_mode"] == "personalized" and row["seed"] == first["seed"]
+    assert row["client_acc"] == pytest.approx(first["acc"] - 0.045)
+    # zero rows (a run without per-client test splits): nothing; a file of another run or lacking a column: named
+    empty = written.iloc[0:0][list(agg_client_columns())]
+    empty.to_parquet(tmp_path / run_ids[0] / "clients.parquet")
+    assert run_ids[0] not in set(collect_clients(pers)["run_id"])
+    other = written[written["run_id"] == run_ids[2]][list(agg_client_columns())]
+    other.to_parquet(tmp_path / run_ids[1] / "clients.parquet")
+    with pytest.raises(MetricsFileError, match="belong to another run"):
+        collect_clients(pers)
+    other.drop(columns=["client_acc"]).to_parquet(tmp_path / run_ids[1] / "clients.parquet")
+    with pytest.raises(MetricsFileError, match=r"lack column\(s\) client_acc"):
+        collect_clients(pers)
+
+
+def agg_client_columns() -> tuple[str, ...]:
+    from fedhpro.aggregate import CLIENT_COLUMNS
+
+    return CLIENT_COLUMNS
