@@ -645,7 +645,8 @@ def _notes_of(summary: pd.DataFrame) -> str:
         return ""
     aggs = summary["aggregation"] if "aggregation" in summary else [None] * len(summary)
     return method_notes([(m, v, None if a is None or a != a else str(a))
-                         for m, v, a in zip(summary["method"], summary["variant"], aggs)])
+                         for m, v, a in zip(summary["method"], summary["variant"], aggs)],
+                        personalized=bool((summary["eval_mode"] == "personalized").any()))
 
 
 def main_table(summary: pd.DataFrame, rule: str, last_k: int, *, name: str = "main", title: str = "",

@@ -281,10 +281,23 @@ def delta_text(d: dict) -> str:
 
 
 # ====================================================================== method notes (once per experiment)
-def method_notes(rows: Sequence[tuple[str, str, str | None]]) -> str:
-    """The notes that explain the row names present (method, variant, aggregation); '' when none applies."""
+# methods whose `eval_rule: auto` predicts by the nearest global prototype in personalized mode
+NEAREST_PROTOTYPE_METHODS = ("fedproto", "fedtgp", "fedsa", "protonorm")
+
+
+def method_notes(rows: Sequence[tuple[str, str, str | None]], personalized: bool = False) -> str:
+    """The notes that explain the row names present (method, variant, aggregation); '' when none applies.
+    `personalized`: some rows are personalized-mode runs, so say which methods predict by nearest prototype."""
     aggs = {a for m, _, a in rows if m == "fedhpro"}
     notes = []
+    methods = sorted({m for m, _, _ in rows}, key=lambda m: sort_key_method(m, "default"))
+    if personalized and methods:
+        proto = [METHOD_NAMES.get(m, m) for m in methods if m in NEAREST_PROTOTYPE_METHODS]
+        other = [METHOD_NAMES.get(m, m) for m in methods if m not in NEAREST_PROTOTYPE_METHODS]
+        parts = ([f"{', '.join(proto)} predict{'s' if len(proto) == 1 else ''} by the nearest global prototype"]
+                 if proto else []) + ([f"{', '.join(other)} by {'its' if len(other) == 1 else 'their'} classifier"]
+                                      if other else [])
+        notes.append("Personalized mode: " + "; ".join(parts) + " (unless a variant sets `eval_rule`).")
     if aggs & {"last_client", "fedavg"}:
         notes.append("FedHPro \"official code\" / \"last-client aggregation\": each round's global model is the last "
                      "sampled client's trained model (with the re-trained classifier), which is what the official "

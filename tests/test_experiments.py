@@ -404,6 +404,12 @@ def test_method_notes_once_per_experiment_and_only_when_needed():
     assert not any(note in t.caption or "Row names" in t.caption or "reconstructed" in t.caption for t in plain)
     gfpl = build_tables(frames(frame("gfpl")), "final", 1, title="x")
     assert "GFPL is reconstructed" in gfpl[0].caption and "last sampled" not in gfpl[0].caption
+    # personalized rows: which methods predict by the nearest prototype (and which by their classifier)
+    pers = build_tables(frames(*[frame(m, eval_mode="personalized") for m in ("fedproto", "fedtgp", "gfpl")]),
+                        "final", 1, title="x")
+    assert ("Personalized mode: FedProto, FedTGP predict by the nearest global prototype; GFPL (reconstructed) by "
+            "its classifier") in pers[0].caption
+    assert "nearest" not in build_tables(frames(frame("fedproto")), "final", 1, title="x")[0].caption
 
 
 def test_one_seed_shows_no_plus_minus():
