@@ -830,7 +830,8 @@ def _upload_ratio_note(summary: pd.DataFrame) -> str:
     return ("FedHPro uploads, besides what the prototype baselines send, one classifier gradient per class it holds "
             "(for gradient matching; each the size of the classifier, so about classes x the prototype upload). Its "
             f"upload per round over the prototype baselines' ({names}), measured here: " + "; ".join(parts)
-            + " (in global mode both also upload the whole model, which dilutes the ratio).")
+            + (" (in global mode both also upload the whole model, which dilutes the ratio)."
+               if (ours["eval_mode"] == "global").any() else "."))
 
 
 def communication_table(summary: pd.DataFrame, rule: str, last_k: int, *, df: pd.DataFrame | None = None,

@@ -287,8 +287,14 @@ def _accuracy_figure(settings: list[dict], x_key: str, xlabel: str, title: str) 
     for i, ax in enumerate(axes):
         if i % ncols:
             ax.tick_params(labelleft=False)
-    _legend_below(fig, entries)
+    _legend_below(fig, _in_paper_order(entries, settings))
     return fig
+
+
+def _in_paper_order(entries: dict[str, dict], settings: list[dict]) -> dict[str, dict]:
+    """Legend entries in the tables' row order (paper order), whichever panel drew them first."""
+    keys = {ln["name"]: sort_key_method(ln["method"], ln["variant"]) for s in settings for ln in s["lines"]}
+    return dict(sorted(entries.items(), key=lambda kv: keys.get(kv[0], (99,))))
 
 
 def _main_rows(settings: list[dict]) -> list[dict]:
@@ -433,7 +439,7 @@ def _ablation_figure(groups: list[dict], title: str) -> Figure:
     span = (max(finite) - min(finite)) or 1.0
     for ax in axes:  # one x-range for the figure
         ax.set_xlim(min(finite) - 0.08 * span, max(finite) + 0.08 * span)
-    entries[f"hollow: |Δ| < {NOISE_SE:g} SE (inside the seed noise)"] = {
+    entries[f"hollow: |Δ| < {NOISE_SE:g} SE or one seed (not resolved)"] = {
         "color": "#222222", "marker": "o", "linestyle": "none", "markerfacecolor": "white"}
     _legend_below(fig, entries)
     return fig
@@ -508,9 +514,10 @@ def _clients_figure(settings: list[dict], title: str) -> Figure:
 
 
 def _diagnostic_title_and_unit(text: str) -> tuple[str, str]:
-    """'Separation: mean pairwise angle (°)' -> ('Separation', 'mean pairwise angle (°)')."""
+    """Panel title and y-label of a diagnostic: 'Separation: mean pairwise angle (°)' -> ('Separation: mean
+    pairwise angle', 'mean pairwise angle (°)'); distinct titles, and a y-label that names the quantity."""
     head, _, tail = text.partition(": ")
-    return (head, tail) if tail else (text, text)
+    return re.sub(r"\s*\([^)]*\)$", "", text), (tail or text)
 
 
 def _diagnostics_figure(setting: dict, columns: list[str], title: str) -> Figure:
@@ -528,7 +535,7 @@ def _diagnostics_figure(setting: dict, columns: list[str], title: str) -> Figure
         name, unit = _diagnostic_title_and_unit(DIAGNOSTIC_COLUMNS.get(col, col))
         _style_axes(ax, name, "Round", unit)
         ax.xaxis.get_major_locator().set_params(integer=True)
-    _legend_below(fig, entries)
+    _legend_below(fig, _in_paper_order(entries, [setting]))
     return fig
 
 

@@ -195,14 +195,19 @@ def grey_level(color: str) -> float:
 
 
 def style_of(method: str, variant: str = "default") -> dict:
-    """matplotlib keywords (color, marker, linestyle) of a main-table row: the same in every figure."""
+    """matplotlib keywords (color, marker, linestyle) of a main-table row: the same in every figure. A variant of a
+    listed method (e.g. a FedProx mu sweep) keeps the method's colour with its own marker and line style."""
     if (method, variant) in VARIANT_STYLES:
         return {"linestyle": "-", **VARIANT_STYLES[(method, variant)]}
-    if method in STYLES and (variant == "default" or method != "fedhpro"):
+    if method in STYLES and variant == "default":
         return {"linestyle": "-", **STYLES[method]}
     key = method if variant == "default" else f"{method}/{variant}"
-    pick = int(hashlib.sha256(key.encode()).hexdigest(), 16) % len(EXTRA_STYLES)
-    return {"linestyle": "-" if method not in STYLES else "--", **EXTRA_STYLES[pick]}
+    pick = EXTRA_STYLES[int(hashlib.sha256(key.encode()).hexdigest(), 16) % len(EXTRA_STYLES)]
+    if method in STYLES:
+        own = STYLES[method]["linestyle"]
+        return {"color": STYLES[method]["color"], "marker": pick["marker"],
+                "linestyle": next(ls for ls in ("--", ":", "-.", "-") if ls != own), "linewidth": 1.0}
+    return {"linestyle": "-", **pick}
 
 
 def ablation_style(index: int) -> dict:

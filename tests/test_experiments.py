@@ -315,8 +315,9 @@ def test_diagnostics_figure_per_setting_when_recorded(tmp_path):
                     "diagnostics_digits_dirichlet_a0.5_n10_global_auto.png"]
     setting = figures._main_rows(figures.curve_data(df, ("acc", *figures.DIAGNOSTIC_COLUMNS)))[0]
     fig = figures._diagnostics_figure(setting, list(figures.DIAGNOSTIC_COLUMNS), "x")
-    assert [f"{ax.get_title()}: {ax.get_ylabel()}" for ax in fig.axes] == list(figures.DIAGNOSTIC_COLUMNS.values())
-    assert all(ax.get_ylabel() for ax in fig.axes)  # every panel says what it shows
+    assert len({ax.get_title() for ax in fig.axes}) == 3  # three distinct panels
+    for ax, text in zip(fig.axes, figures.DIAGNOSTIC_COLUMNS.values()):
+        assert text.startswith(ax.get_title()) and ax.get_ylabel() and ax.get_ylabel() in text  # a y-label each
     assert set(_line_colours(fig)) == {"FedProto", "FedHPro (official code)"}  # FedAvg recorded none
     line = next(ln for ln in setting["lines"] if ln["method"] == "fedproto")
     np.testing.assert_allclose(line["proto_consistency_mean"], 0.5 + 0.05 * np.arange(1, ROUNDS + 1))
