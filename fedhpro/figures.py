@@ -45,6 +45,7 @@ from __future__ import annotations
 import io
 import math
 import re
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -176,9 +177,14 @@ def _grid(n: int, title: str, *, cols: int = MAX_COLS, width: float | None = Non
     width = width or (COL_W if ncols == 1 else TEXT_W)
     fig = Figure(figsize=(width, row_h * nrows + (0.25 if title else 0)))
     axes = [fig.add_subplot(nrows, ncols, i + 1) for i in range(n)]
-    if title:
-        fig.suptitle(title, fontsize=FONT + 0.5)
+    _suptitle(fig, title)
     return fig, axes
+
+
+def _suptitle(fig: Figure, title: str) -> None:
+    """The figure's title, wrapped to the figure's width (a one-column figure would otherwise overhang)."""
+    if title:
+        fig.suptitle(textwrap.fill(title, int(fig.get_figwidth() * 14)), fontsize=FONT + 0.5)
 
 
 def _style_axes(ax, title: str, xlabel: str, ylabel: str | None) -> None:
@@ -404,8 +410,7 @@ def _ablation_figure(groups: list[dict], title: str) -> Figure:
     fig = Figure(figsize=(COL_W, sum(heights) + (0.25 if title else 0)))
     gs = fig.add_gridspec(len(groups), 1, height_ratios=heights)
     axes = [fig.add_subplot(gs[i, 0]) for i in range(len(groups))]
-    if title:
-        fig.suptitle(title, fontsize=FONT + 0.5)
+    _suptitle(fig, title)
     settings = list(dict.fromkeys(label for g in groups for _, label in g["settings"]))
     entries: dict = {}
     xs: list[float] = []
