@@ -51,10 +51,11 @@ from typing import Iterable, Sequence
 import numpy as np
 import pandas as pd
 
-from fedhpro.labels import (AGGREGATION_NAMES, AGGREGATION_NOTE, CONDITION_KEYS, DATASET_NAMES, MAIN_VARIANTS, MB,
-                            METHOD_NAMES, METHOD_ORDER, PARTITION_ORDER, SETTING_KEYS, cond_id, cond_of,
-                            condition_label, condition_labels, condition_slug, heterogeneity_label, is_main_row,
-                            method_label, sort_key_condition, sort_key_method)
+from fedhpro.labels import (AGGREGATION_NAMES, CONDITION_KEYS, DATASET_NAMES, MAIN_VARIANTS, MB, METHOD_NAMES,
+                            METHOD_ORDER, NOISE_SE, PARTITION_ORDER, SETTING_KEYS, combine_deltas, cond_id, cond_of,
+                            condition_label, condition_labels, condition_slug, delta_text, heterogeneity_label,
+                            is_main_row, method_label, method_notes, paired_delta, reference_variant,
+                            sort_key_condition, sort_key_method)
 from fedhpro.runio import (METRICS, METRICS_SCHEMA_VERSION, atomic_write_text, is_pipeline_metrics,
                            metrics_identity, metrics_mismatch, read_metrics_meta,
                            read_run_info)
@@ -65,6 +66,10 @@ REQUIRED_COLUMNS = tuple(k for k in RUN_KEYS if k != "aggregation") + ("round", 
                                "client_acc_std", "bytes_up", "bytes_down")
 DOMAIN_PREFIX = "domain_acc_"
 DOMAIN_AVG = "domains_avg"  # per run: the unweighted mean of its per-domain accuracies
+TIME_COLUMNS = {"time_local": "sec_client_per_round", "time_server": "sec_server_per_round"}  # metrics -> per run
+CLIENTS = "clients.parquet"  # per-client results of a run (one row per evaluated round and client), if written
+CLIENT_COLUMNS = ("run_id", "round", "client", "client_acc", "client_test_size", "client_correct")
+TARGET_FRACTION = 0.9  # the communication table's target: 90% of the median reported accuracy of the setting
 REFERENCE_METHOD = "fedhpro"  # the ablation table's method
 
 
@@ -297,6 +302,42 @@ def collect(runs: str | Path | Iterable[str | Path]) -> pd.DataFrame:
     return df.sort_values(["run_dir", "round"], kind="stable").reset_index(drop=True)
 
 
+def collect_clients(df: pd.DataFrame) -> pd.DataFrame:
+    """The per-client results of the runs in `df` (``<run_dir>/clients.parquet``: `CLIENT_COLUMNS`), joined with
+    each run's setting keys and seeds. A run without the file has no per-client results (runs written before
+    it existed, or without per-client test splits): it is left out, not an error; an unreadable file or one
+    lacking columns is a `MetricsFileError` naming it."""
+    keys = [k for k in RUN_KEYS if k in df.columns]
+    firsts = df.drop_duplicates("run_dir").set_index("run_dir")[keys]
+    frames = []
+    for run_dir, info in firsts.iterrows():
+        path = Path(run_dir) / CLIENTS
+        if not path.is_file():
+            continue
+        try:
+            part = pd.read_parquet(path)
+        except Exception as err:  # noqa: BLE001 - any unreadable file is reported by name
+            raise MetricsFileError(f"cannot read per-client results {path}: {err}") from None
+        absent = [c for c in CLIENT_COLUMNS if c not in part.columns]
+        if absent:
+            raise MetricsFileError(f"per-client results {path} lack column(s) {', '.join(absent)}; "
+                                   f"regenerate {run_dir}")
+        if part.empty:
+            continue
+        if set(part["run_id"].astype(str)) != {str(info["run_id"])}:
+            raise MetricsFileError(f"per-client results {path} belong to another run (run_id "
+                                   f"{sorted(set(part['run_id'].astype(str)))[0]}, metrics say {info['run_id']})")
+        part = part[list(CLIENT_COLUMNS)].copy()
+        for k in keys:
+            if k != "run_id":
+                part[k] = info[k]
+        part.insert(0, "run_dir", run_dir)
+        frames.append(part)
+    if not frames:
+        return pd.DataFrame(columns=["run_dir", *CLIENT_COLUMNS, *[k for k in keys if k != "run_id"]])
+    return pd.concat(frames, ignore_index=True, sort=False)
+
+
 def domain_columns(df: pd.DataFrame) -> list[str]:
     return sorted(c for c in df.columns if c.startswith(DOMAIN_PREFIX) and df[c].notna().any())
 
@@ -322,7 +363,9 @@ def rule_text(rule: str, last_k: int = 5) -> str:
 def accuracy_caption(rule: str, last_k: int = 5, n: int | None = None) -> str:
     """'Accuracy (%) of the final round, mean ± std over seeds' (or '... as the mean of the last 5 rounds ...')."""
     how = f"as the {rule_text(rule, last_k)}" if rule == "last_k" else f"of the {rule_text(rule, last_k)}"
-    seeds = "over seeds" if not n else f"over {n} seed{'s' if n != 1 else ''} (n stated where it differs)"
+    if n == 1:  # one seed has no spread: no ± (cells with more seeds state their n)
+        return f"Accuracy (%) {how}, 1 seed (n stated where it differs)"
+    seeds = "over seeds" if not n else f"over {n} seeds (n stated where it differs)"
     return f"Accuracy (%) {how}, mean ± std {seeds}"
 
 
@@ -372,6 +415,11 @@ def summarize_runs(df: pd.DataFrame, rule: str = "final", last_k: int = 5) -> pd
         row["mb_up_per_round"] = up.mean() / MB
         row["mb_down_per_round"] = down.mean() / MB
         row["mb_total"] = (up.sum() + down.sum()) / MB
+        for col, name in TIME_COLUMNS.items():  # measured seconds per round (all rounds the run recorded)
+            row[name] = float(run[col].astype(float).mean()) if col in run and run[col].notna().any() else math.nan
+        # the spread over clients (personalized): the std of the clients' accuracies at the rule's rounds
+        std = chosen["client_acc_std"].astype(float) if len(chosen) else pd.Series(dtype=float)
+        row["client_std"] = float(std.mean()) if std.notna().any() else math.nan
         rows.append(row)
     out = pd.DataFrame(rows)
     out["diverged_round"] = out["diverged_round"].astype("Int64")
@@ -439,6 +487,11 @@ def summarize(df: pd.DataFrame, rule: str = "final", last_k: int = 5, *, runs: p
         row["mb_up_per_round"] = float(basis["mb_up_per_round"].mean())
         row["mb_down_per_round"] = float(basis["mb_down_per_round"].mean())
         row["mb_total"] = float(ok["mb_total"].mean()) if len(ok) else math.nan
+        for name in TIME_COLUMNS.values():
+            row[name] = float(basis[name].mean()) if name in basis and basis[name].notna().any() else math.nan
+        spread = ok["client_std"].dropna().to_numpy(float) * 100 if "client_std" in ok else np.array([])
+        row["client_std_mean_pct"] = float(spread.mean()) if len(spread) else math.nan
+        row["client_std_std_pct"] = float(spread.std(ddof=1)) if len(spread) > 1 else math.nan
         for col in domains:
             vals = ok[col].dropna().to_numpy(float) * 100
             row[col + "_mean_pct"] = float(vals.mean()) if len(vals) else math.nan
@@ -627,13 +680,24 @@ def _methods_with_default(summary: pd.DataFrame) -> set[str]:
     return {r.method for r in summary.itertuples() if r.variant == "default"}
 
 
+def _notes_of(summary: pd.DataFrame) -> str:
+    """The method notes that the rows of `summary` need (`fedhpro.labels.method_notes`)."""
+    if summary is None or not len(summary):
+        return ""
+    aggs = summary["aggregation"] if "aggregation" in summary else [None] * len(summary)
+    return method_notes([(m, v, None if a is None or a != a else str(a))
+                         for m, v, a in zip(summary["method"], summary["variant"], aggs)],
+                        personalized=bool((summary["eval_mode"] == "personalized").any()))
+
+
 def main_table(summary: pd.DataFrame, rule: str, last_k: int, *, name: str = "main", title: str = "",
-               protocol: str = "", weighted: bool = False) -> Table:
+               protocol: str = "", weighted: bool = False, notes: str = "") -> Table:
     """Rows = methods (+ variant), columns = settings, best mean per column in bold.
 
     FedHPro's ablation variants are left to the ablation table (as in the paper) when its default ran
     (`fedhpro.labels.is_main_row`); other methods' variants (e.g. a FedProx mu sweep) stay here.
     `weighted`: the summary holds the sample-weighted personalized accuracy (the caption says so).
+    `notes`: the experiment's method notes (`build_tables` gives them to its first table only).
     """
     n_mode = _n_mode(summary)
     conds = _conditions(summary)
@@ -641,7 +705,7 @@ def main_table(summary: pd.DataFrame, rule: str, last_k: int, *, name: str = "ma
     methods = [(m, v) for m, v in _methods(summary) if is_main_row(m, v, with_default)]
     texts, means = _matrix(summary, methods, conds, n_mode)
     rows = [[method_label(m, v, _aggregation_of(summary, m, v))] + t for (m, v), t in zip(methods, texts)]
-    extra = "Best mean per column in bold." + (" " + AGGREGATION_NOTE if _shows_fedhpro(summary) else "")
+    extra = "Best mean per column in bold." + (f" {notes}" if notes else "")
     what = f"{title.strip().rstrip('.')}." if title else "Main comparison."
     return Table(name, _caption(what, rule, last_k, n_mode, extra, summary=summary, weighted=weighted,
                                 protocol=protocol),
@@ -664,15 +728,47 @@ def ablation_rows(summary: pd.DataFrame, kind: str = "comparison") -> list[tuple
     return [(m, v) for m, v in pairs if m in methods]
 
 
+def _with_cid(frame: pd.DataFrame) -> pd.DataFrame:
+    return frame.assign(_cid=[cond_id(cond_of(r)) for r in frame[list(CONDITION_KEYS)].to_dict("records")])
+
+
+def _ablation_delta(runs: pd.DataFrame | None, summary: pd.DataFrame, method: str, variant: str,
+                    conds: list[tuple[tuple, str]]) -> tuple[str, dict | None]:
+    """(reference variant, Δ over the settings) of one ablation row; ('', None) for a reference row itself.
+    `summary` and `runs` carry a ``_cid`` column (`_with_cid`)."""
+    parts, ref_name = [], ""
+    for cid, _ in conds:
+        here = summary[(summary["method"] == method) & (summary["_cid"] == cid)]
+        aggs = {r.variant: getattr(r, "aggregation", None) for r in here.itertuples()}
+        if variant not in aggs:
+            continue
+        ref = reference_variant(variant, aggs[variant], aggs)
+        if ref is None:
+            return "", None
+        ref_name = ref
+        if runs is None or runs.empty:
+            continue
+        mine = runs[(runs["method"] == method) & (runs["_cid"] == cid)]
+        parts.append(paired_delta(mine[mine["variant"] == variant], mine[mine["variant"] == ref]))
+    return ref_name, combine_deltas(parts)
+
+
 def ablation_table(summary: pd.DataFrame, rule: str, last_k: int, *, kind: str = "comparison", title: str = "",
-                   protocol: str = "") -> Table:
-    """Each ablated method's variants against its default, per setting, with Δ (mean over settings, pp)."""
+                   protocol: str = "", runs: pd.DataFrame | None = None, notes: str = "") -> Table:
+    """Each ablated method's variants against its default of the same aggregation, per setting, with Δ.
+
+    Δ: the mean over the settings of the mean paired difference (variant minus reference, seed by seed, in
+    points), ± its standard error; "(noise)" when |Δ| < `NOISE_SE` x SE. `runs`: the per-run table
+    (`summarize_runs`) the pairs are taken from.
+    """
     rows_of = ablation_rows(summary, kind)
     methods = list(dict.fromkeys(m for m, _ in rows_of))
     names = ", ".join(METHOD_NAMES.get(m, m) for m in methods) or METHOD_NAMES.get(REFERENCE_METHOD)
     what = f"{title.strip().rstrip('.')}." if title else f"Ablation of {names}."
-    extra = ("Δ: accuracy minus the same method's default, in points, averaged over the settings where both "
-             "finished. Best mean per column in bold.")
+    extra = (f"Δ: the variant minus its reference (the same method's default under the same aggregation), seed "
+             f"by seed, in points, averaged over the settings where both finished, ± its standard error over "
+             f"seeds; \"(noise)\": |Δ| < {NOISE_SE:g} SE, a difference the seeds do not resolve; \"no SE\": a "
+             "single seed pair, so the noise is unknown. Best mean per column in bold.")
     keys = set(rows_of)
     ours = summary[[(r.method, r.variant) in keys for r in summary.itertuples()]] if len(summary) else summary
     variant_conds = {cond_id(cond_of(r)) for _, r in ours.iterrows() if r["variant"] != "default"}
@@ -688,20 +784,22 @@ def ablation_table(summary: pd.DataFrame, rule: str, last_k: int, *, kind: str =
     several = len({m for m, _ in rows_of}) > 1
     show_aggregation = _shows_fedhpro(ours)  # the one method whose aggregation is a choice (last_client, fedavg)
     rows = []
-    for (m, v), t, mean in zip(rows_of, texts, means):
-        ref = means[rows_of.index((m, "default"))] if (m, "default") in rows_of else None
-        if ref is None:
-            delta = "–"
-        elif v == "default":
-            delta = "reference"
+    keyed_runs = _with_cid(runs) if runs is not None and len(runs) else None
+    keyed = _with_cid(ours)
+    for (m, v), t in zip(rows_of, texts):
+        ref, delta = _ablation_delta(keyed_runs, keyed, m, v, conds)
+        if delta is None:
+            cell = "reference"
+        elif not ref:
+            cell = "–"
         else:
-            diffs = [a - b for a, b in zip(mean, ref) if math.isfinite(a) and math.isfinite(b)]
-            delta = f"{float(np.mean(diffs)):+.2f}" if diffs else "–"
+            cell = delta_text(delta) + ("" if ref == "default" else f" vs {ref}")
         aggregation = _aggregation_of(ours, m, v)
         agg_cell = [AGGREGATION_NAMES.get(aggregation, aggregation or "–")] if show_aggregation else []
-        rows.append(([METHOD_NAMES.get(m, m)] if several else []) + [v] + agg_cell + t + [delta])
+        rows.append(([METHOD_NAMES.get(m, m)] if several else []) + [v] + agg_cell + t + [cell])
     if show_aggregation:
-        extra += " Aggregation: how each row's global model was formed. " + AGGREGATION_NOTE
+        extra += " Aggregation: how each row's global model was formed."
+    extra += f" {notes}" if notes else ""
     lead = (["Method"] if several else []) + ["Variant"] + (["Aggregation"] if show_aggregation else [])
     return Table("ablation", _caption(what, rule, last_k, n_mode, extra, summary=ours, protocol=protocol),
                  lead + [label for _, label in conds] + ["Δ vs default"], rows,
@@ -714,26 +812,154 @@ def _fmt_mb(x: float) -> str:
     return f"{x:.2f}" if abs(x) >= 1 else f"{x:.4f}"
 
 
-def communication_table(summary: pd.DataFrame, rule: str, last_k: int) -> Table:
-    """Per setting and method: MB up / down per round, MB in total over the run, accuracy."""
+def _fmt_sec(x: float) -> str:
+    return "–" if not math.isfinite(x) else (f"{x:.2f}" if x >= 0.1 else f"{x:.3f}")
+
+
+def mb_to_target(df: pd.DataFrame, summary: pd.DataFrame) -> dict[tuple, dict]:
+    """Per setting: the target accuracy (`TARGET_FRACTION` x the median reported accuracy of its rows, %) and, per
+    (method, variant), the cumulative MB (up + down) at the first evaluated round whose accuracy reached it,
+    mean over the finished seeds that reached it: ``{cond_id: {"target": %, (method, variant): (mb, reached, n)}}``."""
+    out: dict[tuple, dict] = {}
+    if df.empty or summary.empty:
+        return out
+    df = df.sort_values(["run_dir", "round"], kind="stable")
+    cum = (df["bytes_up"].astype(float) + df["bytes_down"].astype(float)).groupby(df["run_dir"]).cumsum() / MB
+    df = df.assign(_mb=cum)
+    finished = df.groupby("run_dir")["status"].agg(lambda s: set(s) == {"finished"})
+    for _, grp in summary.groupby(list(CONDITION_KEYS), dropna=False, sort=False):
+        cid = cond_id(cond_of(grp.iloc[0]))
+        accs = grp["acc_mean_pct"].dropna()
+        if accs.empty:
+            continue
+        target = TARGET_FRACTION * float(accs.median())
+        entry: dict = {"target": target}
+        rows = df[[cond_id(cond_of(r)) == cid for r in df[list(CONDITION_KEYS)].to_dict("records")]]
+        for (m, v), runs in rows.groupby(["method", "variant"], sort=False):
+            reached, n = [], 0
+            for run_dir, run in runs.groupby("run_dir", sort=False):
+                if not finished.get(run_dir, False):
+                    continue
+                n += 1
+                hit = run[run["acc"].astype(float) * 100 >= target]
+                if len(hit):
+                    reached.append(float(hit["_mb"].iloc[0]))
+            entry[(m, v)] = (float(np.mean(reached)) if reached else math.nan, len(reached), n)
+        out[cid] = entry
+    return out
+
+
+def _upload_ratio_note(summary: pd.DataFrame) -> str:
+    """FedHPro's upload per round against the prototype baselines' (measured bytes), per setting."""
+    baselines = [m for m in ("fedproto", "fedtgp", "fpl", "fedsa", "protonorm") if (summary["method"] == m).any()]
+    ours = summary[(summary["method"] == "fedhpro") & (summary["variant"] == "default")]
+    if ours.empty or not baselines:
+        return ""
+    parts = []
+    for _, r in ours.iterrows():
+        cid = cond_id(cond_of(r))
+        same = summary[[cond_id(cond_of(x)) == cid for _, x in summary.iterrows()]]
+        base = same[same["method"].isin(baselines) & (same["variant"] == "default")]
+        if base.empty or not base["mb_up_per_round"].gt(0).all():
+            continue
+        ratio = r["mb_up_per_round"] / base["mb_up_per_round"]
+        parts.append(f"{r['setting']}: {ratio.min():.1f}-{ratio.max():.1f}x" if ratio.max() - ratio.min() >= 0.05
+                     else f"{r['setting']}: {ratio.min():.1f}x")
+    if not parts:
+        return ""
+    names = ", ".join(METHOD_NAMES[m] for m in baselines)
+    return ("FedHPro uploads, besides what the prototype baselines send, one classifier gradient per class it holds "
+            "(for gradient matching; each the size of the classifier, so about classes x the prototype upload). Its "
+            f"upload per round over the prototype baselines' ({names}), measured here: " + "; ".join(parts)
+            + (" (in global mode both also upload the whole model, which dilutes the ratio)."
+               if (ours["eval_mode"] == "global").any() else "."))
+
+
+def communication_table(summary: pd.DataFrame, rule: str, last_k: int, *, df: pd.DataFrame | None = None,
+                        notes: str = "") -> Table:
+    """Per setting and method: MB up / down per round, MB in total, MB to reach a target accuracy, measured
+    seconds per round (clients' local training, server step) and accuracy."""
     n_mode = _n_mode(summary)
+    targets = mb_to_target(df, summary) if df is not None else {}
     rows = []
     for _, r in summary.iterrows():
         acc = format_cell(r.acc_mean_pct, r.acc_std_pct, int(r.n), int(r.n_diverged),
                           [int(x) for x in str(r.diverged_rounds).split()], n_mode)
+        entry = targets.get(cond_id(cond_of(r)), {})
+        mb, reached, n = entry.get((r.method, r.variant), (math.nan, 0, 0))
+        if not n:
+            to_target = "–"
+        elif not reached:
+            to_target = "not reached"
+        else:
+            to_target = _fmt_mb(mb) + ("" if reached == n else f" ({reached}/{n} seeds)")
         rows.append([r.setting, method_label(r.method, r.variant, getattr(r, "aggregation", None)),
-                     _fmt_mb(r.mb_up_per_round),
-                     _fmt_mb(r.mb_down_per_round), _fmt_mb(r.mb_total), acc])
+                     _fmt_mb(r.mb_up_per_round), _fmt_mb(r.mb_down_per_round), _fmt_mb(r.mb_total),
+                     f"{entry['target']:.1f}" if "target" in entry else "–", to_target,
+                     _fmt_sec(getattr(r, "sec_client_per_round", math.nan)),
+                     _fmt_sec(getattr(r, "sec_server_per_round", math.nan)), acc])
     extra = ("Up/Down: MB (10^6 bytes) sent by all participating clients to the server and back, per round "
-             "(mean over rounds and seeds); Total: up + down over the whole run (mean over finished seeds).")
-    if _shows_fedhpro(summary):
-        extra += " " + AGGREGATION_NOTE
-    return Table("communication", _caption("Communication.", rule, last_k, n_mode, extra, summary=summary),
-                 ["Setting", "Method", "Up (MB/round)", "Down (MB/round)", "Total (MB)", "Accuracy (%)"], rows,
-                 align="llrrrc")
+             "(mean over rounds and seeds); Total: up + down over the whole run (mean over finished seeds). "
+             f"To target: cumulative MB (up + down) at the first evaluated round whose accuracy reached the "
+             f"setting's target ({TARGET_FRACTION:.0%} of the median accuracy of the setting's rows, Target column), "
+             "mean over the seeds that reached it (their number stated when not all did). Client s / Server s: "
+             "measured wall-clock seconds per round of all sampled clients' local training and of the server "
+             "step, mean over rounds and seeds (one process; not comparable across machines).")
+    ratio = _upload_ratio_note(summary)
+    extra += (f" {ratio}" if ratio else "") + (f" {notes}" if notes else "")
+    return Table("communication", _caption("Communication and compute.", rule, last_k, n_mode, extra,
+                                           summary=summary),
+                 ["Setting", "Method", "Up (MB/round)", "Down (MB/round)", "Total (MB)", "Target (%)",
+                  "To target (MB)", "Client s/round", "Server s/round", "Accuracy (%)"], rows,
+                 align="llrrrrrrrc")
 
 
-def domains_table(summary: pd.DataFrame, rule: str, last_k: int) -> Table | None:
+def clients_table(summary: pd.DataFrame, rule: str, last_k: int, clients: pd.DataFrame | None = None, *,
+                  runs: pd.DataFrame | None = None, notes: str = "") -> Table | None:
+    """Personalized settings: per method, the mean client accuracy, the spread over clients (std) and the
+    mean of the worst 10% of clients (from ``clients.parquet``; '–' for runs without it), each mean ± std over
+    seeds, at the reporting rule's rounds. None without personalized rows."""
+    from fedhpro.figures import WORST_FRACTION, worst_mean
+
+    sub = summary[summary["eval_mode"] == "personalized"] if len(summary) else summary
+    if sub.empty:
+        return None
+    n_mode = _n_mode(sub)
+    worst: dict[tuple, list[float]] = {}
+    if clients is not None and len(clients) and runs is not None and len(runs):
+        chosen = {r.run_id: {int(x) for x in str(r.acc_rounds).split()} for r in runs.itertuples()
+                  if r.status == "finished"}
+        for run_id, grp in clients.groupby("run_id", sort=False):
+            rounds = chosen.get(run_id)
+            if not rounds:
+                continue
+            per_round = [worst_mean(g["client_acc"].to_numpy(float)) for rnd, g in grp.groupby("round")
+                         if int(rnd) in rounds]
+            if per_round:
+                first = grp.iloc[0]
+                key = (first["method"], first["variant"], cond_id(cond_of(first)))
+                worst.setdefault(key, []).append(float(np.mean(per_round)) * 100)
+    rows = []
+    for _, r in sub.iterrows():
+        diverged = [int(x) for x in str(r.diverged_rounds).split()]
+        acc = format_cell(r.acc_mean_pct, r.acc_std_pct, int(r.n), int(r.n_diverged), diverged, n_mode)
+        spread = (format_cell(r.client_std_mean_pct, r.client_std_std_pct, int(r.n), 0, [], n_mode)
+                  if r.n and math.isfinite(getattr(r, "client_std_mean_pct", math.nan)) else "–")
+        w = np.array(worst.get((r.method, r.variant, cond_id(cond_of(r))), []))
+        low = (format_cell(float(w.mean()), float(w.std(ddof=1)) if len(w) > 1 else math.nan, len(w), 0, [],
+                           n_mode) if len(w) else "–")
+        rows.append([r.setting, method_label(r.method, r.variant, getattr(r, "aggregation", None)), acc, spread, low])
+    extra = (f"Per personalized setting and method: Mean: the mean over clients of each client's accuracy on its "
+             f"local test split; Client std: the standard deviation of the clients' accuracies (points); Worst "
+             f"{WORST_FRACTION:.0%}: the mean accuracy of the worst {WORST_FRACTION:.0%} of clients (at least one), "
+             "from the per-client results ('–' where the runs wrote none); each at the reporting rule's rounds, "
+             "mean ± std over seeds.") + (f" {notes}" if notes else "")
+    return Table("clients", _caption("Spread over clients.", rule, last_k, n_mode, extra, summary=sub),
+                 ["Setting", "Method", "Mean (%)", "Client std (points)", f"Worst {WORST_FRACTION:.0%} (%)"], rows,
+                 align="llccc")
+
+
+def domains_table(summary: pd.DataFrame, rule: str, last_k: int, *, notes: str = "") -> Table | None:
     """Per setting and method: accuracy per domain (global test set split by domain), when recorded."""
     cols = sorted(c[:-len("_mean_pct")] for c in summary.columns
                   if c.startswith(DOMAIN_PREFIX) and c.endswith("_mean_pct"))
@@ -760,9 +986,7 @@ def domains_table(summary: pd.DataFrame, rule: str, last_k: int) -> Table | None
                     + [avg, overall])
     extra = ("Each domain's accuracy is taken over the same rounds as the overall one. Avg: the unweighted mean "
              "of the per-domain accuracies (per seed, then over seeds); All: the accuracy on all domains' test "
-             "samples together.")
-    if _shows_fedhpro(sub):
-        extra += " " + AGGREGATION_NOTE
+             "samples together.") + (f" {notes}" if notes else "")
     return Table("domains", _caption("Per-domain accuracy.", rule, last_k, n_mode, extra, summary=sub),
                  ["Setting", "Method"] + [c[len(DOMAIN_PREFIX):] for c in cols] + ["Avg", "All"], rows,
                  align="ll" + "c" * (len(cols) + 2))
@@ -783,31 +1007,43 @@ def with_weighted_accuracy(df: pd.DataFrame) -> pd.DataFrame | None:
 
 def build_tables(df: pd.DataFrame, rule: str = "final", last_k: int = 5, *,
                  summary: pd.DataFrame | None = None, kind: str = "comparison", title: str = "",
-                 protocol: str = "") -> list[Table]:
+                 protocol: str = "", runs: pd.DataFrame | None = None,
+                 clients: pd.DataFrame | None = None) -> list[Table]:
     """An experiment's tables.
 
     ``comparison``: main (+ ``main_weighted``: personalized runs by sample-weighted accuracy, when recorded),
-    ablation (FedHPro's non-main variants; always written for a config without experiments, else only when
-    there are some), communication and (when recorded) per-domain accuracy. ``ablation``: the ablation table
-    (every method's variants against its default) and communication.
+    clients (personalized rows: spread over clients), ablation (FedHPro's non-main variants; always written
+    for a config without experiments, else only when there are some), communication and (when recorded)
+    per-domain accuracy. ``ablation``: the ablation table (every method's variants against its default) and
+    communication. The method notes that explain the row names (`fedhpro.labels.method_notes`) are in the
+    first table's caption only; the others point there. `runs`: the per-run table (`summarize_runs`);
+    `clients`: the per-client results (`collect_clients`).
     """
     if kind not in KINDS:
         raise ValueError(f"unknown experiment kind {kind!r}; accepted: {', '.join(KINDS)}")
-    summary = summarize(df, rule, last_k) if summary is None else summary
+    runs = summarize_runs(df, rule, last_k) if runs is None else runs
+    summary = summarize(df, rule, last_k, runs=runs) if summary is None else summary
+    notes = _notes_of(summary)
+    first = "ablation" if kind == "ablation" else "main"
+    see = f"Row names as explained in the {first} table's caption." if notes else ""
     if kind == "ablation":
-        return [ablation_table(summary, rule, last_k, kind=kind, title=title, protocol=protocol),
-                communication_table(summary, rule, last_k)]
-    tables = [main_table(summary, rule, last_k, title=title, protocol=protocol)]
+        return [ablation_table(summary, rule, last_k, kind=kind, title=title, protocol=protocol, runs=runs,
+                               notes=notes),
+                communication_table(summary, rule, last_k, df=df, notes=see)]
+    tables = [main_table(summary, rule, last_k, title=title, protocol=protocol, notes=notes)]
     weighted = with_weighted_accuracy(df)
     if weighted is not None:
         wsum = summarize(weighted, rule, last_k)
         what = (f"{title.strip().rstrip('.')}, " if title else "") + "personalized accuracy, sample-weighted."
         tables.append(main_table(wsum, rule, last_k, name="main_weighted", title=what[0].upper() + what[1:],
-                                 protocol=protocol, weighted=True))
+                                 protocol=protocol, weighted=True, notes=see))
+    spread = clients_table(summary, rule, last_k, clients, runs=runs, notes=see)
+    if spread is not None:
+        tables.append(spread)
     if not title or ablation_rows(summary):
-        tables.append(ablation_table(summary, rule, last_k, protocol=protocol))
-    tables.append(communication_table(summary, rule, last_k))
-    dom = domains_table(summary, rule, last_k)
+        tables.append(ablation_table(summary, rule, last_k, protocol=protocol, runs=runs, notes=see))
+    tables.append(communication_table(summary, rule, last_k, df=df, notes=see))
+    dom = domains_table(summary, rule, last_k, notes=see)
     return tables + ([dom] if dom is not None else [])
 
 
@@ -816,15 +1052,18 @@ def _frame_csv(frame: pd.DataFrame) -> str:
 
 
 def write_tables(df: pd.DataFrame, out_dir: str | Path, rule: str = "final", last_k: int = 5, *,
-                 kind: str = "comparison", title: str = "", protocol: str = "") -> list[Path]:
+                 kind: str = "comparison", title: str = "", protocol: str = "",
+                 clients: pd.DataFrame | None = None) -> list[Path]:
     """Write an experiment's tables (`build_tables`) as .md/.tex/.csv, runs.csv and settings.csv; return the paths."""
     _check_rule(rule, last_k)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     runs = summarize_runs(df, rule, last_k)
     summary = summarize(df, rule, last_k, runs=runs)
+    clients = collect_clients(df) if clients is None else clients
     paths: list[Path] = []
-    for table in build_tables(df, rule, last_k, summary=summary, kind=kind, title=title, protocol=protocol):
+    for table in build_tables(df, rule, last_k, summary=summary, kind=kind, title=title, protocol=protocol,
+                              runs=runs, clients=clients):
         paths += table.write(out_dir)
     atomic_write_text(out_dir / "runs.csv", _frame_csv(runs))
     atomic_write_text(out_dir / "settings.csv", _frame_csv(summary))
@@ -890,7 +1129,8 @@ def _main(argv: Sequence[str] | None = None) -> int:
         if args.figures:
             from fedhpro.figures import write_figures
 
-            paths += write_figures(df, args.figures, kind=args.kind, title=args.title)
+            paths += write_figures(df, args.figures, kind=args.kind, title=args.title,
+                                   runs=summarize_runs(df, args.rule, args.last_k), clients=collect_clients(df))
     except (AggregateError, ValueError) as err:
         print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2

@@ -152,49 +152,62 @@ def cond_id(cond: dict) -> tuple:
 
 
 # ====================================================================== plot styles
-# One colour and marker per method, fixed (never assigned by plotting order), so FedAvg is the same
-# blue circle in every figure. Colours: tab10 plus darker tones, chosen so no two methods share one.
+# One colour, marker and line style per method, fixed (never assigned by plotting order), so FedAvg is the
+# same dark-blue circle in every figure. Colours from Paul Tol's colour-blind-safe schemes, picked over the
+# whole range of lightness; rows of similar lightness differ in line style, and every row has its own marker,
+# so the rows stay apart in greyscale print too (tests/test_experiments.py checks both).
 STYLES: dict[str, dict] = {
-    "fedavg": {"color": "#1f77b4", "marker": "o"},
-    "fedprox": {"color": "#17becf", "marker": "v"},
-    "moon": {"color": "#2ca02c", "marker": "s"},
-    "creff": {"color": "#8c564b", "marker": "D"},
-    "fedproto": {"color": "#ff7f0e", "marker": "^"},
-    "fpl": {"color": "#bcbd22", "marker": "<"},
-    "fedtgp": {"color": "#9467bd", "marker": ">"},
-    "fedsa": {"color": "#e377c2", "marker": "p"},
-    "protonorm": {"color": "#7f7f7f", "marker": "h"},
-    "gfpl": {"color": "#393b79", "marker": "X"},
-    "fedhpro": {"color": "#d62728", "marker": "*"},
+    "fedavg": {"color": "#332288", "marker": "o", "linestyle": "-"},
+    "fedprox": {"color": "#88CCEE", "marker": "v", "linestyle": "--"},
+    "moon": {"color": "#117733", "marker": "s", "linestyle": "--"},
+    "creff": {"color": "#999933", "marker": "D", "linestyle": ":"},
+    "fedproto": {"color": "#CCBB44", "marker": "^", "linestyle": "-"},
+    "fpl": {"color": "#44AA99", "marker": "<", "linestyle": "-"},
+    "fedtgp": {"color": "#AA4499", "marker": ">", "linestyle": ":"},
+    "fedsa": {"color": "#882255", "marker": "p", "linestyle": "-."},
+    "protonorm": {"color": "#777777", "marker": "h", "linestyle": "-."},
+    "gfpl": {"color": "#000000", "marker": "X", "linestyle": ":"},
+    "fedhpro": {"color": "#CC3311", "marker": "*", "linestyle": "-", "linewidth": 2.0, "markersize": 7},
 }
-# FedHPro's main-table rows: one red family, told apart by marker and line style
+# FedHPro's main-table rows: one red-orange family, told apart by lightness, marker and line style
 VARIANT_STYLES: dict[tuple[str, str], dict] = {
-    ("fedhpro", "fedavg"): {"color": "#ff9896", "marker": "P", "linestyle": "--"},
-    ("fedhpro", "paper"): {"color": "#8b0000", "marker": "d", "linestyle": "-."},
-    ("fedhpro", "paper_fedavg"): {"color": "#e7969c", "marker": "d", "linestyle": ":"},
+    ("fedhpro", "fedavg"): {"color": "#EE7733", "marker": "P", "linestyle": "--", "linewidth": 1.8},
+    ("fedhpro", "paper"): {"color": "#661100", "marker": "d", "linestyle": "-.", "linewidth": 1.8},
+    ("fedhpro", "paper_fedavg"): {"color": "#EE99AA", "marker": "8", "linestyle": ":", "linewidth": 1.8},
 }
 # for methods and ablation variants not listed above (deterministic: picked by a hash of the name)
-EXTRA_STYLES = ({"color": "#000000", "marker": "o"}, {"color": "#aec7e8", "marker": "s"},
-                {"color": "#98df8a", "marker": "^"}, {"color": "#c49c94", "marker": "v"},
-                {"color": "#f7b6d2", "marker": "D"}, {"color": "#c5b0d5", "marker": "<"},
-                {"color": "#dbdb8d", "marker": ">"}, {"color": "#9edae5", "marker": "p"})
+EXTRA_STYLES = ({"color": "#555555", "marker": "1"}, {"color": "#BBBBBB", "marker": "2"},
+                {"color": "#004488", "marker": "3"}, {"color": "#DDAA33", "marker": "4"},
+                {"color": "#BB5566", "marker": "+"}, {"color": "#66CCEE", "marker": "x"},
+                {"color": "#228833", "marker": "|"}, {"color": "#AA3377", "marker": "_"})
 # ablation variants of one method: distinct from each other, in variant order (the default keeps the method's style)
-ABLATION_STYLES = ({"color": "#1f77b4", "marker": "o", "linestyle": "--"}, {"color": "#2ca02c", "marker": "s", "linestyle": "-."},
-                   {"color": "#ff7f0e", "marker": "^", "linestyle": ":"}, {"color": "#9467bd", "marker": "v", "linestyle": "--"},
-                   {"color": "#8c564b", "marker": "D", "linestyle": "-."}, {"color": "#e377c2", "marker": "<", "linestyle": ":"},
-                   {"color": "#17becf", "marker": ">", "linestyle": "--"}, {"color": "#bcbd22", "marker": "p", "linestyle": "-."},
-                   {"color": "#7f7f7f", "marker": "h", "linestyle": ":"}, {"color": "#000000", "marker": "X", "linestyle": "--"})
+ABLATION_STYLES = ({"color": "#004488", "marker": "o", "linestyle": "--"}, {"color": "#DDAA33", "marker": "s", "linestyle": "-."},
+                   {"color": "#117733", "marker": "^", "linestyle": ":"}, {"color": "#AA3377", "marker": "v", "linestyle": "--"},
+                   {"color": "#88CCEE", "marker": "D", "linestyle": "-."}, {"color": "#000000", "marker": "<", "linestyle": ":"},
+                   {"color": "#999933", "marker": ">", "linestyle": "--"}, {"color": "#BBBBBB", "marker": "p", "linestyle": "-."},
+                   {"color": "#882255", "marker": "h", "linestyle": ":"}, {"color": "#44AA99", "marker": "X", "linestyle": "--"})
+
+
+def grey_level(color: str) -> float:
+    """Lightness of a '#rrggbb' colour as greyscale print renders it (ITU-R BT.601 luma, 0 black .. 1 white)."""
+    r, g, b = (int(color[i:i + 2], 16) / 255 for i in (1, 3, 5))
+    return 0.299 * r + 0.587 * g + 0.114 * b
 
 
 def style_of(method: str, variant: str = "default") -> dict:
-    """matplotlib keywords (color, marker, linestyle) of a main-table row: the same in every figure."""
+    """matplotlib keywords (color, marker, linestyle) of a main-table row: the same in every figure. A variant of a
+    listed method (e.g. a FedProx mu sweep) keeps the method's colour with its own marker and line style."""
     if (method, variant) in VARIANT_STYLES:
         return {"linestyle": "-", **VARIANT_STYLES[(method, variant)]}
-    if method in STYLES and (variant == "default" or method != "fedhpro"):
+    if method in STYLES and variant == "default":
         return {"linestyle": "-", **STYLES[method]}
     key = method if variant == "default" else f"{method}/{variant}"
-    pick = int(hashlib.sha256(key.encode()).hexdigest(), 16) % len(EXTRA_STYLES)
-    return {"linestyle": "-" if method not in STYLES else "--", **EXTRA_STYLES[pick]}
+    pick = EXTRA_STYLES[int(hashlib.sha256(key.encode()).hexdigest(), 16) % len(EXTRA_STYLES)]
+    if method in STYLES:
+        own = STYLES[method]["linestyle"]
+        return {"color": STYLES[method]["color"], "marker": pick["marker"],
+                "linestyle": next(ls for ls in ("--", ":", "-.", "-") if ls != own), "linewidth": 1.0}
+    return {"linestyle": "-", **pick}
 
 
 def ablation_style(index: int) -> dict:
@@ -210,3 +223,94 @@ def is_main_row(method: str, variant: str, methods_with_default: set[str] | None
     if methods_with_default is not None and method not in methods_with_default:
         return True
     return variant in MAIN_VARIANTS[method]
+
+
+# ====================================================================== ablations: Δ against the right default
+NOISE_SE = 2.0  # a Δ is "inside the noise" when |Δ| < NOISE_SE x its standard error
+
+
+def reference_variant(variant: str, aggregation: str | None, aggregation_of: dict[str, str | None]) -> str | None:
+    """The variant an ablation variant is compared with: the method's default of the same aggregation.
+
+    `aggregation_of` maps the method's variants (in the setting) to their aggregation. The references are
+    ``default`` and a variant named after an aggregation (FedHPro's ``fedavg``: ``aggregation: fedavg``), so
+    ``no_hpcl_fedavg`` (FedAvg aggregation) is compared with ``fedavg``, ``no_hpcl`` with ``default``.
+    None for a reference itself, or when no reference ran.
+    """
+    refs = {v: a for v, a in aggregation_of.items() if v == "default" or (a is not None and v == a)}
+    if variant in refs:
+        return None
+    same = [v for v, a in refs.items() if a == aggregation]
+    if same:
+        return "default" if "default" in same else same[0]
+    return "default" if "default" in refs else None
+
+
+def paired_delta(variant_runs: pd.DataFrame, reference_runs: pd.DataFrame) -> dict:
+    """Δ (points) of a variant against its reference over the seeds both finished, paired by (seed, partition
+    seed): ``{"delta", "se", "n", "noise"}``. ``se`` is the standard error of the mean paired difference (NaN
+    under two pairs); ``noise``: |Δ| < `NOISE_SE` x se (None when se is unknown). Runs carry ``acc`` (fraction)."""
+    def by_seed(runs: pd.DataFrame) -> pd.Series:
+        ok = runs[(runs["status"] == "finished") & runs["acc"].notna()]
+        return ok.groupby(["seed", "partition_seed"])["acc"].mean() * 100
+
+    a, b = by_seed(variant_runs), by_seed(reference_runs)
+    common = a.index.intersection(b.index)
+    diffs = (a[common] - b[common]).to_numpy(float)
+    n = len(diffs)
+    delta = float(diffs.mean()) if n else math.nan
+    se = float(diffs.std(ddof=1) / math.sqrt(n)) if n > 1 else math.nan
+    return {"delta": delta, "se": se, "n": n, "noise": None if not se == se else bool(abs(delta) < NOISE_SE * se)}
+
+
+def combine_deltas(parts: Sequence[dict]) -> dict:
+    """Mean of per-setting Δs with the standard error of that mean (independent settings), as `paired_delta`."""
+    parts = [p for p in parts if p["n"] and p["delta"] == p["delta"]]
+    if not parts:
+        return {"delta": math.nan, "se": math.nan, "n": 0, "noise": None}
+    k = len(parts)
+    delta = sum(p["delta"] for p in parts) / k
+    ses = [p["se"] for p in parts]
+    se = math.sqrt(sum(s * s for s in ses)) / k if all(s == s for s in ses) else math.nan
+    return {"delta": delta, "se": se, "n": min(p["n"] for p in parts),
+            "noise": None if not se == se else bool(abs(delta) < NOISE_SE * se)}
+
+
+def delta_text(d: dict) -> str:
+    """'+1.20 ± 0.40', '-0.31 ± 0.90 (noise)', '+2.00 (n=1, no SE)', '–'."""
+    if not d["n"] or d["delta"] != d["delta"]:
+        return "–"
+    if d["se"] != d["se"]:
+        return f"{d['delta']:+.2f} (n={d['n']}, no SE)"
+    return f"{d['delta']:+.2f} ± {d['se']:.2f}" + (" (noise)" if d["noise"] else "")
+
+
+# ====================================================================== method notes (once per experiment)
+# methods whose `eval_rule: auto` predicts by the nearest global prototype in personalized mode
+NEAREST_PROTOTYPE_METHODS = ("fedproto", "fedtgp", "fedsa", "protonorm")
+
+
+def method_notes(rows: Sequence[tuple[str, str, str | None]], personalized: bool = False) -> str:
+    """The notes that explain the row names present (method, variant, aggregation); '' when none applies.
+    `personalized`: some rows are personalized-mode runs, so say which methods predict by nearest prototype."""
+    aggs = {a for m, _, a in rows if m == "fedhpro"}
+    notes = []
+    methods = sorted({m for m, _, _ in rows}, key=lambda m: sort_key_method(m, "default"))
+    if personalized and methods:
+        proto = [METHOD_NAMES.get(m, m) for m in methods if m in NEAREST_PROTOTYPE_METHODS]
+        other = [METHOD_NAMES.get(m, m) for m in methods if m not in NEAREST_PROTOTYPE_METHODS]
+        parts = ([f"{', '.join(proto)} predict{'s' if len(proto) == 1 else ''} by the nearest global prototype"]
+                 if proto else []) + ([f"{', '.join(other)} by {'its' if len(other) == 1 else 'their'} classifier"]
+                                      if other else [])
+        notes.append("Personalized mode: " + "; ".join(parts) + " (unless a variant sets `eval_rule`).")
+    if aggs & {"last_client", "fedavg"}:
+        notes.append("FedHPro \"official code\" / \"last-client aggregation\": each round's global model is the last "
+                     "sampled client's trained model (with the re-trained classifier), which is what the official "
+                     "code computes (`aggregation: last_client`); \"FedAvg aggregation\": the sample-weighted mean "
+                     "of the client models (`aggregation: fedavg`).")
+    if any(a and a.endswith("_head") for a in aggs):
+        notes.append("\"[recon]\": FedHPro with heterogeneous models (personalized mode; reconstructed, no public "
+                     "code), whose shared classifier head is aggregated by the named rule.")
+    if any(m == "gfpl" for m, _, _ in rows):
+        notes.append("GFPL is reconstructed from the paper (no public code).")
+    return " ".join(notes)

@@ -49,6 +49,8 @@ rule figures:
             subcategory="{experiment}",
         ),
     params:
+        rule=config["reporting"]["rule"],
+        last_k=config["reporting"]["last_k"],
         experiment=experiment_params,
     log:
         f"{LOGS}/figures/{{experiment}}.log",
@@ -56,3 +58,25 @@ rule figures:
         "../envs/fedhpro.yaml"
     script:
         "../scripts/figures.py"
+
+
+# README figures (DOCS_FIGURES, common.smk): the quick default copies them into docs/figures.
+localrules:
+    docs_figure,
+
+
+rule docs_figure:
+    input:
+        lambda wildcards: f"{FIGURES}/{DOCS_FIGURES[wildcards.name][0]}",
+    output:
+        "docs/figures/{name}.png",
+    wildcard_constraints:
+        name="|".join(re.escape(name) for name in DOCS_FIGURES),
+    params:
+        file=lambda wildcards: DOCS_FIGURES[wildcards.name][1],
+    log:
+        f"{LOGS}/docs_figures/{{name}}.log",
+    conda:
+        "../envs/fedhpro.yaml"
+    shell:
+        "cp {input}/{params.file} {output} 2> {log}"

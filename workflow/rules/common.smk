@@ -170,14 +170,38 @@ def experiment_params(wildcards):
     return {"kind": spec.kind, "title": spec.title, "protocol": spec.protocol}
 
 
+# README figures: a run of the quick default (config/config.yaml, no --configfile) copies these of its
+# figures into docs/figures, so the README always shows the figures of the last quick-default run, made by
+# this code (never hand-copied, never stale). name -> (experiment, file in results/figures/<experiment>/).
+DOCS_FIGURES = {
+    "accuracy": ("label_skew", "accuracy.png"),
+    "communication": ("model_heterogeneity", "communication.png"),
+    "ablation": ("ablation", "ablation.png"),
+    "diagnostics": ("label_skew", "diagnostics_digits_dirichlet_a0.5_n10_global_auto.png"),
+}
+
+
+def docs_figure_outputs():
+    """The README figures that this run regenerates: none unless it runs the quick default."""
+    if workflow.overwrite_configfiles:
+        return []
+    return [
+        f"docs/figures/{name}.png"
+        for name, (experiment, _) in DOCS_FIGURES.items()
+        if experiment in RUNS_OF_EXPERIMENT
+    ]
+
+
 def final_outputs():
-    """Every experiment's tables and figures, and every run's metrics: Snakemake rebuilds a missing file only
-    for a job that needs it, so a metrics.parquet deleted after its tables were made (e.g. as a refusal of a
-    swapped partition.npz or metrics.parquet advises) is rebuilt, with its partition, only if `all` asks."""
+    """Every experiment's tables and figures, every run's metrics and the README figures (quick default only).
+    Snakemake rebuilds a missing file only for a job that needs it, so a metrics.parquet deleted after its
+    tables were made (e.g. as a refusal of a swapped partition.npz or metrics.parquet advises) is rebuilt, with
+    its partition, only if `all` asks."""
     return (
         [f"{TABLES}/{name}" for name in RUNS_OF_EXPERIMENT]
         + [f"{FIGURES}/{name}" for name in RUNS_OF_EXPERIMENT]
         + metrics_of(RUNS)
+        + docs_figure_outputs()  # the README figures (quick default only; rule docs_figure)
     )
 
 

@@ -10,12 +10,14 @@ from fedhpro.wfscript import run_script  # noqa: E402
 
 
 def job(sm) -> None:
-    from fedhpro.aggregate import collect
+    from fedhpro.aggregate import collect, collect_clients, summarize_runs
     from fedhpro.figures import write_figures
 
     experiment = sm.params.experiment
-    paths = write_figures(collect(list(sm.input.metrics)), sm.output[0], kind=experiment["kind"],
-                          title=experiment["title"])
+    df = collect(list(sm.input.metrics))
+    # the ablation Δs use the tables' reporting rule; the clients figure the per-client results, where written
+    paths = write_figures(df, sm.output[0], kind=experiment["kind"], title=experiment["title"],
+                          runs=summarize_runs(df, sm.params.rule, sm.params.last_k), clients=collect_clients(df))
     if not paths:
         raise RuntimeError(f"no figure was drawn into {sm.output[0]} (no evaluated rounds?)")
     print("\n".join(str(p) for p in paths))
