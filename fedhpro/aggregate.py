@@ -719,7 +719,8 @@ def domains_table(summary: pd.DataFrame, rule: str, last_k: int) -> Table | None
                     + [avg, overall])
     extra = ("Each domain's accuracy is taken over the same rounds as the overall one. Avg: the unweighted mean "
              "of the per-domain accuracies (per seed, then over seeds); All: the accuracy on all domains' test "
-             "samples together.")
+             "samples together. Domains used: " + ", ".join(c[len(DOMAIN_PREFIX):] for c in cols)
+             + " (a run without a domain's column was configured without it).")
     if _shows_fedhpro(sub):
         extra += " " + AGGREGATION_NOTE
     return Table("domains", _caption("Per-domain accuracy.", rule, last_k, n_mode, extra, summary=sub),
