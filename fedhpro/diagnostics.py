@@ -54,7 +54,7 @@ if TYPE_CHECKING:  # type hints only: the engine imports this module
 
 ClassSignal = tuple[torch.Tensor, torch.Tensor]  # (C x d rows, (C,) bool presence mask)
 
-SAMPLES_PER_CLASS = 16  # training samples per client and class that form a local prototype (cost cap)
+SAMPLES_PER_CLASS = 8  # training samples per client and class that form a local prototype (cost cap)
 SIGNAL_COLUMNS = ("proto_sep_mean_deg", "proto_sep_min_deg", "proto_consistency", "proto_cons_centred",
                   "proto_margin", "proto_nearest")  # need the method's global class signal
 AGREEMENT_COLUMNS = ("proto_agree", "proto_agree_nearest")  # need none: every method has them
@@ -151,6 +151,31 @@ class LocalPrototypes:
         local, present = class_means(model, self.ctx, client, self.batch_size, self.per_class)
         self.protos.append(local)
         self.present.append(present)
+
+    @torch.no_grad()
+    def add_all(self, model: nn.Module, clients: list["ClientData"]) -> None:
+        """`add` for every client with one shared model (global mode), in one batched pass over all samples."""
+        model.eval()
+        c = self.ctx.num_classes
+        xs, keys = [], []
+        for pos, client in enumerate(clients):
+            keep = first_per_class(client.y, self.per_class) if self.per_class is not None else None
+            xs.append(client.x if keep is None else client.x[keep])
+            keys.append(pos * c + (client.y if keep is None else client.y[keep]))
+        x, key = torch.cat(xs), torch.cat(keys)
+        sums = counts = None
+        for start in range(0, len(key), self.batch_size):
+            f = model.features(self.ctx.prepare(x[start:start + self.batch_size], train=False)).float()
+            if sums is None:
+                sums = torch.zeros(len(clients) * c, f.shape[1], dtype=f.dtype, device=f.device)
+                counts = torch.zeros(len(clients) * c, dtype=f.dtype, device=f.device)
+            k = key[start:start + self.batch_size]
+            sums.index_add_(0, k, f)
+            counts.index_add_(0, k, torch.ones_like(k, dtype=f.dtype))
+        present = counts > 0
+        sums[present] /= counts[present, None]
+        self.protos.extend(sums.view(len(clients), c, -1).unbind(0))
+        self.present.extend(present.view(len(clients), c).unbind(0))
 
     def columns(self) -> dict[str, float]:
         if not self.protos:

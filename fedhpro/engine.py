@@ -284,8 +284,8 @@ class Engine:
                     hit, _ = evaluate(lambda x: self.server.scores(model, x), ctx, client.test_x, client.test_y,
                                       cfg.test_batch_size)
                     result.client_results.append((client.cid, int(hit.sum()), int(hit.numel())))
-                if local is not None and cfg.eval_mode == "global":  # local prototypes of the global model
-                    local.add(model, client)
+            if local is not None and cfg.eval_mode == "global":  # local prototypes of the global model
+                local.add_all(model, ctx.clients)
         if cfg.eval_mode == "personalized":
             accs, corrects, sizes = [], [], []
             for client in ctx.clients:

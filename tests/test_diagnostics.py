@@ -303,3 +303,17 @@ def test_diagnostics_key_is_validated_and_leaves_default_hashes_unchanged():
     assert cfg.replace(diagnostics=False).config_hash() != cfg.config_hash()
     with pytest.raises(ConfigError, match="'diagnostics' must be true or false"):
         from_dict({**BASE, "method": "fedproto", "diagnostics": "yes"})
+
+
+def test_batched_global_pass_equals_per_client_passes():
+    from fedhpro.diagnostics import LocalPrototypes
+
+    cfg = from_dict({**BASE, "method": "fedproto"})
+    ctx = build_context(cfg)
+    model = ctx.make_model()
+    one, each = LocalPrototypes(None, ctx, 37), LocalPrototypes(None, ctx, 500)
+    one.add_all(model, ctx.clients)
+    for client in ctx.clients:
+        each.add(model, client)
+    for a, b in zip(one.protos + one.present, each.protos + each.present):
+        assert torch.allclose(a, b, atol=1e-5) if a.is_floating_point() else torch.equal(a, b)
