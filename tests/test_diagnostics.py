@@ -317,3 +317,22 @@ def test_batched_global_pass_equals_per_client_passes():
         each.add(model, client)
     for a, b in zip(one.protos + one.present, each.protos + each.present):
         assert torch.allclose(a, b, atol=1e-5) if a.is_floating_point() else torch.equal(a, b)
+
+
+def test_diagnostics_table_reports_final_round_mean_and_sd_over_seeds(tmp_path):
+    from fedhpro.aggregate import DIAGNOSTIC_HEADERS, build_tables, collect
+
+    for seed in (0, 1):
+        for method in ("fedproto", "fedavg"):
+            train(from_dict({**BASE, "method": method, "seed": seed}), tmp_path / f"{method}-{seed}")
+    df = collect(sorted(tmp_path.iterdir()))
+    table = next(t for t in build_tables(df) if t.name == "diagnostics")
+    assert table.header[2:] == [DIAGNOSTIC_HEADERS[c] for c in DIAGNOSTIC_COLUMNS]
+    rows = {row[1]: row[2:] for row in table.rows}
+    finals = df[df["round"] == 2]
+    proto = finals[finals["method"] == "fedproto"]["proto_nearest"].to_numpy()
+    expected = f"{proto.mean():.2f} ± {proto.std(ddof=1):.2f}"
+    assert rows["FedProto"][DIAGNOSTIC_COLUMNS.index("proto_nearest")] == expected
+    fedavg = next(v for k, v in rows.items() if k.startswith("FedAvg"))
+    assert fedavg[DIAGNOSTIC_COLUMNS.index("proto_margin")] == "–"  # no global signal
+    assert "±" in fedavg[DIAGNOSTIC_COLUMNS.index("proto_agree")]  # signal-free: every method has it
