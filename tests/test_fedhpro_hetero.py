@@ -1,8 +1,9 @@
 """FedHPro in personalized mode with heterogeneous client models ([recon], see `fedhpro.methods.fedhpro`).
 
 Local extractors (a small CNN and the official ResNet-10, both projected to d = 512) never leave the
-clients; the classifier head is shared: aggregated with `aggregation`, replaced by the CReFF re-trained
-classifier, and the hyper-prototypes are matched through it. Checked on digits: learning, determinism,
+clients; the classifier head is shared: the CReFF re-trained classifier (by default; no client head is then
+uploaded or aggregated), or the clients' heads aggregated with `aggregation`, and the hyper-prototypes are
+matched through it. Also the `predict: nearest_hyperprototype` rule. Checked on digits: learning, determinism,
 bit-identical resume, bytes against a hand count, both head aggregations, the client's use of the received
 head, and evaluation with the shared head; one slow run on the shared CIFAR-10 copy.
 """
