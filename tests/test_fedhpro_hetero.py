@@ -201,11 +201,13 @@ def test_fedavg_head_is_the_sample_weighted_mean(isolate):
 
 
 def test_retrained_head_replaces_the_aggregate_when_sent():
-    engine, _, seen = one_round({}, {"aggregation": "last_client"})
+    engine, result, seen = one_round({}, {"aggregation": "last_client"})
     server = engine.server
     assert torch.equal(server.head["classifier.weight"], server.meta_weight)
     assert torch.equal(server.head["classifier.bias"], server.meta_bias)
-    assert not torch.equal(server.meta_weight, seen["uploads"][-1]["head"]["classifier.weight"])
+    assert all("head" not in u for u in seen["uploads"])  # nobody reads the clients' heads: none is sent
+    trained = engine.client_states.get(result.selected[-1])["model"]["classifier.weight"]
+    assert not torch.equal(server.meta_weight.cpu(), trained)
     # round 1: the head clients received is the round-1 meta classifier (one random nn.Linear(d, C))
     assert seen["head_before"]["classifier.weight"].shape == (10, 512)
 
