@@ -98,7 +98,8 @@ def atomic_stream(path: str | Path, write, fault: str | None = None) -> None:
 
 def remove_stale_temps(run_dir: Path) -> list[Path]:
     """Delete temp files of the run's own atomic writes left by a killed process; call under `run_lock`."""
-    stale = [p for name in (CHECKPOINT, METRICS, CLIENTS, CONFIG) for p in run_dir.glob(f".{name}.*.tmp") if p.is_file()]
+    stale = [p for name in (CHECKPOINT, METRICS, CLIENTS, CONFIG) for p in run_dir.glob(f".{name}.*.tmp")
+             if p.is_file()]
     for p in stale:
         with contextlib.suppress(FileNotFoundError):
             p.unlink()

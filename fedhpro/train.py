@@ -38,14 +38,15 @@ import torch
 from fedhpro.clientstore import CLIENT_STATES_DIR
 from fedhpro.config import ConfigError, RunConfig
 from fedhpro.data import DATASETS, ArrayData, fingerprint, load_dataset
-from fedhpro.faults import fault_point
 from fedhpro.diagnostics import DIAGNOSTIC_COLUMNS
+from fedhpro.faults import fault_point
 from fedhpro.engine import ClientData, Context, Diverged, Engine, RoundResult, check_precision
 from fedhpro.methods import METHODS, make_params
 from fedhpro.models import build_model
 from fedhpro.runio import (CHECKPOINT, CLIENTS, CONFIG, METRICS, atomic_write_text, attempt_info,
-                           check_metrics_belong, client_rows_of, load_checkpoint, read_json_file, read_run_info, remove_stale_temps, run_info, run_lock,
-                           save_checkpoint, write_client_results, write_metrics)
+                           check_metrics_belong, client_rows_of, load_checkpoint, read_json_file, read_run_info,
+                           remove_stale_temps, run_info, run_lock, save_checkpoint, write_client_results,
+                           write_metrics)
 
 ID_COLUMNS = ("run_id", "method", "variant", "eval_mode", "dataset", "partition", "alpha", "classes_per_client",
               "imbalance_ratio", "num_clients", "partition_seed", "seed", "model")

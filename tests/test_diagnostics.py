@@ -288,7 +288,8 @@ def test_real_runs_rank_the_controls(tmp_path):
     assert control.proto_nearest < 0.5 and control.proto_margin < res.proto_margin - 0.2
     assert control.proto_agree == res.proto_agree  # the signal-free measure ignores the signal
     fast = dict(METHODS["fedhpro"].FAST_TEST_PARAMS)
-    runs = {source: train(from_dict({**BASE, "method": "fedhpro", "method_params": {**fast, "prototype_source": source}}),
+    runs = {source: train(from_dict({**BASE, "method": "fedhpro",
+                                     "method_params": {**fast, "prototype_source": source}}),
                           tmp_path / source).iloc[-1] for source in ("average", "random")}
     assert runs["average"]["proto_nearest"] > runs["random"]["proto_nearest"] + 0.2
     assert runs["average"]["proto_margin"] > runs["random"]["proto_margin"] + 0.2

@@ -178,7 +178,8 @@ def test_personalized_run_writes_per_client_results_identically_after_resume(tmp
     schema = pq.read_schema(tmp_path / "full" / "clients.parquet")
     assert [str(schema.field(n).type) for n, _ in CLIENT_COLUMNS] == ["string", "int64", "int64", "double", "int64",
                                                                       "int64"]
-    assert len(clients) == 3 * 5 and set(clients["round"]) == {1, 2, 3} and (clients["run_id"] == cfg.config_hash()).all()
+    assert len(clients) == 3 * 5 and set(clients["round"]) == {1, 2, 3}
+    assert (clients["run_id"] == cfg.config_hash()).all()
     assert (clients["client_acc"] == clients["client_correct"] / clients["client_test_size"]).all()
     for r, grp in clients.groupby("round"):  # the metrics' mean / std / weighted come from these rows
         row = full[full["round"] == r].iloc[0]
@@ -190,7 +191,8 @@ def test_personalized_run_writes_per_client_results_identically_after_resume(tmp
     with pytest.raises(ValueError, match="has not finished"):
         read_client_results(tmp_path / "resumed")
     train(cfg, tmp_path / "resumed")
-    assert (tmp_path / "resumed" / "clients.parquet").read_bytes() == (tmp_path / "full" / "clients.parquet").read_bytes()
+    resumed_bytes = (tmp_path / "resumed" / "clients.parquet").read_bytes()
+    assert resumed_bytes == (tmp_path / "full" / "clients.parquet").read_bytes()
     # a file of another run is refused by the reader
     other = from_dict({**BASE, "method": "fedproto", "eval_mode": "personalized", "num_clients": 5, "rounds": 1})
     train(other, tmp_path / "other")

@@ -494,5 +494,5 @@ register(DatasetSpec(name="digit_domains", num_classes=10, loader=load_digit_dom
                      default_augment="crop_flip", domains=DIGIT_DOMAINS, downloads=downloads_for(DIGIT_DOMAINS),
                      downloads_for=_downloads_for_options, local_copies=local_copies,
                      description="digits feature shift (FPL): mnist, usps, svhn, syn at 32x32 RGB, FedBN-size "
-                                 "subsets (743 train / 1860 test per domain); a missing domain is refused unless the dataset option "
-                                 "`domains` leaves it out"))
+                                 "subsets (743 train / 1860 test per domain); a missing domain is refused unless "
+                                 "the dataset option `domains` leaves it out"))
