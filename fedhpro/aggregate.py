@@ -986,10 +986,57 @@ def domains_table(summary: pd.DataFrame, rule: str, last_k: int, *, notes: str =
                     + [avg, overall])
     extra = ("Each domain's accuracy is taken over the same rounds as the overall one. Avg: the unweighted mean "
              "of the per-domain accuracies (per seed, then over seeds); All: the accuracy on all domains' test "
-             "samples together.") + (f" {notes}" if notes else "")
+             "samples together. Domains used: " + ", ".join(c[len(DOMAIN_PREFIX):] for c in cols)
+             + " (a run without a domain's column was configured without it).") + (f" {notes}" if notes else "")
     return Table("domains", _caption("Per-domain accuracy.", rule, last_k, n_mode, extra, summary=sub),
                  ["Setting", "Method"] + [c[len(DOMAIN_PREFIX):] for c in cols] + ["Avg", "All"], rows,
                  align="ll" + "c" * (len(cols) + 2))
+
+
+DIAGNOSTIC_HEADERS = {  # table headers of fedhpro.diagnostics.DIAGNOSTIC_COLUMNS (definitions: docs/diagnostics.md)
+    "proto_sep_mean_deg": "Sep. mean (°)", "proto_sep_min_deg": "Sep. min (°)", "proto_consistency": "Cons. raw",
+    "proto_cons_centred": "Cons. centred", "proto_margin": "Margin", "proto_nearest": "Nearest own",
+    "proto_agree": "Agree", "proto_agree_nearest": "Agree nearest"}
+
+
+def diagnostics_table(df: pd.DataFrame, summary: pd.DataFrame) -> Table | None:
+    """Per setting and method: each prototype diagnostic (`fedhpro.diagnostics.DIAGNOSTIC_COLUMNS`) at the
+    final evaluated round, mean ± sd over finished seeds; None when no run recorded any."""
+    from fedhpro.diagnostics import DIAGNOSTIC_COLUMNS
+
+    cols = [c for c in DIAGNOSTIC_COLUMNS if c in df.columns and df[c].notna().any()]
+    if not cols or summary.empty:
+        return None
+    finals: dict[tuple, list[pd.Series]] = {}
+    for _, run in df[df["status"] == "finished"].groupby("run_dir", sort=True):
+        evaluated = run[run["acc"].notna()] if "acc" in run else run
+        if evaluated.empty:
+            continue
+        last = evaluated.loc[evaluated["round"].idxmax()]
+        finals.setdefault(tuple(str(last[k]) for k in SETTING_KEYS), []).append(last)
+    rows = []
+    for _, r in summary.iterrows():
+        runs = finals.get(tuple(str(r[k]) for k in SETTING_KEYS), [])
+        cells = []
+        for c in cols:
+            vals = np.array([float(x[c]) for x in runs], dtype=float)
+            vals = vals[np.isfinite(vals)]
+            digits = 1 if c.endswith("_deg") else 2
+            if not len(vals):
+                cells.append("–")
+            elif len(vals) == 1:
+                cells.append(f"{vals[0]:.{digits}f} (n=1)")
+            else:
+                cells.append(f"{vals.mean():.{digits}f} ± {vals.std(ddof=1):.{digits}f}")
+        rows.append([r.setting, method_label(r.method, r.variant, getattr(r, "aggregation", None))] + cells)
+    caption = ("Prototype diagnostics at the final evaluated round, mean ± sd over finished seeds (docs/"
+               "diagnostics.md). Sep.: angles between the method's global class signals; Cons. raw: cosine of "
+               "clients' class prototypes to them (fooled by offset and collapse); Cons. centred, Margin (own class "
+               "minus best other), Nearest own (share of client prototypes nearest their own class; chance 1/C): "
+               "the same after centring; Agree, Agree nearest: across-client agreement of same-class prototypes "
+               "(no global signal needed; in global mode one shared model). – : not defined for the method.")
+    return Table("diagnostics", caption, ["Setting", "Method"] + [DIAGNOSTIC_HEADERS.get(c, c) for c in cols],
+                 rows, align="ll" + "c" * len(cols))
 
 
 def with_weighted_accuracy(df: pd.DataFrame) -> pd.DataFrame | None:
@@ -1026,10 +1073,11 @@ def build_tables(df: pd.DataFrame, rule: str = "final", last_k: int = 5, *,
     notes = _notes_of(summary)
     first = "ablation" if kind == "ablation" else "main"
     see = f"Row names as explained in the {first} table's caption." if notes else ""
+    diag = diagnostics_table(df, summary)
     if kind == "ablation":
         return [ablation_table(summary, rule, last_k, kind=kind, title=title, protocol=protocol, runs=runs,
                                notes=notes),
-                communication_table(summary, rule, last_k, df=df, notes=see)]
+                communication_table(summary, rule, last_k, df=df, notes=see)] + ([diag] if diag is not None else [])
     tables = [main_table(summary, rule, last_k, title=title, protocol=protocol, notes=notes)]
     weighted = with_weighted_accuracy(df)
     if weighted is not None:
@@ -1044,7 +1092,7 @@ def build_tables(df: pd.DataFrame, rule: str = "final", last_k: int = 5, *,
         tables.append(ablation_table(summary, rule, last_k, protocol=protocol, runs=runs, notes=see))
     tables.append(communication_table(summary, rule, last_k, df=df, notes=see))
     dom = domains_table(summary, rule, last_k, notes=see)
-    return tables + ([dom] if dom is not None else [])
+    return tables + ([dom] if dom is not None else []) + ([diag] if diag is not None else [])
 
 
 def _frame_csv(frame: pd.DataFrame) -> str:

@@ -34,7 +34,7 @@ from torch import nn
 
 from fedhpro.batched import BatchedTraining
 from fedhpro.clientstore import make_client_store
-from fedhpro.diagnostics import ClassSignal, ConsistencyMeter, separation_angles, weighted_accuracy
+from fedhpro.diagnostics import ClassSignal, LocalPrototypes, weighted_accuracy
 from fedhpro.faults import fault_point
 # The client side of the contract lives in `fedhpro.local`; methods import it from here.
 from fedhpro.local import (AUTOCAST_DTYPES, ClientBase, ClientData, Context, Diverged, LocalTraining,  # noqa: F401
@@ -169,9 +169,17 @@ class RoundResult:
     client_acc_mean: float = float("nan")
     client_acc_std: float = float("nan")
     client_acc_weighted: float = float("nan")  # total correct / total local test samples (HtFLlib)
-    proto_sep_mean_deg: float = float("nan")  # prototype diagnostics (fedhpro.diagnostics)
+    proto_sep_mean_deg: float = float("nan")  # prototype diagnostics (fedhpro.diagnostics.DIAGNOSTIC_COLUMNS)
     proto_sep_min_deg: float = float("nan")
     proto_consistency: float = float("nan")
+    proto_cons_centred: float = float("nan")
+    proto_margin: float = float("nan")
+    proto_nearest: float = float("nan")
+    proto_agree: float = float("nan")
+    proto_agree_nearest: float = float("nan")
+    # per client (client id, correct, local test size) on evaluated rounds: personalized mode, and global mode
+    # when clients hold local test splits (the global model on each split); `fedhpro.train` stores them
+    client_results: list[tuple[int, int, int]] = field(default_factory=list)
     domain_acc: dict[str, float] = field(default_factory=dict)
     bytes_up: int = 0
     bytes_down: int = 0
@@ -212,6 +220,9 @@ class Engine:
         # would consume global RNG draws there and break bit-identical resumes.
         self._work_models = {name: ctx.make_model(name) for name in dict.fromkeys(ctx.model_names)}
         self.local: LocalTraining = LOCAL_TRAINING[self.cfg.engine](self)
+        # Per-client results of the evaluated rounds so far (`fedhpro.train`: rows of clients.parquet, kept in
+        # the checkpoint); None after resuming a checkpoint written before they were stored.
+        self.client_rows: list[dict] | None = []
 
     # ---- per-client models -------------------------------------------------------------------
     def working_models(self) -> list[nn.Module]:
@@ -257,9 +268,7 @@ class Engine:
     def evaluate_into(self, result: RoundResult) -> None:
         cfg, ctx = self.cfg, self.ctx
         signal = self.server.global_class_signal() if cfg.diagnostics else None
-        consistency = ConsistencyMeter(signal, ctx, cfg.test_batch_size) if signal is not None else None
-        if signal is not None:
-            result.proto_sep_mean_deg, result.proto_sep_min_deg = separation_angles(*signal)
+        local = LocalPrototypes(signal, ctx, cfg.test_batch_size) if cfg.diagnostics else None
         model = self.server.eval_model()
         if model is not None:
             model.eval()
@@ -270,13 +279,17 @@ class Engine:
                 domains = ctx.test_domain
                 for d in torch.unique(domains).tolist():
                     result.domain_acc[str(d)] = correct[domains == d].float().mean().item()
-            if consistency is not None and cfg.eval_mode == "global":  # local prototypes of the global model
-                for client in ctx.clients:
-                    consistency.add(model, client)
+            for client in ctx.clients:
+                if cfg.eval_mode == "global" and client.test_y.numel() > 0:  # the global model on local splits
+                    hit, _ = evaluate(lambda x: self.server.scores(model, x), ctx, client.test_x, client.test_y,
+                                      cfg.test_batch_size)
+                    result.client_results.append((client.cid, int(hit.sum()), int(hit.numel())))
+            if local is not None and cfg.eval_mode == "global":  # local prototypes of the global model
+                local.add_all(model, ctx.clients)
         if cfg.eval_mode == "personalized":
             accs, corrects, sizes = [], [], []
             for client in ctx.clients:
-                if client.test_y.numel() == 0 and consistency is None:
+                if client.test_y.numel() == 0 and local is None:
                     continue
                 # A client never sampled is evaluated with its initial model, rebuilt from (seed, client) and
                 # not stored, so memory and checkpoints follow the participating clients only.
@@ -290,14 +303,16 @@ class Engine:
                     accs.append(correct.float().mean().item())
                     corrects.append(int(correct.sum()))
                     sizes.append(int(correct.numel()))
-                if consistency is not None:  # local prototypes of the client's own model
-                    consistency.add(m, client)
+                    result.client_results.append((client.cid, corrects[-1], sizes[-1]))
+                if local is not None:  # local prototypes of the client's own model
+                    local.add(m, client)
             if accs:
                 result.client_acc_mean = float(np.mean(accs))
                 result.client_acc_std = float(np.std(accs))
                 result.client_acc_weighted = weighted_accuracy(corrects, sizes)
-        if consistency is not None:
-            result.proto_consistency = consistency.value()
+        if local is not None:
+            for column, value in local.columns().items():
+                setattr(result, column, value)
 
     # ---- checkpoint state ------------------------------------------------------------------------
     def state_dict(self) -> dict:

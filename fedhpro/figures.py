@@ -70,9 +70,13 @@ MAX_PANELS = 6  # panels per figure; more settings of a dataset continue in anot
 BAND_ALL = 4  # a panel with at most this many lines shows every line's band
 MARKERS_PER_LINE = 6  # markers drawn along a line (every k-th point), enough to tell the methods apart
 WORST_FRACTION = 0.1  # the clients figure and table mark the mean of the worst 10% of clients
+# the diagnostics drawn (fedhpro.diagnostics defines them all; the tables list every one): the measures that
+# neither the positive-orthant offset nor a collapsed solution fool, plus the raw angle between global signals
 DIAGNOSTIC_COLUMNS = {"proto_sep_mean_deg": "Separation: mean pairwise angle (°)",
-                      "proto_sep_min_deg": "Separation: min pairwise angle (°)",
-                      "proto_consistency": "Consistency: mean cosine, client vs global"}
+                      "proto_cons_centred": "Consistency, centred: mean cosine, client vs global",
+                      "proto_margin": "Margin: own class minus best other (cosine)",
+                      "proto_nearest": "Nearest own class: share of client prototypes",
+                      "proto_agree_nearest": "Agreement: share nearest own class across clients"}
 KINDS = ("comparison", "ablation")
 
 

@@ -57,7 +57,8 @@ def sort_key_condition(cond: dict) -> tuple:
 # (`default`) and with real FedAvg aggregation (`fedavg`), and the paper-text variant with each aggregation.
 MAIN_VARIANTS = {"fedhpro": ("default", "fedavg", "paper", "paper_fedavg")}
 AGGREGATION_NAMES = {"last_client": "last-client aggregation", "fedavg": "FedAvg aggregation",
-                     "last_client_head": "last-client head aggregation", "fedavg_head": "FedAvg head aggregation"}
+                     "last_client_head": "last-client head aggregation", "fedavg_head": "FedAvg head aggregation",
+                     "retrained_head": "re-trained head, not aggregated"}
 AGGREGATION_NOTE = ("FedHPro rows: \"official code\" and \"last-client aggregation\" = the global model of each round "
                     "is the last sampled client's trained model (with the re-trained classifier), which is what the "
                     "official code computes (its client state_dicts alias one reused model; `aggregation: "

@@ -36,6 +36,7 @@ from fedhpro.faults import fault_point
 METRICS_SCHEMA_VERSION = 1
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.parquet"
+CLIENTS = "clients.parquet"  # per-client results of a finished run (`write_client_results`)
 CONFIG = "config.json"
 
 
@@ -97,7 +98,8 @@ def atomic_stream(path: str | Path, write, fault: str | None = None) -> None:
 
 def remove_stale_temps(run_dir: Path) -> list[Path]:
     """Delete temp files of the run's own atomic writes left by a killed process; call under `run_lock`."""
-    stale = [p for name in (CHECKPOINT, METRICS, CONFIG) for p in run_dir.glob(f".{name}.*.tmp") if p.is_file()]
+    stale = [p for name in (CHECKPOINT, METRICS, CLIENTS, CONFIG) for p in run_dir.glob(f".{name}.*.tmp")
+             if p.is_file()]
     for p in stale:
         with contextlib.suppress(FileNotFoundError):
             p.unlink()
@@ -299,6 +301,64 @@ def check_metrics_belong(run_dir: Path, info: dict) -> None:
     if reason:
         raise ValueError(f"metrics file {path} belongs to another run ({reason}); delete it to recompute the run, "
                          "or restore the right file")
+
+
+# ------------------------------------------------------------------------ per-client results
+# clients.parquet: one row per evaluated round and client with a local test split. The columns and their types
+# are a contract (the per-client figures read them); a file with zero rows has the same schema.
+CLIENT_COLUMNS = (("run_id", pa.string()), ("round", pa.int64()), ("client", pa.int64()),
+                  ("client_acc", pa.float64()), ("client_test_size", pa.int64()), ("client_correct", pa.int64()))
+CLIENT_SCHEMA = pa.schema([pa.field(name, kind) for name, kind in CLIENT_COLUMNS])
+
+
+def client_rows_of(run_id: str, round_idx: int, results: list[tuple[int, int, int]]) -> list[dict]:
+    """clients.parquet rows of one evaluated round from (client, correct, size) triples (accuracy 0..1)."""
+    return [{"run_id": run_id, "round": int(round_idx), "client": int(cid), "client_acc": correct / size,
+             "client_test_size": int(size), "client_correct": int(correct)} for cid, correct, size in results]
+
+
+def write_client_results(path: Path, rows: list[dict], run_config: dict, identity: dict | None = None) -> None:
+    """Write clients.parquet atomically: `CLIENT_SCHEMA` columns, the run's config and identity as metadata
+    (as `write_metrics` does, so `read_client_results` checks it against config.json)."""
+    table = pa.Table.from_pylist(rows, schema=CLIENT_SCHEMA)
+    meta = {b"fedhpro.config": json.dumps(run_config, sort_keys=True).encode(),
+            b"fedhpro.schema_version": str(METRICS_SCHEMA_VERSION).encode()}
+    for key, value in (identity or {}).items():
+        meta[f"fedhpro.{key}".encode()] = str(value).encode()
+    table = table.replace_schema_metadata(meta)
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    atomic_write(path, sink.getvalue().to_pybytes())  # no fault point: `metrics_write` stays the metrics file's
+
+
+def read_client_results(run_dir: str | Path) -> pd.DataFrame:
+    """The per-client results of a finished run (`CLIENT_COLUMNS`), checked to belong to it: metrics.parquet
+    must exist (the run is complete) and the file's config hash, data fingerprint and threads must be
+    config.json's. ValueError (one line, naming the file) otherwise."""
+    run_dir = Path(run_dir)
+    path = run_dir / CLIENTS
+    if not (run_dir / METRICS).is_file():
+        raise ValueError(f"run {run_dir} has not finished (no {METRICS}); per-client results exist only for "
+                         "finished runs")
+    if not path.is_file():
+        raise ValueError(f"per-client results {path} not found (run finished before they were stored?); "
+                         "delete the run directory and re-run it")
+    info = read_run_info(run_dir)
+    if info is None:
+        raise ValueError(f"per-client results {path} have no run record {run_dir / CONFIG} to check them against")
+    try:
+        reason = metrics_mismatch(path, info)
+        df = pd.read_parquet(path)
+    except Exception as err:  # noqa: BLE001 - an unreadable file cannot be trusted
+        raise ValueError(f"per-client results {path} cannot be read ({err}); delete the run directory and "
+                         "re-run it") from None
+    if reason:
+        raise ValueError(f"per-client results {path} belong to another run ({reason}); delete the run "
+                         "directory and re-run it")
+    if list(df.columns) != [name for name, _ in CLIENT_COLUMNS]:
+        raise ValueError(f"per-client results {path} have columns {list(df.columns)}, expected "
+                         f"{[name for name, _ in CLIENT_COLUMNS]}")
+    return df
 
 
 # ------------------------------------------------------------------------ lock

@@ -9,6 +9,9 @@ Run directory:
   method state, client states, sampler RNG, torch RNG) and the metrics so far;
 - `client_states/` (`client_store: disk` only): one file per client state, the checkpoint names which
   (`fedhpro.clientstore`);
+- `clients.parquet`: per evaluated round and client, accuracy, correct count and local test size
+  (`fedhpro.runio.CLIENT_COLUMNS`; zero rows when no client holds a local test split), written atomically
+  just before metrics.parquet with the same identity metadata, its rows so far kept in the checkpoint;
 - `metrics.parquet`: written once, atomically, when the run ends (finished or diverged), so its
   existence means the run is complete; its metadata holds the config hash, threads and data fingerprint,
   checked against config.json whenever the run is called again.
@@ -35,13 +38,15 @@ import torch
 from fedhpro.clientstore import CLIENT_STATES_DIR
 from fedhpro.config import ConfigError, RunConfig
 from fedhpro.data import DATASETS, ArrayData, fingerprint, load_dataset
+from fedhpro.diagnostics import DIAGNOSTIC_COLUMNS
 from fedhpro.faults import fault_point
 from fedhpro.engine import ClientData, Context, Diverged, Engine, RoundResult, check_precision
 from fedhpro.methods import METHODS, make_params
 from fedhpro.models import build_model
-from fedhpro.runio import (CHECKPOINT, CONFIG, METRICS, atomic_write_text, attempt_info, check_metrics_belong,
-                           load_checkpoint, read_json_file, read_run_info, remove_stale_temps, run_info, run_lock,
-                           save_checkpoint, write_metrics)
+from fedhpro.runio import (CHECKPOINT, CLIENTS, CONFIG, METRICS, atomic_write_text, attempt_info,
+                           check_metrics_belong, client_rows_of, load_checkpoint, read_json_file, read_run_info,
+                           remove_stale_temps, run_info, run_lock, save_checkpoint, write_client_results,
+                           write_metrics)
 
 ID_COLUMNS = ("run_id", "method", "variant", "eval_mode", "dataset", "partition", "alpha", "classes_per_client",
               "imbalance_ratio", "num_clients", "partition_seed", "seed", "model")
@@ -175,7 +180,11 @@ def build_context(cfg: RunConfig, partition_dir: Path | None = None, data: Array
 def weight_aggregation(cfg: RunConfig) -> str:
     """How the shared weights were formed: the method's `aggregation` parameter where it has one (FedHPro:
     last_client or fedavg; in personalized mode only its classifier head is shared: last_client_head,
-    fedavg_head), else fedavg in global mode and none in personalized mode (no weights shared)."""
+    fedavg_head; retrained_head where the re-trained classifier replaces the aggregate: the method module's
+    `weight_aggregation(cfg)` says), else fedavg in global mode and none in personalized mode (none shared)."""
+    label = getattr(METHODS[cfg.method], "weight_aggregation", lambda cfg: None)(cfg)  # a method's own label
+    if label is not None:
+        return label
     if "aggregation" in cfg.method_params:
         value = str(cfg.method_params["aggregation"])
         return value if cfg.eval_mode == "global" else f"{value}_head"
@@ -193,8 +202,8 @@ def result_row(cfg: RunConfig, res: RoundResult, status: str, domain_names: tupl
            "aggregation": weight_aggregation(cfg), "round": res.round, "status": status, "train_loss": res.train_loss,
            "test_acc": res.test_acc,
            "test_loss": res.test_loss, "client_acc_mean": res.client_acc_mean, "client_acc_std": res.client_acc_std,
-           "client_acc_weighted": res.client_acc_weighted, "proto_sep_mean_deg": res.proto_sep_mean_deg,
-           "proto_sep_min_deg": res.proto_sep_min_deg, "proto_consistency": res.proto_consistency,
+           "client_acc_weighted": res.client_acc_weighted,
+           **{column: getattr(res, column) for column in DIAGNOSTIC_COLUMNS},
            "bytes_up": int(res.bytes_up), "bytes_down": int(res.bytes_down), "time_local": res.time_local,
            "time_server": res.time_server, "time_eval": res.time_eval, "time_io": 0.0}
     for key, acc in res.domain_acc.items():
@@ -313,6 +322,7 @@ def train(cfg: RunConfig, out_dir: str | Path, *, partition_dir: str | Path | No
         if metrics_path.exists():
             check_metrics_belong(out_dir, info if info is not None else {"config_hash": cfg.config_hash()})
             return pd.read_parquet(metrics_path)
+        (out_dir / CLIENTS).unlink(missing_ok=True)  # left by a process killed before metrics.parquet: incomplete
         data = load_dataset(cfg.dataset, cfg.data_root, **cfg.dataset_options)
         data_fp = fingerprint(data)
         ctx = build_context(cfg, Path(partition_dir) if partition_dir else None, data=data, data_fingerprint=data_fp)
@@ -354,6 +364,7 @@ def start_engine(ctx: Context, out_dir: Path | None, checkpoint: dict | None = N
         engine.client_states.reset()  # client_store disk: files of an attempt that never checkpointed
         return engine, [], 1
     engine.load_state_dict(checkpoint["engine"])
+    engine.client_rows = list(checkpoint["client_rows"]) if "client_rows" in checkpoint else None
     return engine, list(checkpoint["rows"]), int(checkpoint["round"]) + 1
 
 
@@ -362,7 +373,7 @@ def write_checkpoint(engine: Engine, out_dir: Path, rows: list[dict], round_idx:
     client-state files it no longer names (`client_store: disk`); returns the seconds it took."""
     t0 = time.perf_counter()
     save_checkpoint(out_dir, {"round": round_idx, "config_hash": engine.cfg.config_hash(), "rows": rows,
-                              "engine": engine.state_dict()})
+                              "client_rows": engine.client_rows, "engine": engine.state_dict()})
     engine.client_states.commit()
     return time.perf_counter() - t0
 
@@ -375,6 +386,8 @@ def train_round(engine: Engine, round_idx: int, rows: list[dict], out_dir: Path)
     cfg = engine.cfg
     res = engine.run_round(round_idx)
     rows.append(result_row(cfg, res, "running", engine.ctx.domain_names))
+    if engine.client_rows is not None:
+        engine.client_rows.extend(client_rows_of(cfg.config_hash(), round_idx, res.client_results))
     if round_idx % cfg.checkpoint_every == 0 and round_idx < cfg.rounds:
         rows[-1]["time_io"] = write_checkpoint(engine, out_dir, rows, round_idx)
     return res
@@ -402,6 +415,12 @@ def _train_loop(cfg: RunConfig, ctx: Context, out_dir: Path, checkpoint: dict | 
             return pd.DataFrame(rows), "stopped"
     for row in rows:
         row["status"] = status
+    clients_path = out_dir / CLIENTS
+    if engine.client_rows is not None:  # before metrics.parquet, whose existence marks the run complete
+        write_client_results(clients_path, engine.client_rows, cfg.provenance_dict(), identity)
+    else:
+        clients_path.unlink(missing_ok=True)
+        log.warning("run %s resumed from a checkpoint that predates per-client results: no %s", out_dir, CLIENTS)
     write_metrics(metrics_path, rows, cfg.provenance_dict(), identity)
     engine.client_states.commit()  # disk: keep each client's final state only (the run will not resume)
     return pd.read_parquet(metrics_path), status

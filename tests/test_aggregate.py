@@ -199,7 +199,7 @@ def tables(df, tmp_path_factory):
 def test_write_tables_writes_every_format(tables):
     d, paths = tables["final"]
     names = sorted(p.name for p in paths)
-    expected = [f"{t}.{e}" for t in ("ablation", "communication", "main") for e in ("csv", "md", "tex")]
+    expected = [f"{t}.{e}" for t in ("ablation", "communication", "diagnostics", "main") for e in ("csv", "md", "tex")]
     assert names == sorted(expected + ["runs.csv", "settings.csv"])
     assert all(p.is_file() and p.stat().st_size > 0 for p in paths)
     assert not (d / "domains.md").exists()  # no domain_acc_* columns on digits

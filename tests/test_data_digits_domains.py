@@ -320,22 +320,28 @@ def test_digit_domains_download_over_http(server, tmp_path):
     raw = prepare(downloads, root, "digit_domains", backoff=0, mirror={
         f: {"url": server.url(f"/mirror/{f}"), "checksum": f"md5:{md5(d)}"} for f, d in served.items()})
     assert sorted(p.name for p in raw.iterdir() if not p.name.startswith(".")) == sorted(served)
-    with pytest.warns(UserWarning, match=r"skipping domains without local data: syn \("):
-        data = load_dataset("digit_domains", root)
+    with pytest.raises(FileNotFoundError, match=r"missing domain syn: SynthDigits.zip not found in .*drop it "
+                       r"explicitly with the dataset option domains: \[mnist, usps, svhn\]"):
+        load_dataset("digit_domains", root)
+    data = load_dataset("digit_domains", root, domains=("mnist", "usps", "svhn"))
     assert data.domain_names == ("mnist", "usps", "svhn")
     assert data.train_domain.bincount().tolist() == [9, 9, 9] and data.test_domain.bincount().tolist() == [6, 6, 6]
     assert data.train_x.shape == (27, 3, 32, 32)
 
 
-def test_digit_domains_skips_missing_domains(tmp_path):
+def test_digit_domains_refuses_missing_domains_unless_dropped(tmp_path):
     root = tmp_path / "data"
     write_all_domains(root)
     import shutil
 
     shutil.rmtree(root / "svhn")
     shutil.rmtree(root / "syndigits")
-    with pytest.warns(UserWarning, match=r"skipping domains without local data: svhn, syn"):
-        data = load_dataset("digit_domains", root, train_per_domain=4, test_per_domain=4)
+    with pytest.raises(FileNotFoundError) as err:  # one line naming every missing file, nothing skipped
+        load_dataset("digit_domains", root, train_per_domain=4, test_per_domain=4)
+    message = str(err.value)
+    assert "\n" not in message and "train_32x32.mat, test_32x32.mat" in message and "SynthDigits.zip" in message
+    assert message.endswith("domains: [mnist, usps]")
+    data = load_dataset("digit_domains", root, domains=["mnist", "usps"], train_per_domain=4, test_per_domain=4)
     assert data.domain_names == ("mnist", "usps") and data.train_domain.tolist() == [0] * 4 + [1] * 4
     # paths= points a domain elsewhere; files in <root>/digit_domains/raw are found too
     moved = tmp_path / "elsewhere"
@@ -343,11 +349,10 @@ def test_digit_domains_skips_missing_domains(tmp_path):
     (root / "digit_domains" / "raw").mkdir(parents=True)
     for f in IDX_FILES:
         shutil.move(str(root / "mnist" / "raw" / f), str(root / "digit_domains" / "raw" / f))
-    with pytest.warns(UserWarning, match="svhn"):
-        d2 = load_dataset("digit_domains", root, paths={"usps": str(moved)}, train_per_domain=4, test_per_domain=4,
-                          cache=False)
+    d2 = load_dataset("digit_domains", root, domains=["mnist", "usps"], paths={"usps": str(moved)},
+                      train_per_domain=4, test_per_domain=4, cache=False)
     assert torch.equal(d2.train_x, data.train_x)
-    with pytest.raises(FileNotFoundError, match="no data for any of the domains"):
+    with pytest.raises(FileNotFoundError, match="missing domain mnist: .*or give paths="):
         load_dataset("digit_domains", tmp_path / "nothing")
 
 
@@ -379,8 +384,9 @@ def test_real_usps_and_digit_domains(real_root, tmp_path):
     assert usps.train_x.shape == (7291, 1, 16, 16) and usps.test_x.shape == (2007, 1, 16, 16)
     assert torch.bincount(usps.train_y).tolist() == [1194, 1005, 731, 658, 652, 556, 664, 645, 542, 644]
     assert torch.bincount(usps.test_y).tolist() == [359, 264, 198, 166, 200, 160, 170, 147, 166, 177]
-    with pytest.warns(UserWarning, match="svhn, syn"):
-        data = load_dataset("digit_domains", real_root)  # defaults: FedBN-size subsets
+    with pytest.raises(FileNotFoundError, match="missing domain svhn: .* domain syn: "):
+        load_dataset("digit_domains", real_root)
+    data = load_dataset("digit_domains", real_root, domains=["mnist", "usps"])  # defaults: FedBN-size subsets
     assert data.domain_names == ("mnist", "usps")
     assert data.train_x.shape == (2 * 743, 3, 32, 32) and data.test_x.shape == (2 * 1860, 3, 32, 32)
     assert data.train_domain.bincount().tolist() == [743, 743] and data.test_domain.bincount().tolist() == [1860, 1860]
@@ -401,8 +407,11 @@ def test_fedhpro_run_on_mnist_usps_domains(real_root, tmp_path, monkeypatch):
                      "model": "cnn", "batch_size": 16, "lr": 0.05, "device": "cpu",
                      "method_params": {"prototypes_per_class": 2, "matching_steps": 3, "features_per_class": 5,
                                        "feature_matching_steps": 3, "retrain_epochs": 2, "real_batch": 16}})
-    with pytest.warns(UserWarning, match="svhn, syn"):
-        df = train(cfg, tmp_path / "run")
+    with pytest.raises(FileNotFoundError, match="SynthDigits.zip"):  # the experiment declares all four
+        train(cfg, tmp_path / "refused")
+    assert not (tmp_path / "refused" / "metrics.parquet").exists()
+    cfg = cfg.replace(dataset_options={"domains": ["mnist", "usps"]})  # dropped explicitly
+    df = train(cfg, tmp_path / "run")
     assert list(df["round"]) == [1, 2] and (df["status"] == "finished").all()
     assert [c for c in df.columns if c.startswith("domain_acc_")] == ["domain_acc_mnist", "domain_acc_usps"]
     final = pd.read_parquet(tmp_path / "run" / "metrics.parquet").iloc[-1]

@@ -11,7 +11,9 @@ import torch
 from torch import nn
 
 from fedhpro.config import from_dict
-from fedhpro.diagnostics import ConsistencyMeter, class_means, mean_cosine, separation_angles, weighted_accuracy
+from fedhpro.diagnostics import (AGREEMENT_COLUMNS, DIAGNOSTIC_COLUMNS, ConsistencyMeter, class_means,
+                                 first_per_class, mean_cosine, prototype_diagnostics, separation_angles,
+                                 weighted_accuracy)
 from fedhpro.engine import ClientData, Engine, RoundResult
 from fedhpro.methods import METHODS
 from fedhpro.train import build_context, train
@@ -28,7 +30,7 @@ PROTOTYPE_RUNS = {
     "fpl": ({}, ("global",)),
     "fedhpro": ({"matching_steps": 5, "feature_matching_steps": 5, "retrain_epochs": 5}, ("global",)),
 }
-DIAG = ["proto_sep_mean_deg", "proto_sep_min_deg", "proto_consistency"]
+DIAG = list(DIAGNOSTIC_COLUMNS)
 NEW = ["client_acc_weighted", *DIAG]
 TIME = ["time_local", "time_server", "time_eval", "time_io"]
 
@@ -198,9 +200,99 @@ def test_fedproto_personalized_run_has_all_columns_and_resumes_identically(tmp_p
     pd.testing.assert_frame_equal(full[keep], off[keep], check_exact=True)
 
 
-def test_non_prototype_run_has_nan_diagnostics(tmp_path):
+def test_non_prototype_run_has_only_the_signal_free_diagnostics(tmp_path):
     df = train(from_dict({**BASE, "method": "fedavg"}), tmp_path / "run")
-    assert df[NEW].isna().all().all() and df["test_acc"].notna().all()
+    signal_columns = [c for c in NEW if c not in AGREEMENT_COLUMNS]
+    assert df[signal_columns].isna().all().all() and df["test_acc"].notna().all()
+    assert np.isfinite(df[list(AGREEMENT_COLUMNS)].to_numpy()).all()
+
+
+# ---- the discriminating measures: controls that must score differently ----------------------------------------
+
+def _protos(k: int, c: int, d: int, seed: int, structure: torch.Tensor, noise: float, offset: float):
+    """K clients' (C, d) prototypes: a shared class structure, per-client noise, a common positive offset."""
+    g = torch.Generator().manual_seed(seed)
+    return structure[None] + noise * torch.randn(k, c, d, generator=g) + offset
+
+
+def test_measures_credit_aligned_prototypes_not_offsets_or_collapse():
+    k, c, d = 6, 10, 64
+    g = torch.Generator().manual_seed(0)
+    structure = torch.randn(c, d, generator=g)
+    present = torch.ones(k, c, dtype=torch.bool)
+    aligned = prototype_diagnostics(_protos(k, c, d, 1, structure, 0.3, 5.0), present, (structure + 5.0,
+                                                                                        torch.ones(c, dtype=bool)))
+    assert aligned["proto_nearest"] == 1.0 and aligned["proto_margin"] > 0.3 and aligned["proto_cons_centred"] > 0.8
+    assert aligned["proto_agree"] > 0.5 and aligned["proto_agree_nearest"] == 1.0
+    # an unrelated (untrained, random) signal with the same positive offset: the raw consistency is high, the
+    # centred measures are at chance
+    random_signal = (torch.randn(c, d, generator=g) + 5.0, torch.ones(c, dtype=bool))
+    unrelated = prototype_diagnostics(_protos(k, c, d, 1, structure, 0.3, 5.0), present, random_signal)
+    assert unrelated["proto_consistency"] > 0.9  # the old column cannot tell
+    assert unrelated["proto_nearest"] < 0.4 and abs(unrelated["proto_cons_centred"]) < 0.3
+    assert unrelated["proto_margin"] < 0 < aligned["proto_margin"]
+    # collapse: every prototype the same point (plus noise), signal = that point -> raw consistency 1,
+    # nothing else credits it
+    point = torch.rand(d) + 1.0
+    collapsed_protos = point + 1e-3 * torch.randn(k, c, d, generator=g)
+    collapsed = prototype_diagnostics(collapsed_protos, present, (point.expand(c, d) + 1e-3 * torch.randn(c, d,
+                                                                   generator=g), torch.ones(c, dtype=bool)))
+    assert collapsed["proto_consistency"] > 0.99 and collapsed["proto_sep_mean_deg"] < 1.0
+    assert collapsed["proto_nearest"] < 0.4 and collapsed["proto_agree_nearest"] < 0.4
+    assert abs(collapsed["proto_agree"]) < 0.1 < aligned["proto_agree"]
+    # a permuted signal (each class pointed at another's structure): no own-class credit at all
+    permuted = prototype_diagnostics(_protos(k, c, d, 1, structure, 0.3, 0.0), present,
+                                     (structure.roll(1, 0), torch.ones(c, dtype=bool)))
+    assert permuted["proto_nearest"] == 0.0 and permuted["proto_margin"] < 0
+
+
+def test_measures_by_hand_and_without_a_signal():
+    # two clients, two classes in the plane; centring removes the common mean (1, 1)
+    protos = torch.tensor([[[2.0, 1.0], [1.0, 2.0]], [[2.0, 1.0], [1.0, 2.0]]])
+    present = torch.ones(2, 2, dtype=torch.bool)
+    out = prototype_diagnostics(protos, present, (torch.tensor([[3.0, 0.0], [0.0, 3.0]]), torch.ones(2, dtype=bool)))
+    # centred prototypes (0.5, -0.5), (-0.5, 0.5); centred signal (1.5, -1.5), (-1.5, 1.5): cos 1 own, -1 other
+    assert out["proto_cons_centred"] == pytest.approx(1.0) and out["proto_margin"] == pytest.approx(2.0)
+    assert out["proto_nearest"] == 1.0 and out["proto_agree_nearest"] == 1.0
+    assert out["proto_agree"] == pytest.approx(2.0)  # same-class cos 1 minus different-class cos -1
+    none = prototype_diagnostics(protos, present, None)
+    assert all(math.isnan(none[c]) for c in DIAGNOSTIC_COLUMNS if c not in AGREEMENT_COLUMNS)
+    assert none["proto_agree"] == pytest.approx(2.0)
+    # a class only one client has contributes no same-class pair; an absent signal class is never a rival
+    present = torch.tensor([[True, True], [True, False]])
+    out = prototype_diagnostics(protos, present, (torch.tensor([[3.0, 0.0], [0.0, 3.0]]), torch.tensor([True, True])))
+    assert math.isfinite(out["proto_agree"]) and out["proto_nearest"] == 1.0
+
+
+def test_first_per_class_takes_the_first_samples_of_each_class():
+    y = torch.tensor([2, 0, 2, 2, 1, 0, 2, 0, 0])
+    assert first_per_class(y, 2).tolist() == [0, 1, 2, 4, 5]
+    assert first_per_class(y, 10).tolist() == list(range(9))
+
+
+def test_real_runs_rank_the_controls(tmp_path):
+    """Digits runs: FedProto's global prototypes are each client's nearest class, a random (never used) signal is
+    not; FedHPro's `average` prototypes (client class means) score above its `random` (unmatched N(0,1)) ones."""
+    cfg = from_dict({**BASE, "method": "fedproto", "rounds": 2})
+    ctx = build_context(cfg)
+    torch.manual_seed(cfg.seed)
+    engine = Engine(ctx, METHODS["fedproto"])
+    for r in (1, 2):
+        res = engine.run_round(r)
+    assert res.proto_nearest >= 0.9 and res.proto_margin > 0.2
+    signal, present = engine.server.global_class_signal()
+    fake = torch.randn(signal.shape, generator=torch.Generator().manual_seed(0)) + signal.mean()
+    engine.server.global_class_signal = lambda: (fake, present)
+    control = RoundResult(round=2, selected=[], train_loss=0.0)
+    engine.evaluate_into(control)
+    assert control.proto_nearest < 0.5 and control.proto_margin < res.proto_margin - 0.2
+    assert control.proto_agree == res.proto_agree  # the signal-free measure ignores the signal
+    fast = dict(METHODS["fedhpro"].FAST_TEST_PARAMS)
+    runs = {source: train(from_dict({**BASE, "method": "fedhpro",
+                                     "method_params": {**fast, "prototype_source": source}}),
+                          tmp_path / source).iloc[-1] for source in ("average", "random")}
+    assert runs["average"]["proto_nearest"] > runs["random"]["proto_nearest"] + 0.2
+    assert runs["average"]["proto_margin"] > runs["random"]["proto_margin"] + 0.2
 
 
 def test_diagnostics_key_is_validated_and_leaves_default_hashes_unchanged():
@@ -212,3 +304,36 @@ def test_diagnostics_key_is_validated_and_leaves_default_hashes_unchanged():
     assert cfg.replace(diagnostics=False).config_hash() != cfg.config_hash()
     with pytest.raises(ConfigError, match="'diagnostics' must be true or false"):
         from_dict({**BASE, "method": "fedproto", "diagnostics": "yes"})
+
+
+def test_batched_global_pass_equals_per_client_passes():
+    from fedhpro.diagnostics import LocalPrototypes
+
+    cfg = from_dict({**BASE, "method": "fedproto"})
+    ctx = build_context(cfg)
+    model = ctx.make_model()
+    one, each = LocalPrototypes(None, ctx, 37), LocalPrototypes(None, ctx, 500)
+    one.add_all(model, ctx.clients)
+    for client in ctx.clients:
+        each.add(model, client)
+    for a, b in zip(one.protos + one.present, each.protos + each.present):
+        assert torch.allclose(a, b, atol=1e-5) if a.is_floating_point() else torch.equal(a, b)
+
+
+def test_diagnostics_table_reports_final_round_mean_and_sd_over_seeds(tmp_path):
+    from fedhpro.aggregate import DIAGNOSTIC_HEADERS, build_tables, collect
+
+    for seed in (0, 1):
+        for method in ("fedproto", "fedavg"):
+            train(from_dict({**BASE, "method": method, "seed": seed}), tmp_path / f"{method}-{seed}")
+    df = collect(sorted(tmp_path.iterdir()))
+    table = next(t for t in build_tables(df) if t.name == "diagnostics")
+    assert table.header[2:] == [DIAGNOSTIC_HEADERS[c] for c in DIAGNOSTIC_COLUMNS]
+    rows = {row[1]: row[2:] for row in table.rows}
+    finals = df[df["round"] == 2]
+    proto = finals[finals["method"] == "fedproto"]["proto_nearest"].to_numpy()
+    expected = f"{proto.mean():.2f} ± {proto.std(ddof=1):.2f}"
+    assert rows["FedProto"][DIAGNOSTIC_COLUMNS.index("proto_nearest")] == expected
+    fedavg = next(v for k, v in rows.items() if k.startswith("FedAvg"))
+    assert fedavg[DIAGNOSTIC_COLUMNS.index("proto_margin")] == "–"  # no global signal
+    assert "±" in fedavg[DIAGNOSTIC_COLUMNS.index("proto_agree")]  # signal-free: every method has it

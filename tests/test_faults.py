@@ -164,6 +164,8 @@ def inspect_run_dir(run_dir: Path) -> DirState:
                 version, cfg = read_metrics_meta(p)
                 assert version == METRICS_SCHEMA_VERSION and cfg and len(df) > 0
                 state.has_metrics = True
+            elif name == "clients.parquet":  # per-client results: written just before metrics.parquet
+                pd.read_parquet(p)
             elif name == CONFIG:
                 info = json.loads(p.read_text())
                 assert info["config_hash"] and info["config"]

@@ -155,6 +155,7 @@ def test_labels_say_which_aggregation():
     # personalized FedHPro (heterogeneous models) is a reconstruction: never labelled "official code"
     assert method_label("fedhpro", "default", "last_client_head") == "FedHPro [recon] (last-client head aggregation)"
     assert method_label("fedhpro", "fedavg", "fedavg_head") == "FedHPro [recon] (fedavg, FedAvg head aggregation)"
+    assert method_label("fedhpro", "default", "retrained_head") == "FedHPro [recon] (re-trained head, not aggregated)"
 
 
 def test_metrics_record_the_aggregation_per_mode():
@@ -162,7 +163,10 @@ def test_metrics_record_the_aggregation_per_mode():
 
     assert weight_aggregation(from_dict({**BASE})) == "last_client"
     assert weight_aggregation(from_dict({**BASE, "method_params": {"aggregation": "fedavg"}})) == "fedavg"
-    assert weight_aggregation(from_dict({**BASE, "eval_mode": "personalized"})) == "last_client_head"
+    # personalized defaults: the re-trained classifier is the head, no client head is aggregated
+    assert weight_aggregation(from_dict({**BASE, "eval_mode": "personalized"})) == "retrained_head"
+    assert weight_aggregation(from_dict({**BASE, "eval_mode": "personalized", "method_params": {
+        "send_retrained_classifier": False}})) == "last_client_head"
     assert weight_aggregation(from_dict({**BASE, "method": "fedproto", "eval_mode": "personalized"})) == "none"
     assert weight_aggregation(from_dict({**BASE, "method": "fedavg"})) == "fedavg"
 

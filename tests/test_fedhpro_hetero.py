@@ -1,8 +1,9 @@
 """FedHPro in personalized mode with heterogeneous client models ([recon], see `fedhpro.methods.fedhpro`).
 
 Local extractors (a small CNN and the official ResNet-10, both projected to d = 512) never leave the
-clients; the classifier head is shared: aggregated with `aggregation`, replaced by the CReFF re-trained
-classifier, and the hyper-prototypes are matched through it. Checked on digits: learning, determinism,
+clients; the classifier head is shared: the CReFF re-trained classifier (by default; no client head is then
+uploaded or aggregated), or the clients' heads aggregated with `aggregation`, and the hyper-prototypes are
+matched through it. Also the `predict: nearest_hyperprototype` rule. Checked on digits: learning, determinism,
 bit-identical resume, bytes against a hand count, both head aggregations, the client's use of the received
 head, and evaluation with the shared head; one slow run on the shared CIFAR-10 copy.
 """
@@ -107,9 +108,9 @@ def test_bytes_are_the_head_the_prototypes_and_the_gradients(runs):
     head = (c * d + c) * 4
     down = cfg.num_clients * (head + c * length * d * 4)  # head + C*L hyper-prototypes; no extractor
     up = 0
-    for client in ctx.clients:  # head + per present class: feature gradient (d), dW (C x d), db (C)
+    for client in ctx.clients:  # per present class: feature gradient (d), dW (C x d), db (C); no head (unread)
         k = int((client.class_counts > 0).sum())
-        up += head + k * d * 4 + k * c * d * 4 + k * c * 4
+        up += k * d * 4 + k * c * d * 4 + k * c * 4
     assert (full["bytes_down"] == down).all()
     assert (full["bytes_up"] == up).all()
 
@@ -117,19 +118,56 @@ def test_bytes_are_the_head_the_prototypes_and_the_gradients(runs):
 def test_uploads_hold_no_extractor_weights_and_payload_follows_the_switches():
     _, result, seen = one_round({"clients_per_round": 4})
     assert set(seen["payload"]) == {"head", "hyper_prototypes"}  # the re-trained head is the one sent
-    for u in seen["uploads"]:
-        assert set(u) == {"num_samples", "cid", "classes", "feature_grad", "grad_w", "grad_b", "head"}
-        assert set(u["head"]) == set(HEAD)
+    for u in seen["uploads"]:  # the re-trained head replaces any aggregate: no client head travels
+        assert set(u) == {"num_samples", "cid", "classes", "feature_grad", "grad_w", "grad_b"}
     # send_retrained_classifier off: clients train with the aggregated head and compute their gradients
     # through the re-trained one, which is then sent as well (and counted)
     engine, result2, seen2 = one_round({"clients_per_round": 4}, {"send_retrained_classifier": False})
     assert set(seen2["payload"]) == {"head", "hyper_prototypes", "meta_weight", "meta_bias"}
     extra = sum(t.numel() * 4 for t in (engine.server.meta_weight, engine.server.meta_bias))
     assert result2.bytes_down == result.bytes_down + 4 * extra
+    for u in seen2["uploads"]:  # here the aggregated head is the one clients train with: it is uploaded
+        assert set(u["head"]) == set(HEAD)
+    assert result2.bytes_up == result.bytes_up + 4 * extra  # head (C x d + C floats) per client, and nothing else
     # without classifier re-training no classifier gradients travel
     engine, result3, seen3 = one_round({"clients_per_round": 4}, {"classifier_retraining": False})
     assert set(seen3["payload"]) == {"head", "hyper_prototypes"}
     assert all(set(u) == {"num_samples", "cid", "classes", "feature_grad", "head"} for u in seen3["uploads"])
+
+
+def test_aggregation_switch_is_moot_and_labelled_so_when_the_retrained_head_is_sent(tmp_path):
+    """Defaults: the re-trained classifier is the head, so last_client and fedavg give identical numbers, no head
+    is uploaded and the label says so; with `send_retrained_classifier: false` the aggregated head is used, the
+    switch changes the results and the upload carries the head."""
+    from fedhpro.train import weight_aggregation
+
+    small = {**BASE, "rounds": 2, "local_epochs": 1}
+    runs = {}
+    for send in (True, False):
+        for agg in ("last_client", "fedavg"):
+            cfg = from_dict({**small, "method_params": {**FAST, "aggregation": agg, "send_retrained_classifier": send}})
+            runs[send, agg] = train(cfg, tmp_path / f"{send}-{agg}", threads=1)
+            assert weight_aggregation(cfg) == ("retrained_head" if send else f"{agg}_head")
+            assert (runs[send, agg]["aggregation"] == weight_aggregation(cfg)).all()
+    keep = [c for c in runs[True, "fedavg"].columns if c not in [*TIME_COLUMNS, "run_id"]]
+    pd.testing.assert_frame_equal(runs[True, "last_client"][keep], runs[True, "fedavg"][keep], check_exact=True)
+    assert not np.allclose(runs[False, "last_client"]["client_acc_mean"], runs[False, "fedavg"]["client_acc_mean"])
+    head_bytes = 6 * (10 * 512 + 10) * 4  # every client's head when it is aggregated
+    assert (runs[False, "fedavg"]["bytes_up"] - runs[True, "fedavg"]["bytes_up"] == head_bytes).all()
+
+
+def test_nearest_hyperprototype_prediction_changes_predictions_and_beats_chance(tmp_path):
+    """`predict: nearest_hyperprototype` scores each client's features against the hyper-prototype class centres;
+    training is unchanged (same losses and bytes), accuracy differs from the classifier's and is above chance."""
+    small = {**BASE, "rounds": 3, "local_epochs": 2}
+    clf = train(from_dict({**small, "method_params": FAST}), tmp_path / "clf", threads=1)
+    near = train(from_dict({**small, "method_params": {**FAST, "predict": "nearest_hyperprototype"}}),
+                 tmp_path / "near", threads=1)
+    pd.testing.assert_series_equal(clf["train_loss"], near["train_loss"], check_exact=True)
+    assert (clf["bytes_up"] == near["bytes_up"]).all()
+    assert not np.allclose(clf["client_acc_mean"], near["client_acc_mean"])
+    assert near["client_acc_mean"].iloc[-1] > 0.3  # chance 0.1 (ten digits)
+
 
 
 # ---- the shared head ------------------------------------------------------------------------------------
@@ -163,11 +201,13 @@ def test_fedavg_head_is_the_sample_weighted_mean(isolate):
 
 
 def test_retrained_head_replaces_the_aggregate_when_sent():
-    engine, _, seen = one_round({}, {"aggregation": "last_client"})
+    engine, result, seen = one_round({}, {"aggregation": "last_client"})
     server = engine.server
     assert torch.equal(server.head["classifier.weight"], server.meta_weight)
     assert torch.equal(server.head["classifier.bias"], server.meta_bias)
-    assert not torch.equal(server.meta_weight, seen["uploads"][-1]["head"]["classifier.weight"])
+    assert all("head" not in u for u in seen["uploads"])  # nobody reads the clients' heads: none is sent
+    trained = engine.client_states.get(result.selected[-1])["model"]["classifier.weight"]
+    assert not torch.equal(server.meta_weight.cpu(), trained)
     # round 1: the head clients received is the round-1 meta classifier (one random nn.Linear(d, C))
     assert seen["head_before"]["classifier.weight"].shape == (10, 512)
 

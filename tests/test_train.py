@@ -158,3 +158,57 @@ def test_cli_bad_config_is_one_line_error(tmp_path):
     assert out.returncode == 2
     assert out.stderr.strip().startswith("error: config key 'alpha'")
     assert "Traceback" not in out.stderr
+
+
+# ---- per-client results (clients.parquet) ------------------------------------------------------------------
+
+
+def test_personalized_run_writes_per_client_results_identically_after_resume(tmp_path):
+    """clients.parquet: every evaluated round and client, consistent with the metrics' client columns; absent
+    while the run is unfinished; bit-identical after a stop and resume; checked against config.json."""
+    import numpy as np
+
+    from fedhpro.runio import CLIENT_COLUMNS, read_client_results
+
+    cfg = from_dict({**BASE, "method": "fedproto", "eval_mode": "personalized", "num_clients": 5, "rounds": 3,
+                     "clients_per_round": 3})
+    full = train(cfg, tmp_path / "full")
+    clients = read_client_results(tmp_path / "full")
+    assert list(clients.columns) == [name for name, _ in CLIENT_COLUMNS]
+    schema = pq.read_schema(tmp_path / "full" / "clients.parquet")
+    assert [str(schema.field(n).type) for n, _ in CLIENT_COLUMNS] == ["string", "int64", "int64", "double", "int64",
+                                                                      "int64"]
+    assert len(clients) == 3 * 5 and set(clients["round"]) == {1, 2, 3}
+    assert (clients["run_id"] == cfg.config_hash()).all()
+    assert (clients["client_acc"] == clients["client_correct"] / clients["client_test_size"]).all()
+    for r, grp in clients.groupby("round"):  # the metrics' mean / std / weighted come from these rows
+        row = full[full["round"] == r].iloc[0]
+        assert row["client_acc_mean"] == pytest.approx(grp["client_acc"].mean(), abs=1e-7)  # fp32 means
+        assert row["client_acc_std"] == pytest.approx(np.std(grp["client_acc"]), abs=1e-7)
+        assert row["client_acc_weighted"] == pytest.approx(grp["client_correct"].sum() / grp["client_test_size"].sum())
+    train(cfg, tmp_path / "resumed", stop_after_round=2)
+    assert not (tmp_path / "resumed" / "clients.parquet").exists()  # unfinished: no file
+    with pytest.raises(ValueError, match="has not finished"):
+        read_client_results(tmp_path / "resumed")
+    train(cfg, tmp_path / "resumed")
+    resumed_bytes = (tmp_path / "resumed" / "clients.parquet").read_bytes()
+    assert resumed_bytes == (tmp_path / "full" / "clients.parquet").read_bytes()
+    # a file of another run is refused by the reader
+    other = from_dict({**BASE, "method": "fedproto", "eval_mode": "personalized", "num_clients": 5, "rounds": 1})
+    train(other, tmp_path / "other")
+    (tmp_path / "other" / "clients.parquet").replace(tmp_path / "full" / "clients.parquet")
+    with pytest.raises(ValueError, match="belong to another run .*config_hash"):
+        read_client_results(tmp_path / "full")
+
+
+def test_global_run_without_local_splits_writes_an_empty_per_client_file(tmp_path):
+    from fedhpro.runio import CLIENT_COLUMNS, read_client_results
+
+    cfg = from_dict({**BASE, "method": "fedavg", "rounds": 1, "num_clients": 4})
+    train(cfg, tmp_path / "r")
+    empty = read_client_results(tmp_path / "r")
+    assert empty.empty and list(empty.columns) == [name for name, _ in CLIENT_COLUMNS]
+    split = train(cfg.replace(local_test_fraction=0.2), tmp_path / "split")  # the global model on local splits
+    rows = read_client_results(tmp_path / "split")
+    assert len(rows) == 4 and rows["client_acc"].between(0, 1).all() and (rows["client_test_size"] > 0).all()
+    assert split["client_acc_mean"].isna().all()  # the metrics columns are unchanged

@@ -39,9 +39,10 @@ RandomCrop(32, padding=4) + RandomHorizontalFlip (`crop_flip`); default model `r
 
 Loader options (`load_dataset("digit_domains", root, **options)`):
   domains=("mnist", "usps", "svhn", "syn"): which domains, in this order (ids 0..k-1).
-      A requested domain with no local data is skipped with a UserWarning listing every skipped
-      domain and where it was looked for; no domain at all is a FileNotFoundError. So a run on
-      MNIST + USPS works with only those files present.
+      A requested domain with no local data is refused: a one-line FileNotFoundError names the
+      missing file(s) and where they were looked for (no domain is ever dropped silently: an
+      experiment on fewer domains says so in its config, e.g. `domains: [mnist, usps, svhn]`, and
+      its tables then have those domains' columns only).
   train_per_domain=743, test_per_domain=1860: samples kept per domain (None: all). The defaults
       are FedBN's digits setting (every domain truncated to 7,438 train / 1,860 test samples, and
       each client trains on 10% of its domain's training data = 743 samples); FPL instead gives each
@@ -424,24 +425,22 @@ def load_digit_domains(root: Path, domains=DIGIT_DOMAINS, train_per_domain: int 
         raise ValueError(f"paths: unknown domains {sorted(set(paths) - set(DOMAIN_SOURCES))}")
     train_per_domain = _check_count("train_per_domain", train_per_domain)
     test_per_domain = _check_count("test_per_domain", test_per_domain)
-    found, skipped = [], []
+    found, missing = [], []
     for name in domains:
         dirs = _domain_dirs(root, name, paths)
         files = DOMAIN_SOURCES[name].locate(dirs)
         if files is None:
-            skipped.append((name, dirs))
+            missing.append((name, dirs))
         else:
             found.append((name, dirs, files))
-    if not found:
-        raise FileNotFoundError("digit_domains: no data for any of the domains " + "; ".join(
-            f"{n} (looked in {', '.join(str(d) for d in dirs)})" for n, dirs in skipped)
-            + ". Download them (`mnist`, `usps`, `svhn`, `syndigits` or `digit_domains`) or give paths=")
-    if skipped:
-        msg = ("digit_domains: skipping domains without local data: " + ", ".join(n for n, _ in skipped)
-               + " (looked in " + "; ".join(f"{n}: {', '.join(str(d) for d in dirs)}" for n, dirs in skipped)
-               + f"); using {', '.join(n for n, _, _ in found)}")
-        warnings.warn(msg, UserWarning, stacklevel=2)
-        log.warning(msg)
+    if missing:  # never average over fewer domains than the experiment declares
+        what = "; ".join(f"domain {n}: {', '.join(r.filename for r in DOMAIN_REMOTES[n])} not found in "
+                         f"{', '.join(str(d) for d in dirs)}" for n, dirs in missing)
+        kept = [n for n, _, _ in found]
+        fix = (f"or drop it explicitly with the dataset option domains: [{', '.join(kept)}]" if kept
+               else "or give paths=")
+        raise FileNotFoundError(f"digit_domains: missing {what}. Download it (`mnist`, `usps`, `svhn`, "
+                                f"`syndigits` or `digit_domains`), {fix}")
     xs, ys, ds, txs, tys, tds = [], [], [], [], [], []
     for did, (name, dirs, files) in enumerate(found):
         options = dict(domain=name, size=32, train_per_domain=train_per_domain, test_per_domain=test_per_domain,
@@ -495,4 +494,5 @@ register(DatasetSpec(name="digit_domains", num_classes=10, loader=load_digit_dom
                      default_augment="crop_flip", domains=DIGIT_DOMAINS, downloads=downloads_for(DIGIT_DOMAINS),
                      downloads_for=_downloads_for_options, local_copies=local_copies,
                      description="digits feature shift (FPL): mnist, usps, svhn, syn at 32x32 RGB, FedBN-size "
-                                 "subsets (743 train / 1860 test per domain); missing domains are skipped"))
+                                 "subsets (743 train / 1860 test per domain); a missing domain is refused unless "
+                                 "the dataset option `domains` leaves it out"))

@@ -36,6 +36,10 @@ Follows the official code (mala-lab/FedHPro `main_run.py`, see
 
 Deliberate differences: randomness is seeded (the official DSA reseeds torch
 from the clock, quirk 8), and the model leaves out the unused `encoder`.
+Prediction (`predict`): the classifier (official), or `nearest_hyperprototype`: the class whose
+hyper-prototype centre (mean of its L2-normalised hyper-prototypes, HPCL's centre) has the largest cosine
+with the sample's feature, scores = cosine / temperature, which measures the class information of the
+hyper-prototypes themselves (either mode; for the global model or each client's extractor).
 Ablations: `hpcl`/`hpal` off, `use_margin`, `prototype_source: random` (no
 gradient matching: H stays at its N(0,1) init) or `average` (H = averaged
 client class-mean features, FedProto-style).
@@ -54,20 +58,23 @@ code keeps its meaning:
   `send_retrained_classifier: false`, since clients then train with the aggregated head but compute
   their gradients through the re-trained one, as in global mode). A client puts the head in place of
   its own classifier and trains extractor and head with CE + HPCL + HPAL against H;
-- up: its trained head and, as in global mode, per class the CE feature-gradient and CReFF's
-  classifier gradients through the head it received (its own extractor, before local training);
-- server: the heads are aggregated with `aggregation` (`last_client`: the last sampled client's head,
-  the global code's outcome; `fedavg`: the sample-weighted mean), then the CReFF federated features
-  are matched, a classifier is re-trained on them and, with `send_retrained_classifier`, replaces the
-  aggregated head; then H is matched through `matching_classifier` exactly as in global mode;
+- up: as in global mode, per class the CE feature-gradient and CReFF's classifier gradients through the
+  head it received (its own extractor, before local training), and its trained head only where the
+  server uses it (`head_is_aggregated`: not when the re-trained classifier replaces the aggregate, the
+  default, so no client uploads a head nobody reads and `aggregation` has nothing to act on there;
+  the run's `aggregation` column then says `retrained_head`);
+- server: where uploaded, the heads are aggregated with `aggregation` (`last_client`: the last sampled
+  client's head, the global code's outcome; `fedavg`: the sample-weighted mean), then the CReFF federated
+  features are matched, a classifier is re-trained on them and, with `send_retrained_classifier`, is the
+  head; then H is matched through `matching_classifier` exactly as in global mode;
 - evaluation (client accuracy on its local test split): each client's own extractor, as left by its
   last local training, with the current shared head (what every client holds after the next
   broadcast). This is HtFLlib's protocol for head-sharing methods (FedGH, LG-FedAvg: the server's
   `send_parameters` hands the global head to every client before `evaluate`), and the head the
   server trains on federated features is the point of CReFF/FedHPro; a client's locally trained head
   is discarded on the next broadcast. Clients never sampled use their initial extractor.
-  Bytes count what the sampled clients receive and send (head + H down; head + gradients up; no
-  extractor weights), as for every method; evaluating unsampled clients with the current head
+  Bytes count what the sampled clients receive and send (head + H down; gradients, and the head where
+  it is aggregated, up; no extractor weights), as for every method; evaluating unsampled clients with the current head
   assumes they receive it too (HtFLlib sends the head to all clients), which is not counted.
 """
 
@@ -89,7 +96,7 @@ MODES = ("global", "personalized")
 ENGINES = ("sequential",)
 HETEROGENEOUS_MODELS = True  # personalized mode only [recon]: local extractors, one shared classifier head
 COMMUNICATES = ("weights + hyper-prototypes (down); weights + per-class feature and classifier gradients (up); "
-                "personalized [recon]: classifier head instead of the weights")
+                "personalized [recon]: classifier head instead of the weights (up only where it is aggregated)")
 HEAD_KEYS = ("classifier.weight", "classifier.bias")  # the shared head in personalized mode
 REVISIONS = (
     "global model = the last sampled client's trained model, as the official code runs (was: FedAvg); "
@@ -136,6 +143,26 @@ class Params:
     retrain_epochs: int = param(100, "classifier re-training epochs", low=1)
     retrain_batch: int = param(50, "classifier re-training batch size", low=1)
     retrain_lr: float = param(0.01, "classifier re-training learning rate", low=0.0, low_inclusive=False)
+    predict: str = param("classifier", "prediction rule for evaluation: the classifier (official) or the nearest "
+                         "hyper-prototype class centre by cosine", choices=("classifier", "nearest_hyperprototype"))
+
+
+def head_is_aggregated(p: Params) -> bool:
+    """Personalized [recon]: whether the server reads the clients' trained heads. Not when the re-trained
+    classifier replaces the aggregate (the defaults): then no head is uploaded and `aggregation` is moot."""
+    return not (p.classifier_retraining and p.send_retrained_classifier)
+
+
+def weight_aggregation(cfg) -> str | None:
+    """The run's `aggregation` label (`fedhpro.train.weight_aggregation`): in personalized mode the shared head
+    is the re-trained classifier when it replaces the aggregate (`retrained_head`), else `<aggregation>_head`;
+    None (the default label) in global mode."""
+    if cfg.eval_mode != "personalized":
+        return None
+    from fedhpro.methods import make_params
+
+    p = make_params("fedhpro", cfg.method_params)
+    return f"{p.aggregation}_head" if head_is_aggregated(p) else "retrained_head"
 
 
 def hpcl_loss(features: torch.Tensor, labels: torch.Tensor, class_centres: torch.Tensor, temperature: float,
@@ -233,7 +260,8 @@ class Client(ClientBase):
             model.eval()
             means, _ = class_feature_means(model, self.ctx, client.x, client.y)
             out["class_means"] = means[g["classes"]]
-        if self.cfg.eval_mode == "personalized":  # [recon] the trained head travels, the extractor stays
+        if self.cfg.eval_mode == "personalized" and head_is_aggregated(self.params):
+            # [recon] the trained head travels where the server aggregates it; the extractor stays
             out["head"] = {k: v.detach().clone() for k, v in model.state_dict().items() if k in HEAD_KEYS}
         return out
 
@@ -282,7 +310,7 @@ class Server(ServerBase):
         else:
             used_w, used_b = (t.clone() for t in self.current_head())
         super().aggregate(round_idx, uploads)  # global mode: `aggregate_weights` below, last client or FedAvg
-        if self.head is not None:  # personalized: the same rule on the uploaded heads
+        if self.head is not None and head_is_aggregated(p):  # personalized: the same rule on the uploaded heads
             self.head = self.aggregate_weights([{"weights": u["head"], "num_samples": u["num_samples"]}
                                                 for u in uploads])
         if p.classifier_retraining:  # S1-S3
@@ -325,6 +353,10 @@ class Server(ServerBase):
         return super().aggregate_weights(uploads)
 
     def scores(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        p = self.params
+        if p.predict == "nearest_hyperprototype":  # cosine to each class's HPCL centre, as a logit
+            centres = F.normalize(self.prototypes.view(self.ctx.num_classes, p.prototypes_per_class, -1), dim=2)
+            return F.normalize(model.features(x), dim=1) @ centres.mean(1).T / p.temperature
         if self.head is None:
             return model(x)[1]
         # Personalized: the client's own extractor with the current shared head (HtFLlib's head-sharing protocol)
