@@ -53,6 +53,10 @@ def frame(method: str, *, variant: str = "default", eval_mode: str = "global", a
         out["proto_sep_mean_deg"] = 60.0 + rounds
         out["proto_sep_min_deg"] = 20.0 + rounds
         out["proto_consistency"] = 0.5 + 0.05 * rounds
+        out["proto_cons_centred"] = 0.3 + 0.05 * rounds
+        out["proto_margin"] = -0.1 + 0.02 * rounds
+        out["proto_nearest"] = 0.4 + 0.01 * rounds
+        out["proto_agree_nearest"] = 0.6 + 0.01 * rounds
     return out
 
 
@@ -315,12 +319,12 @@ def test_diagnostics_figure_per_setting_when_recorded(tmp_path):
                     "diagnostics_digits_dirichlet_a0.5_n10_global_auto.png"]
     setting = figures._main_rows(figures.curve_data(df, ("acc", *figures.DIAGNOSTIC_COLUMNS)))[0]
     fig = figures._diagnostics_figure(setting, list(figures.DIAGNOSTIC_COLUMNS), "x")
-    assert len({ax.get_title() for ax in fig.axes}) == 3  # three distinct panels
+    assert len({ax.get_title() for ax in fig.axes}) == len(figures.DIAGNOSTIC_COLUMNS)  # distinct panels
     for ax, text in zip(fig.axes, figures.DIAGNOSTIC_COLUMNS.values()):
         assert text.startswith(ax.get_title()) and ax.get_ylabel() and ax.get_ylabel() in text  # a y-label each
     assert set(_line_colours(fig)) == {"FedProto", "FedHPro (official code)"}  # FedAvg recorded none
     line = next(ln for ln in setting["lines"] if ln["method"] == "fedproto")
-    np.testing.assert_allclose(line["proto_consistency_mean"], 0.5 + 0.05 * np.arange(1, ROUNDS + 1))
+    np.testing.assert_allclose(line["proto_cons_centred_mean"], 0.3 + 0.05 * np.arange(1, ROUNDS + 1))
     # metrics without the columns (written before they existed): no diagnostics figure, no error
     assert figures.plot_diagnostics(frames(frame("fedavg"), frame("fedproto")), tmp_path / "none") == []
     assert "proto_consistency" not in frames(frame("fedproto")).columns
