@@ -16,8 +16,14 @@ jobs (the jobs with a ``run_config`` param):
   accounting). A run succeeds as soon as its ``metrics.parquet`` exists (even while the rest of
   its pack still runs); a job that ends without it fails the run with the job id, state and the
   tails of the run's log and the job's stderr;
-* interruption (Ctrl-C): one ``scancel`` for all jobs; after a killed Snakemake, a rerun
-  re-attaches to a job of the same run config that is still pending or running.
+* packing across hand-overs: Snakemake hands ready jobs over in batches (at most 100 per second by
+  default); the last, not yet full pack of a batch waits `HOLD_S` for the next batch, so packs follow
+  ``pack_minutes`` whatever the batches are;
+* interruption (Ctrl-C): one ``scancel`` for all jobs, and one by job name: every job of one invocation is
+  named ``fedhpro-<tag>`` (`fedhpro.launch.invocation_job_name`), which catches the job whose ``sbatch`` was in
+  flight (queued, id never seen). After a killed Snakemake, a rerun re-attaches to a job of the same run
+  config that is still pending or running, and removes the killed Snakemake's lock first (`remove_dead_lock`:
+  only the lock files that process wrote, and only when it is gone).
 
 The process never imports torch: the plugin uses only `fedhpro.launch`'s light part, and the
 workflow computes its run table in a child process (`fedhpro.runtable`).
@@ -26,10 +32,13 @@ workflow computes its run table in a child process (`fedhpro.runtable`).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
+import threading
 import time
+from pathlib import Path
 from typing import Any, AsyncGenerator, List
 
 import submitit
@@ -40,8 +49,8 @@ from snakemake_interface_executor_plugins.executors.remote import RemoteExecutor
 from snakemake_interface_executor_plugins.jobs import JobExecutorInterface
 from snakemake_interface_executor_plugins.settings import CommonSettings
 
-from fedhpro.launch import (ACTIVE_STATES, LaunchOptions, PackEntry, config_sha, failure_report, is_final, query_states,
-                            read_jobs, submit_pack, update_job)
+from fedhpro.launch import (ACTIVE_STATES, LaunchOptions, PackEntry, cancel_jobs, config_sha, failure_report,
+                            invocation_job_name, is_final, query_states, read_jobs, submit_pack, update_job)
 from fedhpro.sweep import SweepConfigError, check_config_files
 
 common_settings = CommonSettings(
@@ -54,6 +63,11 @@ common_settings = CommonSettings(
     auto_deploy_default_storage_provider=False,
     init_seconds_before_status_checks=5,
 )
+
+
+HOLD_S = 3.0  # an open pack waits this long after a hand-over for the next one (Snakemake: 100 jobs / 1 s)
+OWNER_FILE = "fedhpro-owner.json"  # in .snakemake/locks/: which process wrote which lock files
+INTERRUPTED_LINE = "interrupted: cancelled {n} SLURM job(s) of this run ({name}); rerun the same command to resume"
 
 
 class Executor(RemoteExecutor):
@@ -69,6 +83,16 @@ class Executor(RemoteExecutor):
         # submitit's folder, one per SLURM job: pickled callable, result, stdout/stderr
         self.jobs_folder = os.path.abspath(os.path.join(results, "logs", "slurm", "%j"))
         self.submitit_jobs: dict[str, Any] = {}  # job id -> submitit job (non-SLURM clusters: polled locally)
+        self.job_name = invocation_job_name()  # every job of this invocation: cancel by name on an interrupt
+        self.known_ids: set[str] = set()  # every SLURM job submitted or re-attached (active_jobs is emptied
+        # while a status check runs, so an interrupt then would see none of them)
+        self.submit_lock = threading.RLock()
+        self.open_pack: list[tuple[JobExecutorInterface, PackEntry]] = []  # waiting for the next hand-over
+        self.open_timer: threading.Timer | None = None
+        self.interrupted = False
+        timespan = getattr(getattr(self.workflow, "scheduling_settings", None), "max_jobs_per_timespan", None)
+        self.hold_s = max(HOLD_S, float(getattr(timespan, "timespan", 0) or 0) + 2.0)
+        write_lock_owner(self.workflow)
 
     # ------------------------------------------------------------------ submission
     def run_job(self, job: JobExecutorInterface) -> None:
@@ -92,9 +116,35 @@ class Executor(RemoteExecutor):
                               wildcards=tuple(sorted((k, str(v)) for k, v in dict(job.wildcards).items())))
             runs.append((job, entry))
         runs = self._reattach(runs)
-        for pack in self.options.plan_packs([((job, entry), job.wildcards.get("dataset", ""))
-                                             for job, entry in runs]):
-            self._submit(pack)
+        with self.submit_lock:
+            if self.open_timer is not None:
+                self.open_timer.cancel()
+            packs = self.options.plan_packs([((job, entry), job.wildcards.get("dataset", ""))
+                                             for job, entry in self.open_pack + runs])
+            self.open_pack = []
+            if packs and self._can_grow(packs[-1]):
+                self.open_pack = packs.pop()  # the next hand-over may fill it
+            for pack in packs:
+                self._submit(pack)
+            if self.open_pack:
+                self.open_timer = threading.Timer(self.hold_s, self._flush_open_pack)
+                self.open_timer.daemon = True
+                self.open_timer.start()
+
+    def _can_grow(self, pack: list[tuple[JobExecutorInterface, PackEntry]]) -> bool:
+        """A pack of short runs with room for one more run of its kind."""
+        if not self.options.pack_minutes:
+            return False
+        minutes = [self.options.expected_minutes(job.wildcards.get("dataset", "")) for job, _ in pack]
+        if any(m is None or m >= self.options.pack_minutes for m in minutes):
+            return False
+        return sum(minutes) + min(minutes) <= self.options.pack_minutes
+
+    def _flush_open_pack(self) -> None:
+        with self.submit_lock:
+            pack, self.open_pack, self.open_timer = self.open_pack, [], None
+            if pack and not self.interrupted:
+                self._submit(pack)
 
     def _submit(self, pack: list[tuple[JobExecutorInterface, PackEntry]]) -> None:
         entries = [entry for _, entry in pack]
@@ -105,18 +155,21 @@ class Executor(RemoteExecutor):
                     fh.write(f"submitted {time.strftime('%Y-%m-%dT%H:%M:%S')} by the fedhpro executor "
                              f"({len(entries)} run(s) in one job)\n")
         first = pack[0][0]
-        name = (f"fedhpro-pack{len(pack)}" if len(pack) > 1 else
-                f"fedhpro-{first.wildcards.get('method', 'run')}-{first.wildcards.get('variant', '')}")
+        comment = (f"fedhpro pack of {len(pack)} runs" if len(pack) > 1 else
+                   f"fedhpro {first.wildcards.get('method', 'run')}/{first.wildcards.get('variant', '')}")
         try:
-            sub = submit_pack(entries, self.options, self.jobs_folder, name)
+            sub = submit_pack(entries, self.options, self.jobs_folder, self.job_name, comment)
         except Exception as err:  # noqa: BLE001 - sbatch refused (partition, account, ...): fail these runs
+            reason = " ".join(str(err).split())[-500:]
             for job, _ in pack:
-                self.report_job_error(SubmittedJobInfo(job), msg=f"submission failed: {err}\n")
+                self.report_job_error(SubmittedJobInfo(job), msg=f"submission failed: {reason}\n")
             return
         job_id = str(sub.job_id)
         folder = str(sub.paths.folder)
         if not isinstance(sub, submitit.SlurmJob):  # e.g. submitit's local executor where srun is missing
             self.submitit_jobs[job_id] = sub
+        else:
+            self.known_ids.add(job_id)
         for job, entry in pack:
             if entry.log:
                 with open(entry.log, "a") as fh:
@@ -148,6 +201,7 @@ class Executor(RemoteExecutor):
                 to_submit.append((job, entry))
             else:
                 self.logger.info(f"re-attaching {entry.run_dir} to SLURM job {record['job_id']} ({state})")
+                self.known_ids.add(str(record["job_id"]))
                 self.report_job_submission(SubmittedJobInfo(job, external_jobid=record["job_id"], aux={
                     "entry": entry, "folder": record.get("folder", ""), "pack_size": record.get("pack_size", 1),
                     "metrics": os.path.abspath(job.output[0])}))
@@ -189,21 +243,113 @@ class Executor(RemoteExecutor):
             if state == "COMPLETED" and time.monotonic() - since < self.workflow.execution_settings.latency_wait:
                 yield info
                 continue
+            self.known_ids.discard(job_id)
             update_job(entry.run_dir, job_id, result="failed", final_state=state)
             self.report_job_error(info, msg=failure_report(job_id, state, entry, aux["folder"], aux["pack_size"])
                                   + "\n")
 
     def cancel_jobs(self, active_jobs: List[SubmittedJobInfo]) -> None:
-        ids = sorted({info.external_jobid for info in active_jobs if info.external_jobid})
+        """Snakemake interrupted (Ctrl-C): cancel every job this invocation submitted or re-attached (by id), and
+        by job name the one whose sbatch the interrupt cut off; one line says so."""
+        self.interrupted = True
+        with self.submit_lock:
+            if self.open_timer is not None:
+                self.open_timer.cancel()
+            self.open_pack = []
+        ids = sorted({info.external_jobid for info in active_jobs if info.external_jobid} | self.known_ids)
         slurm_ids = [job_id for job_id in ids if job_id not in self.submitit_jobs]
-        if slurm_ids:
-            subprocess.run(["scancel", *slurm_ids], check=False, capture_output=True)
+        by_name = cancel_jobs(slurm_ids, self.job_name)
         for job_id in ids:
             if job_id in self.submitit_jobs:
                 self.submitit_jobs[job_id].cancel(check=False)
         for info in active_jobs:
             update_job(info.aux["entry"].run_dir, info.external_jobid,
                        final_state="CANCELLED (Snakemake interrupted)")
+        print(INTERRUPTED_LINE.format(n=len(set(ids) | set(by_name)), name=self.job_name), file=sys.stderr,
+              flush=True)
+        quiet_final_workflow_error()
+
+
+def quiet_final_workflow_error() -> None:
+    """After an interrupt, Snakemake ends with ``WorkflowError: At least one job did not complete
+    successfully.``; the executor has said in one line what happened, so that record is dropped."""
+    class Drop(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return "At least one job did not complete successfully" not in str(record.getMessage())
+
+    logging.getLogger("snakemake.logging").addFilter(Drop())
+
+
+# ------------------------------------------------------------------ the lock of a killed Snakemake
+def _start_time(pid: int) -> str | None:
+    """The process's start time (clock ticks since boot), to tell a reused pid apart; None if it is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def write_lock_owner(workflow: Any) -> None:
+    """Note which lock files this Snakemake holds (name, inode, mtime) and its pid, next to them."""
+    persistence = getattr(workflow, "persistence", None)
+    lockfiles = list(getattr(persistence, "_lockfile", {}).values())
+    lockdir = getattr(persistence, "_lockdir", None)
+    if not lockfiles or not lockdir:
+        return
+    files = {}
+    for path in lockfiles:
+        try:
+            st = os.stat(path)
+        except OSError:
+            return
+        files[os.path.basename(path)] = [st.st_ino, st.st_mtime_ns]
+    owner = {"pid": os.getpid(), "start": _start_time(os.getpid()), "files": files}
+    tmp = os.path.join(lockdir, f".{OWNER_FILE}.{os.getpid()}")
+    with open(tmp, "w") as fh:
+        json.dump(owner, fh)
+    os.replace(tmp, os.path.join(lockdir, OWNER_FILE))
+
+
+def remove_dead_lock(workdir: str = ".") -> str | None:
+    """Remove the lock files of a Snakemake of this executor that was killed (its pid is gone, or is another
+    process now) and return the one line saying so; None when there is nothing to do. Never touches a lock
+    of a live Snakemake, nor lock files that process did not write (inode and mtime must match)."""
+    lockdir = os.path.join(workdir, ".snakemake", "locks")
+    path = os.path.join(lockdir, OWNER_FILE)
+    try:
+        with open(path) as fh:
+            owner = json.load(fh)
+        pid, files = int(owner["pid"]), dict(owner["files"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    start = _start_time(pid)
+    if start is not None and start == owner.get("start"):
+        return None  # it still runs: Snakemake's own lock error applies
+    for name, (ino, mtime) in files.items():
+        try:
+            st = os.stat(os.path.join(lockdir, name))
+        except OSError:
+            continue
+        if (st.st_ino, st.st_mtime_ns) != (ino, mtime):
+            return None  # someone else's lock now
+    for name in files:
+        try:
+            os.unlink(os.path.join(lockdir, name))
+        except FileNotFoundError:
+            pass
+    os.unlink(path)
+    return (f"removed the lock left by Snakemake pid {pid}, which is no longer running (killed); its SLURM jobs "
+            "still in the queue are re-attached")
+
+
+def _workdir(argv: list[str]) -> str:
+    """The working directory Snakemake will use (-d/--directory), else the current one."""
+    for k, arg in enumerate(argv[1:], 1):
+        if arg in ("-d", "--directory") and k + 1 < len(argv):
+            return argv[k + 1]
+        if arg.startswith("--directory="):
+            return arg.split("=", 1)[1]
+    return "."
 
 
 def refuse_missing_configfiles(argv: list[str]) -> None:
@@ -263,3 +409,7 @@ if "snakemake" in os.path.basename(sys.argv[0] if sys.argv else "") or (
         sys.argv and sys.argv[0].endswith(os.path.join("snakemake", "__main__.py"))):
     sys.excepthook = quiet_interrupt_hook()
     refuse_missing_configfiles(sys.argv)
+    if "--unlock" not in sys.argv:
+        _removed = remove_dead_lock(_workdir(sys.argv))
+        if _removed:
+            print(_removed, file=sys.stderr)

@@ -10,9 +10,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from fedhpro.launch import LaunchOptions
 from fedhpro.sweep import SweepConfigError, check_slurm
+from test_pipeline import copy_workflow
 
 REPO = Path(__file__).resolve().parents[1]
 INSTALL = REPO / "scripts" / "install-profile.sh"
@@ -44,6 +46,39 @@ def test_install_profile_installs_updates_and_never_clobbers_a_users_profile(tmp
     assert sorted(p.name for p in theirs.iterdir()) == ["config.yaml"]
 
 
+def test_install_profile_keeps_a_users_edits_and_names_a_dangling_symlink(tmp_path):
+    home = tmp_path / "config"
+    dest = home / "snakemake" / "slurm"
+    shipped = (REPO / "profiles" / "slurm" / "config.yaml").read_text()
+    assert _install(home).returncode == 0
+    (dest / "config.yaml").write_text(shipped.replace("jobs: 1000", "jobs: 50"))  # the user's edit
+    (dest / ".fedhpro-profile").write_text((dest / ".fedhpro-profile").read_text().replace("sha256 ", "sha256 0"))
+    proc = _install(home)  # the marker's checksum no longer matches the file: edited since the install
+    assert proc.returncode == 0, proc.stderr
+    (backup,) = dest.glob("config.yaml.edited-*")
+    assert "jobs: 50" in backup.read_text() and (dest / "config.yaml").read_text() == shipped
+    assert f"had been edited: kept as {backup}" in proc.stderr.splitlines()[0], proc.stderr
+    # an unedited copy of ours that is out of date: updated, no backup
+    (dest / "config.yaml").write_text("executor: fedhpro\n")
+    marker = (dest / ".fedhpro-profile").read_text()
+    import hashlib
+
+    (dest / ".fedhpro-profile").write_text(marker.split("sha256 ")[0] + "sha256 "
+                                           + hashlib.sha256(b"executor: fedhpro\n").hexdigest() + "\n")
+    proc = _install(home)
+    assert proc.returncode == 0 and "edited" not in proc.stderr, proc.stderr
+    assert len(list(dest.glob("config.yaml.edited-*"))) == 1 and (dest / "config.yaml").read_text() == shipped
+
+    broken = tmp_path / "broken" / "snakemake"
+    broken.mkdir(parents=True)
+    (broken / "slurm").symlink_to(tmp_path / "nowhere")
+    proc = _install(tmp_path / "broken")
+    assert proc.returncode == 3
+    assert proc.stderr.count("\n") == 1 and "symlink to" in proc.stderr and "does not exist" in proc.stderr, \
+        proc.stderr
+    assert (broken / "slurm").is_symlink() and not (tmp_path / "nowhere").exists()
+
+
 def test_profile_slurm_dry_run_as_typed_without_torch_in_snakemake(tmp_path):
     """`snakemake --profile slurm -n` from the checkout after the install; the Snakemake process
     (which stays on the login node for the whole sweep) never imports torch."""
@@ -56,7 +91,9 @@ def test_profile_slurm_dry_run_as_typed_without_torch_in_snakemake(tmp_path):
             "from snakemake.cli import main\nmain()\n")
     env = {**os.environ, "XDG_CONFIG_HOME": str(tmp_path / "config"),
            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    proc = subprocess.run([str(PYTHON if PYTHON.exists() else sys.executable), "-c", code], cwd=REPO, env=env,
+    # a copy of the checkout's workflow: the checkout's own results/ (e.g. the pipeline's) must not matter
+    wf = copy_workflow(tmp_path, yaml.safe_load((REPO / "config" / "config.yaml").read_text()))
+    proc = subprocess.run([str(PYTHON if PYTHON.exists() else sys.executable), "-c", code], cwd=wf, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "rule train" in proc.stdout + proc.stderr  # it planned the training runs
