@@ -83,6 +83,11 @@ class Executor(RemoteExecutor):
         # submitit's folder, one per SLURM job: pickled callable, result, stdout/stderr
         self.jobs_folder = os.path.abspath(os.path.join(results, "logs", "slurm", "%j"))
         self.submitit_jobs: dict[str, Any] = {}  # job id -> submitit job (non-SLURM clusters: polled locally)
+        timespan = getattr(getattr(self.workflow, "scheduling_settings", None), "max_jobs_per_timespan", None)
+        self.init_submission_state(max(HOLD_S, float(getattr(timespan, "timespan", 0) or 0) + 2.0))
+        write_lock_owner(self.workflow)
+
+    def init_submission_state(self, hold_s: float) -> None:
         self.job_name = invocation_job_name()  # every job of this invocation: cancel by name on an interrupt
         self.known_ids: set[str] = set()  # every SLURM job submitted or re-attached (active_jobs is emptied
         # while a status check runs, so an interrupt then would see none of them)
@@ -90,9 +95,7 @@ class Executor(RemoteExecutor):
         self.open_pack: list[tuple[JobExecutorInterface, PackEntry]] = []  # waiting for the next hand-over
         self.open_timer: threading.Timer | None = None
         self.interrupted = False
-        timespan = getattr(getattr(self.workflow, "scheduling_settings", None), "max_jobs_per_timespan", None)
-        self.hold_s = max(HOLD_S, float(getattr(timespan, "timespan", 0) or 0) + 2.0)
-        write_lock_owner(self.workflow)
+        self.hold_s = hold_s
 
     # ------------------------------------------------------------------ submission
     def run_job(self, job: JobExecutorInterface) -> None:
