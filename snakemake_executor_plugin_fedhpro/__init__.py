@@ -22,8 +22,8 @@ jobs (the jobs with a ``run_config`` param):
 * interruption (Ctrl-C): one ``scancel`` for all jobs, and one by job name: every job of one invocation is
   named ``fedhpro-<tag>`` (`fedhpro.launch.invocation_job_name`), which catches the job whose ``sbatch`` was in
   flight (queued, id never seen). After a killed Snakemake, a rerun re-attaches to a job of the same run
-  config that is still pending or running, and removes the killed Snakemake's lock first (`remove_dead_lock`:
-  only the lock files that process wrote, and only when it is gone).
+  config that is still pending or running; the killed Snakemake's lock is removed first
+  (`fedhpro.snakelock.remove_dead_lock`: only the lock files that process wrote, and only when it is gone).
 
 The process never imports torch: the plugin uses only `fedhpro.launch`'s light part, and the
 workflow computes its run table in a child process (`fedhpro.runtable`).
@@ -38,7 +38,6 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 from typing import Any, AsyncGenerator, List
 
 import submitit
@@ -51,6 +50,7 @@ from snakemake_interface_executor_plugins.settings import CommonSettings
 
 from fedhpro.launch import (ACTIVE_STATES, LaunchOptions, PackEntry, cancel_jobs, config_sha, failure_report,
                             invocation_job_name, is_final, query_states, read_jobs, submit_pack, update_job)
+from fedhpro.snakelock import remove_dead_lock
 from fedhpro.sweep import SweepConfigError, check_config_files
 
 common_settings = CommonSettings(
@@ -66,7 +66,6 @@ common_settings = CommonSettings(
 
 
 HOLD_S = 3.0  # an open pack waits this long after a hand-over for the next one (Snakemake: 100 jobs / 1 s)
-OWNER_FILE = "fedhpro-owner.json"  # in .snakemake/locks/: which process wrote which lock files
 INTERRUPTED_LINE = "interrupted: cancelled {n} SLURM job(s) of this run ({name}); rerun the same command to resume"
 
 
@@ -85,7 +84,6 @@ class Executor(RemoteExecutor):
         self.submitit_jobs: dict[str, Any] = {}  # job id -> submitit job (non-SLURM clusters: polled locally)
         timespan = getattr(getattr(self.workflow, "scheduling_settings", None), "max_jobs_per_timespan", None)
         self.init_submission_state(max(HOLD_S, float(getattr(timespan, "timespan", 0) or 0) + 2.0))
-        write_lock_owner(self.workflow)
 
     def init_submission_state(self, hold_s: float) -> None:
         self.job_name = invocation_job_name()  # every job of this invocation: cancel by name on an interrupt
@@ -281,68 +279,6 @@ def quiet_final_workflow_error() -> None:
             return "At least one job did not complete successfully" not in str(record.getMessage())
 
     logging.getLogger("snakemake.logging").addFilter(Drop())
-
-
-# ------------------------------------------------------------------ the lock of a killed Snakemake
-def _start_time(pid: int) -> str | None:
-    """The process's start time (clock ticks since boot), to tell a reused pid apart; None if it is gone."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
-
-
-def write_lock_owner(workflow: Any) -> None:
-    """Note which lock files this Snakemake holds (name, inode, mtime) and its pid, next to them."""
-    persistence = getattr(workflow, "persistence", None)
-    lockfiles = list(getattr(persistence, "_lockfile", {}).values())
-    lockdir = getattr(persistence, "_lockdir", None)
-    if not lockfiles or not lockdir:
-        return
-    files = {}
-    for path in lockfiles:
-        try:
-            st = os.stat(path)
-        except OSError:
-            return
-        files[os.path.basename(path)] = [st.st_ino, st.st_mtime_ns]
-    owner = {"pid": os.getpid(), "start": _start_time(os.getpid()), "files": files}
-    tmp = os.path.join(lockdir, f".{OWNER_FILE}.{os.getpid()}")
-    with open(tmp, "w") as fh:
-        json.dump(owner, fh)
-    os.replace(tmp, os.path.join(lockdir, OWNER_FILE))
-
-
-def remove_dead_lock(workdir: str = ".") -> str | None:
-    """Remove the lock files of a Snakemake of this executor that was killed (its pid is gone, or is another
-    process now) and return the one line saying so; None when there is nothing to do. Never touches a lock
-    of a live Snakemake, nor lock files that process did not write (inode and mtime must match)."""
-    lockdir = os.path.join(workdir, ".snakemake", "locks")
-    path = os.path.join(lockdir, OWNER_FILE)
-    try:
-        with open(path) as fh:
-            owner = json.load(fh)
-        pid, files = int(owner["pid"]), dict(owner["files"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    start = _start_time(pid)
-    if start is not None and start == owner.get("start"):
-        return None  # it still runs: Snakemake's own lock error applies
-    for name, (ino, mtime) in files.items():
-        try:
-            st = os.stat(os.path.join(lockdir, name))
-        except OSError:
-            continue
-        if (st.st_ino, st.st_mtime_ns) != (ino, mtime):
-            return None  # someone else's lock now
-    for name in files:
-        try:
-            os.unlink(os.path.join(lockdir, name))
-        except FileNotFoundError:
-            pass
-    os.unlink(path)
-    return (f"removed the lock left by Snakemake pid {pid}, which is no longer running (killed); its SLURM jobs "
-            "still in the queue are re-attached")
 
 
 def _workdir(argv: list[str]) -> str:

@@ -180,7 +180,7 @@ def test_a_killed_snakemakes_lock_is_removed_only_when_it_is_gone(tmp_path):
     import json
     import signal
 
-    from snakemake_executor_plugin_fedhpro import OWNER_FILE, _start_time, remove_dead_lock
+    from fedhpro.snakelock import OWNER_FILE, _start_time, remove_dead_lock
 
     locks = tmp_path / ".snakemake" / "locks"
 
