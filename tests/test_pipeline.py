@@ -598,3 +598,32 @@ def test_ctrl_c_while_snakemake_imports_its_own_modules_is_one_line(tmp_path):
     other.chmod(0o755)
     proc = subprocess.run([str(other)], capture_output=True, text=True, timeout=60)
     assert "Traceback" in proc.stderr and "KeyboardInterrupt" in proc.stderr  # other programs: untouched
+
+
+@pytest.mark.slow
+def test_the_same_command_after_a_killed_snakemake_removes_its_lock_in_one_line(tmp_path):
+    """Was "Directory cannot be locked" until `snakemake --unlock`. The lock of a live Snakemake stays."""
+    import os
+    import signal
+    import time
+
+    wf = copy_workflow(tmp_path, tiny_workflow_config(defaults={"rounds": 500, "num_clients": 2, "device": "cpu"}))
+    proc = interruptible_snakemake(wf, "--cores", "1")
+    owner = wf / ".snakemake" / "locks" / "fedhpro-owner.json"
+    deadline = time.monotonic() + 300
+    while not (owner.exists() and any((wf / "results" / "runs").glob("**/checkpoint.pt"))):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0][-3000:]
+        time.sleep(0.1)
+    partition = next((wf / "results" / "partitions").glob("**/partition.npz")).relative_to(wf)
+    os.killpg(proc.pid, signal.SIGSTOP)  # alive: its lock is its own
+    try:
+        live = smk(wf, "--cores", "1", "--force", str(partition))
+        assert live.returncode != 0 and "Directory cannot be locked" in live.stdout + live.stderr
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate(timeout=60)
+    again = smk(wf, "--cores", "1", "--force", str(partition))  # the same command, after the kill
+    text = again.stdout + again.stderr
+    assert again.returncode == 0, text[-3000:]
+    assert re.search(rf"^removed the lock left by Snakemake pid {proc.pid}, which is no longer running", text, re.M), \
+        text[-3000:]
