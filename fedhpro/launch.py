@@ -521,9 +521,14 @@ def interruption_cause(time_left_s: float | None, signal_delay_s: float) -> str:
     left = slurm_time_left_s() if time_left_s is None else time_left_s
     if left is None:
         return "SIGUSR2 (preempted or near its time limit)"
-    if left <= signal_delay_s + 60:
+    if _near_time_limit(left, signal_delay_s):
         return f"near its time limit ({left:.0f} s left, SIGUSR2)"
     return f"preempted ({left / 60:.0f} min before its time limit, SIGUSR2)"
+
+
+def _near_time_limit(time_left_s: float, signal_delay_s: float) -> bool:
+    # SLURM signals `signal_delay_s` before the end; a minute of slack for a slow signal handler
+    return time_left_s <= signal_delay_s + 60
 
 
 def _name_preemptions_correctly(signal_delay_s: float) -> None:
@@ -541,7 +546,7 @@ def _name_preemptions_correctly(signal_delay_s: float) -> None:
         left = slurm_time_left_s()
         if left is None:
             return guess(self)
-        return "time limit" in interruption_cause(left, signal_delay_s)
+        return _near_time_limit(left, signal_delay_s)
 
     handler.has_timed_out = has_timed_out
     handler._fedhpro_patched = True

@@ -225,6 +225,8 @@ class Executor(RemoteExecutor):
             entry: PackEntry = aux["entry"]
             if os.path.exists(aux["metrics"]):
                 state = states.get(job_id, "")
+                if is_final(state):
+                    self.known_ids.discard(job_id)
                 update_job(entry.run_dir, job_id, result="ok", **({"final_state": state} if is_final(state) else {}))
                 self.report_job_success(info)
                 continue

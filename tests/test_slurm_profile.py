@@ -212,7 +212,7 @@ def test_a_killed_snakemakes_lock_is_removed_only_when_it_is_gone(tmp_path):
         live.wait()
 
 
-def test_a_failed_run_is_one_line_naming_job_error_and_logs(tmp_path):
+def test_a_failed_run_is_one_line_naming_job_error_and_logs(tmp_path, monkeypatch):
     from fedhpro.launch import RUN_ERROR_PREFIX, PackEntry, failure_report, interruption_cause
 
     log = tmp_path / "run.log"
@@ -231,6 +231,17 @@ def test_a_failed_run_is_one_line_naming_job_error_and_logs(tmp_path):
     # SIGUSR2 is a preemption unless the time limit is near (submitit called every one of a short job "timed-out")
     assert interruption_cause(8 * 60, 90).startswith("preempted")
     assert interruption_cause(80, 90).startswith("near its time limit")
+    from submitit.core.job_environment import SignalHandler
+
+    from fedhpro import launch
+
+    # what submitit asks in the job when SIGUSR2 arrives (it decides the word and the requeue budget)
+    monkeypatch.setattr(SignalHandler, "has_timed_out", SignalHandler.has_timed_out)  # restored afterwards
+    monkeypatch.setattr(SignalHandler, "_fedhpro_patched", False, raising=False)
+    launch._name_preemptions_correctly(90)
+    for left, timed_out in ((8 * 60, False), (80, True)):
+        monkeypatch.setattr(launch, "slurm_time_left_s", lambda job_id=None, left=left: left)
+        assert SignalHandler.has_timed_out(object()) is timed_out
 
 
 def test_an_interrupt_cancels_by_id_and_by_the_invocations_job_name(tmp_path, monkeypatch):
