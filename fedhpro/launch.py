@@ -48,7 +48,7 @@ from fedhpro.sweep import SLURM_DEFAULTS, check_slurm
 
 __all__ = ["LaunchOptions", "LaunchError", "Trainer", "RunPack", "PackEntry", "launch", "clear_stale_run", "read_jobs",
            "record_job", "update_job", "config_sha", "submit_pack", "query_states", "is_final",
-           "failure_report", "JOBS_FILE"]
+           "failure_report", "interruption_cause", "cancel_jobs", "invocation_job_name", "JOBS_FILE"]
 
 JOBS_FILE = "slurm_jobs.json"
 SUBMITIT_DIR = "slurm"
@@ -454,14 +454,17 @@ class RunPack(submitit.helpers.Checkpointable):
     its traceback goes to its log, and the job fails at the end naming it.
     """
 
-    def __init__(self, entries: list[PackEntry], threads: int | None = None, runs_per_gpu: int = 1) -> None:
+    def __init__(self, entries: list[PackEntry], threads: int | None = None,
+                 signal_delay_s: float | None = None, *, runs_per_gpu: int = 1) -> None:
         self.entries = list(entries)
         self.threads = threads
+        self.signal_delay_s = signal_delay_s  # SIGUSR2 this long before the time limit (slurm.signal_delay_s)
         self.runs_per_gpu = max(1, int(runs_per_gpu))
 
     def __call__(self) -> list[str]:
         from fedhpro.runio import METRICS
 
+        _name_preemptions_correctly(self._delay())
         todo = [e for e in self.entries if not (Path(e.run_dir) / METRICS).exists()]
         n = getattr(self, "runs_per_gpu", 1)  # (a job pickled before the option existed has none)
         if n == 1:
@@ -473,8 +476,15 @@ class RunPack(submitit.helpers.Checkpointable):
         return [str(Path(entry.run_dir) / METRICS) for entry in self.entries]
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
-        print(f"checkpoint requested: requeueing {len(self.entries)} runs (finished ones are skipped)", flush=True)
-        return submitit.helpers.DelayedSubmission(RunPack(self.entries, self.threads, getattr(self, "runs_per_gpu", 1)))
+        print(f"SLURM job {os.environ.get('SLURM_JOB_ID')}: {interruption_cause(None, self._delay())}: requeueing "
+              f"{len(self.entries)} runs (finished ones are skipped, the interrupted one resumes from its checkpoint)",
+              flush=True)
+        return submitit.helpers.DelayedSubmission(RunPack(self.entries, self.threads, self._delay(),
+                                                          runs_per_gpu=getattr(self, "runs_per_gpu", 1)))
+
+    def _delay(self) -> float:
+        delay = getattr(self, "signal_delay_s", None)  # packs pickled before the attribute existed
+        return float(SLURM_DEFAULTS["signal_delay_s"] if delay is None else delay)
 
 
 def run_entry(entry: PackEntry, threads: int | None, memory_fraction: float | None = None) -> str | None:
@@ -499,7 +509,9 @@ def run_entry(entry: PackEntry, threads: int | None, memory_fraction: float | No
             import traceback
 
             traceback.print_exc()
-            return f"{entry.run_dir}: {type(err).__name__}: {err}"
+            reason = " ".join(f"{type(err).__name__}: {err}".split())
+            print(f"{RUN_ERROR_PREFIX}{reason}", flush=True)  # the line the executor's report quotes
+            return f"{entry.run_dir}: {reason}"
         finally:
             log.flush()
     return None
@@ -519,6 +531,59 @@ def run_entries_concurrently(entries: list[PackEntry], threads: int | None, runs
     return [f for f in results if f]
 
 
+def slurm_time_left_s(job_id: str | None = None) -> float | None:
+    """Seconds until the SLURM job's end time (its time limit), from squeue; None if unknown."""
+    import datetime
+
+    job_id = job_id or os.environ.get("SLURM_JOB_ID")
+    if not job_id:
+        return None
+    try:
+        out = subprocess.run(["squeue", "-h", "-j", str(job_id), "-o", "%e"], capture_output=True, text=True,
+                             timeout=30)
+        end = datetime.datetime.fromisoformat(out.stdout.strip())
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return None
+    return (end - datetime.datetime.now()).total_seconds()
+
+
+def interruption_cause(time_left_s: float | None, signal_delay_s: float) -> str:
+    """Why a job got SIGUSR2: its time limit is near (SLURM sends it `signal_delay_s` before the end) or it
+    was preempted (or signalled by hand, e.g. ``scancel --signal=USR2``)."""
+    left = slurm_time_left_s() if time_left_s is None else time_left_s
+    if left is None:
+        return "SIGUSR2 (preempted or near its time limit)"
+    if _near_time_limit(left, signal_delay_s):
+        return f"near its time limit ({left:.0f} s left, SIGUSR2)"
+    return f"preempted ({left / 60:.0f} min before its time limit, SIGUSR2)"
+
+
+def _near_time_limit(time_left_s: float, signal_delay_s: float) -> bool:
+    # SLURM signals `signal_delay_s` before the end; a minute of slack for a slow signal handler
+    return time_left_s <= signal_delay_s + 60
+
+
+def _name_preemptions_correctly(signal_delay_s: float) -> None:
+    """submitit guesses "timed-out" vs "preempted" from the wall time alone (80% of the limit, or the limit
+    minus 10 min): every SIGUSR2 of a job with a limit under 10 min is "timed-out", and each one spends one
+    of its `max_num_timeout` requeues. Ask SLURM how much time is left instead."""
+    from submitit.core import job_environment
+
+    handler = job_environment.SignalHandler
+    if getattr(handler, "_fedhpro_patched", False):
+        return
+    guess = handler.has_timed_out
+
+    def has_timed_out(self: Any) -> bool:
+        left = slurm_time_left_s()
+        if left is None:
+            return guess(self)
+        return _near_time_limit(left, signal_delay_s)
+
+    handler.has_timed_out = has_timed_out
+    handler._fedhpro_patched = True
+
+
 @contextlib.contextmanager
 def _run_log(path: str | None):
     """stdout and stderr appended to the run's log file (a no-op when it has none)."""
@@ -530,16 +595,64 @@ def _run_log(path: str | None):
         yield log
 
 
-def submit_pack(entries: list[PackEntry], options: LaunchOptions, folder: str | Path, name: str) -> Any:
-    """Submit the runs as one job (submitit, one sbatch); record its id in every run's slurm_jobs.json."""
+def submit_pack(entries: list[PackEntry], options: LaunchOptions, folder: str | Path, name: str,
+                comment: str | None = None) -> Any:
+    """Submit the runs as one job (submitit, one sbatch); record its id in every run's slurm_jobs.json.
+
+    name: the SLURM job name. The executor gives every job of one Snakemake invocation the same name
+    (`invocation_job_name`), so that an interrupt can cancel by name the job whose sbatch was in flight
+    (its id never reached us). comment: what the job holds (shown by ``squeue -o %k``)."""
     executor = _executor(Path(folder), name, options)
-    job = executor.submit(RunPack(entries, options.cpus, options.runs_per_gpu))
+    if comment:
+        executor.update_parameters(slurm_comment=comment)
+    job = executor.submit(RunPack(entries, options.cpus, options.signal_delay_s, runs_per_gpu=options.runs_per_gpu))
     submitted = time.strftime("%Y-%m-%dT%H:%M:%S")
     for entry in entries:
         record_job(entry.run_dir, {"job_id": str(job.job_id), "cluster": executor.cluster, "submitted": submitted,
                                    "config_sha": config_sha(entry.config_json),
                                    "folder": str(job.paths.folder), "pack_size": len(entries)})
     return job
+
+
+def invocation_job_name() -> str:
+    """The SLURM job name of every job one Snakemake invocation submits: ``fedhpro-`` and a random tag.
+    An interrupt cancels by this name too (`cancel_jobs`), which catches a job whose sbatch was in flight:
+    SLURM queued it, but its id never reached the executor (nor any run's slurm_jobs.json)."""
+    return f"fedhpro-{os.urandom(4).hex()}"
+
+
+def _user() -> str:
+    import getpass
+
+    return getpass.getuser()
+
+
+def _squeue_ids(name: str) -> list[str]:
+    try:
+        out = subprocess.run(["squeue", "-h", "--user", _user(), "--name", name, "-o", "%i"], capture_output=True,
+                             text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return out.stdout.split() if out.returncode == 0 else []
+
+
+def cancel_jobs(job_ids: list[str], name: str | None = None, settle_s: float = 1.0) -> list[str]:
+    """Cancel the jobs by id and, with `name`, every job of this user with that job name (one scancel each).
+    An sbatch cut off by the interrupt may have reached the controller a moment before it died: after
+    `settle_s` the queue is asked once more for jobs of that name. Returns the ids seen by name."""
+    if shutil.which("scancel") is None:
+        return []  # not a SLURM host (submitit's local executor): nothing queued
+    if job_ids:
+        subprocess.run(["scancel", *sorted(set(job_ids))], check=False, capture_output=True, timeout=120)
+    if not name:
+        return []
+    seen = _squeue_ids(name)
+    subprocess.run(["scancel", "--user", _user(), "--name", name], check=False, capture_output=True, timeout=120)
+    time.sleep(settle_s)
+    late = _squeue_ids(name)
+    if late:
+        subprocess.run(["scancel", *late], check=False, capture_output=True, timeout=120)
+    return sorted(set(seen) | set(late))
 
 
 def config_sha(config_json: str) -> str:
@@ -588,18 +701,34 @@ def is_final(state: str) -> bool:
 
 
 def failure_report(job_id: str, state: str, entry: PackEntry, folder: str | Path, pack_size: int = 1) -> str:
-    """The error text of a run whose job ended without its metrics: job id, state and the log tails."""
+    """One line for a run whose job ended without its metrics: the job id and state, the run's error (the
+    last line the run wrote to its log, `RUN_ERROR_PREFIX`) and where the detail is (run log, job logs)."""
     folder = Path(folder)
-    stderr = folder / f"{job_id}_0_log.err"
-    stdout = folder / f"{job_id}_0_log.out"
-    parts = [f"SLURM job {job_id} ({state}{f', {pack_size} runs packed' if pack_size > 1 else ''}) ended "
-             f"without finishing run {entry.run_dir}"]
-    if entry.log:
-        parts.append(f"--- run log tail ({entry.log}) ---\n{_tail(_read(entry.log))}")
-    parts.append(f"--- job stderr tail ({stderr}) ---\n{_tail(_read(stderr))}")
-    if not entry.log:
-        parts.append(f"--- job stdout tail ({stdout}) ---\n{_tail(_read(stdout))}")
-    return "\n".join(parts)
+    reason = _run_error(entry.log) or _job_error(folder / f"{job_id}_0_log.err") or _STATE_REASONS.get(
+        state, "no error recorded by the run")
+    where = f"run log: {entry.log}; job logs: {folder}" if entry.log else f"job logs: {folder}"
+    packed = f", {pack_size} runs packed" if pack_size > 1 else ""
+    return f"run {entry.run_dir} failed in SLURM job {job_id} ({state}{packed}): {reason} ({where})"
+
+
+RUN_ERROR_PREFIX = "run failed: "
+_STATE_REASONS = {"TIMEOUT": "the job hit its time limit (slurm.time_min) and was not requeued",
+                  "OUT_OF_MEMORY": "the job ran out of memory (slurm.mem_gb)",
+                  "CANCELLED": "the job was cancelled", "NODE_FAIL": "its node failed",
+                  "GONE": "the job left the queue without a result", "PREEMPTED": "the job was preempted"}
+
+
+def _run_error(log: str | None) -> str | None:
+    lines = [line for line in (_read(log) or "").splitlines() if line.startswith(RUN_ERROR_PREFIX)] if log else []
+    return lines[-1][len(RUN_ERROR_PREFIX):] if lines else None
+
+
+def _job_error(stderr: Path) -> str | None:
+    """The last exception line of the job's stderr (submitit's traceback of a job that failed before or
+    outside its runs, e.g. an import error on the node)."""
+    lines = [line.strip() for line in (_read(stderr) or "").splitlines()
+             if line[:1].isalpha() and ("Error" in line.split(":", 1)[0] or "Exception" in line.split(":", 1)[0])]
+    return " ".join(lines[-1].split())[:300] if lines else None
 
 
 def _read(path: str | Path) -> str | None:

@@ -16,8 +16,14 @@ jobs (the jobs with a ``run_config`` param):
   accounting). A run succeeds as soon as its ``metrics.parquet`` exists (even while the rest of
   its pack still runs); a job that ends without it fails the run with the job id, state and the
   tails of the run's log and the job's stderr;
-* interruption (Ctrl-C): one ``scancel`` for all jobs; after a killed Snakemake, a rerun
-  re-attaches to a job of the same run config that is still pending or running.
+* packing across hand-overs: Snakemake hands ready jobs over in batches (at most 100 per second by
+  default); the last, not yet full pack of a batch waits `HOLD_S` for the next batch, so packs follow
+  ``pack_minutes`` whatever the batches are;
+* interruption (Ctrl-C): one ``scancel`` for all jobs, and one by job name: every job of one invocation is
+  named ``fedhpro-<tag>`` (`fedhpro.launch.invocation_job_name`), which catches the job whose ``sbatch`` was in
+  flight (queued, id never seen). After a killed Snakemake, a rerun re-attaches to a job of the same run
+  config that is still pending or running; the killed Snakemake's lock is removed first
+  (`fedhpro.snakelock.remove_dead_lock`: only the lock files that process wrote, and only when it is gone).
 
 The process never imports torch: the plugin uses only `fedhpro.launch`'s light part, and the
 workflow computes its run table in a child process (`fedhpro.runtable`).
@@ -26,9 +32,11 @@ workflow computes its run table in a child process (`fedhpro.runtable`).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
+import threading
 import time
 from typing import Any, AsyncGenerator, List
 
@@ -40,8 +48,9 @@ from snakemake_interface_executor_plugins.executors.remote import RemoteExecutor
 from snakemake_interface_executor_plugins.jobs import JobExecutorInterface
 from snakemake_interface_executor_plugins.settings import CommonSettings
 
-from fedhpro.launch import (ACTIVE_STATES, LaunchOptions, PackEntry, config_sha, failure_report, is_final, query_states,
-                            read_jobs, submit_pack, update_job)
+from fedhpro.launch import (ACTIVE_STATES, LaunchOptions, PackEntry, cancel_jobs, config_sha, failure_report,
+                            invocation_job_name, is_final, query_states, read_jobs, submit_pack, update_job)
+from fedhpro.snakelock import remove_dead_lock
 from fedhpro.sweep import SweepConfigError, check_config_files
 
 common_settings = CommonSettings(
@@ -54,6 +63,10 @@ common_settings = CommonSettings(
     auto_deploy_default_storage_provider=False,
     init_seconds_before_status_checks=5,
 )
+
+
+HOLD_S = 3.0  # an open pack waits this long after a hand-over for the next one (Snakemake: 100 jobs / 1 s)
+INTERRUPTED_LINE = "interrupted: cancelled {n} SLURM job(s) of this run ({name}); rerun the same command to resume"
 
 
 class Executor(RemoteExecutor):
@@ -69,6 +82,18 @@ class Executor(RemoteExecutor):
         # submitit's folder, one per SLURM job: pickled callable, result, stdout/stderr
         self.jobs_folder = os.path.abspath(os.path.join(results, "logs", "slurm", "%j"))
         self.submitit_jobs: dict[str, Any] = {}  # job id -> submitit job (non-SLURM clusters: polled locally)
+        timespan = getattr(getattr(self.workflow, "scheduling_settings", None), "max_jobs_per_timespan", None)
+        self.init_submission_state(max(HOLD_S, float(getattr(timespan, "timespan", 0) or 0) + 2.0))
+
+    def init_submission_state(self, hold_s: float) -> None:
+        self.job_name = invocation_job_name()  # every job of this invocation: cancel by name on an interrupt
+        self.known_ids: set[str] = set()  # every SLURM job submitted or re-attached (active_jobs is emptied
+        # while a status check runs, so an interrupt then would see none of them)
+        self.submit_lock = threading.RLock()
+        self.open_pack: list[tuple[JobExecutorInterface, PackEntry]] = []  # waiting for the next hand-over
+        self.open_timer: threading.Timer | None = None
+        self.interrupted = False
+        self.hold_s = hold_s
 
     # ------------------------------------------------------------------ submission
     def run_job(self, job: JobExecutorInterface) -> None:
@@ -92,9 +117,35 @@ class Executor(RemoteExecutor):
                               wildcards=tuple(sorted((k, str(v)) for k, v in dict(job.wildcards).items())))
             runs.append((job, entry))
         runs = self._reattach(runs)
-        for pack in self.options.plan_packs([((job, entry), job.wildcards.get("dataset", ""))
-                                             for job, entry in runs]):
-            self._submit(pack)
+        with self.submit_lock:
+            if self.open_timer is not None:
+                self.open_timer.cancel()
+            packs = self.options.plan_packs([((job, entry), job.wildcards.get("dataset", ""))
+                                             for job, entry in self.open_pack + runs])
+            self.open_pack = []
+            if packs and self._can_grow(packs[-1]):
+                self.open_pack = packs.pop()  # the next hand-over may fill it
+            for pack in packs:
+                self._submit(pack)
+            if self.open_pack:
+                self.open_timer = threading.Timer(self.hold_s, self._flush_open_pack)
+                self.open_timer.daemon = True
+                self.open_timer.start()
+
+    def _can_grow(self, pack: list[tuple[JobExecutorInterface, PackEntry]]) -> bool:
+        """A pack of short runs with room for one more run of its kind."""
+        if not self.options.pack_minutes:
+            return False
+        minutes = [self.options.expected_minutes(job.wildcards.get("dataset", "")) for job, _ in pack]
+        if any(m is None or m >= self.options.pack_minutes for m in minutes):
+            return False
+        return sum(minutes) + min(minutes) <= self.options.pack_minutes
+
+    def _flush_open_pack(self) -> None:
+        with self.submit_lock:
+            pack, self.open_pack, self.open_timer = self.open_pack, [], None
+            if pack and not self.interrupted:
+                self._submit(pack)
 
     def _submit(self, pack: list[tuple[JobExecutorInterface, PackEntry]]) -> None:
         entries = [entry for _, entry in pack]
@@ -105,18 +156,21 @@ class Executor(RemoteExecutor):
                     fh.write(f"submitted {time.strftime('%Y-%m-%dT%H:%M:%S')} by the fedhpro executor "
                              f"({len(entries)} run(s) in one job)\n")
         first = pack[0][0]
-        name = (f"fedhpro-pack{len(pack)}" if len(pack) > 1 else
-                f"fedhpro-{first.wildcards.get('method', 'run')}-{first.wildcards.get('variant', '')}")
+        comment = (f"fedhpro pack of {len(pack)} runs" if len(pack) > 1 else
+                   f"fedhpro {first.wildcards.get('method', 'run')}/{first.wildcards.get('variant', '')}")
         try:
-            sub = submit_pack(entries, self.options, self.jobs_folder, name)
+            sub = submit_pack(entries, self.options, self.jobs_folder, self.job_name, comment)
         except Exception as err:  # noqa: BLE001 - sbatch refused (partition, account, ...): fail these runs
+            reason = " ".join(str(err).split())[-500:]
             for job, _ in pack:
-                self.report_job_error(SubmittedJobInfo(job), msg=f"submission failed: {err}\n")
+                self.report_job_error(SubmittedJobInfo(job), msg=f"submission failed: {reason}\n")
             return
         job_id = str(sub.job_id)
         folder = str(sub.paths.folder)
         if not isinstance(sub, submitit.SlurmJob):  # e.g. submitit's local executor where srun is missing
             self.submitit_jobs[job_id] = sub
+        else:
+            self.known_ids.add(job_id)
         for job, entry in pack:
             if entry.log:
                 with open(entry.log, "a") as fh:
@@ -148,6 +202,7 @@ class Executor(RemoteExecutor):
                 to_submit.append((job, entry))
             else:
                 self.logger.info(f"re-attaching {entry.run_dir} to SLURM job {record['job_id']} ({state})")
+                self.known_ids.add(str(record["job_id"]))
                 self.report_job_submission(SubmittedJobInfo(job, external_jobid=record["job_id"], aux={
                     "entry": entry, "folder": record.get("folder", ""), "pack_size": record.get("pack_size", 1),
                     "metrics": os.path.abspath(job.output[0])}))
@@ -170,6 +225,8 @@ class Executor(RemoteExecutor):
             entry: PackEntry = aux["entry"]
             if os.path.exists(aux["metrics"]):
                 state = states.get(job_id, "")
+                if is_final(state):
+                    self.known_ids.discard(job_id)
                 update_job(entry.run_dir, job_id, result="ok", **({"final_state": state} if is_final(state) else {}))
                 self.report_job_success(info)
                 continue
@@ -189,21 +246,51 @@ class Executor(RemoteExecutor):
             if state == "COMPLETED" and time.monotonic() - since < self.workflow.execution_settings.latency_wait:
                 yield info
                 continue
+            self.known_ids.discard(job_id)
             update_job(entry.run_dir, job_id, result="failed", final_state=state)
             self.report_job_error(info, msg=failure_report(job_id, state, entry, aux["folder"], aux["pack_size"])
                                   + "\n")
 
     def cancel_jobs(self, active_jobs: List[SubmittedJobInfo]) -> None:
-        ids = sorted({info.external_jobid for info in active_jobs if info.external_jobid})
+        """Snakemake interrupted (Ctrl-C): cancel every job this invocation submitted or re-attached (by id), and
+        by job name the one whose sbatch the interrupt cut off; one line says so."""
+        self.interrupted = True
+        with self.submit_lock:
+            if self.open_timer is not None:
+                self.open_timer.cancel()
+            self.open_pack = []
+        ids = sorted({info.external_jobid for info in active_jobs if info.external_jobid} | self.known_ids)
         slurm_ids = [job_id for job_id in ids if job_id not in self.submitit_jobs]
-        if slurm_ids:
-            subprocess.run(["scancel", *slurm_ids], check=False, capture_output=True)
+        by_name = cancel_jobs(slurm_ids, self.job_name)
         for job_id in ids:
             if job_id in self.submitit_jobs:
                 self.submitit_jobs[job_id].cancel(check=False)
         for info in active_jobs:
             update_job(info.aux["entry"].run_dir, info.external_jobid,
                        final_state="CANCELLED (Snakemake interrupted)")
+        print(INTERRUPTED_LINE.format(n=len(set(ids) | set(by_name)), name=self.job_name), file=sys.stderr,
+              flush=True)
+        quiet_final_workflow_error()
+
+
+def quiet_final_workflow_error() -> None:
+    """After an interrupt, Snakemake ends with ``WorkflowError: At least one job did not complete
+    successfully.``; the executor has said in one line what happened, so that record is dropped."""
+    class Drop(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return "At least one job did not complete successfully" not in str(record.getMessage())
+
+    logging.getLogger("snakemake.logging").addFilter(Drop())
+
+
+def _workdir(argv: list[str]) -> str:
+    """The working directory Snakemake will use (-d/--directory), else the current one."""
+    for k, arg in enumerate(argv[1:], 1):
+        if arg in ("-d", "--directory") and k + 1 < len(argv):
+            return argv[k + 1]
+        if arg.startswith("--directory="):
+            return arg.split("=", 1)[1]
+    return "."
 
 
 def refuse_missing_configfiles(argv: list[str]) -> None:
@@ -263,3 +350,7 @@ if "snakemake" in os.path.basename(sys.argv[0] if sys.argv else "") or (
         sys.argv and sys.argv[0].endswith(os.path.join("snakemake", "__main__.py"))):
     sys.excepthook = quiet_interrupt_hook()
     refuse_missing_configfiles(sys.argv)
+    if "--unlock" not in sys.argv:
+        _removed = remove_dead_lock(_workdir(sys.argv))
+        if _removed:
+            print(_removed, file=sys.stderr)

@@ -292,11 +292,14 @@ def test_changing_one_hyperparameter_reruns_only_that_methods_runs(workflow_run)
         cfg_path.write_text(original)
 
 
-def test_paper_config_plans_quickly_on_its_own():
+def test_paper_config_plans_quickly_on_its_own(tmp_path):
     import time
 
+    # in a copy: what the checkout's results/ and data/ hold (a pipeline run, downloads) must not matter
+    wf = copy_workflow(tmp_path, TINY)
+    shutil.copy2(REPO / "config" / "paper.yaml", wf / "config" / "paper.yaml")
     t0 = time.monotonic()
-    proc = subprocess.run(snakemake_cmd("-n", "--configfile", "config/paper.yaml"), cwd=REPO, capture_output=True,
+    proc = subprocess.run(snakemake_cmd("-n", "--configfile", "config/paper.yaml"), cwd=wf, capture_output=True,
                           text=True, timeout=300)
     elapsed = time.monotonic() - t0
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -451,8 +454,25 @@ def test_the_run_table_child_exits_quietly_when_interrupted(tmp_path, monkeypatc
         runtable.load_run_table(TINY, "data", python=str(fake))
 
 
+def _default_sigint() -> None:
+    """In the child before exec: SIGINT back to its default. A shell runs a background command (`cmd &`, a CI
+    runner, nohup) with SIGINT ignored, an ignored signal stays ignored across exec, and Python then installs
+    no KeyboardInterrupt handler: the Snakemake under test would never see the Ctrl-C (that was the 120 s
+    "hang" and the "finished before its interrupt" of these tests after the pipeline command)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def interruptible_snakemake(wf: Path, *args: str, env: dict | None = None) -> subprocess.Popen:
+    """`snakemake ARGS` in its own process group (a terminal's foreground job), SIGINT at its default."""
+    return subprocess.Popen(snakemake_cmd(*args), cwd=wf, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True, preexec_fn=_default_sigint, env=env)
+
+
 def _group_interrupt(proc: subprocess.Popen, ready, what: str, timeout: float = 120) -> str:
-    """Wait for ready(), then SIGINT the process group (a terminal's Ctrl-C); the output."""
+    """Wait for ready() (a state the process holds until interrupted, never a race), then SIGINT the process
+    group (a terminal's Ctrl-C); the output. Snakemake must be gone within 60 s."""
     import os
     import signal
     import time
@@ -462,30 +482,37 @@ def _group_interrupt(proc: subprocess.Popen, ready, what: str, timeout: float = 
         assert proc.poll() is None, f"snakemake ended before {what}: {proc.communicate()[0][-3000:]}"
         assert time.monotonic() < deadline, f"no {what} after {timeout}s"
         time.sleep(0.05)
-    time.sleep(0.3)  # a moment inside: the interrupt then lands in the middle of it
     os.killpg(proc.pid, signal.SIGINT)
-    out, _ = proc.communicate(timeout=120)
+    try:
+        out, _ = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail(f"snakemake still ran 60 s after Ctrl-C ({what}): {proc.communicate()[0][-3000:]}")
     return out
+
+
+# In the run table's child (`python -m fedhpro.runtable`, started by the workflow at load): say so in a file
+# and wait, so that a Ctrl-C lands while the workflow loads, however fast the machine (the child ignores
+# SIGINT; Snakemake, interrupted, kills it).
+HOLD_RUNTABLE = """import os, sys, time
+if "fedhpro.runtable" in getattr(sys, "orig_argv", []) and os.environ.get("HOLD_MARKER"):
+    open(os.environ["HOLD_MARKER"], "w").close()
+    time.sleep(120)
+"""
 
 
 def test_ctrl_c_while_the_workflow_loads_is_one_line(tmp_path):
     import os
 
     wf = copy_workflow(tmp_path, tiny_workflow_config())
-    proc = subprocess.Popen(snakemake_cmd("--cores", "1"), cwd=wf, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-
-    def child_runs() -> bool:  # the run table's child (`python -m fedhpro.runtable`) of this snakemake
-        for pid in filter(str.isdigit, os.listdir("/proc")):
-            try:
-                if b"fedhpro.runtable" in Path(f"/proc/{pid}/cmdline").read_bytes() and \
-                        os.getpgid(int(pid)) == proc.pid:
-                    return True
-            except OSError:
-                continue
-        return False
-
-    text = _group_interrupt(proc, child_runs, "run table child")
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(HOLD_RUNTABLE)
+    marker = tmp_path / "runtable-started"
+    env = {**os.environ, "HOLD_MARKER": str(marker),
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(hook), os.environ.get("PYTHONPATH")]))}
+    proc = interruptible_snakemake(wf, "--cores", "1", env=env)
+    text = _group_interrupt(proc, marker.exists, "run table child")
     assert proc.returncode != 0
     assert "interrupted while loading the workflow config; rerun the same command" in text, text[-3000:]
     assert "Traceback" not in text and "KeyboardInterrupt" not in text, text[-3000:]
@@ -494,15 +521,29 @@ def test_ctrl_c_while_the_workflow_loads_is_one_line(tmp_path):
 def test_ctrl_c_mid_job_is_one_line_and_the_log_holds_no_traceback(tmp_path):
     """Was `train failed:  (full log: ...)` (empty reason) and the log's KeyboardInterrupt traceback."""
     wf = copy_workflow(tmp_path, tiny_workflow_config(defaults={"rounds": 500, "num_clients": 2, "device": "cpu"}))
-    proc = subprocess.Popen(snakemake_cmd("--cores", "1"), cwd=wf, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc = interruptible_snakemake(wf, "--cores", "1")
     runs = wf / "results" / "runs"
+    # a run of 500 rounds that has written its first checkpoint: mid-job for many seconds more
     text = _group_interrupt(proc, lambda: any(runs.glob("**/checkpoint.pt")), "checkpoint", timeout=300)
     assert proc.returncode != 0
     assert "train: interrupted; rerun the same command to resume" in text, text[-3000:]
     assert "Traceback" not in text and "KeyboardInterrupt" not in text and "train failed" not in text, text[-3000:]
     (log,) = (wf / "results" / "logs" / "train").glob("**/*.log")
     assert "Traceback" not in log.read_text() and "interrupted; rerun" in log.read_text()
+
+
+def test_ctrl_c_tests_see_the_interrupt_even_when_started_in_the_background(tmp_path):
+    """The suite started with SIGINT ignored (`bash scripts/run-tests.sh &`): the Snakemake under test still
+    gets its KeyboardInterrupt handler."""
+    code = "import signal; print(signal.getsignal(signal.SIGINT) is signal.default_int_handler)"
+    ignored = subprocess.run(["bash", "-c", f"{sys.executable} -c '{code}' & wait"], capture_output=True, text=True)
+    assert ignored.stdout.strip() == "False"  # what a background command inherits
+    proc = subprocess.run(["bash", "-c", f"trap '' INT; exec {sys.executable} -c 'import subprocess, sys; "
+                           "sys.path.insert(0, \"tests\"); from test_pipeline import _default_sigint; "
+                           f"print(subprocess.run([sys.executable, \"-c\", \"{code}\"], capture_output=True, "
+                           "text=True, preexec_fn=_default_sigint).stdout.strip())'"],
+                          capture_output=True, text=True, cwd=REPO)
+    assert proc.stdout.strip() == "True", proc.stdout + proc.stderr
 
 
 def test_a_failing_job_is_one_line_naming_its_log_with_the_traceback_only_in_the_log(tmp_path):
@@ -538,3 +579,54 @@ def test_ctrl_c_while_snakemake_starts_is_one_line():
     code = code.replace("KeyboardInterrupt", "ValueError('other errors are shown as before')")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert "Traceback" in proc.stderr and "ValueError: other errors are shown as before" in proc.stderr
+
+
+def test_ctrl_c_while_snakemake_imports_its_own_modules_is_one_line(tmp_path):
+    """Snakemake imports ~1 s of its own modules and plugins before ours; a Ctrl-C then was 25-41 lines of
+    traceback. The venv runs scripts/snakemake-interrupt.pth first (installed by scripts/bootstrap.sh)."""
+    import sysconfig
+
+    hook = REPO / "scripts" / "snakemake-interrupt.pth"
+    installed = Path(sysconfig.get_paths()["purelib"]) / "fedhpro-snakemake-interrupt.pth"
+    assert installed.is_file() and installed.read_text() == hook.read_text(), \
+        f"{installed} missing or stale: run scripts/bootstrap.sh"
+    # a `snakemake` interrupted before any module of Snakemake's is imported (argv[0] is what the hook checks)
+    fake = tmp_path / "snakemake"
+    fake.write_text(f"#!{sys.executable}\nimport sys\nassert 'snakemake' not in sys.modules\nraise KeyboardInterrupt\n")
+    fake.chmod(0o755)
+    proc = subprocess.run([str(fake)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0 and proc.stderr == "interrupted; rerun the same command to resume\n", proc.stderr
+    other = tmp_path / "other"
+    other.write_text(fake.read_text())
+    other.chmod(0o755)
+    proc = subprocess.run([str(other)], capture_output=True, text=True, timeout=60)
+    assert "Traceback" in proc.stderr and "KeyboardInterrupt" in proc.stderr  # other programs: untouched
+
+
+@pytest.mark.slow
+def test_the_same_command_after_a_killed_snakemake_removes_its_lock_in_one_line(tmp_path):
+    """Was "Directory cannot be locked" until `snakemake --unlock`. The lock of a live Snakemake stays."""
+    import os
+    import signal
+    import time
+
+    wf = copy_workflow(tmp_path, tiny_workflow_config(defaults={"rounds": 500, "num_clients": 2, "device": "cpu"}))
+    proc = interruptible_snakemake(wf, "--cores", "1")
+    owner = wf / ".snakemake" / "locks" / "fedhpro-owner.json"
+    deadline = time.monotonic() + 300
+    while not (owner.exists() and any((wf / "results" / "runs").glob("**/checkpoint.pt"))):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0][-3000:]
+        time.sleep(0.1)
+    partition = next((wf / "results" / "partitions").glob("**/partition.npz")).relative_to(wf)
+    os.killpg(proc.pid, signal.SIGSTOP)  # alive: its lock is its own
+    try:
+        live = smk(wf, "--cores", "1", "--force", str(partition))
+        assert live.returncode != 0 and "Directory cannot be locked" in live.stdout + live.stderr
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate(timeout=60)
+    again = smk(wf, "--cores", "1", "--force", str(partition))  # the same command, after the kill
+    text = again.stdout + again.stderr
+    assert again.returncode == 0, text[-3000:]
+    assert re.search(rf"^removed the lock left by Snakemake pid {proc.pid}, which is no longer running", text, re.M), \
+        text[-3000:]

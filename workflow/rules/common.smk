@@ -221,3 +221,11 @@ def partition_data_identity(wildcards):
     if content:
         identity["content"] = content
     return identity
+
+
+onstart:
+    # Snakemake holds its lock now: note which process wrote it, so that after a kill (no cleanup) the next
+    # `snakemake` here removes it instead of stopping with "Directory cannot be locked" (fedhpro.snakelock).
+    from fedhpro.snakelock import write_lock_owner
+
+    write_lock_owner(workflow)
