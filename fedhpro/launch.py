@@ -92,6 +92,11 @@ class LaunchOptions:
             return self.run_minutes.get(dataset, self.run_minutes.get("default"))
         return self.run_minutes
 
+    @property
+    def pack_budget_minutes(self) -> float:
+        """Expected work of one packed job: pack_minutes of wall time, runs_per_gpu runs at a time."""
+        return self.pack_minutes * self.runs_per_gpu
+
     def plan_packs(self, runs: list[tuple[Any, str]]) -> list[list[Any]]:
         """Group (item, dataset) pairs into jobs: runs expected to take less than `pack_minutes` are
         packed, in order, into jobs of at most `pack_minutes` of expected work; the others get a job
@@ -99,7 +104,7 @@ class LaunchOptions:
         packs: list[list[Any]] = []
         open_pack: list[Any] = []
         open_minutes = 0.0
-        budget = self.pack_minutes * self.runs_per_gpu  # runs_per_gpu runs at a time: that much work per wall minute
+        budget = self.pack_budget_minutes
         for item, dataset in runs:
             minutes = self.expected_minutes(dataset)
             if minutes is None or not self.pack_minutes or minutes >= self.pack_minutes:

@@ -139,7 +139,7 @@ class Executor(RemoteExecutor):
         minutes = [self.options.expected_minutes(job.wildcards.get("dataset", "")) for job, _ in pack]
         if any(m is None or m >= self.options.pack_minutes for m in minutes):
             return False
-        return sum(minutes) + min(minutes) <= self.options.pack_minutes
+        return sum(minutes) + min(minutes) <= self.options.pack_budget_minutes
 
     def _flush_open_pack(self) -> None:
         with self.submit_lock:
