@@ -273,6 +273,18 @@ class Engine:
             if consistency is not None and cfg.eval_mode == "global":  # local prototypes of the global model
                 for client in ctx.clients:
                     consistency.add(model, client)
+            if cfg.eval_mode == "global" and cfg.partition == "nway":
+                # FedProto's protocol scores FedAvg-style baselines too on every client's local test set
+                # (the global model's accuracy per client, then the mean over clients)
+                accs, corrects, sizes = [], [], []
+                for client in ctx.clients:
+                    ok, _ = evaluate(lambda x: self.server.scores(model, x), ctx, client.test_x, client.test_y,
+                                     cfg.test_batch_size)
+                    accs.append(ok.float().mean().item())
+                    corrects.append(int(ok.sum()))
+                    sizes.append(int(ok.numel()))
+                result.client_acc_mean, result.client_acc_std = float(np.mean(accs)), float(np.std(accs))
+                result.client_acc_weighted = weighted_accuracy(corrects, sizes)
         if cfg.eval_mode == "personalized":
             accs, corrects, sizes = [], [], []
             for client in ctx.clients:
