@@ -196,10 +196,13 @@ def _y_label(cond: dict) -> str:
     return "Client accuracy, mean (%)" if cond["eval_mode"] == "personalized" else "Test accuracy (%)"
 
 
-def _accuracy_figure(settings: list[dict], x_key: str, xlabel: str, title: str) -> Figure:
+def _accuracy_figure(settings: list[dict], x_key: str, xlabel: str, title: str, reference=None) -> Figure:
     fig, axes = _grid(len(settings), title)
     entries: dict[str, dict] = {}
     for ax, setting in zip(axes, settings):
+        # a published curve for this setting (fedhpro.published.figure_reference), drawn under our lines
+        if reference is not None and x_key == "round" and reference(ax, setting["cond"]):
+            entries.setdefault("published curve (reference)", {"color": "0.35", "linestyle": "--", "marker": ""})
         xs = []
         for line in setting["lines"]:
             style = style_of(line["method"], line["variant"])
@@ -303,13 +306,14 @@ def _diagnostics_figure(setting: dict, columns: list[str], title: str) -> Figure
 
 # ====================================================================== public
 def plot_accuracy(df: pd.DataFrame, out_dir: str | Path, data: list[dict] | None = None, *, title: str = "",
-                  stem: str = "accuracy") -> list[Path]:
-    """Accuracy versus round of the main-table rows, one panel per setting (PNG + PDF)."""
+                  stem: str = "accuracy", reference=None) -> list[Path]:
+    """Accuracy versus round of the main-table rows, one panel per setting (PNG + PDF); `reference(ax, cond)`
+    may draw a published curve into a panel (returns whether it did)."""
     settings = _main_rows(curve_data(df) if data is None else data)
     if not settings:
         return []
     head = f"{title}: accuracy vs round" if title else "Accuracy vs round"
-    return _save(_accuracy_figure(settings, "round", "Round", head), Path(out_dir) / stem)
+    return _save(_accuracy_figure(settings, "round", "Round", head, reference), Path(out_dir) / stem)
 
 
 def plot_accuracy_vs_communication(df: pd.DataFrame, out_dir: str | Path, data: list[dict] | None = None, *,
@@ -355,7 +359,8 @@ def plot_diagnostics(df: pd.DataFrame, out_dir: str | Path, *, title: str = "") 
     return paths
 
 
-def write_figures(df: pd.DataFrame, out_dir: str | Path, *, kind: str = "comparison", title: str = "") -> list[Path]:
+def write_figures(df: pd.DataFrame, out_dir: str | Path, *, kind: str = "comparison", title: str = "",
+                  reference=None) -> list[Path]:
     """An experiment's figures as PNG and PDF; returns the paths written.
 
     ``comparison``: accuracy, communication, ablation (when some rows are ablation variants) and the
@@ -368,7 +373,7 @@ def write_figures(df: pd.DataFrame, out_dir: str | Path, *, kind: str = "compari
     data = curve_data(df)
     paths: list[Path] = []
     if kind == "comparison":
-        paths += plot_accuracy(df, out_dir, data, title=title)
+        paths += plot_accuracy(df, out_dir, data, title=title, reference=reference)
         paths += plot_accuracy_vs_communication(df, out_dir, data, title=title)
         paths += plot_diagnostics(df, out_dir, title=title)
     paths += plot_ablation(df, out_dir, data, kind=kind, title=title)

@@ -72,7 +72,7 @@ PARTITION_KEYS = ("partition", "alpha", "classes_per_client", "imbalance_ratio",
 AXIS_KEYS = ("method", "variant", "method_params", "dataset", "seed", "partition_seed", "data_root")
 TOP_KEYS = ("results", "data_root", "reporting", "defaults", "datasets", "pending_datasets", "heterogeneity",
             "methods", "grids", "ablations", "seeds", "partition_seeds", "threads", "slurm", "mirrors",
-            "experiments")
+            "experiments", "published", "reproduction_report", "report_partial")
 DATASET_EXTRA_KEYS = ("heterogeneity", "methods")
 ABLATION_KEYS = ("methods", "base_variant", "datasets", "heterogeneity", "seeds", "partition_seeds", "variants")
 # The one declaration of the `slurm:` section's keys and defaults: fedhpro.launch.LaunchOptions takes its

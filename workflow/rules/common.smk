@@ -171,9 +171,10 @@ def experiment_params(wildcards):
 
 
 def final_outputs():
+    report_out = [config["reproduction_report"]] if config.get("published") and config.get("reproduction_report") else []
     return [f"{TABLES}/{name}" for name in RUNS_OF_EXPERIMENT] + [
         f"{FIGURES}/{name}" for name in RUNS_OF_EXPERIMENT
-    ]
+    ] + report_out
 
 
 def data_identity(dataset):

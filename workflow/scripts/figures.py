@@ -14,8 +14,13 @@ def job(sm) -> None:
     from fedhpro.figures import write_figures
 
     experiment = sm.params.experiment
+    reference = None
+    if sm.config.get("published"):  # the published-results registry: its curves are reference lines
+        from fedhpro.published import figure_reference, load_registry
+
+        reference = figure_reference(load_registry(sm.config["published"]))
     paths = write_figures(collect(list(sm.input.metrics)), sm.output[0], kind=experiment["kind"],
-                          title=experiment["title"])
+                          title=experiment["title"], reference=reference)
     if not paths:
         raise RuntimeError(f"no figure was drawn into {sm.output[0]} (no evaluated rounds?)")
     print("\n".join(str(p) for p in paths))
