@@ -7,10 +7,6 @@
 # counts the runs each cell still misses), and a later invocation rebuilds it as more runs finish.
 
 
-localrules:
-    reproduction_report,
-
-
 def report_metrics(wildcards):
     if config.get("report_partial"):
         return [path for path in ALL_METRICS if os.path.exists(path)]
@@ -18,6 +14,9 @@ def report_metrics(wildcards):
 
 
 if config.get("published") and config.get("reproduction_report"):
+
+    localrules:
+        reproduction_report,
 
     rule reproduction_report:
         input:
