@@ -26,7 +26,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from fedhpro.errors import ConfigError
 
-__all__ = ["figure_reference", "write_report", "PublishedError", "Entry", "Registry", "load_registry", "run_value", "verdict", "find_runs", "compare",
+__all__ = ["experiment_table", "write_experiment_table", "figure_reference", "write_report", "PublishedError", "Entry", "Registry", "load_registry", "run_value", "verdict", "find_runs", "compare",
            "report_markdown", "draw_reference", "reference_curve", "planned_cell", "METRICS", "RULES", "PLACEMENTS"]
 
 METRICS = ("global_test_acc", "client_mean", "client_weighted", "domain_mean")  # and "domain:<name>"
@@ -304,7 +304,7 @@ def compare(registry: Registry, runs: Iterable[Run]) -> list[dict]:
                "rule": e.rule_text + ("" if e.rule_stated else " (not stated; assumed)"), "published": e.value,
                "pm": e.pm, "pm_over": e.pm_over, "budget": _budget_text(e.budget), "placement": e.placement,
                "ours_mean": float("nan"), "ours_sd": float("nan"), "n": 0, "delta": float("nan"), "verdict": "not run",
-               "our_budget": "", "commit": "", "why": ""}
+               "our_budget": "", "commit": "", "why": "", "minutes": float("nan")}
         mine = [r for r in runs if matches(e, r.config)]
         done = [r for r in mine if r.finished]
         if e.placement in ("unplaceable", "not_run"):
@@ -317,10 +317,13 @@ def compare(registry: Registry, runs: Iterable[Run]) -> list[dict]:
         elif not done:
             row["why"] = f"{len(mine)} run(s) started, none finished yet"
         else:
-            values = []
+            values, minutes = [], []
             for r in done:
                 metrics = pd.read_parquet(r.path / "metrics.parquet")
                 values.append(run_value(metrics, e.metric, e.rule, e.k))
+                timed = [c for c in ("time_local", "time_server", "time_eval", "time_io") if c in metrics.columns]
+                minutes.append(float(metrics[timed].sum().sum()) / 60 if timed else float("nan"))
+            row["minutes"] = sum(minutes) / len(minutes)
             row["ours_mean"] = sum(values) / len(values)
             row["ours_sd"] = _sd(values)
             row["n"] = len(values)
@@ -355,19 +358,22 @@ def report_markdown(rows: Sequence[dict], registry: Registry, *, configs: Sequen
              "Do not edit by hand: rerun the rule.", "",
              "Ours is computed with the published number's own metric and rule (see `fedhpro/published.py`): mean ± "
              "sample sd over seeds (n runs); Δ = ours − published; verdict: |Δ| within the published ±, within "
-             "twice it, or outside (the published ± is over clients or seeds, as the column says).", ""]
+             "twice it, or outside (the published ± is over clients or seeds, as the column says). Minutes per run: "
+             "the run's own training, server and evaluation time (one CPU thread for the CPU cells). Protocol "
+             "differences behind the numbers: docs/assumptions.md (A9-A13).", ""]
     if note:
         lines += [note, ""]
     header = ("| cell | method | setting | metric, rule | published | ours (n) | Δ | verdict | budget (published / "
-              "ours) | commit |")
-    lines += ["## Cells with runs", "", header, "|" + "---|" * 10]
+              "ours) | minutes per run | commit |")
+    lines += ["## Cells with runs", "", header, "|" + "---|" * 11]
     for r in have:
         pub = f"{r['published']:.2f}" + (f" ± {r['pm']:.2f} ({r['pm_over']})" if r["pm"] is not None else "")
         ours = f"{_fmt(r['ours_mean'])} ± {_fmt(r['ours_sd'])} ({r['n']})"
         lines.append(f"| {r['id']} | {r['method']} | {r['setting']} | {r['metric']}, {r['rule']} | {pub} | {ours} | "
-                     f"{_fmt(r['delta'])} | {r['verdict']} | {r['budget']} / {r['our_budget']} | {r['commit']} |")
+                     f"{_fmt(r['delta'])} | {r['verdict']} | {r['budget']} / {r['our_budget']} | "
+                     f"{_fmt(r['minutes'], 0)} | {r['commit']} |")
     if not have:
-        lines.append("| (none finished yet) |" + " |" * 9)
+        lines.append("| (none finished yet) |" + " |" * 10)
     lines += ["", "## Published cells without a number of ours", "",
               "| cell | method | setting | metric, rule | published | budget | placement | why not |", "|" + "---|" * 8]
     for r in rows:
@@ -463,3 +469,44 @@ def write_report(registry_path: str | Path, results: str | Path, out: str | Path
     atomic_write_text(Path(out), text)
     with_runs = sum(r["n"] > 0 for r in rows)
     return f"{out}: {len(rows)} published cells, {with_runs} with runs ({finished} finished runs in {results})"
+
+
+def experiment_table(registry: Registry, run_dirs: Sequence[str | Path]):
+    """The published entries whose cell is among `run_dirs` (an experiment's finished runs): published value
+    and ours by its own metric and rule, Δ and verdict, and ours by the other rules side by side (last, best,
+    mean of the last 5 evaluated rounds) so a reader sees how much the rule alone moves the number."""
+    import pandas as pd
+
+    runs = [r for r in (Run(path=Path(d), config=json.loads((Path(d) / "config.json").read_text())["config"],
+                            finished=True, git_sha="") for d in run_dirs)]
+    rows = []
+    for e, row in zip(registry.entries, compare(registry, runs)):
+        if row["n"] == 0:
+            continue
+        mine = [r for r in runs if matches(e, r.config)]
+        other = {}
+        for label, rule, k in (("last", "last", 1), ("best", "best", 1), ("mean of last 5", "mean_last_k", 5)):
+            vals = [run_value(pd.read_parquet(r.path / "metrics.parquet"), e.metric, rule, k) for r in mine]
+            other[f"ours, {label}"] = f"{sum(vals) / len(vals):.2f}"
+        rows.append({"Cell": e.id, "Method": e.method, "Metric": e.metric, "Rule": row["rule"],
+                     "Published": f"{e.value:.2f}" + (f" ± {e.pm:.2f} ({e.pm_over})" if e.pm is not None else ""),
+                     "Ours": f"{_fmt(row['ours_mean'])} ± {_fmt(row['ours_sd'])} (n={row['n']})",
+                     "Δ": _fmt(row["delta"]), "Verdict": row["verdict"], **other})
+    return pd.DataFrame(rows)
+
+
+def write_experiment_table(registry_path: str | Path, run_dirs: Sequence[str | Path], out_dir: str | Path) -> str:
+    """published.csv and published.md (next to an experiment's tables) from `experiment_table`; nothing when
+    no registry entry is a cell of these runs. Returns a one-line summary."""
+    from fedhpro.runio import atomic_write_text
+
+    table = experiment_table(load_registry(registry_path), run_dirs)
+    if table.empty:
+        return "published: no registry entry is a cell of this experiment"
+    out_dir = Path(out_dir)
+    atomic_write_text(out_dir / "published.csv", table.to_csv(index=False))
+    head = "| " + " | ".join(table.columns) + " |\n|" + "---|" * len(table.columns) + "\n"
+    body = "".join("| " + " | ".join(str(v) for v in row) + " |\n" for row in table.itertuples(index=False))
+    atomic_write_text(out_dir / "published.md", "Published numbers beside ours (fedhpro.published; Δ and verdict "
+                      "by the published number's own metric and rule)\n\n" + head + body)
+    return f"published: {len(table)} cell(s) with published numbers -> {out_dir / 'published.md'}"

@@ -157,3 +157,23 @@ def test_each_entry_is_one_planned_cell_of_paper_yaml_or_says_why(registry):
             assert len(planned_cell(e, by)) == len(config["seeds"])  # every seed of that one cell
         else:
             assert e.reason, e.id
+
+
+def test_experiment_table_shows_the_rules_side_by_side(tmp_path, registry):
+    from fedhpro.published import write_experiment_table
+
+    setting = {"dataset": "mnist", "partition": "nway", "ways": 3, "shots": 100, "stdev": 2, "num_clients": 20}
+    _fake_run(tmp_path, "s0", {**setting, "method": "local", "variant": "default", "seed": 0},
+              _metrics([np.nan] * 6, client_mean=[0.5, 0.96, 0.9, 0.92, 0.94, 0.93]))
+    _fake_run(tmp_path, "x", {**setting, "method": "fedavg", "variant": "other", "seed": 0},
+              _metrics([np.nan] * 6, client_mean=[0.5] * 6))  # a variant no entry names
+    out = tmp_path / "tables"
+    out.mkdir()
+    print(write_experiment_table(REGISTRY, [tmp_path / "runs" / "s0", tmp_path / "runs" / "x"], out))
+    table = pd.read_csv(out / "published.csv")
+    assert list(table["Cell"]) == ["gfpl-t1-mnist-n3-local"]
+    row = table.iloc[0]
+    assert row["Ours"] == "93.00 ± – (n=1)" and row["Δ"] == pytest.approx(93.0 - 94.05)
+    assert (row["ours, last"], row["ours, best"], row["ours, mean of last 5"]) == (93.0, 96.0, 93.0)
+    assert row["Verdict"] == "inside ±"
+    assert "| gfpl-t1-mnist-n3-local |" in (out / "published.md").read_text()
