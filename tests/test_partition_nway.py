@@ -183,3 +183,21 @@ def test_config_het_id_and_local_test_sets_from_the_test_split(tmp_path):
         assert set(client.test_y.tolist()) == train_classes
         assert client.test_y.numel() == 3 * len(train_classes)
         assert {int(v) for v in client.class_counts[client.class_counts > 0]} <= set(range(9, 13))  # randint(k - sd + 1, k + sd + 1)
+
+
+def test_cli_prints_train_and_local_test_counts_and_saves_the_identity(tmp_path, capsys):
+    import json
+
+    from fedhpro.partition import main
+
+    out = tmp_path / "part"
+    assert main(["--dataset", "digits", "--scheme", "nway", "--num-clients", "4", "--ways", "3", "--shots", "10",
+                 "--train-shots-max", "12", "--test-shots", "3", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "local test sets (FedProto: drawn from the test split)" in text
+    identity = json.loads((out / "meta.json").read_text())["identity"]
+    assert (identity["scheme"], identity["ways"], identity["shots"], identity["test_shots"]) == ("nway", 3, 10, 3)
+    # a missing --ways is a one-line usage error (exit 2)
+    assert main(["--dataset", "digits", "--scheme", "nway", "--num-clients", "4"]) == 2
+    err = capsys.readouterr().err
+    assert "needs ways" in err and len(err.strip().splitlines()) == 1
