@@ -82,6 +82,7 @@ class Registry:
     sources: Mapping[str, Mapping[str, Any]]
     curves: Mapping[str, Mapping[str, Any]]
     entries: tuple[Entry, ...] = field(default_factory=tuple)
+    notes: tuple[Mapping[str, Any], ...] = ()  # investigations of disagreements: {entries: [ids], text}
 
     def entry(self, entry_id: str) -> Entry:
         for e in self.entries:
@@ -106,9 +107,10 @@ def load_registry(path: str | Path) -> Registry:
     raw = load_yaml_text(path.read_text(), f"published-results registry {where!r}")
     if not isinstance(raw, dict) or not isinstance(raw.get("entries"), list):
         raise PublishedError(f"{where}: expected a mapping with 'sources', 'curves' and a list 'entries'")
-    unknown_top = sorted(set(raw) - {"sources", "curves", "entries"})
+    unknown_top = sorted(set(raw) - {"sources", "curves", "entries", "notes"})
     if unknown_top:
-        raise PublishedError(f"{where}: unknown top-level key {unknown_top[0]!r}; accepted: sources, curves, entries")
+        raise PublishedError(f"{where}: unknown top-level key {unknown_top[0]!r}; accepted: sources, curves, entries, "
+                             "notes")
     sources = raw.get("sources") or {}
     curves = raw.get("curves") or {}
     if not isinstance(sources, dict) or not isinstance(curves, dict):
@@ -125,7 +127,17 @@ def load_registry(path: str | Path) -> Registry:
         if entries[-1].id in seen:
             raise PublishedError(f"{where}: entries[{i}]: duplicate id {entries[-1].id!r}")
         seen.add(entries[-1].id)
-    return Registry(path=where, sources=sources, curves=curves, entries=tuple(entries))
+    notes = raw.get("notes") or []
+    if not isinstance(notes, list):
+        raise PublishedError(f"{where}: 'notes' must be a list of {{entries: [ids], text: ...}}")
+    for i, note in enumerate(notes):
+        ids = note.get("entries") if isinstance(note, dict) else None
+        if not isinstance(ids, list) or not ids or not isinstance(note.get("text"), str):
+            raise PublishedError(f"{where}: notes[{i}] must hold 'entries' (a list of entry ids) and 'text'")
+        missing = [x for x in ids if x not in seen]
+        if missing:
+            raise PublishedError(f"{where}: notes[{i}]: entry id {missing[0]!r} is not in 'entries'")
+    return Registry(path=where, sources=sources, curves=curves, entries=tuple(entries), notes=tuple(notes))
 
 
 def _entry(item: Any, where: str, sources: Mapping, curves: Mapping) -> Entry:
@@ -304,7 +316,8 @@ def compare(registry: Registry, runs: Iterable[Run]) -> list[dict]:
                "rule": e.rule_text + ("" if e.rule_stated else " (not stated; assumed)"), "published": e.value,
                "pm": e.pm, "pm_over": e.pm_over, "budget": _budget_text(e.budget), "placement": e.placement,
                "ours_mean": float("nan"), "ours_sd": float("nan"), "n": 0, "delta": float("nan"), "verdict": "not run",
-               "our_budget": "", "commit": "", "why": "", "minutes": float("nan")}
+               "our_budget": "", "commit": "", "why": "", "minutes": float("nan"),
+               "client_sd": float("nan")}
         mine = [r for r in runs if matches(e, r.config)]
         done = [r for r in mine if r.finished]
         if e.placement in ("unplaceable", "not_run"):
@@ -317,13 +330,17 @@ def compare(registry: Registry, runs: Iterable[Run]) -> list[dict]:
         elif not done:
             row["why"] = f"{len(mine)} run(s) started, none finished yet"
         else:
-            values, minutes = [], []
+            values, minutes, spread = [], [], []
             for r in done:
                 metrics = pd.read_parquet(r.path / "metrics.parquet")
                 values.append(run_value(metrics, e.metric, e.rule, e.k))
                 timed = [c for c in ("time_local", "time_server", "time_eval", "time_io") if c in metrics.columns]
                 minutes.append(float(metrics[timed].sum().sum()) / 60 if timed else float("nan"))
+                if e.metric == "client_mean" and e.rule == "last" and "client_acc_std" in metrics.columns:
+                    spread.append(100.0 * float(metric_series(metrics.assign(client_acc_mean=metrics["client_acc_std"]),
+                                                              "client_mean").iloc[-1]))
             row["minutes"] = sum(minutes) / len(minutes)
+            row["client_sd"] = sum(spread) / len(spread) if spread else float("nan")
             row["ours_mean"] = sum(values) / len(values)
             row["ours_sd"] = _sd(values)
             row["n"] = len(values)
@@ -360,7 +377,8 @@ def report_markdown(rows: Sequence[dict], registry: Registry, *, configs: Sequen
              "finished so far).", "",
              "Ours is computed with the published number's own metric and rule (see `fedhpro/published.py`): mean ± "
              "sample sd over seeds (n runs); Δ = ours − published; verdict: |Δ| within the published ±, within "
-             "twice it, or outside (the published ± is over clients or seeds, as the column says). Minutes per run: "
+             "twice it, or outside (the published ± is over clients or seeds, as the column says; for client means "
+             "ours also gives the sd over clients of the last round, averaged over seeds). Minutes per run: "
              "the run's own training, server and evaluation time (one CPU thread for the CPU cells). Protocol "
              "differences behind the numbers: docs/assumptions.md (A9-A13).", ""]
     if note:
@@ -370,12 +388,18 @@ def report_markdown(rows: Sequence[dict], registry: Registry, *, configs: Sequen
     lines += ["## Cells with runs", "", header, "|" + "---|" * 11]
     for r in have:
         pub = f"{r['published']:.2f}" + (f" ± {r['pm']:.2f} ({r['pm_over']})" if r["pm"] is not None else "")
-        ours = f"{_fmt(r['ours_mean'])} ± {_fmt(r['ours_sd'])} ({r['n']})"
+        ours = f"{_fmt(r['ours_mean'])} ± {_fmt(r['ours_sd'])} ({r['n']})" + (
+            f"; sd over clients {_fmt(r['client_sd'])}" if r["client_sd"] == r["client_sd"] else "")
         lines.append(f"| {r['id']} | {r['method']} | {r['setting']} | {r['metric']}, {r['rule']} | {pub} | {ours} | "
                      f"{_fmt(r['delta'])} | {r['verdict']} | {r['budget']} / {r['our_budget']} | "
                      f"{_fmt(r['minutes'], 0)} | {r['commit']} |")
     if not have:
         lines.append("| (none finished yet) |" + " |" * 10)
+    shown = {r["id"] for r in have}
+    relevant = [n for n in registry.notes if shown & set(n["entries"])]
+    if relevant:
+        lines += ["", "## Where ours and published disagree: what we found", ""]
+        lines += [f"- {', '.join(i for i in n['entries'] if i in shown)}: {n['text']}" for n in relevant]
     lines += ["", "## Published cells without a number of ours", "",
               "| cell | method | setting | metric, rule | published | budget | placement | why not |", "|" + "---|" * 8]
     for r in rows:

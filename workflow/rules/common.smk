@@ -177,6 +177,13 @@ def final_outputs():
     ] + report_out
 
 
+def report_metrics(wildcards):
+    """The reproduction report's runs: all planned ones, or with `report_partial` those finished at load."""
+    if config.get("report_partial"):
+        return [path for path in ALL_METRICS if os.path.exists(path)]
+    return ALL_METRICS
+
+
 def data_identity(dataset):
     """What the workflow config says the dataset's data is (not where it lives): the checksums its downloads
     are verified against and any pinned fingerprint (computed with the run table, in the child process)."""

@@ -7,12 +7,6 @@
 # counts the runs each cell still misses), and a later invocation rebuilds it as more runs finish.
 
 
-def report_metrics(wildcards):
-    if config.get("report_partial"):
-        return [path for path in ALL_METRICS if os.path.exists(path)]
-    return ALL_METRICS
-
-
 if config.get("published") and config.get("reproduction_report"):
 
     localrules:
