@@ -201,3 +201,25 @@ def test_cli_prints_train_and_local_test_counts_and_saves_the_identity(tmp_path,
     assert main(["--dataset", "digits", "--scheme", "nway", "--num-clients", "4"]) == 2
     err = capsys.readouterr().err
     assert "needs ways" in err and len(err.strip().splitlines()) == 1
+
+
+def test_fedprotos_protocol_scores_global_and_local_runs_on_the_clients_test_sets(tmp_path):
+    """FedAvg (global mode) under nway reports the global model's client mean on the local test sets; Local
+    (personalized) sends nothing and is scored on the same local test sets."""
+    import numpy as np
+
+    from fedhpro.config import from_dict
+    from fedhpro.train import build_context, train
+
+    base = {"dataset": "digits", "partition": "nway", "ways": 3, "shots": 10, "stdev": 2, "train_shots_max": 12,
+            "test_shots": 3, "num_clients": 4, "rounds": 2, "batch_size": 8, "lr": 0.05, "device": "cpu",
+            "diagnostics": False}
+    fedavg = train(from_dict({**base, "method": "fedavg"}), tmp_path / "fedavg")
+    assert fedavg["client_acc_mean"].notna().all() and fedavg["test_acc"].notna().all()
+    local_cfg = from_dict({**base, "method": "local", "eval_mode": "personalized"})
+    local = train(local_cfg, tmp_path / "local")
+    assert (local["bytes_up"] == 0).all() and (local["bytes_down"] == 0).all()
+    ctx = build_context(local_cfg)
+    sizes = np.array([c.test_y.numel() for c in ctx.clients])
+    last = local.iloc[-1]
+    assert 0 <= last["client_acc_mean"] <= 1 and sizes.sum() == 3 * sum(len(set(c.y.tolist())) for c in ctx.clients)
