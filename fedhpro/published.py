@@ -468,6 +468,24 @@ def figure_reference(registry: Registry, method: str = "fedhpro"):
     return reference
 
 
+def _commit_without(out: Path, sha: str) -> str:
+    """`sha` without '-dirty' when the only change is the report itself (Snakemake deletes an output before its
+    job runs, so a checkout with the report committed looks dirty while the report is rebuilt)."""
+    import subprocess
+
+    if not sha.endswith("-dirty"):
+        return sha
+    try:
+        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                                 text=True, timeout=10).stdout.splitlines()
+    except (OSError, subprocess.SubprocessError):
+        return sha
+    mine = str(out.resolve().relative_to(Path.cwd().resolve())) if out.resolve().is_relative_to(Path.cwd().resolve()) \
+        else None
+    others = [line for line in changed if line[3:].strip() != mine]
+    return sha[: -len("-dirty")] if mine and not others else sha
+
+
 def write_report(registry_path: str | Path, results: str | Path, out: str | Path, *, configs: Sequence[str],
                  metrics: Sequence[str] | None = None, planned: int | None = None) -> str:
     """Compare the registry with the runs under `results` and write the Markdown report to `out` (atomically).
@@ -491,7 +509,7 @@ def write_report(registry_path: str | Path, results: str | Path, out: str | Path
     if planned is not None and metrics is not None and len(metrics) < planned:
         note = (f"**Partial report**: {len(metrics)} of the {planned} planned runs had finished when it was built "
                 "(`report_partial`); cells list how many runs they have (n).")
-    text = report_markdown(rows, registry, configs=configs, commit=git_sha(), note=note)
+    text = report_markdown(rows, registry, configs=configs, commit=_commit_without(Path(out), git_sha()), note=note)
     atomic_write_text(Path(out), text)
     with_runs = sum(r["n"] > 0 for r in rows)
     return f"{out}: {len(rows)} published cells, {with_runs} with runs ({finished} finished runs in {results})"
