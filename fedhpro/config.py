@@ -40,7 +40,7 @@ from fedhpro.params import _FLOAT_RE, check_value, declared_fields, param  # _FL
 REVISION_KEY = "method_revision"  # not a RunConfig field: the method module's behaviour revision (see above)
 
 
-PARTITION_SCHEMES = ("creff", "dirichlet", "pathological", "iid", "domains")
+PARTITION_SCHEMES = ("creff", "dirichlet", "pathological", "iid", "domains", "nway")
 EVAL_MODES = ("global", "personalized")
 AUGMENTS = ("auto", "none", "crop_flip", "flip")
 AUGMENT_GRANULARITY = ("batch", "sample")
@@ -103,6 +103,15 @@ class RunConfig:
     num_clients: int = param(10, "number of clients", low=0, low_inclusive=False)
     clients_per_domain: int | None = param(None, "clients per domain (domains scheme only)", low=0,
                                            low_inclusive=False)
+    ways: int | None = param(None, "nway: mean classes per client (FedProto --ways)", low=0, low_inclusive=False)
+    shots: int = param(100, "nway: mean training samples per class and client (FedProto --shots)", low=0,
+                       low_inclusive=False)
+    stdev: int = param(2, "nway: spread of ways and shots (FedProto --stdev)", low=0)
+    train_shots_max: int = param(110, "nway: stride of the clients' blocks in each class (FedProto "
+                                 "--train_shots_max)", low=0, low_inclusive=False)
+    test_shots: int | None = param(None, "nway: local test samples per class, from the test split (null: "
+                                   "FedProto's for the dataset: MNIST 40, CIFAR-100 5, else 15)", low=0,
+                                   low_inclusive=False)
     partition_seed: int = param(0, "seed of the client split", low=0, high=2**32, high_inclusive=False)
     local_test_fraction: float | None = param(None, "share of each client's data held out as its local test set "
                                               "(null: 0 in global mode, 0.25 in personalized mode)", low=0,
@@ -146,6 +155,8 @@ class RunConfig:
     # ------------------------------------------------------------------ derived
     @property
     def effective_local_test_fraction(self) -> float:
+        if self.partition == "nway":  # FedProto's local test sets come from the test split, not the client's data
+            return 0.0
         if self.local_test_fraction is not None:
             return self.local_test_fraction
         return 0.25 if self.eval_mode == "personalized" else 0.0
@@ -345,6 +356,14 @@ def _validate(cfg: RunConfig) -> None:
         raise ConfigError(f"config key 'alpha' is required for partition {cfg.partition!r}")
     if cfg.partition == "pathological" and cfg.classes_per_client is None:
         raise ConfigError("config key 'classes_per_client' is required for partition 'pathological'")
+    if cfg.partition == "nway":
+        if cfg.ways is None:
+            raise ConfigError("config key 'ways' is required for partition 'nway' (FedProto's --ways)")
+        if cfg.local_test_fraction is not None:
+            raise ConfigError("config key 'local_test_fraction' must be unset for partition 'nway' (its local test "
+                              "sets are drawn from the test split; see 'test_shots')")
+        if cfg.imbalance_ratio != 1.0:
+            raise ConfigError("config key 'imbalance_ratio' must be 1 for partition 'nway'")
     if cfg.partition == "creff" and cfg.num_clients < 10:
         raise ConfigError("config key 'num_clients' must be >= 10 for partition 'creff' "
                           "(the official split uses groups of 10 workers)")

@@ -279,13 +279,21 @@ class Engine:
                 domains = ctx.test_domain
                 for d in torch.unique(domains).tolist():
                     result.domain_acc[str(d)] = correct[domains == d].float().mean().item()
+            nway_accs: list[float] = []
             for client in ctx.clients:
                 if cfg.eval_mode == "global" and client.test_y.numel() > 0:  # the global model on local splits
                     hit, _ = evaluate(lambda x: self.server.scores(model, x), ctx, client.test_x, client.test_y,
                                       cfg.test_batch_size)
                     result.client_results.append((client.cid, int(hit.sum()), int(hit.numel())))
+                    nway_accs.append(hit.float().mean().item())
             if local is not None and cfg.eval_mode == "global":  # local prototypes of the global model
                 local.add_all(model, ctx.clients)
+            if cfg.eval_mode == "global" and cfg.partition == "nway":
+                # FedProto's protocol scores FedAvg-style baselines too on every client's local test set
+                # (the global model's accuracy per client, then the mean over clients)
+                result.client_acc_mean, result.client_acc_std = float(np.mean(nway_accs)), float(np.std(nway_accs))
+                result.client_acc_weighted = weighted_accuracy([c for _, c, _ in result.client_results],
+                                                               [n for _, _, n in result.client_results])
         if cfg.eval_mode == "personalized":
             accs, corrects, sizes = [], [], []
             for client in ctx.clients:

@@ -269,12 +269,16 @@ def _shared_ylim(axes: list, values: list[np.ndarray], pad: float = 0.04) -> tup
     return lim
 
 
-def _accuracy_figure(settings: list[dict], x_key: str, xlabel: str, title: str) -> Figure:
+def _accuracy_figure(settings: list[dict], x_key: str, xlabel: str, title: str, reference=None) -> Figure:
     fig, axes = _grid(len(settings), title)
     entries: dict[str, dict] = {}
     ys: list[np.ndarray] = []
     ncols = max(1, min(len(settings), 2 if len(settings) in (2, 4) else MAX_COLS))
     for i, (ax, setting) in enumerate(zip(axes, settings)):
+        # a published curve for this setting (fedhpro.published.figure_reference), drawn under our lines
+        if reference is not None and x_key == "round" and reference(ax, setting["cond"]):
+            entries.setdefault("published curve (reference)", {"color": "0.35", "linestyle": "--", "marker": ""})
+            ys += [np.asarray(ln.get_ydata(), dtype=float) for ln in ax.get_lines()]  # inside the shared y-range
         xs = []
         banded = _banded(setting["lines"])
         for j, line in enumerate(setting["lines"]):
@@ -550,13 +554,14 @@ def _diagnostics_figure(setting: dict, columns: list[str], title: str) -> Figure
 
 # ====================================================================== public
 def plot_accuracy(df: pd.DataFrame, out_dir: str | Path, data: list[dict] | None = None, *, title: str = "",
-                  stem: str = "accuracy") -> list[Path]:
-    """Accuracy versus round of the main-table rows, a panel per setting (split per dataset when large)."""
+                  stem: str = "accuracy", reference=None) -> list[Path]:
+    """Accuracy versus round of the main-table rows, a panel per setting (split per dataset when large);
+    `reference(ax, cond)` may draw a published curve into a panel (returns whether it did)."""
     settings = _main_rows(curve_data(df) if data is None else data)
     head = f"{title}: accuracy vs round" if title else "Accuracy vs round"
     groups = figure_groups(settings, stem)
     return [p for name, group in groups for p in _save(
-        _accuracy_figure(group, "round", "Round", _dataset_title(head, group, len(groups) > 1)),
+        _accuracy_figure(group, "round", "Round", _dataset_title(head, group, len(groups) > 1), reference),
         Path(out_dir) / name)]
 
 
@@ -617,7 +622,8 @@ def plot_diagnostics(df: pd.DataFrame, out_dir: str | Path, *, title: str = "") 
 
 
 def write_figures(df: pd.DataFrame, out_dir: str | Path, *, kind: str = "comparison", title: str = "",
-                  runs: pd.DataFrame | None = None, clients: pd.DataFrame | None = None) -> list[Path]:
+                  runs: pd.DataFrame | None = None, clients: pd.DataFrame | None = None,
+                  reference=None) -> list[Path]:
     """An experiment's figures as PNG and PDF; returns the paths written.
 
     ``comparison``: accuracy, communication, clients (personalized settings with per-client results),
@@ -632,7 +638,7 @@ def write_figures(df: pd.DataFrame, out_dir: str | Path, *, kind: str = "compari
     data = curve_data(df)
     paths: list[Path] = []
     if kind == "comparison":
-        paths += plot_accuracy(df, out_dir, data, title=title)
+        paths += plot_accuracy(df, out_dir, data, title=title, reference=reference)
         paths += plot_accuracy_vs_communication(df, out_dir, data, title=title)
         paths += plot_clients(clients, out_dir, title=title)
         paths += plot_diagnostics(df, out_dir, title=title)

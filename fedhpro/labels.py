@@ -27,13 +27,13 @@ MB = 1e6  # tables and figures use SI megabytes (10^6 bytes)
 
 METHOD_NAMES = {"fedavg": "FedAvg", "fedprox": "FedProx", "creff": "CReFF", "fedhpro": "FedHPro", "moon": "MOON",
                 "fedproto": "FedProto", "fpl": "FPL", "fedtgp": "FedTGP", "fedsa": "FedSA", "protonorm": "ProtoNorm",
-                "gfpl": "GFPL (reconstructed)"}
-METHOD_ORDER = ("fedavg", "fedprox", "moon", "creff", "fedproto", "fpl", "fedtgp", "fedsa", "protonorm", "gfpl",
+                "gfpl": "GFPL (reconstructed)", "local": "Local"}
+METHOD_ORDER = ("local", "fedavg", "fedprox", "moon", "creff", "fedproto", "fpl", "fedtgp", "fedsa", "protonorm", "gfpl",
                 "fedhpro")
 DATASET_NAMES = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "tinyimagenet": "Tiny-ImageNet",
                  "ham10000": "HAM10000", "digit_domains": "Digits", "office_caltech": "Office-Caltech",
                  "agnews": "AG News", "sun397": "SUN397", "digits": "digits"}
-PARTITION_ORDER = ("iid", "dirichlet", "creff", "pathological", "domains")
+PARTITION_ORDER = ("iid", "dirichlet", "creff", "pathological", "nway", "domains")
 
 
 def sort_key_method(method: str, variant: str) -> tuple:
@@ -169,6 +169,7 @@ STYLES: dict[str, dict] = {
     "protonorm": {"color": "#777777", "marker": "h", "linestyle": "-."},
     "gfpl": {"color": "#000000", "marker": "X", "linestyle": ":"},
     "fedhpro": {"color": "#CC3311", "marker": "*", "linestyle": "-", "linewidth": 2.0, "markersize": 7},
+    "local": {"color": "#BBBBBB", "marker": "x", "linestyle": "--"},
 }
 # FedHPro's main-table rows: one red-orange family, told apart by lightness, marker and line style
 VARIANT_STYLES: dict[tuple[str, str], dict] = {

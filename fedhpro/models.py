@@ -106,6 +106,30 @@ class SmallCNN(nn.Module):
         return self.net(x)
 
 
+class FedProtoCNN(nn.Module):
+    """FedProto's CNNMnist / CNNFemnist (yuetan031/FedProto lib/models/models.py) up to its 50-d prototype:
+    conv 5x5 (10) -> max-pool -> ReLU -> conv 5x5 (20) -> Dropout2d -> max-pool -> ReLU -> fc 320->50 -> ReLU,
+    for 28x28 inputs. Its classifier (fc 50 -> C) is FeatureClassifier's head; the dropout FedProto applies
+    between the prototype and that head is left out (docs/assumptions.md)."""
+
+    def __init__(self, in_channels: int = 1):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(in_channels, 10, 5), nn.MaxPool2d(2), nn.ReLU(),
+            nn.Conv2d(10, 20, 5), nn.Dropout2d(), nn.MaxPool2d(2), nn.ReLU(), nn.Flatten(),
+            nn.Linear(320, 50), nn.ReLU(),
+        )
+        self.out_dim = 50
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def _cnn_fedproto(in_channels: int) -> tuple[nn.Module, int]:
+    net = FedProtoCNN(in_channels)
+    return net, net.out_dim
+
+
 def _torchvision_backbone(name: str) -> Callable[[int], tuple[nn.Module, int]]:
     def build(in_channels: int) -> tuple[nn.Module, int]:
         import torchvision
@@ -146,6 +170,7 @@ def _cnn(in_channels: int) -> tuple[nn.Module, int]:
 
 BACKBONES: dict[str, Callable[[int], tuple[nn.Module, int]]] = {
     "cnn": _cnn,
+    "cnn_fedproto": _cnn_fedproto,  # FedProto's MNIST/FEMNIST net (28x28 inputs)
     "resnet10": _resnet([1, 1, 1, 1], nf=32),  # official FedHPro: 256-d features
     "resnet18_cifar": _resnet([2, 2, 2, 2], nf=64),
     "resnet18": _torchvision_backbone("resnet18"),

@@ -27,6 +27,12 @@ Schemes
     split evenly (``np.array_split``) among the clients that hold it.
 ``iid``
     A permutation cut by ``np.array_split`` into near-equal parts.
+``nway``
+    FedProto's n-way k-shot split (yuetan031/FedProto ``lib/sampling.py`` with the draws of
+    ``exps/federated_main.py``): client i holds n_i classes (numpy ``randint``), k_i samples of each
+    (``randint`` around ``shots``), its classes drawn by Python's ``random.sample``; every client takes
+    its own block of each class (offset i * ``train_shots_max``) and a per-client local test set from the
+    TEST labels (`nway_test_parts`). See `nway_draws`.
 
 ``imbalance_ratio`` rho > 1 applies the same exponential long-tail selection as
 ``creff`` before the non-creff schemes (rho None or 1: no selection there);
@@ -44,6 +50,7 @@ import csv
 import io
 import json
 import math
+import random
 import re
 import sys
 from pathlib import Path
@@ -61,12 +68,16 @@ __all__ = [
     "parts_digest",
     "client_class_counts",
     "format_count_table",
+    "NWAY_RULES",
+    "nway_rule",
+    "nway_draws",
+    "nway_test_parts",
     "save_partition",
     "load_partition",
     "main",
 ]
 
-SCHEMES = ("creff", "dirichlet", "pathological", "iid")
+SCHEMES = ("creff", "dirichlet", "pathological", "iid", "nway")
 MAX_ATTEMPTS = 1000  # resampling rounds before the `dirichlet` scheme gives up
 # The official creff loop needs far more rounds at small alpha (CIFAR-10-LT rho=100: up to ~1.2k
 # at alpha=0.1, ~12k at alpha=0.05), and giving up early would break bit-compatibility. Its guard
@@ -384,9 +395,104 @@ def _iid(n: int, num_clients: int, rng: np.random.RandomState) -> list[np.ndarra
     return np.array_split(perm, num_clients)
 
 
+# --------------------------------------------------------------------------- FedProto n-way k-shot
+# FedProto's sampling code has one function per dataset and they differ: MNIST draws k from
+# randint(shots - stdev + 1, shots + stdev - 1) and tests on 40 samples per class at offset i * 40;
+# CIFAR-10 and FEMNIST draw k from randint(shots - stdev + 1, shots + stdev + 1) and test on `test_shots`
+# per class at offset i * test_shots; CIFAR-100 uses k = shots, train offset i * 5 (overlapping blocks)
+# and 5 test samples per class at a random offset random.randint(0, 90). The rule follows the dataset.
+NWAY_RULES = ("mnist", "cifar10", "cifar100")
+_NWAY_TEST_SHOTS = {"mnist": 40, "cifar10": 15, "cifar100": 5}  # FedProto: hard-coded 40 / --test_shots / 5
+
+
+def nway_rule(dataset: str) -> str:
+    """The FedProto sampling rule of a dataset: its own for MNIST and CIFAR-100, CIFAR-10's otherwise
+    (FEMNIST's function is CIFAR-10's on data stored class by class in blocks of train_shots_max)."""
+    return dataset if dataset in ("mnist", "cifar100") else "cifar10"
+
+
+def nway_draws(num_classes: int, num_clients: int, *, ways: int, shots: int, stdev: int, seed: int,
+               rule: str) -> tuple[np.ndarray, np.ndarray, list[np.ndarray], random.Random]:
+    """FedProto's draws: (n_i, k_i, sorted classes of each client, the Python RNG after them).
+
+    As `federated_main.py` after np.random.seed(seed) and random.seed(seed): n_list =
+    randint(max(2, ways - stdev), min(C, ways + stdev + 1), K), then k_list (the rule's range), then
+    per client np.sort(random.sample(range(C), n_i)). Our own RandomState / Random objects give the same
+    streams without touching the global ones.
+    """
+    if rule not in NWAY_RULES:
+        raise ValueError(f"unknown n-way rule {rule!r}; choose one of {', '.join(NWAY_RULES)}")
+    for name, value, low in (("ways", ways, 1), ("shots", shots, 1), ("stdev", stdev, 0)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+            raise ValueError(f"scheme 'nway' needs {name} an integer >= {low}, got {value!r}")
+    n_low, n_high = max(2, ways - stdev), min(num_classes, ways + stdev + 1)
+    if n_low >= n_high:
+        raise ValueError(f"scheme 'nway': ways={ways}, stdev={stdev} give an empty range of classes per client "
+                         f"[{n_low}, {n_high}) for {num_classes} classes (FedProto's randint would fail)")
+    k_low, k_high = {"mnist": (shots - stdev + 1, shots + stdev - 1), "cifar100": (shots, shots + 1)}.get(
+        rule, (shots - stdev + 1, shots + stdev + 1))
+    if k_low >= k_high or k_low < 1:
+        raise ValueError(f"scheme 'nway': shots={shots}, stdev={stdev} give an empty range of samples per class "
+                         f"[{k_low}, {k_high}) under FedProto's {rule} rule (its randint would fail)")
+    rs = np.random.RandomState(int(seed))
+    n_list = rs.randint(n_low, n_high, num_clients)
+    k_list = rs.randint(k_low, k_high, num_clients)
+    py = random.Random(int(seed))
+    classes = [np.sort(np.asarray(py.sample(range(num_classes), int(n)), dtype=np.int64)) for n in n_list]
+    return n_list.astype(np.int64), k_list.astype(np.int64), classes, py
+
+
+def _nway_block(per_class: list[np.ndarray], c: int, begin: int, k: int, what: str) -> np.ndarray:
+    members = per_class[c]
+    if begin + k > len(members):  # FedProto's slice would run into the next class's samples
+        raise ValueError(f"scheme 'nway': class {c} has {len(members)} {what} samples, too few for the block "
+                         f"[{begin}, {begin + k}) FedProto takes (fewer clients, shots or train_shots_max)")
+    return members[begin:begin + k]
+
+
+def _nway_train(y: np.ndarray, num_classes: int, num_clients: int, *, ways, shots, stdev, train_shots_max,
+                seed, rule) -> list[np.ndarray]:
+    _, k_list, classes, _ = nway_draws(num_classes, num_clients, ways=ways, shots=shots, stdev=stdev, seed=seed,
+                                       rule=rule)
+    # FedProto sorts the indices by label (np.argsort, quicksort): which samples of a class come first
+    # depends on numpy's sort; we sort stably (index order within a class), so the class counts and blocks
+    # are FedProto's, the particular images of a block may differ.
+    per_class = _class_index_lists(y, num_classes)
+    step = 5 if rule == "cifar100" else int(train_shots_max)
+    if step < int(k_list.max(initial=0)) and rule != "cifar100":
+        raise ValueError(f"scheme 'nway': train_shots_max={train_shots_max} is below the largest shots drawn "
+                         f"({int(k_list.max())}): clients' blocks would overlap")
+    return [np.concatenate([_nway_block(per_class, int(c), i * step, int(k_list[i]), "training")
+                            for c in classes[i]]).astype(np.int64) for i in range(num_clients)]
+
+
+def nway_test_parts(test_labels, *, num_clients: int, seed: int, ways: int, shots: int, stdev: int,
+                    rule: str, test_shots: int | None = None, num_classes: int | None = None) -> list[np.ndarray]:
+    """Each client's local test set (indices into `test_labels`) as FedProto draws it: for every class the
+    client holds, `test_shots` test samples (rule default: MNIST 40, CIFAR-10 15, CIFAR-100 5) at offset
+    i * test_shots of the class (CIFAR-100: at random.randint(0, 90), drawn after the training classes)."""
+    y = _as_labels(test_labels)
+    num_classes = int(y.max()) + 1 if num_classes is None else int(num_classes)
+    _, _, classes, py = nway_draws(num_classes, num_clients, ways=ways, shots=shots, stdev=stdev, seed=seed,
+                                   rule=rule)
+    per = _NWAY_TEST_SHOTS[rule] if test_shots is None else int(test_shots)
+    if per < 1:
+        raise ValueError(f"scheme 'nway' needs test_shots >= 1, got {per}")
+    per_class = _class_index_lists(y, num_classes)
+    parts = []
+    for i in range(num_clients):
+        blocks = []
+        for c in classes[i]:
+            begin = py.randint(0, 90) if rule == "cifar100" else i * per
+            blocks.append(_nway_block(per_class, int(c), begin, per, "test"))
+        parts.append(np.concatenate(blocks).astype(np.int64))
+    return parts
+
+
 # --------------------------------------------------------------------------- entry point
 def partition_labels(labels, *, scheme, num_clients, seed, alpha=None, classes_per_client=None,
-                     imbalance_ratio=None, min_size=None) -> list[np.ndarray]:
+                     imbalance_ratio=None, min_size=None, ways=None, shots=100, stdev=2, train_shots_max=110,
+                     nway_rule_name="cifar10") -> list[np.ndarray]:
     """Split the samples of `labels` among `num_clients` clients.
 
     Returns one int64 array of indices into `labels` per client; the same
@@ -398,7 +504,9 @@ def partition_labels(labels, *, scheme, num_clients, seed, alpha=None, classes_p
     "dirichlet" (needs alpha; `min_size` per client, default 10 clamped to
     N // num_clients), "pathological" (needs classes_per_client in [1, C]; the
     NIID-Bench ``noniid-#label{k}`` variant: client i gets class i % C, then
-    distinct random classes; each class is split evenly among its holders) or "iid".
+    distinct random classes; each class is split evenly among its holders), "iid" or "nway" (FedProto's
+    n-way k-shot training blocks: needs ways; shots, stdev, train_shots_max and the dataset's
+    `nway_rule_name` as FedProto's flags; the clients' test sets come from `nway_test_parts`).
     imbalance_ratio: rho >= 1; rho > 1 keeps int(total/C * rho**(-c/(C-1))) samples
     of class c (CReFF exponential long tail) before the scheme runs.
     Arguments a scheme does not use are ignored.
@@ -424,6 +532,13 @@ def partition_labels(labels, *, scheme, num_clients, seed, alpha=None, classes_p
                              f"asserts n_auxi_workers <= n_workers), got {num_clients}")
         return _creff(y, num_classes, num_clients, alpha, rho, seed)
 
+    if scheme == "nway":
+        if ways is None:
+            raise ValueError("scheme 'nway' needs ways (the mean number of classes per client, FedProto's --ways)")
+        if rho is not None and rho > 1:
+            raise ValueError("scheme 'nway' takes no long tail (imbalance_ratio must be 1)")
+        return _nway_train(y, num_classes, num_clients, ways=ways, shots=shots, stdev=stdev,
+                           train_shots_max=train_shots_max, seed=seed, rule=nway_rule_name)
     if scheme == "dirichlet":
         alpha = _check_alpha(alpha, scheme)
     elif scheme == "pathological":
@@ -630,12 +745,15 @@ def _recorded_digest(meta_path: Path) -> str | None:
 
 # The keys that determine a partition: a saved partition is used only by a run that agrees on every one.
 IDENTITY_KEYS = ("dataset", "dataset_options", "data_fingerprint", "scheme", "num_clients", "seed", "alpha",
-                 "classes_per_client", "imbalance_ratio", "clients_per_domain", "min_size")
+                 "classes_per_client", "imbalance_ratio", "clients_per_domain", "min_size", "ways", "shots", "stdev",
+                 "train_shots_max", "test_shots")
+NWAY_KEYS = ("ways", "shots", "stdev", "train_shots_max", "test_shots")  # None outside scheme 'nway' 
 
 
 def partition_identity(*, dataset: str, data_fingerprint: str, scheme: str, num_clients: int, seed: int,
                        alpha=None, classes_per_client=None, imbalance_ratio=None, clients_per_domain=None,
-                       min_size=None, dataset_options=None) -> dict:
+                       min_size=None, dataset_options=None, ways=None, shots=None, stdev=None,
+                       train_shots_max=None, test_shots=None) -> dict:
     """The normalised values of every key that determines a split (`IDENTITY_KEYS`).
 
     Keys a scheme ignores are None (alpha outside creff/dirichlet, ...), rho None is 1.0 (the same split), and
@@ -651,7 +769,9 @@ def partition_identity(*, dataset: str, data_fingerprint: str, scheme: str, num_
             "imbalance_ratio": rho,
             "clients_per_domain": int(clients_per_domain) if scheme == "domains" and clients_per_domain is not None
             else None,
-            "min_size": None if min_size is None or scheme != "dirichlet" else int(min_size)}
+            "min_size": None if min_size is None or scheme != "dirichlet" else int(min_size),
+            **{k: (int(v) if scheme == "nway" and v is not None else None) for k, v in
+               zip(NWAY_KEYS, (ways, shots, stdev, train_shots_max, test_shots))}}
 
 
 # identity key -> the run config key (`fedhpro.config.RunConfig`) that sets it, where the names differ
@@ -710,6 +830,13 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rho", type=float, default=None, help="long-tail imbalance ratio (>= 1)")
     p.add_argument("--classes-per-client", type=int, default=None, help="pathological scheme")
     p.add_argument("--min-size", type=int, default=None, help="dirichlet: minimum samples per client")
+    p.add_argument("--ways", type=int, default=None, help="nway: mean classes per client (FedProto --ways)")
+    p.add_argument("--shots", type=int, default=100, help="nway: mean samples per class (FedProto --shots)")
+    p.add_argument("--stdev", type=int, default=2, help="nway: spread of ways and shots (FedProto --stdev)")
+    p.add_argument("--train-shots-max", type=int, default=110, help="nway: block stride per client "
+                   "(FedProto --train_shots_max)")
+    p.add_argument("--test-shots", type=int, default=None, help="nway: local test samples per class (default: "
+                   "FedProto's for the dataset: MNIST 40, CIFAR-100 5, else 15)")
     p.add_argument("--data-root", default="data")
     p.add_argument("--path", default=None, help="your own copy of the data (the loader's path= option; as "
                    "fingerprint --path)")
@@ -739,7 +866,14 @@ def _main(argv=None) -> int:
     try:
         parts = partition_labels(labels, scheme=args.scheme, num_clients=args.num_clients, seed=args.seed,
                                  alpha=args.alpha, classes_per_client=args.classes_per_client,
-                                 imbalance_ratio=args.rho, min_size=args.min_size)
+                                 imbalance_ratio=args.rho, min_size=args.min_size, ways=args.ways, shots=args.shots,
+                                 stdev=args.stdev, train_shots_max=args.train_shots_max,
+                                 nway_rule_name=nway_rule(args.dataset))
+        if args.scheme == "nway":
+            test_parts = nway_test_parts(data.test_y.numpy(), num_clients=args.num_clients, seed=args.seed,
+                                         ways=args.ways, shots=args.shots, stdev=args.stdev,
+                                         rule=nway_rule(args.dataset), test_shots=args.test_shots,
+                                         num_classes=num_classes)
     except ValueError as e:
         parser.error(str(e))
     counts = client_class_counts(labels, parts, num_classes)
@@ -749,15 +883,20 @@ def _main(argv=None) -> int:
               f"{args.dataset!r} with no training sample ({len(labels)} samples, {num_classes} classes); runs "
               "with this imbalance_ratio are refused; use a smaller --rho", file=sys.stderr)
     print(format_count_table(counts))
+    if args.scheme == "nway":
+        print("local test sets (FedProto: drawn from the test split)")
+        print(format_count_table(client_class_counts(data.test_y.numpy(), test_parts, num_classes)))
+    nway_args = {"ways": args.ways, "shots": args.shots, "stdev": args.stdev, "train_shots_max": args.train_shots_max,
+                 "test_shots": args.test_shots} if args.scheme == "nway" else {}
     if args.out:
         identity = partition_identity(dataset=args.dataset, data_fingerprint=fingerprint(data), scheme=args.scheme,
                                       num_clients=args.num_clients, seed=args.seed, alpha=args.alpha,
                                       classes_per_client=args.classes_per_client, imbalance_ratio=args.rho,
-                                      min_size=args.min_size)
+                                      min_size=args.min_size, **nway_args)
         meta = {"dataset": args.dataset, "scheme": args.scheme, "num_clients": args.num_clients,
                 "seed": args.seed, "alpha": args.alpha, "rho": args.rho,
                 "classes_per_client": args.classes_per_client, "min_size": args.min_size,
-                "num_train": int(len(labels)), "identity": identity}
+                "num_train": int(len(labels)), "identity": identity, **nway_args}
         save_partition(args.out, parts, labels, num_classes, meta)
         print(f"saved to {args.out}", file=sys.stderr)
     return 0

@@ -68,12 +68,13 @@ WILDCARD_PATTERNS = {"dataset": r"[A-Za-z0-9_.]+", "het": r"[A-Za-z0-9_.-]+", "m
                      "variant": r"[A-Za-z0-9_.-]+", "pseed": r"[0-9]+", "seed": r"[0-9]+",
                      "experiment": r"[A-Za-z0-9][A-Za-z0-9_.-]*"}
 
-PARTITION_KEYS = ("partition", "alpha", "classes_per_client", "imbalance_ratio", "num_clients", "clients_per_domain")
+PARTITION_KEYS = ("partition", "alpha", "classes_per_client", "imbalance_ratio", "num_clients", "clients_per_domain",
+                  "ways", "shots", "stdev", "train_shots_max", "test_shots")
 # keys the sweep itself sets: not allowed in defaults / dataset overrides / variant `config`
 AXIS_KEYS = ("method", "variant", "method_params", "dataset", "seed", "partition_seed", "data_root")
 TOP_KEYS = ("results", "data_root", "reporting", "defaults", "datasets", "pending_datasets", "heterogeneity",
             "methods", "grids", "ablations", "seeds", "partition_seeds", "threads", "slurm", "mirrors",
-            "experiments")
+            "experiments", "published", "reproduction_report", "report_partial")
 DATASET_EXTRA_KEYS = ("heterogeneity", "methods")
 ABLATION_KEYS = ("methods", "base_variant", "datasets", "heterogeneity", "seeds", "partition_seeds", "variants")
 # The one declaration of the `slurm:` section's keys and defaults: fedhpro.launch.LaunchOptions takes its
@@ -119,6 +120,12 @@ def het_id(cfg: RunConfig) -> str:
         parts.append(f"k{encode_value(cfg.classes_per_client)}")
     if cfg.partition == "domains" and cfg.clients_per_domain is not None:
         parts.append(f"cpd{encode_value(cfg.clients_per_domain)}")
+    if cfg.partition == "nway":  # FedProto n-way k-shot: ways, shots, stdev (+ the strides where not default)
+        parts += [f"w{encode_value(cfg.ways)}", f"k{encode_value(cfg.shots)}", f"sd{encode_value(cfg.stdev)}"]
+        if cfg.train_shots_max != 110:
+            parts.append(f"tsm{encode_value(cfg.train_shots_max)}")
+        if cfg.test_shots is not None:
+            parts.append(f"ts{encode_value(cfg.test_shots)}")
     if cfg.imbalance_ratio != 1.0:
         parts.append(f"rho{encode_value(cfg.imbalance_ratio)}")
     parts.append(f"n{cfg.num_clients}")
@@ -144,9 +151,12 @@ class PartitionSpec:
     imbalance_ratio: float
     clients_per_domain: int | None
     dataset_options: str = "{}"  # canonical JSON of the loader options (they can change the data)
+    nway: str = ""  # partition 'nway': canonical JSON of its keys (ways, shots, stdev, ...); "" otherwise
 
     def params(self) -> dict[str, Any]:
-        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "partition_id"}
+        # `nway` only where set, so the params (Snakemake's rerun trigger) of other partitions are unchanged
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "partition_id"
+               and not (f.name == "nway" and not self.nway)}
         out["dataset_options"] = json.loads(self.dataset_options)
         return out
 
@@ -182,6 +192,9 @@ class RunSpec:
                              classes_per_client=c.classes_per_client if c.partition == "pathological" else None,
                              imbalance_ratio=c.imbalance_ratio,
                              clients_per_domain=c.clients_per_domain if c.partition == "domains" else None,
+                             nway=json.dumps({k: getattr(c, k) for k in ("ways", "shots", "stdev", "train_shots_max",
+                                                                         "test_shots")}, sort_keys=True)
+                             if c.partition == "nway" else "",
                              dataset_options=json.dumps({k: v for k, v in dict(c.dataset_options).items()
                                                          if k not in LOCATION_OPTIONS}, sort_keys=True, default=str))
 

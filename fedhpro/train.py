@@ -69,7 +69,25 @@ def run_partition_identity(cfg: RunConfig, data_fingerprint: str) -> dict:
     return partition_identity(dataset=cfg.dataset, dataset_options=cfg.dataset_options,
                               data_fingerprint=data_fingerprint, scheme=cfg.partition, num_clients=cfg.num_clients,
                               seed=cfg.partition_seed, alpha=cfg.alpha, classes_per_client=cfg.classes_per_client,
-                              imbalance_ratio=cfg.imbalance_ratio, clients_per_domain=cfg.clients_per_domain)
+                              imbalance_ratio=cfg.imbalance_ratio, clients_per_domain=cfg.clients_per_domain,
+                              **nway_kwargs(cfg))
+
+
+def nway_kwargs(cfg: RunConfig) -> dict:
+    """FedProto n-way keys of a config for `partition_identity` (empty outside partition 'nway')."""
+    if cfg.partition != "nway":
+        return {}
+    return {"ways": cfg.ways, "shots": cfg.shots, "stdev": cfg.stdev, "train_shots_max": cfg.train_shots_max,
+            "test_shots": cfg.test_shots}
+
+
+def nway_local_tests(cfg: RunConfig, test_labels: np.ndarray, num_classes: int) -> list[np.ndarray]:
+    """Partition 'nway': each client's local test set (indices into the test split), as FedProto draws it."""
+    from fedhpro.partition import nway_rule, nway_test_parts
+
+    return nway_test_parts(test_labels, num_clients=cfg.num_clients, seed=cfg.partition_seed, ways=cfg.ways,
+                           shots=cfg.shots, stdev=cfg.stdev, rule=nway_rule(cfg.dataset), test_shots=cfg.test_shots,
+                           num_classes=num_classes)
 
 
 def check_long_tail(cfg: RunConfig, labels: np.ndarray) -> None:
@@ -114,12 +132,16 @@ def client_partition(cfg: RunConfig, labels: np.ndarray, partition_dir: Path | N
     return partition.partition_labels(labels, scheme=cfg.partition, num_clients=cfg.num_clients,
                                       seed=cfg.partition_seed, alpha=cfg.alpha,
                                       classes_per_client=cfg.classes_per_client,
-                                      imbalance_ratio=cfg.imbalance_ratio)
+                                      imbalance_ratio=cfg.imbalance_ratio,
+                                      **({"ways": cfg.ways, "shots": cfg.shots, "stdev": cfg.stdev,
+                                          "train_shots_max": cfg.train_shots_max,
+                                          "nway_rule_name": partition.nway_rule(cfg.dataset)}
+                                         if cfg.partition == "nway" else {}))
 
 
 def check_run(cfg: RunConfig) -> None:
     """Refusals that need no data: settings that would train and then report nothing (NaN)."""
-    if cfg.eval_mode == "personalized" and cfg.effective_local_test_fraction == 0:
+    if cfg.eval_mode == "personalized" and cfg.effective_local_test_fraction == 0 and cfg.partition != "nway":
         raise ConfigError("config key 'local_test_fraction': 0 leaves personalized clients no local test split, "
                           "so nothing would be evaluated (accuracy NaN); use e.g. 0.25 or leave it unset")
 
@@ -140,6 +162,8 @@ def build_context(cfg: RunConfig, partition_dir: Path | None = None, data: Array
         raise ConfigError(f"partition has {len(parts)} clients, config key 'num_clients' says {cfg.num_clients}")
     clients = []
     frac = cfg.effective_local_test_fraction
+    # partition 'nway': FedProto's local test sets, drawn from the test split (else held out of the client's data)
+    nway_tests = nway_local_tests(cfg, data.test_y.numpy(), data.num_classes) if cfg.partition == "nway" else None
     for cid, idx in enumerate(parts):
         idx = np.asarray(idx, dtype=np.int64)
         test_idx = idx[:0]
@@ -151,9 +175,13 @@ def build_context(cfg: RunConfig, partition_dir: Path | None = None, data: Array
             raise ConfigError(f"client {cid} received no training samples; lower 'num_clients' or change the partition")
         t_idx, e_idx = torch.from_numpy(idx), torch.from_numpy(test_idx)
         y = data.train_y[t_idx]
+        test_x, test_y = data.train_x[e_idx], data.train_y[e_idx]
+        if nway_tests is not None:
+            e_idx = torch.from_numpy(nway_tests[cid])
+            test_x, test_y = data.test_x[e_idx], data.test_y[e_idx]
         clients.append(ClientData(
-            cid=cid, x=data.train_x[t_idx].to(device), y=y.to(device), test_x=data.train_x[e_idx].to(device),
-            test_y=data.train_y[e_idx].to(device), class_counts=torch.bincount(y, minlength=data.num_classes),
+            cid=cid, x=data.train_x[t_idx].to(device), y=y.to(device), test_x=test_x.to(device),
+            test_y=test_y.to(device), class_counts=torch.bincount(y, minlength=data.num_classes),
             domain=int(data.train_domain[t_idx[0]]) if data.train_domain is not None else None))
     model_name = spec.default_model if cfg.model == "auto" else cfg.model
     names = list(cfg.client_models) or [model_name]
@@ -196,7 +224,9 @@ def result_row(cfg: RunConfig, res: RoundResult, status: str, domain_names: tupl
     row = {"run_id": cfg.config_hash(), "method": cfg.method, "variant": cfg.variant, "eval_mode": cfg.eval_mode,
            "dataset": cfg.dataset, "partition": cfg.partition,
            "alpha": float("nan") if cfg.alpha is None else cfg.alpha,
-           "classes_per_client": -1 if cfg.classes_per_client is None else cfg.classes_per_client,
+           # partition 'nway': FedProto's n (mean classes per client) is this column, so its tables tell n apart
+           "classes_per_client": cfg.ways if cfg.partition == "nway" else
+           -1 if cfg.classes_per_client is None else cfg.classes_per_client,
            "imbalance_ratio": cfg.imbalance_ratio, "num_clients": cfg.num_clients,
            "partition_seed": cfg.partition_seed, "seed": cfg.seed, "model": model,
            "aggregation": weight_aggregation(cfg), "round": res.round, "status": status, "train_loss": res.train_loss,

@@ -45,6 +45,7 @@ METHOD_MODULES = {
     "fedsa": "fedhpro.methods.fedsa",
     "protonorm": "fedhpro.methods.protonorm",
     "gfpl": "fedhpro.methods.gfpl",
+    "local": "fedhpro.methods.local",
 }
 
 

@@ -192,6 +192,13 @@ def docs_figure_outputs():
     ]
 
 
+def report_metrics(wildcards):
+    """The reproduction report's runs: all planned ones, or with `report_partial` those finished at load."""
+    if config.get("report_partial"):
+        return [path for path in ALL_METRICS if os.path.exists(path)]
+    return ALL_METRICS
+
+
 def final_outputs():
     """Every experiment's tables and figures, every run's metrics and the README figures (quick default only).
     Snakemake rebuilds a missing file only for a job that needs it, so a metrics.parquet deleted after its
@@ -202,7 +209,14 @@ def final_outputs():
         + [f"{FIGURES}/{name}" for name in RUNS_OF_EXPERIMENT]
         + metrics_of(RUNS)
         + docs_figure_outputs()  # the README figures (quick default only; rule docs_figure)
+        + report_outputs()  # the reproduction report (a config with `published` and `reproduction_report`)
     )
+
+
+def report_outputs():
+    if config.get("published") and config.get("reproduction_report"):
+        return [config["reproduction_report"]]
+    return []
 
 
 def data_identity(dataset):

@@ -22,6 +22,11 @@ def job(sm) -> None:
         raise RuntimeError(f"fedhpro.aggregate exited with status {rc}")
     if not any(Path(sm.output[0]).glob("*.md")):
         raise RuntimeError(f"fedhpro.aggregate wrote no table into {sm.output[0]}")
+    if sm.config.get("published"):  # the published numbers of this experiment's cells beside ours (published.md)
+        from fedhpro.published import write_experiment_table
+
+        print(write_experiment_table(sm.config["published"], [Path(p).parent for p in sm.input.metrics],
+                                     sm.output[0]))
 
 
 run_script(sm, job)

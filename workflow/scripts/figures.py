@@ -14,10 +14,16 @@ def job(sm) -> None:
     from fedhpro.figures import write_figures
 
     experiment = sm.params.experiment
+    reference = None
+    if sm.config.get("published"):  # the published-results registry: its curves are reference lines
+        from fedhpro.published import figure_reference, load_registry
+
+        reference = figure_reference(load_registry(sm.config["published"]))
     df = collect(list(sm.input.metrics))
     # the ablation Δs use the tables' reporting rule; the clients figure the per-client results, where written
     paths = write_figures(df, sm.output[0], kind=experiment["kind"], title=experiment["title"],
-                          runs=summarize_runs(df, sm.params.rule, sm.params.last_k), clients=collect_clients(df))
+                          runs=summarize_runs(df, sm.params.rule, sm.params.last_k), clients=collect_clients(df),
+                          reference=reference)
     if not paths:
         raise RuntimeError(f"no figure was drawn into {sm.output[0]} (no evaluated rounds?)")
     print("\n".join(str(p) for p in paths))
