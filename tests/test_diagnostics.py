@@ -19,7 +19,7 @@ from fedhpro.methods import METHODS
 from fedhpro.train import build_context, train
 
 BASE = {"dataset": "digits", "num_clients": 4, "partition": "dirichlet", "alpha": 0.5, "rounds": 2,
-        "local_epochs": 1, "batch_size": 32, "lr": 0.05, "seed": 2}
+        "local_epochs": 1, "batch_size": 32, "lr": 0.05, "seed": 2, "diagnostics_every": 1}
 # Every prototype method in each mode it supports; small server steps keep the runs short.
 PROTOTYPE_RUNS = {
     "fedproto": ({}, ("global", "personalized")),
@@ -337,3 +337,23 @@ def test_diagnostics_table_reports_final_round_mean_and_sd_over_seeds(tmp_path):
     fedavg = next(v for k, v in rows.items() if k.startswith("FedAvg"))
     assert fedavg[DIAGNOSTIC_COLUMNS.index("proto_margin")] == "–"  # no global signal
     assert "±" in fedavg[DIAGNOSTIC_COLUMNS.index("proto_agree")]  # signal-free: every method has it
+
+
+def test_diagnostics_every_skips_rounds_and_changes_no_other_number(tmp_path):
+    import pandas as pd
+
+    from fedhpro.config import from_dict
+    from fedhpro.diagnostics import DIAGNOSTIC_COLUMNS
+    from fedhpro.train import train
+
+    base = {**BASE, "method": "fedproto", "rounds": 3}
+    every = train(from_dict(base), tmp_path / "every", threads=1, progress=False)
+    sparse = train(from_dict({**base, "diagnostics_every": 2}), tmp_path / "sparse", threads=1, progress=False)
+    cols = [c for c in DIAGNOSTIC_COLUMNS if every[c].notna().all()]
+    assert "proto_nearest" in cols and "proto_agree" in cols
+    assert sparse.loc[sparse["round"] == 1, cols].isna().all(axis=None)  # neither a multiple of 2 nor the last
+    for r in (2, 3):  # round 2 (a multiple) and round 3 (the last)
+        pd.testing.assert_series_equal(sparse.loc[sparse["round"] == r, cols].iloc[0],
+                                       every.loc[every["round"] == r, cols].iloc[0], check_exact=True)
+    numbers = ["train_loss", "test_acc", "test_loss", "bytes_up"]
+    pd.testing.assert_frame_equal(sparse[numbers], every[numbers], check_exact=True)
