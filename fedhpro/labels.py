@@ -169,7 +169,7 @@ STYLES: dict[str, dict] = {
     "protonorm": {"color": "#777777", "marker": "h", "linestyle": "-."},
     "gfpl": {"color": "#000000", "marker": "X", "linestyle": ":"},
     "fedhpro": {"color": "#CC3311", "marker": "*", "linestyle": "-", "linewidth": 2.0, "markersize": 7},
-    "local": {"color": "#BBBBBB", "marker": "x", "linestyle": "--"},
+    "local": {"color": "#BBBBBB", "marker": "x", "linestyle": "-."},
 }
 # FedHPro's main-table rows: one red-orange family, told apart by lightness, marker and line style
 VARIANT_STYLES: dict[tuple[str, str], dict] = {

@@ -238,8 +238,10 @@ def test_local_run_produces_tables_figures_and_run_files(workflow_run):
         for ext in ("md", "tex", "csv"):
             assert (tables / f"{name}.{ext}").stat().st_size > 0
     assert (tables / "runs.csv").is_file()
+    # FedAvg and FedProx have the signal-free diagnostics (across-client agreement), so a diagnostics figure too
     assert {p.name for p in (res / "figures" / "main").iterdir() if not p.name.startswith(".")} == {
-        "accuracy.png", "accuracy.pdf", "communication.png", "communication.pdf"}
+        "accuracy.png", "accuracy.pdf", "communication.png", "communication.pdf",
+        "diagnostics_digits_dirichlet_a0.5_n10_global_auto.png", "diagnostics_digits_dirichlet_a0.5_n10_global_auto.pdf"}
     main = (tables / "main.md").read_text()
     assert "FedAvg" in main and "FedProx" in main
     runs = sorted(p.parent for p in (res / "runs").glob("**/metrics.parquet"))
@@ -297,7 +299,8 @@ def test_paper_config_plans_quickly_on_its_own(tmp_path):
 
     # in a copy: what the checkout's results/ and data/ hold (a pipeline run, downloads) must not matter
     wf = copy_workflow(tmp_path, TINY)
-    shutil.copy2(REPO / "config" / "paper.yaml", wf / "config" / "paper.yaml")
+    for name in ("paper.yaml", "published.yaml"):  # paper.yaml names the published-results registry
+        shutil.copy2(REPO / "config" / name, wf / "config" / name)
     t0 = time.monotonic()
     proc = subprocess.run(snakemake_cmd("-n", "--configfile", "config/paper.yaml"), cwd=wf, capture_output=True,
                           text=True, timeout=300)
@@ -311,8 +314,9 @@ def test_paper_config_plans_quickly_on_its_own(tmp_path):
     assert any("/cifar10/creff-a0p2-rho50-n10/fedhpro/paper/" in p for p in trained)
     assert any("/cifar100/pathological-k20-n10/" in p for p in trained)
     # every experiment of the paper gets its tables and figures
-    experiments = {"label_skew", "label_skew_published", "feature_shift", "model_heterogeneity", "text", "sun397",
-                   "ablation"}
+    experiments = set(yaml.safe_load((REPO / "config" / "paper.yaml").read_text())["experiments"])
+    assert {"label_skew", "label_skew_published", "label_skew_balanced", "feature_shift", "model_heterogeneity",
+            "text", "sun397", "ablation", "fedproto_mnist", "fedproto_cifar100"} <= experiments
     assert {Path(p).name for p in jobs["aggregate"]} == experiments
     assert {Path(p).name for p in jobs["figures"]} == experiments
     assert any("/cifar10/creff-a0p5-rho100-n10/fedproto/personalized/" in p for p in trained)
