@@ -72,11 +72,11 @@ MARKERS_PER_LINE = 6  # markers drawn along a line (every k-th point), enough to
 WORST_FRACTION = 0.1  # the clients figure and table mark the mean of the worst 10% of clients
 # the diagnostics drawn (fedhpro.diagnostics defines them all; the tables list every one): the measures that
 # neither the positive-orthant offset nor a collapsed solution fool, plus the raw angle between global signals
-DIAGNOSTIC_COLUMNS = {"proto_sep_mean_deg": "Separation: mean pairwise angle (°)",
-                      "proto_cons_centred": "Consistency, centred: mean cosine, client vs global",
-                      "proto_margin": "Margin: own class minus best other (cosine)",
-                      "proto_nearest": "Nearest own class: share of client prototypes",
-                      "proto_agree_nearest": "Agreement: share nearest own class across clients"}
+DIAGNOSTIC_COLUMNS = {"proto_sep_mean_deg": "Separation: mean angle (°)",
+                      "proto_cons_centred": "Consistency, centred: cosine to global",
+                      "proto_margin": "Margin: own minus best other",
+                      "proto_nearest": "Nearest own class: share",
+                      "proto_agree_nearest": "Agreement: share, across clients"}
 KINDS = ("comparison", "ablation")
 
 
@@ -527,14 +527,15 @@ def _clients_figure(settings: list[dict], title: str) -> Figure:
 
 
 def _diagnostic_title_and_unit(text: str) -> tuple[str, str]:
-    """Panel title and y-label of a diagnostic: 'Separation: mean pairwise angle (°)' -> ('Separation: mean
-    pairwise angle', 'mean pairwise angle (°)'); distinct titles, and a y-label that names the quantity."""
+    """Panel title and y-label of a diagnostic: 'Separation: mean pairwise angle (°)' -> ('Separation',
+    'mean pairwise angle (°)'); short distinct titles (five panels share a row's width), and a y-label that
+    names the quantity."""
     head, _, tail = text.partition(": ")
-    return re.sub(r"\s*\([^)]*\)$", "", text), (tail or text)
+    return (head if tail else re.sub(r"\s*\([^)]*\)$", "", text)), (tail or text)
 
 
 def _diagnostics_figure(setting: dict, columns: list[str], title: str) -> Figure:
-    fig, axes = _grid(len(columns), title, cols=len(columns), width=TEXT_W if len(columns) > 1 else COL_W)
+    fig, axes = _grid(len(columns), title, cols=3, width=TEXT_W if len(columns) > 1 else COL_W)
     entries: dict[str, dict] = {}
     for ax, col in zip(axes, columns):
         lines = [ln for ln in setting["lines"] if f"{col}_mean" in ln and np.isfinite(ln[f"{col}_mean"]).any()]
