@@ -272,23 +272,16 @@ def load_workflow_config(path: str | Path) -> dict:
     config = load_yaml_text(Path(path).read_text(), f"config file {str(path)!r}")
     if not isinstance(config, dict):
         raise PlanError(f"config file {path} is not a mapping of workflow keys")
-    import jsonschema
-    import yaml
+    # the workflow's own two steps (workflow/rules/common.smk): the one-line schema reason, then Snakemake's
+    # validate, which fills in the schema's defaults
+    from snakemake.utils import validate
 
-    schema = yaml.safe_load(SCHEMA.read_text())
-    validator_cls = jsonschema.validators.validator_for(schema)
+    from fedhpro.runtable import schema_error
 
-    def set_defaults(validator, properties, instance, schema):  # the defaults Snakemake's validate() fills in
-        for prop, sub in properties.items():
-            if isinstance(instance, dict) and "default" in sub:
-                instance.setdefault(prop, sub["default"])
-        yield from validator_cls.VALIDATORS["properties"](validator, properties, instance, schema)
-
-    filling = jsonschema.validators.extend(validator_cls, {"properties": set_defaults})
-    err = jsonschema.exceptions.best_match(filling(schema).iter_errors(config))
-    if err is not None:
-        where = ".".join(str(p) for p in err.absolute_path) or "(top level)"
-        raise PlanError(f"config file {path}: {where}: {err.message.splitlines()[0][:200]}")
+    reason = schema_error(config, str(SCHEMA))
+    if reason is not None:
+        raise PlanError(f"config file {path}: {reason}")
+    validate(config, str(SCHEMA))
     return config
 
 

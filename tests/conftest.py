@@ -34,3 +34,12 @@ TIME_COLUMNS = ["time_local", "time_server", "time_eval", "time_io"]
 def numbers(df: pd.DataFrame) -> pd.DataFrame:
     """A run's metrics without the wall-clock columns: what must be bit-identical between equal runs."""
     return df[[c for c in df.columns if c not in TIME_COLUMNS]].reset_index(drop=True)
+
+
+def one_line_error(capsys, rc, expect_rc=2) -> str:
+    """The captured stderr of a CLI call that must fail with exit `expect_rc` and one `error: ...` line."""
+    err = capsys.readouterr().err.strip()
+    assert rc == expect_rc, err
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    assert err.startswith("error: "), err
+    return err

@@ -22,6 +22,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from conftest import one_line_error
 from fedhpro import aggregate as agg
 from fedhpro.cli import INTERRUPTED, main as cli_main
 from fedhpro.config import ConfigError, from_dict, load_config
@@ -37,14 +38,6 @@ TINY = {"dataset": "digits", "partition": "dirichlet", "alpha": 0.5, "num_client
 
 def cfg_of(**changes):
     return from_dict({**TINY, **changes})
-
-
-def one_line_error(capsys, rc, expect_rc=2) -> str:
-    err = capsys.readouterr().err.strip()
-    assert rc == expect_rc, err
-    assert "Traceback" not in err and len(err.splitlines()) == 1, err
-    assert err.startswith("error: "), err
-    return err
 
 
 def make_partition(tmp_path, capsys, *args) -> Path:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import one_line_error
 from fedhpro import aggregate as agg
 from fedhpro.cli import main as cli_main
 from fedhpro.config import from_dict
@@ -28,14 +29,6 @@ def cfg_of(**changes):
 
 def hpro(params: dict | None = None, **changes):
     return cfg_of(method="fedhpro", method_params={**HPRO_FAST, **(params or {})}, **changes)
-
-
-def one_line_error(capsys, rc, expect_rc=2) -> str:
-    err = capsys.readouterr().err.strip()
-    assert rc == expect_rc, err
-    assert "Traceback" not in err and len(err.splitlines()) == 1, err
-    assert err.startswith("error: "), err
-    return err
 
 
 # ------------------------------------------------------------------ 1: one (method, variant) row, one config
