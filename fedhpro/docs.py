@@ -19,8 +19,9 @@ DOCS = Path(__file__).resolve().parent.parent / "docs"
 
 
 def _cell(text: object) -> str:
-    """Text for one Markdown table cell: a `|` would end the cell, a newline the row."""
-    return str(text).replace("|", "\\|").replace("\n", " ")
+    """Text for one Markdown table cell: a `|` would end the cell, a newline the row, `<x>` be read as HTML
+    and `*` as emphasis."""
+    return str(text).replace("|", "\\|").replace("\n", " ").replace("<", "&lt;").replace("*", "\\*")
 
 
 def _keys_table(cls: type) -> list[str]:
@@ -31,8 +32,9 @@ def _keys_table(cls: type) -> list[str]:
 
     rows = ["| key | type | default | accepted | help |", "|---|---|---|---|---|"]
     for name, (f, kind, nullable) in declared_fields(cls).items():
-        default = json.dumps(field_default(f))  # as written in a config file: null, true, [], "text"
-        rows.append(f"| `{name}` | {describe_type(kind, nullable)} | `{_cell(default)}` | "
+        # as written in a config file (null, true, [], "text"), in a code span: only a `|` is escaped there
+        default = json.dumps(field_default(f)).replace("|", "\\|")
+        rows.append(f"| `{name}` | {describe_type(kind, nullable)} | `{default}` | "
                     f"{_cell(describe_accepted(f))} | {_cell(f.metadata.get('help', ''))} |")
     return rows
 
@@ -113,8 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     mode.add_argument("--write", action="store_true", help="rewrite every generated block in docs/")
     mode.add_argument("--check", action="store_true", help="exit 1 if a committed block differs from its output")
     args = parser.parse_args(argv)
+    docs = DOCS
     try:
-        pages = rendered()
+        pages = rendered(docs)
     except (DocsError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -122,10 +125,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.write:
         for path in stale:
             path.write_text(pages[path][1], encoding="utf-8")
-            print(f"rewrote {path}")
+            print(f"rewrote {path.relative_to(docs.parent)}")
         return 0
     for path in stale:
-        print(f"error: {path} is out of date: python -m fedhpro.docs --write", file=sys.stderr)
+        print(f"error: {path.relative_to(docs.parent)} is out of date: python -m fedhpro.docs --write", file=sys.stderr)
     return 1 if stale else 0
 
 
