@@ -114,8 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     mode = parser.add_mutually_exclusive_group(required=True)
     mode.add_argument("--write", action="store_true", help="rewrite every generated block in docs/")
     mode.add_argument("--check", action="store_true", help="exit 1 if a committed block differs from its output")
+    parser.add_argument("--docs", type=Path, default=DOCS, help="the docs folder (default: this checkout's)")
     args = parser.parse_args(argv)
-    docs = DOCS
+    docs = args.docs
     try:
         pages = rendered(docs)
     except (DocsError, OSError) as exc:
