@@ -53,6 +53,7 @@ import yaml
 
 from fedhpro import layout
 from fedhpro.config import _FLOAT_RE, LOCATION_OPTIONS, ConfigError, RunConfig, from_dict, load_yaml_text
+from fedhpro.partition import LEGACY_NAMES, SCHEMES
 
 __all__ = ["RunSpec", "PartitionSpec", "ExperimentSpec", "SweepConfigError", "expand_sweep", "experiments_of",
            "runs_by_experiment", "pending_datasets_of", "validate_workflow_config",
@@ -68,8 +69,14 @@ WILDCARD_PATTERNS = {"dataset": r"[A-Za-z0-9_.]+", "het": r"[A-Za-z0-9_.-]+", "m
                      "variant": r"[A-Za-z0-9_.-]+", "pseed": r"[0-9]+", "seed": r"[0-9]+",
                      "experiment": r"[A-Za-z0-9][A-Za-z0-9_.-]*"}
 
-PARTITION_KEYS = ("partition", "alpha", "classes_per_client", "imbalance_ratio", "num_clients", "clients_per_domain",
-                  "ways", "shots", "stdev", "train_shots_max", "test_shots")
+
+
+def partition_keys() -> tuple[str, ...]:
+    """The keys of a heterogeneity entry: the scheme, its clients and long tail, and every scheme's keys."""
+    return ("partition", "imbalance_ratio", "num_clients") + tuple(dict.fromkeys(
+        k for scheme in SCHEMES.values() for k in scheme.keys))
+
+
 # keys the sweep itself sets: not allowed in defaults / dataset overrides / variant `config`
 AXIS_KEYS = ("method", "variant", "method_params", "dataset", "seed", "partition_seed", "data_root")
 TOP_KEYS = ("results", "data_root", "reporting", "defaults", "datasets", "pending_datasets", "heterogeneity",
@@ -112,20 +119,14 @@ def encode_value(value: Any) -> str:
 
 
 def het_id(cfg: RunConfig) -> str:
-    """The heterogeneity id of a resolved config: every field that changes the client split."""
+    """The heterogeneity id of a resolved config: its scheme's name and id parts (`Scheme.ids`: every key that
+    changes the split), `rho..` when imbalance_ratio != 1, then `n<clients>`."""
+    scheme = SCHEMES[cfg.partition]
     parts = [cfg.partition]
-    if cfg.partition in ("creff", "dirichlet"):
-        parts.append(f"a{encode_value(cfg.alpha)}")
-    if cfg.partition == "pathological":
-        parts.append(f"k{encode_value(cfg.classes_per_client)}")
-    if cfg.partition == "domains" and cfg.clients_per_domain is not None:
-        parts.append(f"cpd{encode_value(cfg.clients_per_domain)}")
-    if cfg.partition == "nway":  # FedProto n-way k-shot: ways, shots, stdev (+ the strides where not default)
-        parts += [f"w{encode_value(cfg.ways)}", f"k{encode_value(cfg.shots)}", f"sd{encode_value(cfg.stdev)}"]
-        if cfg.train_shots_max != 110:
-            parts.append(f"tsm{encode_value(cfg.train_shots_max)}")
-        if cfg.test_shots is not None:
-            parts.append(f"ts{encode_value(cfg.test_shots)}")
+    for part in scheme.ids:
+        value = getattr(cfg, part.key)
+        if part.written(value):
+            parts.append(f"{part.prefix}{encode_value(value)}")
     if cfg.imbalance_ratio != 1.0:
         parts.append(f"rho{encode_value(cfg.imbalance_ratio)}")
     parts.append(f"n{cfg.num_clients}")
@@ -133,31 +134,48 @@ def het_id(cfg: RunConfig) -> str:
 
 
 # ------------------------------------------------------------------------------------------ specs
+# Scheme keys with a place of their own in the partition rule's params (None where the scheme does not read
+# them); a scheme's other keys go, as one canonical JSON text, under the scheme's name (e.g. `nway`).
+_PARAM_SLOTS = {"before_rho": ("alpha", "classes_per_client"), "after_rho": ("clients_per_domain",)}
+
+
 @dataclass(frozen=True)
 class PartitionSpec:
-    """One client split: the arguments of `fedhpro.partition.partition_labels` and its directory id.
+    """One client split, in the run config's names: what `fedhpro.partition.split_for` needs and its id.
 
-    Where the data lives (data_root, dataset_options.path) is not part of it: moving the data changes no
-    partition (the partition job records the data's content fingerprint instead, and runs check it).
+    `keys`: canonical JSON of the scheme's own keys (`Scheme.keys`). Where the data lives (data_root,
+    dataset_options.path) is not part of it: moving the data changes no partition (the partition job records
+    the data's content fingerprint instead, and runs check it).
     """
 
     partition_id: str
     dataset: str
-    scheme: str
+    partition: str
     num_clients: int
-    seed: int
-    alpha: float | None
-    classes_per_client: int | None
+    partition_seed: int
     imbalance_ratio: float
-    clients_per_domain: int | None
+    keys: str = "{}"
     dataset_options: str = "{}"  # canonical JSON of the loader options (they can change the data)
-    nway: str = ""  # partition 'nway': canonical JSON of its keys (ways, shots, stdev, ...); "" otherwise
+
+    @classmethod
+    def of(cls, partition_id: str, c: RunConfig) -> "PartitionSpec":
+        return cls(partition_id=partition_id, dataset=c.dataset, partition=c.partition, num_clients=c.num_clients,
+                   partition_seed=c.partition_seed, imbalance_ratio=c.imbalance_ratio,
+                   keys=json.dumps({k: getattr(c, k) for k in SCHEMES[c.partition].keys}, sort_keys=True),
+                   dataset_options=json.dumps({k: v for k, v in dict(c.dataset_options).items()
+                                               if k not in LOCATION_OPTIONS}, sort_keys=True, default=str))
 
     def params(self) -> dict[str, Any]:
-        # `nway` only where set, so the params (Snakemake's rerun trigger) of other partitions are unchanged
-        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "partition_id"
-               and not (f.name == "nway" and not self.nway)}
-        out["dataset_options"] = json.loads(self.dataset_options)
+        """The partition rule's params (Snakemake's rerun trigger, and meta.json's record of the split), in the
+        layout the first partitions were made with (`LEGACY_NAMES`), so that none is rebuilt."""
+        keys = json.loads(self.keys)
+        slot = lambda names: {k: keys.pop(k, None) for k in names}  # noqa: E731
+        out = {"dataset": self.dataset, LEGACY_NAMES["partition"]: self.partition, "num_clients": self.num_clients,
+               LEGACY_NAMES["partition_seed"]: self.partition_seed, **slot(_PARAM_SLOTS["before_rho"]),
+               "imbalance_ratio": self.imbalance_ratio, **slot(_PARAM_SLOTS["after_rho"]),
+               "dataset_options": json.loads(self.dataset_options)}
+        if keys:  # only where set, so the params of partitions of the other schemes are unchanged
+            out[self.partition] = json.dumps(keys, sort_keys=True)
         return out
 
 
@@ -185,18 +203,7 @@ class RunSpec:
                 "pseed": str(self.partition_seed), "seed": str(self.seed)}
 
     def partition(self) -> PartitionSpec:
-        c = self.config
-        return PartitionSpec(partition_id=self.partition_id, dataset=c.dataset, scheme=c.partition,
-                             num_clients=c.num_clients, seed=c.partition_seed,
-                             alpha=c.alpha if c.partition in ("creff", "dirichlet") else None,
-                             classes_per_client=c.classes_per_client if c.partition == "pathological" else None,
-                             imbalance_ratio=c.imbalance_ratio,
-                             clients_per_domain=c.clients_per_domain if c.partition == "domains" else None,
-                             nway=json.dumps({k: getattr(c, k) for k in ("ways", "shots", "stdev", "train_shots_max",
-                                                                         "test_shots")}, sort_keys=True)
-                             if c.partition == "nway" else "",
-                             dataset_options=json.dumps({k: v for k, v in dict(c.dataset_options).items()
-                                                         if k not in LOCATION_OPTIONS}, sort_keys=True, default=str))
+        return PartitionSpec.of(self.partition_id, self.config)
 
 
 # ------------------------------------------------------------------------------------------ checks
@@ -377,8 +384,8 @@ def _het_list(value: Any, path: str) -> list[dict]:
     for i, entry in enumerate(value):
         entry = _mapping(entry, f"{path}[{i}]", allow_none=False)
         for key in entry:
-            if key not in PARTITION_KEYS:
-                raise _err(f"{path}[{i}].{key}", f"not a partition setting; accepted: {', '.join(PARTITION_KEYS)}")
+            if key not in partition_keys():
+                raise _err(f"{path}[{i}].{key}", f"not a partition setting; accepted: {', '.join(partition_keys())}")
         out.append(entry)
     return out
 

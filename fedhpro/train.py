@@ -64,21 +64,9 @@ def resolve_device(name: str) -> torch.device:
 
 def run_partition_identity(cfg: RunConfig, data_fingerprint: str) -> dict:
     """The partition identity (`fedhpro.partition.IDENTITY_KEYS`) a run with this config needs."""
-    from fedhpro.partition import partition_identity
+    from fedhpro.partition import identity_of
 
-    return partition_identity(dataset=cfg.dataset, dataset_options=cfg.dataset_options,
-                              data_fingerprint=data_fingerprint, scheme=cfg.partition, num_clients=cfg.num_clients,
-                              seed=cfg.partition_seed, alpha=cfg.alpha, classes_per_client=cfg.classes_per_client,
-                              imbalance_ratio=cfg.imbalance_ratio, clients_per_domain=cfg.clients_per_domain,
-                              **nway_kwargs(cfg))
-
-
-def nway_kwargs(cfg: RunConfig) -> dict:
-    """FedProto n-way keys of a config for `partition_identity` (empty outside partition 'nway')."""
-    if cfg.partition != "nway":
-        return {}
-    return {"ways": cfg.ways, "shots": cfg.shots, "stdev": cfg.stdev, "train_shots_max": cfg.train_shots_max,
-            "test_shots": cfg.test_shots}
+    return identity_of(cfg, data_fingerprint)
 
 
 def nway_local_tests(cfg: RunConfig, test_labels: np.ndarray, num_classes: int) -> list[np.ndarray]:
@@ -94,7 +82,7 @@ def check_long_tail(cfg: RunConfig, labels: np.ndarray) -> None:
     """Refuse an imbalance ratio whose long-tail selection leaves a class of the data with no sample."""
     from fedhpro.partition import long_tail_counts
 
-    if cfg.imbalance_ratio <= 1 or cfg.partition == "domains" or labels.size == 0:
+    if cfg.imbalance_ratio <= 1 or cfg.partition == "domains" or labels.size == 0:  # domains: no long tail
         return
     sizes = np.bincount(labels)
     kept = long_tail_counts(sizes.tolist(), cfg.imbalance_ratio)
@@ -126,17 +114,7 @@ def client_partition(cfg: RunConfig, labels: np.ndarray, partition_dir: Path | N
             raise ConfigError(str(err)) from None
         return partition.load_partition(partition_dir, num_samples=len(labels))
     check_long_tail(cfg, labels)
-    if cfg.partition == "domains":
-        return partition.partition_domains(domains, num_clients=cfg.num_clients, seed=cfg.partition_seed,
-                                           clients_per_domain=cfg.clients_per_domain)
-    return partition.partition_labels(labels, scheme=cfg.partition, num_clients=cfg.num_clients,
-                                      seed=cfg.partition_seed, alpha=cfg.alpha,
-                                      classes_per_client=cfg.classes_per_client,
-                                      imbalance_ratio=cfg.imbalance_ratio,
-                                      **({"ways": cfg.ways, "shots": cfg.shots, "stdev": cfg.stdev,
-                                          "train_shots_max": cfg.train_shots_max,
-                                          "nway_rule_name": partition.nway_rule(cfg.dataset)}
-                                         if cfg.partition == "nway" else {}))
+    return partition.split_for(cfg, labels, domains)  # the scheme's declared split (fedhpro.partition.SCHEMES)
 
 
 def check_run(cfg: RunConfig) -> None:
