@@ -1013,7 +1013,8 @@ def partition_domains(domain_ids, *, num_clients, seed, clients_per_domain=None)
 # label (`fedhpro.labels.heterogeneity_label`), the split a run makes (`split_for`) and the workflow schema.
 # A scheme's keys are run-config keys (`fedhpro.config.RunConfig`, declared there with `param()`); a scheme
 # names the ones its split reads. docs/extending.md says how to add one.
-__all__ += ["Scheme", "SCHEMES", "register_scheme", "LABEL_ALGORITHMS", "LEGACY_NAMES", "split_for"]
+__all__ += ["Scheme", "SCHEMES", "register_scheme", "LABEL_ALGORITHMS", "LEGACY_NAMES", "split_for", "heterogeneity_keys",
+            "identity_of"]
 
 _KEEP = object()  # IdPart.omit default: the part is always written
 
@@ -1164,6 +1165,12 @@ register_scheme(Scheme(
          IdPart("ts", "test_shots", None)),
     check=_check_nway, long_tail=False, rank=4))
 
+
+
+def heterogeneity_keys() -> tuple[str, ...]:
+    """The keys of a workflow heterogeneity entry: the scheme, its clients and long tail, and every scheme's keys."""
+    return ("partition", "imbalance_ratio", "num_clients") + tuple(dict.fromkeys(
+        k for scheme in SCHEMES.values() for k in scheme.keys))
 
 
 def split_for(cfg, labels: np.ndarray, domains: np.ndarray | None = None) -> list[np.ndarray]:

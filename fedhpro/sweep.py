@@ -53,15 +53,17 @@ import yaml
 
 from fedhpro import layout
 from fedhpro.config import _FLOAT_RE, LOCATION_OPTIONS, ConfigError, RunConfig, from_dict, load_yaml_text
-from fedhpro.partition import LEGACY_NAMES, SCHEMES
+from fedhpro.params import declared_fields
+from fedhpro.partition import LEGACY_NAMES, SCHEMES, heterogeneity_keys as partition_keys
+from fedhpro.sections import (EXPERIMENT_KINDS, LAUNCHERS,  # noqa: F401  (re-exported)
+                               REPORTING_RULES, AblationSection, ExperimentSection,
+                              Reporting, Slurm, WorkflowConfig, check_section, section_defaults)
 
 __all__ = ["RunSpec", "PartitionSpec", "ExperimentSpec", "SweepConfigError", "expand_sweep", "experiments_of",
            "runs_by_experiment", "pending_datasets_of", "validate_workflow_config",
            "check_supported", "check_config_files", "yaml12_numbers", "workflow_run",
            "encode_value", "het_id", "partitions_of", "WILDCARD_PATTERNS", "LAUNCHERS", "REPORTING_RULES"]
 
-LAUNCHERS = ("local", "submitit")
-REPORTING_RULES = ("final", "last_k", "best")
 NAME_RE = re.compile(r"^[A-Za-z0-9_.]+$")  # dataset / method names
 VARIANT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 # regexes of the Snakemake wildcards (no '/' anywhere, so path components never shift)
@@ -71,26 +73,12 @@ WILDCARD_PATTERNS = {"dataset": r"[A-Za-z0-9_.]+", "het": r"[A-Za-z0-9_.-]+", "m
 
 
 
-def partition_keys() -> tuple[str, ...]:
-    """The keys of a heterogeneity entry: the scheme, its clients and long tail, and every scheme's keys."""
-    return ("partition", "imbalance_ratio", "num_clients") + tuple(dict.fromkeys(
-        k for scheme in SCHEMES.values() for k in scheme.keys))
-
-
 # keys the sweep itself sets: not allowed in defaults / dataset overrides / variant `config`
 AXIS_KEYS = ("method", "variant", "method_params", "dataset", "seed", "partition_seed", "data_root")
-TOP_KEYS = ("results", "data_root", "reporting", "defaults", "datasets", "pending_datasets", "heterogeneity",
-            "methods", "grids", "ablations", "seeds", "partition_seeds", "threads", "slurm", "mirrors",
-            "experiments", "published", "reproduction_report", "report_partial")
-DATASET_EXTRA_KEYS = ("heterogeneity", "methods")
-ABLATION_KEYS = ("methods", "base_variant", "datasets", "heterogeneity", "seeds", "partition_seeds", "variants")
-# The one declaration of the `slurm:` section's keys and defaults: fedhpro.launch.LaunchOptions takes its
-# defaults from here; the JSON schema's defaults and the shipped configs are tested against it
-# (tests/test_sweep_slurm.py).
-SLURM_DEFAULTS: dict[str, Any] = {"launcher": "local", "partition": None, "account": None, "gpus": 1, "cpus": 4,
-                                  "mem_gb": 16, "time_min": 240, "signal_delay_s": 120, "max_num_timeout": 3,
-                                  "poll_seconds": 30, "additional": {}, "pack_minutes": 30, "run_minutes": None,
-                                  "runs_per_gpu": 1}
+# the sections' keys, declared once with `param()` in fedhpro.sections (which generates the JSON schema)
+TOP_KEYS = tuple(declared_fields(WorkflowConfig))
+ABLATION_KEYS = tuple(declared_fields(AblationSection))
+SLURM_DEFAULTS: dict[str, Any] = section_defaults(Slurm)  # fedhpro.launch.LaunchOptions takes its defaults here
 
 
 class SweepConfigError(ConfigError):
@@ -252,58 +240,16 @@ def _check_overrides(overrides: Mapping, path: str, *, forbid: tuple[str, ...] =
 
 def check_slurm(value: Any) -> dict[str, Any]:
     """The `slurm:` section with defaults filled in; raises SweepConfigError naming the key."""
-    slurm = _mapping(value, "slurm")
-    unknown = sorted(set(slurm) - set(SLURM_DEFAULTS))
-    if unknown:
-        raise _err(f"slurm.{unknown[0]}", f"unknown key; accepted: {', '.join(SLURM_DEFAULTS)}")
-    out = {**SLURM_DEFAULTS, **slurm}
-    if out["launcher"] not in LAUNCHERS:
-        raise _err("slurm.launcher", f"unknown value {out['launcher']!r}; accepted: {', '.join(LAUNCHERS)}")
-    for key in ("partition", "account"):
-        if out[key] is not None and (not isinstance(out[key], str) or not out[key]):
-            raise _err(f"slurm.{key}", f"must be a non-empty string or null, got {out[key]!r}")
-    for key, low in (("gpus", 0), ("cpus", 1), ("time_min", 1), ("signal_delay_s", 0), ("max_num_timeout", 0),
-                     ("runs_per_gpu", 1)):
-        v = out[key]
-        if isinstance(v, bool) or not isinstance(v, int) or v < low:
-            raise _err(f"slurm.{key}", f"must be an integer >= {low}, got {v!r}")
-    for key in ("mem_gb", "poll_seconds"):
-        v = out[key]
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
-            raise _err(f"slurm.{key}", f"must be a number > 0, got {v!r}")
-    out["additional"] = _mapping(out["additional"], "slurm.additional")
-    v = out["pack_minutes"]
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
-        raise _err("slurm.pack_minutes", f"must be a number >= 0, got {v!r}")
-    per_dataset = out["run_minutes"] if isinstance(out["run_minutes"], Mapping) else {"": out["run_minutes"]}
-    for name, v in per_dataset.items():
-        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0):
-            raise _err(f"slurm.run_minutes{'.' + name if name else ''}", f"must be a number > 0 or null, got {v!r}")
-    return out
+    return check_section(Slurm, value, "slurm", SweepConfigError)
 
 
 def check_workflow_keys(config: Mapping) -> None:
-    """Check the workflow-level keys (everything that is not a RunConfig value)."""
+    """Check the workflow-level keys (everything that is not a RunConfig value) against their declarations
+    (fedhpro.sections); the sweep's structures (datasets, methods, ...) are checked where they are expanded."""
     if not isinstance(config, Mapping):
         raise SweepConfigError("the workflow config must be a mapping")
-    unknown = sorted(set(config) - set(TOP_KEYS))
-    if unknown:
-        raise _err(unknown[0], f"unknown workflow config key; accepted: {', '.join(TOP_KEYS)}")
-    for key in ("results", "data_root"):
-        if key in config and (not isinstance(config[key], str) or not config[key]):
-            raise _err(key, f"must be a non-empty path, got {config[key]!r}")
-    rep = _mapping(config.get("reporting"), "reporting")
-    unknown = sorted(set(rep) - {"rule", "last_k"})
-    if unknown:
-        raise _err(f"reporting.{unknown[0]}", "unknown key; accepted: rule, last_k")
-    if rep.get("rule", "last_k") not in REPORTING_RULES:
-        raise _err("reporting.rule", f"unknown value {rep.get('rule')!r}; accepted: {', '.join(REPORTING_RULES)}")
-    last_k = rep.get("last_k", 3)
-    if isinstance(last_k, bool) or not isinstance(last_k, int) or last_k < 1:
-        raise _err("reporting.last_k", f"must be an integer >= 1, got {last_k!r}")
-    threads = config.get("threads", 1)
-    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-        raise _err("threads", f"must be an integer >= 1, got {threads!r}")
+    check_section(WorkflowConfig, config, "", SweepConfigError)
+    check_section(Reporting, config.get("reporting"), "reporting", SweepConfigError)
     check_slurm(config.get("slurm"))
     mirrors = _mapping(config.get("mirrors"), "mirrors")
     for name, entry in mirrors.items():
@@ -628,9 +574,7 @@ def _ablation_section_requests(config: Mapping, sweep: _Sweep, abl: dict, apath:
     settings and seeds, merged over the base variant."""
     from fedhpro.methods import METHOD_MODULES
 
-    unknown = sorted(set(abl) - set(ABLATION_KEYS))
-    if unknown:
-        raise _err(f"{apath}.{unknown[0]}", f"unknown key; accepted: {', '.join(ABLATION_KEYS)}")
+    check_section(AblationSection, abl, apath, SweepConfigError)
     abl_methods = abl.get("methods", ["fedhpro"])
     if not isinstance(abl_methods, list) or not abl_methods:
         raise _err(f"{apath}.methods", f"must be a non-empty list of methods, got {abl_methods!r}")
@@ -777,10 +721,9 @@ def _expand_one(config: Mapping, *, warn: Callable[[str], None] | None = None) -
 
 
 # ------------------------------------------------------------------------------------------ experiments
-EXPERIMENT_KINDS = ("comparison", "ablation")
 # the sweep keys an experiment block declares for itself (with `experiments:`, never at the top level)
 EXPERIMENT_SWEEP_KEYS = ("datasets", "pending_datasets", "heterogeneity", "methods", "grids", "ablations")
-EXPERIMENT_KEYS = ("title", "kind", "protocol", "defaults", "seeds", "partition_seeds") + EXPERIMENT_SWEEP_KEYS
+EXPERIMENT_KEYS = tuple(declared_fields(ExperimentSection))
 LEGACY_EXPERIMENT = "main"  # the one experiment of a config without `experiments:`
 
 
@@ -826,15 +769,8 @@ def _experiment_blocks(config: Mapping) -> list[tuple[ExperimentSpec, dict, dict
         path = f"experiments.{name}"
         _check_name(name, path, VARIANT_RE)
         block = _mapping(block, path, allow_none=False)
-        unknown = sorted(set(block) - set(EXPERIMENT_KEYS))
-        if unknown:
-            raise _err(f"{path}.{unknown[0]}", f"unknown experiment key; accepted: {', '.join(EXPERIMENT_KEYS)}")
-        for key in ("title", "protocol"):
-            if not isinstance(block.get(key, ""), str):
-                raise _err(f"{path}.{key}", f"must be a string, got {block[key]!r}")
+        check_section(ExperimentSection, block, path, SweepConfigError)
         kind = block.get("kind", "comparison")
-        if kind not in EXPERIMENT_KINDS:
-            raise _err(f"{path}.kind", f"unknown value {kind!r}; accepted: {', '.join(EXPERIMENT_KINDS)}")
         if not block.get("datasets") and not block.get("pending_datasets"):
             raise _err(f"{path}.datasets", "must name at least one dataset (or pending dataset)")
         sub = dict(shared)
