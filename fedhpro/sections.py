@@ -370,11 +370,13 @@ def schema_text() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """`fedhpro schema [--write]`: print the workflow schema, or write it to workflow/schemas/."""
-    argv = sys.argv[1:] if argv is None else argv
-    if argv not in ([], ["--write"]):
-        print("usage: fedhpro schema [--write]", file=sys.stderr)
-        return 2
-    if argv == ["--write"]:
+    from fedhpro.cliutil import ArgumentParser
+
+    parser = ArgumentParser(prog="fedhpro schema", description="The workflow config's JSON schema, generated from "
+                            "the declarations in fedhpro/sections.py and fedhpro/config.py.")
+    parser.add_argument("--write", action="store_true", help=f"write it to {SCHEMA_PATH.relative_to(SCHEMA_PATH.parents[2])}")
+    args = parser.parse_args(argv)
+    if args.write:
         SCHEMA_PATH.write_text(schema_text())
         print(f"wrote {SCHEMA_PATH}", file=sys.stderr)
     else:
