@@ -60,7 +60,7 @@ from fedhpro.sections import (EXPERIMENT_KINDS, LAUNCHERS,  # noqa: F401  (re-ex
                               Reporting, Slurm, WorkflowConfig, check_section, section_defaults)
 
 __all__ = ["RunSpec", "PartitionSpec", "ExperimentSpec", "SweepConfigError", "expand_sweep", "experiments_of",
-           "runs_by_experiment", "pending_datasets_of", "validate_workflow_config",
+           "runs_by_experiment", "pending_datasets_of", "normalise", "validate_workflow_config",
            "check_supported", "check_config_files", "yaml12_numbers", "workflow_run",
            "encode_value", "het_id", "partitions_of", "WILDCARD_PATTERNS", "LAUNCHERS", "REPORTING_RULES"]
 
@@ -739,21 +739,31 @@ class ExperimentSpec:
     protocol: str = ""
 
 
-def _experiment_blocks(config: Mapping) -> list[tuple[ExperimentSpec, dict, dict]]:
-    """(spec, sweep config of the experiment, its block) for every experiment, in config order.
-
-    Without `experiments:`, the top-level sweep is one experiment named `LEGACY_EXPERIMENT`. With it,
-    every experiment block is a sweep of its own: its `defaults` are merged over the top-level ones, its
-    `seeds` / `partition_seeds` replace the top-level ones, and it declares its own datasets,
-    heterogeneity, methods (and grids, ablations); the top level may not set those.
-    """
+def normalise(config: Mapping) -> tuple[dict, bool]:
+    """The workflow config in the one shape the sweep reads: `experiments:` (name -> block). A config without
+    it (datasets, heterogeneity, methods, ... at the top level) becomes one experiment named
+    `LEGACY_EXPERIMENT` whose block holds those keys. Returns (config, whether it was converted)."""
     if not isinstance(config, Mapping):
         raise SweepConfigError("the workflow config must be a mapping")
     experiments = config.get("experiments")
-    if experiments is None or experiments == {}:
-        return [(ExperimentSpec(LEGACY_EXPERIMENT), dict(config), {})]
-    experiments = _mapping(experiments, "experiments")
-    for key in EXPERIMENT_SWEEP_KEYS:
+    if experiments is not None and experiments != {}:
+        return dict(config), False
+    block = {k: config[k] for k in EXPERIMENT_SWEEP_KEYS if k in config}
+    top = {k: v for k, v in config.items() if k not in EXPERIMENT_SWEEP_KEYS}
+    return {**top, "experiments": {LEGACY_EXPERIMENT: block}}, True
+
+
+def _experiment_blocks(config: Mapping) -> list[tuple[ExperimentSpec, dict, dict]]:
+    """(spec, sweep config of the experiment, its block) for every experiment of the `normalise`d config, in
+    config order (the block of a converted config is {}: its keys paths are top-level ones).
+
+    Every experiment block is a sweep of its own: its `defaults` are merged over the top-level ones, its
+    `seeds` / `partition_seeds` replace the top-level ones, and it declares its own datasets,
+    heterogeneity, methods (and grids, ablations); with `experiments:` the top level may not set those.
+    """
+    config, converted = normalise(config)
+    experiments = _mapping(config["experiments"], "experiments")
+    for key in () if converted else EXPERIMENT_SWEEP_KEYS:
         value = config.get(key)
         if key == "ablations":  # the JSON schema fills in an empty section (no variants): nothing declared
             sections = value if isinstance(value, list) else [value]
@@ -767,12 +777,12 @@ def _experiment_blocks(config: Mapping) -> list[tuple[ExperimentSpec, dict, dict
     out = []
     for name, block in experiments.items():
         path = f"experiments.{name}"
-        _check_name(name, path, VARIANT_RE)
-        block = _mapping(block, path, allow_none=False)
-        check_section(ExperimentSection, block, path, SweepConfigError)
-        kind = block.get("kind", "comparison")
-        if not block.get("datasets") and not block.get("pending_datasets"):
-            raise _err(f"{path}.datasets", "must name at least one dataset (or pending dataset)")
+        if not converted:
+            _check_name(name, path, VARIANT_RE)
+            block = _mapping(block, path, allow_none=False)
+            check_section(ExperimentSection, block, path, SweepConfigError)
+            if not block.get("datasets") and not block.get("pending_datasets"):
+                raise _err(f"{path}.datasets", "must name at least one dataset (or pending dataset)")
         sub = dict(shared)
         sub["defaults"] = {**top_defaults, **_mapping(block.get("defaults"), f"{path}.defaults")}
         for key in EXPERIMENT_SWEEP_KEYS + ("seeds", "partition_seeds"):
@@ -780,8 +790,9 @@ def _experiment_blocks(config: Mapping) -> list[tuple[ExperimentSpec, dict, dict
                 sub[key] = block[key]
         if "datasets" not in sub:
             sub["datasets"] = {}
-        spec = ExperimentSpec(name, block.get("title", "").strip(), kind, " ".join(block.get("protocol", "").split()))
-        out.append((spec, sub, block))
+        spec = ExperimentSpec(name, block.get("title", "").strip(), block.get("kind", "comparison"),
+                              " ".join(block.get("protocol", "").split()))
+        out.append((spec, sub, {} if converted else block))
     if not out:
         raise _err("experiments", "must declare at least one experiment")
     return out
@@ -845,8 +856,8 @@ def expand_sweep(config: Mapping, *, warn: Callable[[str], None] | None = None) 
 
 
 def pending_datasets_of(config: Mapping) -> set[str]:
-    """Names listed under `pending_datasets`, at the top level or in any experiment (their download plan is lenient)."""
-    names = set(_mapping(config.get("pending_datasets"), "pending_datasets"))
+    """Names listed under `pending_datasets` in any experiment (their download plan is lenient)."""
+    names: set[str] = set()
     for spec, sub, _ in _experiment_blocks(config):
         names |= set(_mapping(sub.get("pending_datasets"), f"experiments.{spec.name}.pending_datasets"))
     return names

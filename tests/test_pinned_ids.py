@@ -46,12 +46,27 @@ SYNTHETIC = {
     },
 }
 
+# The top-level sweep form (no `experiments:`), with grids, a dataset's own heterogeneity and ablation sections.
+LEGACY = {
+    "seeds": [0, 1], "defaults": {"rounds": 2},
+    "datasets": {"digits": {}, "digit_domains": {"heterogeneity": [{"partition": "domains", "num_clients": 8}],
+                                                 "methods": ["fedproto"], "eval_mode": "personalized"}},
+    "heterogeneity": [{"partition": "dirichlet", "alpha": 0.3, "num_clients": 10},
+                      {"partition": "pathological", "classes_per_client": 2, "num_clients": 10}],
+    "methods": {"fedavg": {"default": {}}, "fedprox": {"default": {"mu": 0.01}},
+                "fedproto": {"default": {"config": {"eval_mode": "personalized"}}}},
+    "grids": {"fedprox": {"mu": [0.1, 1.0], "config.lr": [0.05]}},
+    "ablations": [{"methods": ["fedprox"], "datasets": ["digits"], "heterogeneity": [1], "seeds": [0],
+                   "variants": {"mu0": {"mu": 0.0}}}],
+}
+
 
 def _workflow_configs() -> dict:
     from fedhpro.config import load_yaml_text
 
     out = {name: load_yaml_text((REPO / "config" / name).read_text(), name) for name in SHIPPED}
     out["synthetic"] = SYNTHETIC
+    out["legacy"] = LEGACY
     return out
 
 
@@ -83,7 +98,7 @@ def collect(config) -> dict:
             "partition_identity": _digest(identities), "labels": _digest(labels)}
 
 
-@pytest.mark.parametrize("name", SHIPPED + ["synthetic"])
+@pytest.mark.parametrize("name", SHIPPED + ["synthetic", "legacy"])
 def test_ids_of_every_shipped_config_are_unchanged(name):
     pinned = json.loads(PINNED.read_text())[name]
     assert collect(_workflow_configs()[name]) == pinned
