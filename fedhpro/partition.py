@@ -1013,8 +1013,8 @@ def partition_domains(domain_ids, *, num_clients, seed, clients_per_domain=None)
 # label (`fedhpro.labels.heterogeneity_label`), the split a run makes (`split_for`) and the workflow schema.
 # A scheme's keys are run-config keys (`fedhpro.config.RunConfig`, declared there with `param()`); a scheme
 # names the ones its split reads. docs/extending.md says how to add one.
-__all__ += ["Scheme", "SCHEMES", "register_scheme", "LABEL_ALGORITHMS", "LEGACY_NAMES", "split_for", "heterogeneity_keys",
-            "identity_of"]
+__all__ += ["Scheme", "IdPart", "SCHEMES", "register_scheme", "LABEL_ALGORITHMS", "LEGACY_NAMES", "split_for",
+            "heterogeneity_keys", "identity_of"]
 
 _KEEP = object()  # IdPart.omit default: the part is always written
 

@@ -169,8 +169,8 @@ class WorkflowConfig:
     data_root: str = param("data", "Dataset root (RunConfig data_root); downloads are stored in "
                            "<data_root>/<dataset>/raw.", schema={"minLength": 1})
     reporting: Reporting = param(default_factory=Reporting, help=Reporting.__doc__)
-    defaults: Mapping[str, Any] = param(default_factory=dict, help="RunConfig values shared by every run (any RunConfig "
-                                        "key, see `fedhpro config`, except the sweep axes method, variant, "
+    defaults: Mapping[str, Any] = param(default_factory=dict, help="RunConfig values shared by every run (any "
+                                        "RunConfig key, see `fedhpro config`, except the sweep axes method, variant, "
                                         "method_params, dataset, seed, partition_seed, data_root).")
     datasets: Any = param(_NO_DEFAULT, "(Without `experiments`) Registered dataset name -> RunConfig overrides for it "
                           "(e.g. model, lr, rounds), plus optionally `heterogeneity` (a list replacing the global one "
@@ -292,7 +292,8 @@ def key_schema(f: dataclasses.Field, kind: str, nullable: bool, *, with_default:
     default = field_default(f) if (f.default is not _NO_DEFAULT or f.default_factory is not _NO_DEFAULT) \
         else _NO_DEFAULT
     if dataclasses.is_dataclass(default):  # a section of its own: Snakemake fills its keys' defaults into {}
-        return {**section_schema(type(default)), "default": {}, **(f.metadata.get("schema") or {})}
+        return {**section_schema(type(default)), "default": {}, "description": " ".join(f.metadata["help"].split()),
+                **(f.metadata.get("schema") or {})}
     out: dict[str, Any] = {}
     if kind != "any":
         json_type = _JSON_TYPES[kind]
@@ -374,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = ArgumentParser(prog="fedhpro schema", description="The workflow config's JSON schema, generated from "
                             "the declarations in fedhpro/sections.py and fedhpro/config.py.")
-    parser.add_argument("--write", action="store_true", help=f"write it to {SCHEMA_PATH.relative_to(SCHEMA_PATH.parents[2])}")
+    parser.add_argument("--write", action="store_true", help="write it to workflow/schemas/config.schema.yaml")
     args = parser.parse_args(argv)
     if args.write:
         SCHEMA_PATH.write_text(schema_text())
