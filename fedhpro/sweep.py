@@ -52,8 +52,8 @@ from typing import Any, Callable, Mapping
 import yaml
 
 from fedhpro import layout
-from fedhpro.config import _FLOAT_RE, LOCATION_OPTIONS, ConfigError, RunConfig, from_dict, load_yaml_text
-from fedhpro.params import declared_fields
+from fedhpro.config import LOCATION_OPTIONS, ConfigError, RunConfig, from_dict, load_yaml_text
+from fedhpro.params import FLOAT_RE, declared_fields
 from fedhpro.partition import LEGACY_NAMES, SCHEMES, heterogeneity_keys as partition_keys
 from fedhpro.sections import (EXPERIMENT_KINDS, LAUNCHERS,  # noqa: F401  (re-exported)
                                REPORTING_RULES, AblationSection, ExperimentSection,
@@ -354,7 +354,7 @@ def check_supported(cfg: RunConfig) -> None:
 def yaml12_numbers(value: Any) -> Any:
     """`value` with strings that are YAML 1.2 / JSON numbers (`1e-3`, read as strings by YAML 1.1 parsers such
     as the one Snakemake loads --configfile with) turned into floats, in mapping values and lists."""
-    if isinstance(value, str) and "_" not in value and any(c in value for c in "eE") and _FLOAT_RE.match(value):
+    if isinstance(value, str) and "_" not in value and any(c in value for c in "eE") and FLOAT_RE.match(value):
         return float(value)
     if isinstance(value, Mapping):
         return {k: yaml12_numbers(v) for k, v in value.items()}
