@@ -4,7 +4,8 @@ Pure Python (no Snakemake import): the Snakemake workflow (`workflow/rules/commo
 calls `validate_workflow_config` once at parse time and builds its run table from the
 returned `RunSpec` list; the tests call the same functions directly.
 
-Workflow config layout (every key documented in ``workflow/schemas/config.schema.yaml``)::
+Workflow config layout (every key declared in `fedhpro.sections`, which generates the JSON schema); the
+top-level form below is `normalise`d at load into one experiment `main` of the ``experiments:`` form::
 
     results: results                 # output root
     data_root: data
@@ -13,8 +14,8 @@ Workflow config layout (every key documented in ``workflow/schemas/config.schema
     datasets:                        # registered datasets -> RunConfig overrides (+ optional
       digits: {}                     #   `heterogeneity: [...]` / `methods: [...]` for that dataset)
     pending_datasets: {}             # same shape; skipped with a warning until registered
-    heterogeneity:                   # partition settings (keys: partition, alpha, classes_per_client,
-      - {partition: dirichlet, alpha: 0.5}   #   imbalance_ratio, num_clients, clients_per_domain)
+    heterogeneity:                   # partition settings (keys: partition, imbalance_ratio, num_clients and
+      - {partition: dirichlet, alpha: 0.5}   #   the schemes' keys, fedhpro.partition.SCHEMES)
     methods:                         # method -> variant -> method_params (+ `config: {RunConfig overrides}`)
       fedprox: {default: {mu: 0.01}}
     grids:                           # method -> param -> values: extra variants on top of `default`
@@ -32,8 +33,8 @@ wildcard-safe (letters, digits, ``_ . -``; numbers encoded with `encode_value`: 
 ``1e-05 -> 1em05``, ``-2 -> m2``):
 
 * heterogeneity id ``het``: ``dirichlet-a0p5-n10``, ``creff-a0p2-rho100-n10``, ``pathological-k2-n10``,
-  ``iid-n10``, ``domains-n10`` (every setting that changes the split is in it, so two different
-  settings never share a partition);
+  ``iid-n10``, ``domains-n10`` (the scheme's declared id parts: every setting that changes the split is in
+  it, so two different settings never share a partition);
 * partition id: ``{dataset}/{het}/ps{partition_seed}`` -> ``<results>/partitions/<partition id>/``;
 * run id: ``{dataset}/{het}/{method}/{variant}/ps{partition_seed}_s{seed}`` -> ``<results>/runs/<run id>/``
   (both defined once, in `fedhpro.layout`).
@@ -55,8 +56,7 @@ from fedhpro import layout
 from fedhpro.config import LOCATION_OPTIONS, ConfigError, RunConfig, from_dict, load_yaml_text
 from fedhpro.params import FLOAT_RE, declared_fields
 from fedhpro.partition import LEGACY_NAMES, SCHEMES, heterogeneity_keys as partition_keys
-from fedhpro.sections import (EXPERIMENT_KINDS, LAUNCHERS,  # noqa: F401  (re-exported)
-                               REPORTING_RULES, AblationSection, ExperimentSection,
+from fedhpro.sections import (LAUNCHERS, REPORTING_RULES, AblationSection, ExperimentSection,  # noqa: F401
                               Reporting, Slurm, WorkflowConfig, check_section, section_defaults)
 
 __all__ = ["RunSpec", "PartitionSpec", "ExperimentSpec", "SweepConfigError", "expand_sweep", "experiments_of",
@@ -70,8 +70,6 @@ VARIANT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 WILDCARD_PATTERNS = {"dataset": r"[A-Za-z0-9_.]+", "het": r"[A-Za-z0-9_.-]+", "method": r"[A-Za-z0-9_.]+",
                      "variant": r"[A-Za-z0-9_.-]+", "pseed": r"[0-9]+", "seed": r"[0-9]+",
                      "experiment": r"[A-Za-z0-9][A-Za-z0-9_.-]*"}
-
-
 
 # keys the sweep itself sets: not allowed in defaults / dataset overrides / variant `config`
 AXIS_KEYS = ("method", "variant", "method_params", "dataset", "seed", "partition_seed", "data_root")
