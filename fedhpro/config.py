@@ -163,7 +163,9 @@ class RunConfig:
     # ------------------------------------------------------------------ derived
     @property
     def effective_local_test_fraction(self) -> float:
-        if self.partition == "nway":  # FedProto's local test sets come from the test split, not the client's data
+        from fedhpro.partition import SCHEMES
+
+        if SCHEMES[self.partition].local_tests is not None:  # nway: FedProto's, from the test split
             return 0.0
         if self.local_test_fraction is not None:
             return self.local_test_fraction

@@ -1040,8 +1040,9 @@ class Scheme:
     the name (then `rho..` when imbalance_ratio != 1, then `n<clients>`); `label`: a table's text of a
     setting (`cond`: partition, alpha, classes_per_client (0 = unset), imbalance_ratio, ...), ' ρ=..' is
     appended when imbalance_ratio > 1 or `rho_in_label`; `split(cfg, labels, domains)`: each client's
-    indices; `check(cfg)`: checks across keys (ConfigError naming the key); `long_tail`: accepts
-    imbalance_ratio > 1; `rank`: its place in tables (lower first)."""
+    indices; `check(cfg)`: checks across keys (ConfigError naming the key); `local_tests(cfg, test_labels,
+    num_classes)`: each client's local test set drawn from the test split (instead of held out of its data;
+    then `local_test_fraction` is 0); `long_tail`: accepts imbalance_ratio > 1; `rank`: its place in tables."""
 
     name: str
     help: str
@@ -1051,6 +1052,7 @@ class Scheme:
     ids: tuple[IdPart, ...] = ()
     label: Callable[[Mapping[str, Any]], str] | None = None
     check: Callable[[Any], None] | None = None
+    local_tests: Callable[[Any, np.ndarray, int], list[np.ndarray]] | None = None
     rho_in_label: bool = False
     long_tail: bool = True
     needs_domains: bool = False
@@ -1110,6 +1112,13 @@ def _split_nway(cfg, labels: np.ndarray, domains) -> list[np.ndarray]:
                             train_shots_max=cfg.train_shots_max, nway_rule_name=nway_rule(cfg.dataset))
 
 
+def _nway_local_tests(cfg, test_labels: np.ndarray, num_classes: int) -> list[np.ndarray]:
+    """FedProto's local test sets: indices into the test split, drawn as FedProto draws them."""
+    return nway_test_parts(test_labels, num_clients=cfg.num_clients, seed=cfg.partition_seed, ways=cfg.ways,
+                           shots=cfg.shots, stdev=cfg.stdev, rule=nway_rule(cfg.dataset), test_shots=cfg.test_shots,
+                           num_classes=num_classes)
+
+
 def _split_domains(cfg, labels: np.ndarray, domains) -> list[np.ndarray]:
     return partition_domains(domains, num_clients=cfg.num_clients, seed=cfg.partition_seed,
                              clients_per_domain=cfg.clients_per_domain)
@@ -1163,7 +1172,7 @@ register_scheme(Scheme(
     keys=("ways", "shots", "stdev", "train_shots_max", "test_shots"), required={"ways": " (FedProto's --ways)"},
     ids=(IdPart("w", "ways"), IdPart("k", "shots"), IdPart("sd", "stdev"), IdPart("tsm", "train_shots_max", 110),
          IdPart("ts", "test_shots", None)),
-    check=_check_nway, long_tail=False, rank=4))
+    check=_check_nway, local_tests=_nway_local_tests, long_tail=False, rank=4))
 
 
 
