@@ -92,7 +92,7 @@ def cmd_fingerprint(args: argparse.Namespace) -> int:
 
 
 PASS_THROUGH = {"partition": "fedhpro.partition", "aggregate": "fedhpro.aggregate", "bench": "fedhpro.bench",
-                "plan": "fedhpro.plan"}
+                "plan": "fedhpro.plan", "schema": "fedhpro.sections"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -114,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("bench", help="speed and memory benchmarks (engine vs bare PyTorch loop)", add_help=False)
     sub.add_parser("plan", help="a sweep's runs, GPU-hours and wall-clock from measured seconds per round",
                    add_help=False)
+    sub.add_parser("schema", help="print (or --write) the workflow config's JSON schema, generated from the "
+                   "declarations", add_help=False)
     p = sub.add_parser("methods", help="list methods with their hyperparameters and defaults",
                        description="List every method, its paper, modes and hyperparameters.")
     p.set_defaults(func=cmd_methods)

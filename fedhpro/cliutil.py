@@ -75,7 +75,7 @@ def run_guarded(func: Callable[[Sequence[str] | None], int], argv: Sequence[str]
     `resumable`: train) and exits with 130."""
     interrupted = INTERRUPTED if resumable else INTERRUPTED_NO_RESUME
     try:
-        from fedhpro.config import ConfigError
+        from fedhpro.errors import ConfigError
         from fedhpro.runio import CheckpointError, RunLockedError
     except KeyboardInterrupt:
         print(interrupted, file=sys.stderr)

@@ -40,7 +40,6 @@ from fedhpro.params import FLOAT_RE, check_value, declared_fields, param
 REVISION_KEY = "method_revision"  # not a RunConfig field: the method module's behaviour revision (see above)
 
 
-PARTITION_SCHEMES = ("creff", "dirichlet", "pathological", "iid", "domains", "nway")
 EVAL_MODES = ("global", "personalized")
 AUGMENTS = ("auto", "none", "crop_flip", "flip")
 AUGMENT_GRANULARITY = ("batch", "sample")
@@ -53,6 +52,12 @@ CLIENT_STORES = ("memory", "disk")
 # (Snakemake's rerun trigger); the data is identified by its content (`fedhpro.data.fingerprint`) instead.
 LOCATION_KEYS = ("data_root",)
 LOCATION_OPTIONS = ("path",)  # dataset_options that say where the data is, not what it is
+
+
+def _scheme_names() -> tuple[str, ...]:
+    from fedhpro.partition import SCHEMES  # the one declaration of every partition scheme
+
+    return tuple(SCHEMES)
 
 
 def _method_names() -> tuple[str, ...]:
@@ -93,9 +98,9 @@ class RunConfig:
     dataset_options: Mapping[str, Any] = param(default_factory=dict, help="the dataset loader's options, e.g. "
                                                "{domains: [mnist, usps]}")
     data_root: str = param("data", "dataset root; downloads go to <data_root>/<dataset>/raw (not in the hash)")
-    partition: str = param("dirichlet", "client split: creff (long tail + Dirichlet), dirichlet, pathological "
-                           "(classes per client), iid, domains (one domain per client group)",
-                           choices=PARTITION_SCHEMES)
+    partition: str = param("dirichlet", "client split: a scheme declared in fedhpro.partition.SCHEMES (creff: long "
+                           "tail + Dirichlet; pathological: classes per client; domains: one domain per client "
+                           "group; nway: FedProto n-way k-shot)", choices=_scheme_names)
     alpha: float | None = param(0.5, "Dirichlet concentration (creff, dirichlet)", low=0, low_inclusive=False,
                                 finite=True)
     classes_per_client: int | None = param(None, "classes per client (pathological)", low=0, low_inclusive=False)
@@ -158,7 +163,9 @@ class RunConfig:
     # ------------------------------------------------------------------ derived
     @property
     def effective_local_test_fraction(self) -> float:
-        if self.partition == "nway":  # FedProto's local test sets come from the test split, not the client's data
+        from fedhpro.partition import SCHEMES
+
+        if SCHEMES[self.partition].local_tests is not None:  # nway: FedProto's, from the test split
             return 0.0
         if self.local_test_fraction is not None:
             return self.local_test_fraction
@@ -355,21 +362,7 @@ def _validate(cfg: RunConfig) -> None:
     if cfg.clients_per_round is not None and cfg.clients_per_round > cfg.num_clients:
         raise ConfigError(f"config key 'clients_per_round' ({cfg.clients_per_round}) must be <= num_clients "
                           f"({cfg.num_clients})")
-    if cfg.partition in ("creff", "dirichlet") and cfg.alpha is None:
-        raise ConfigError(f"config key 'alpha' is required for partition {cfg.partition!r}")
-    if cfg.partition == "pathological" and cfg.classes_per_client is None:
-        raise ConfigError("config key 'classes_per_client' is required for partition 'pathological'")
-    if cfg.partition == "nway":
-        if cfg.ways is None:
-            raise ConfigError("config key 'ways' is required for partition 'nway' (FedProto's --ways)")
-        if cfg.local_test_fraction is not None:
-            raise ConfigError("config key 'local_test_fraction' must be unset for partition 'nway' (its local test "
-                              "sets are drawn from the test split; see 'test_shots')")
-        if cfg.imbalance_ratio != 1.0:
-            raise ConfigError("config key 'imbalance_ratio' must be 1 for partition 'nway'")
-    if cfg.partition == "creff" and cfg.num_clients < 10:
-        raise ConfigError("config key 'num_clients' must be >= 10 for partition 'creff' "
-                          "(the official split uses groups of 10 workers)")
+    _check_scheme(cfg)
     spec = DATASETS[cfg.dataset]
     import inspect
 
@@ -392,8 +385,6 @@ def _validate(cfg: RunConfig) -> None:
     if cfg.classes_per_client is not None and cfg.classes_per_client > spec.num_classes:
         raise ConfigError(f"config key 'classes_per_client' ({cfg.classes_per_client}) exceeds the "
                           f"{spec.num_classes} classes of dataset {cfg.dataset!r}")
-    if cfg.partition == "domains" and not spec.domains:
-        raise ConfigError(f"config key 'partition': 'domains' needs a multi-domain dataset; {cfg.dataset!r} has none")
     if cfg.client_models and cfg.eval_mode != "personalized":
         raise ConfigError("config key 'client_models' (model heterogeneity) needs eval_mode 'personalized'")
     if cfg.client_models and cfg.model != "auto":  # it would be ignored, yet change the run id
@@ -401,6 +392,21 @@ def _validate(cfg: RunConfig) -> None:
                           f"architectures are {', '.join(cfg.client_models)}); leave 'model' out")
     _check_models_fit(cfg, spec)
     check_supported(cfg)  # what the method declares it supports: modes, engines, heterogeneous models
+
+
+def _check_scheme(cfg: RunConfig) -> None:
+    """What the partition scheme declares (fedhpro.partition.SCHEMES): its required keys, no long tail where it
+    takes none, and its own checks across keys."""
+    from fedhpro.partition import SCHEMES
+
+    scheme = SCHEMES[cfg.partition]
+    for key, note in scheme.required.items():
+        if getattr(cfg, key) is None:
+            raise ConfigError(f"config key {key!r} is required for partition {cfg.partition!r}{note}")
+    if not scheme.long_tail and cfg.imbalance_ratio != 1.0:
+        raise ConfigError(f"config key 'imbalance_ratio' must be 1 for partition {cfg.partition!r}")
+    if scheme.check is not None:
+        scheme.check(cfg)
 
 
 def _check_models_fit(cfg: RunConfig, spec: Any) -> None:

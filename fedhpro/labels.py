@@ -19,6 +19,10 @@ from typing import Sequence
 
 import pandas as pd
 
+from fedhpro.partition import SCHEMES  # each partition scheme's label and table order, declared with the scheme
+
+PARTITION_ORDER = tuple(sorted(SCHEMES, key=lambda name: SCHEMES[name].rank))  # the shipped schemes' table order
+
 SETTING_KEYS = ("method", "variant", "eval_mode", "dataset", "partition", "alpha", "classes_per_client",
                 "imbalance_ratio", "num_clients", "model", "aggregation")
 # a "setting" as a table column: everything but the method, its variant and how its weights were aggregated
@@ -33,7 +37,6 @@ METHOD_ORDER = ("local", "fedavg", "fedprox", "moon", "creff", "fedproto", "fpl"
 DATASET_NAMES = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "tinyimagenet": "Tiny-ImageNet",
                  "ham10000": "HAM10000", "digit_domains": "Digits", "office_caltech": "Office-Caltech",
                  "agnews": "AG News", "sun397": "SUN397", "digits": "digits"}
-PARTITION_ORDER = ("iid", "dirichlet", "creff", "pathological", "nway", "domains")
 
 
 def sort_key_method(method: str, variant: str) -> tuple:
@@ -48,7 +51,8 @@ def _num(x) -> float:
 def sort_key_condition(cond: dict) -> tuple:
     part = cond["partition"]
     alpha = _num(cond["alpha"])
-    return (cond["dataset"], PARTITION_ORDER.index(part) if part in PARTITION_ORDER else len(PARTITION_ORDER), part,
+    rank = SCHEMES[part].rank if part in SCHEMES else max(s.rank for s in SCHEMES.values()) + 1
+    return (cond["dataset"], rank, part,
             -alpha if alpha == alpha else 0.0, int(cond["classes_per_client"]), float(cond["imbalance_ratio"]),
             int(cond["num_clients"]), cond["eval_mode"] != "global", cond["eval_mode"], str(cond["model"]))
 
@@ -91,16 +95,13 @@ def _g(x: float) -> str:
 
 
 def heterogeneity_label(cond: dict) -> str:
-    """'Dir(0.5)', 'Dir(0.5) ρ=100', 'pathological k=2', 'iid', 'domains'."""
+    """'Dir(0.5)', 'Dir(0.5) ρ=100', 'pathological k=2', 'iid', 'domains': the scheme's declared label
+    (`fedhpro.partition.SCHEMES`; a scheme no longer declared: its name), then ρ where there is a long tail."""
     part = cond["partition"]
-    alpha, rho, k = _num(cond["alpha"]), float(cond["imbalance_ratio"]), int(cond["classes_per_client"])
-    if part in ("dirichlet", "creff"):
-        text = f"Dir({_g(alpha)})" if alpha == alpha else part
-    elif part == "pathological":
-        text = f"pathological k={k}" if k > 0 else "pathological"
-    else:
-        text = part
-    if rho > 1 or part == "creff":
+    scheme = SCHEMES.get(part)
+    rho = float(cond["imbalance_ratio"])
+    text = scheme.label_of(cond) if scheme is not None else str(part)
+    if rho > 1 or (scheme is not None and scheme.rho_in_label):
         text += f" ρ={_g(rho)}"
     return text
 

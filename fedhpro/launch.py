@@ -34,7 +34,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -44,6 +44,7 @@ import submitit
 # light modules at the top: fedhpro.runio / clientstore / train import torch, pandas and pyarrow
 # and are imported where a job (or an in-process run) needs them.
 from fedhpro.config import RunConfig, from_dict
+from fedhpro.sections import Slurm
 from fedhpro.sweep import SLURM_DEFAULTS, check_slurm
 
 __all__ = ["LaunchOptions", "LaunchError", "Trainer", "RunPack", "PackEntry", "launch", "clear_stale_run", "read_jobs",
@@ -63,28 +64,13 @@ class LaunchError(RuntimeError):
     """The training job failed; the message names the SLURM job id and ends with its log tails."""
 
 
-@dataclass(frozen=True)
-class LaunchOptions:
-    """How to execute a run (the workflow config's ``slurm:`` section plus ``threads``); the section's
-    defaults are `fedhpro.sweep.SLURM_DEFAULTS`."""
+@dataclass(frozen=True, kw_only=True)
+class LaunchOptions(Slurm):
+    """How to execute a run: the workflow config's ``slurm:`` section (its keys, defaults and checks declared
+    once, in `fedhpro.sections.Slurm`) plus ``threads`` and the submitit cluster."""
 
-    launcher: str = SLURM_DEFAULTS["launcher"]  # local | submitit
-    partition: str | None = SLURM_DEFAULTS["partition"]
-    account: str | None = SLURM_DEFAULTS["account"]
-    gpus: int = SLURM_DEFAULTS["gpus"]
-    cpus: int = SLURM_DEFAULTS["cpus"]
-    mem_gb: float = SLURM_DEFAULTS["mem_gb"]
-    time_min: int = SLURM_DEFAULTS["time_min"]
-    signal_delay_s: int = SLURM_DEFAULTS["signal_delay_s"]
-    max_num_timeout: int = SLURM_DEFAULTS["max_num_timeout"]
-    poll_seconds: float = SLURM_DEFAULTS["poll_seconds"]
-    additional: Mapping[str, Any] = field(default_factory=lambda: dict(SLURM_DEFAULTS["additional"]))
     threads: int = 1  # torch threads of an in-process (local) run
     cluster: str | None = None  # submitit cluster: None = auto (slurm when srun is on PATH), "local", "debug"
-    # runs expected to take less share jobs of about this much work (0: never; run_minutes None: never)
-    pack_minutes: float = SLURM_DEFAULTS["pack_minutes"]
-    run_minutes: float | Mapping[str, float] | None = SLURM_DEFAULTS["run_minutes"]  # expected minutes (per dataset)
-    runs_per_gpu: int = SLURM_DEFAULTS["runs_per_gpu"]  # runs of a job trained at once, each in its own process
 
     def expected_minutes(self, dataset: str) -> float | None:
         """The expected minutes of one run on `dataset` (`run_minutes`), None if unknown."""

@@ -26,24 +26,30 @@ from fedhpro.errors import ConfigError
 FLOAT_RE = re.compile(r"^[-+]?(?:[0-9]+\.[0-9]*|\.[0-9]+|[0-9]+)(?:[eE][-+]?[0-9]+)?$"
                        r"|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$")  # YAML 1.2 core: no underscores
 
-KINDS = ("bool", "int", "float", "str", "mapping", "str_list")
+KINDS = ("bool", "int", "float", "str", "mapping", "str_list", "int_list", "number_map", "any", "section")
+# int_list: `tuple[int, ...]` (bounds apply to each item); number_map: `float | Mapping[str, float | None]` (a
+# number, or names -> numbers or null; bounds apply to each number); any: `Any`, a structure the section's own
+# code checks key by key (its JSON schema is given with `schema=`); section: a dataclass of declared keys
+# (`fedhpro.sections`), checked by `fedhpro.sections.check_section`.
 
 
 def param(default: Any = dataclasses.MISSING, help: str = "", *, default_factory: Any = dataclasses.MISSING,
           choices: tuple | Callable[[], tuple] | None = None, low: float | None = None,
           high: float | None = None, low_inclusive: bool = True, high_inclusive: bool = True,
-          finite: bool = False) -> Any:
+          finite: bool = False, schema: Mapping[str, Any] | None = None) -> Any:
     """A declared key: its default (or `default_factory`), one line of help, and what values it accepts.
 
     `choices`: the accepted values (for a list of names: of each item), or a function returning them when
     they come from a registry imported late (methods, datasets, models). `low`/`high`: bounds, inclusive
-    unless `low_inclusive`/`high_inclusive` is False. `finite`: refuse infinities (NaN is always refused)."""
+    unless `low_inclusive`/`high_inclusive` is False. `finite`: refuse infinities (NaN is always refused).
+    `schema`: JSON-schema keywords added to (or replacing) what the workflow schema generated from the
+    declaration says of the key (`fedhpro.sections.json_schema`), e.g. {"minProperties": 1}."""
     if not help:
         raise ValueError("param() needs a help text")
     return dataclasses.field(default=default, default_factory=default_factory,
                              metadata={"help": help, "choices": choices, "low": low, "high": high,
                                        "low_inclusive": low_inclusive, "high_inclusive": high_inclusive,
-                                       "finite": finite})
+                                       "finite": finite, "schema": dict(schema or {})})
 
 
 def declared_choices(f: dataclasses.Field) -> tuple | None:
@@ -55,9 +61,15 @@ def declared_choices(f: dataclasses.Field) -> tuple | None:
 def field_kind(annotation: Any) -> tuple[str, bool]:
     """(kind, nullable) of a field annotation (a real type, see `declared_fields`), kind one of `KINDS`."""
     nullable = False
+    if annotation is Any:
+        return "any", True
+    if dataclasses.is_dataclass(annotation):
+        return "section", False
     if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
         args = [a for a in typing.get_args(annotation) if a is not type(None)]
         nullable = len(args) < len(typing.get_args(annotation))
+        if len(args) == 2 and args[0] is float and typing.get_origin(args[1]) in (Mapping, dict):
+            return "number_map", nullable
         if len(args) != 1:
             raise TypeError(f"unsupported declared type {annotation!r}")
         annotation = args[0]
@@ -69,6 +81,8 @@ def field_kind(annotation: Any) -> tuple[str, bool]:
         return "mapping", nullable
     if origin is tuple and typing.get_args(annotation) == (str, ...):
         return "str_list", nullable
+    if origin is tuple and typing.get_args(annotation) == (int, ...):
+        return "int_list", nullable
     raise TypeError(f"unsupported declared type {annotation!r}")
 
 
@@ -102,59 +116,80 @@ def _bounds_text(meta: Mapping[str, Any]) -> str:
     return ""
 
 
-def check_value(key: str, f: dataclasses.Field, kind: str, nullable: bool, value: Any, owner: str = "") -> Any:
+def check_value(key: str, f: dataclasses.Field, kind: str, nullable: bool, value: Any, owner: str = "",
+                where: str = "") -> Any:
     """`value` checked against the declaration of `key` (type, choices, bounds) and normalised (an int given for a
-    float key becomes a float, a list of names a tuple); ConfigError naming the key otherwise. `owner` (a method
-    name) is added after the key in messages."""
-    label = f"config key {key!r}" + (f" ({owner})" if owner else "")
+    float key becomes a float, a list of names or numbers a tuple); ConfigError naming the key otherwise. `owner`
+    (a method name) is added after the key in messages; `where` (a section key path such as `slurm.gpus`)
+    replaces "config key 'gpus'" as their first words, followed by a colon."""
+    label = where or f"config key {key!r}" + (f" ({owner})" if owner else "")
+
+    def fail(text: str) -> ConfigError:
+        return ConfigError(f"{label}{':' if where or text.startswith('unknown') else ''} {text}")
+
     if value is None:
         if nullable:
             return None
-        raise ConfigError(f"{label} must not be null")
+        raise fail("must not be null")
     if kind == "bool":
         if not isinstance(value, bool):
-            raise ConfigError(f"{label} must be true or false, got {value!r}")
+            raise fail(f"must be true or false, got {value!r}")
     elif kind == "int":
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{label} must be an integer, got {value!r}")
+            raise fail(f"must be an integer, got {value!r}")
     elif kind == "float":
-        if isinstance(value, str) and FLOAT_RE.match(value.strip()) and "_" not in value:
-            value = float(value)  # `1e-3` read as a string by a YAML 1.1 parser (e.g. Snakemake's config loader)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
-            raise ConfigError(f"{label} must be a number, got {value!r}")
-        if f.metadata.get("finite") and not math.isfinite(value):
-            raise ConfigError(f"{label} must be finite, got {value!r}")
-        value = float(value)
+        value = _number(value, f, fail)
     elif kind == "str":
         if not isinstance(value, str) or not value:
-            raise ConfigError(f"{label} must be a non-empty string, got {value!r}")
+            raise fail(f"must be a non-empty string, got {value!r}")
     elif kind == "mapping":
         if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
-            raise ConfigError(f"{label} must be a mapping of names to values, got {value!r}")
+            raise fail(f"must be a mapping of names to values, got {value!r}")
         value = dict(value)
     elif kind == "str_list":
         if isinstance(value, str) or not isinstance(value, (list, tuple)) or not all(
                 isinstance(v, str) and v for v in value):
-            raise ConfigError(f"{label} must be a list of names, got {value!r}")
+            raise fail(f"must be a list of names, got {value!r}")
         value = tuple(value)
+    elif kind == "int_list":
+        if not isinstance(value, (list, tuple)) or not all(
+                isinstance(v, int) and not isinstance(v, bool) for v in value):
+            raise fail(f"must be a list of integers, got {value!r}")
+        value = tuple(value)
+    elif kind == "number_map":
+        if isinstance(value, Mapping):
+            return {name: check_value(key, f, "float", True, v, owner, f"{label}.{name}") for name, v in value.items()}
+        value = _number(value, f, fail)
     choices = declared_choices(f)
     if choices:
         for item in value if kind == "str_list" else (value,):
             if item not in choices:
-                raise ConfigError(f"{label}: unknown value {item!r}; accepted: {', '.join(map(str, choices))}")
+                raise fail(f"unknown value {item!r}; accepted: {', '.join(map(str, choices))}")
     meta = f.metadata
     low, high = meta.get("low"), meta.get("high")
-    low_ok = low is None or value > low or (value == low and meta.get("low_inclusive", True))
-    high_ok = high is None or value < high or (value == high and meta.get("high_inclusive", True))
-    if not (low_ok and high_ok):
-        raise ConfigError(f"{label} must be {_bounds_text(meta)}, got {value!r}")
+    for item in value if kind == "int_list" else (() if kind == "any" else (value,)):
+        low_ok = low is None or item > low or (item == low and meta.get("low_inclusive", True))
+        high_ok = high is None or item < high or (item == high and meta.get("high_inclusive", True))
+        if not (low_ok and high_ok):
+            raise fail(f"must be {_bounds_text(meta)}, got {item!r}")
     return value
+
+
+def _number(value: Any, f: dataclasses.Field, fail: Callable[[str], ConfigError]) -> float:
+    if isinstance(value, str) and FLOAT_RE.match(value.strip()) and "_" not in value:
+        value = float(value)  # `1e-3` read as a string by a YAML 1.1 parser (e.g. Snakemake's config loader)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        raise fail(f"must be a number, got {value!r}")
+    if f.metadata.get("finite") and not math.isfinite(value):
+        raise fail(f"must be finite, got {value!r}")
+    return float(value)
 
 
 def describe_type(kind: str, nullable: bool) -> str:
     """A kind as `fedhpro config` prints it."""
     name = {"bool": "bool", "int": "int", "float": "float", "str": "str", "mapping": "mapping",
-            "str_list": "list of names"}[kind]
+            "str_list": "list of names", "int_list": "list of integers", "number_map": "number or mapping",
+            "any": "structure", "section": "section"}[kind]
     return f"{name} or null" if nullable else name
 
 

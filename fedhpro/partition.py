@@ -54,12 +54,12 @@ import random
 import re
 import sys
 from pathlib import Path
-from typing import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
 __all__ = [
-    "SCHEMES",
     "MAX_ATTEMPTS",
     "CREFF_MAX_DRAWS",
     "partition_labels",
@@ -77,7 +77,9 @@ __all__ = [
     "main",
 ]
 
-SCHEMES = ("creff", "dirichlet", "pathological", "iid", "nway")
+# the splits `partition_labels` (and `fedhpro partition --scheme`) implements; the schemes a run config
+# accepts, with their keys, ids and labels, are declared in `SCHEMES` (end of this module)
+LABEL_ALGORITHMS = ("creff", "dirichlet", "pathological", "iid", "nway")
 MAX_ATTEMPTS = 1000  # resampling rounds before the `dirichlet` scheme gives up
 # The official creff loop needs far more rounds at small alpha (CIFAR-10-LT rho=100: up to ~1.2k
 # at alpha=0.1, ~12k at alpha=0.05), and giving up early would break bit-compatibility. Its guard
@@ -511,8 +513,8 @@ def partition_labels(labels, *, scheme, num_clients, seed, alpha=None, classes_p
     of class c (CReFF exponential long tail) before the scheme runs.
     Arguments a scheme does not use are ignored.
     """
-    if scheme not in SCHEMES:
-        raise ValueError(f"unknown partition scheme {scheme!r}; choose one of {', '.join(SCHEMES)}")
+    if scheme not in LABEL_ALGORITHMS:
+        raise ValueError(f"unknown partition scheme {scheme!r}; choose one of {', '.join(LABEL_ALGORITHMS)}")
     y = _as_labels(labels)
     if isinstance(num_clients, bool) or not isinstance(num_clients, (int, np.integer)):
         raise ValueError(f"num_clients must be an integer, got {num_clients!r}")
@@ -743,39 +745,48 @@ def _recorded_digest(meta_path: Path) -> str | None:
     return value if isinstance(value, str) else None
 
 
-# The keys that determine a partition: a saved partition is used only by a run that agrees on every one.
+# The keys that determine a partition: a saved partition is used only by a run that agrees on every one
+# (in this order; a scheme declared later adds its keys after these). Spelled as saved (`LEGACY_NAMES`).
 IDENTITY_KEYS = ("dataset", "dataset_options", "data_fingerprint", "scheme", "num_clients", "seed", "alpha",
                  "classes_per_client", "imbalance_ratio", "clients_per_domain", "min_size", "ways", "shots", "stdev",
                  "train_shots_max", "test_shots")
-NWAY_KEYS = ("ways", "shots", "stdev", "train_shots_max", "test_shots")  # None outside scheme 'nway' 
+_FLOAT_KEYS = ("alpha",)  # scheme keys recorded as floats; the others are integers
 
 
 def partition_identity(*, dataset: str, data_fingerprint: str, scheme: str, num_clients: int, seed: int,
-                       alpha=None, classes_per_client=None, imbalance_ratio=None, clients_per_domain=None,
-                       min_size=None, dataset_options=None, ways=None, shots=None, stdev=None,
-                       train_shots_max=None, test_shots=None) -> dict:
+                       imbalance_ratio=None, min_size=None, dataset_options=None, **scheme_keys) -> dict:
     """The normalised values of every key that determines a split (`IDENTITY_KEYS`).
 
-    Keys a scheme ignores are None (alpha outside creff/dirichlet, ...), rho None is 1.0 (the same split), and
-    the loader's `path` option is left out: the data is identified by its content (`data_fingerprint`).
+    `scheme_keys`: run-config keys of the schemes (alpha, classes_per_client, ways, ...); those the scheme
+    does not read (`SCHEMES[scheme].keys`) are None, rho None is 1.0 (the same split), and the loader's
+    `path` option is left out: the data is identified by its content (`data_fingerprint`).
     """
+    declared = {k for s in SCHEMES.values() for k in s.keys}
+    unknown = sorted(set(scheme_keys) - declared)
+    if unknown:
+        raise TypeError(f"partition_identity: {unknown[0]!r} is not a key of any partition scheme")
+    reads = SCHEMES[scheme].keys if scheme in SCHEMES else ()
     options = {k: v for k, v in sorted(dict(dataset_options or {}).items()) if k != "path"}
-    rho = 1.0 if imbalance_ratio is None else float(imbalance_ratio)
-    return {"dataset": dataset, "dataset_options": json.loads(json.dumps(options, default=str)),
-            "data_fingerprint": data_fingerprint, "scheme": scheme, "num_clients": int(num_clients),
-            "seed": int(seed), "alpha": float(alpha) if scheme in ("creff", "dirichlet") and alpha is not None else None,
-            "classes_per_client": int(classes_per_client) if scheme == "pathological" and classes_per_client
-            is not None else None,
-            "imbalance_ratio": rho,
-            "clients_per_domain": int(clients_per_domain) if scheme == "domains" and clients_per_domain is not None
-            else None,
-            "min_size": None if min_size is None or scheme != "dirichlet" else int(min_size),
-            **{k: (int(v) if scheme == "nway" and v is not None else None) for k, v in
-               zip(NWAY_KEYS, (ways, shots, stdev, train_shots_max, test_shots))}}
+    values = {"dataset": dataset, "dataset_options": json.loads(json.dumps(options, default=str)),
+              "data_fingerprint": data_fingerprint, "scheme": scheme, "num_clients": int(num_clients),
+              "seed": int(seed), "imbalance_ratio": 1.0 if imbalance_ratio is None else float(imbalance_ratio),
+              "min_size": None if min_size is None or scheme != "dirichlet" else int(min_size)}
+    for key in declared:
+        value = scheme_keys.get(key)
+        values[key] = None if key not in reads or value is None else (float if key in _FLOAT_KEYS else int)(value)
+    return {key: values[key] for key in _identity_keys()}
 
 
-# identity key -> the run config key (`fedhpro.config.RunConfig`) that sets it, where the names differ
-RUN_CONFIG_KEYS = {"scheme": "partition", "seed": "partition_seed"}
+def _identity_keys() -> tuple[str, ...]:
+    return IDENTITY_KEYS + tuple(dict.fromkeys(k for s in SCHEMES.values() for k in s.keys if k not in IDENTITY_KEYS))
+
+
+def identity_of(cfg, data_fingerprint: str) -> dict:
+    """The partition identity a run with config `cfg` (a `fedhpro.config.RunConfig`) needs."""
+    return partition_identity(dataset=cfg.dataset, dataset_options=cfg.dataset_options,
+                              data_fingerprint=data_fingerprint, scheme=cfg.partition, num_clients=cfg.num_clients,
+                              seed=cfg.partition_seed, imbalance_ratio=cfg.imbalance_ratio,
+                              **{k: getattr(cfg, k) for k in SCHEMES[cfg.partition].keys})
 
 
 def effective_min_size(identity: dict, num_samples) -> int | None:
@@ -799,7 +810,7 @@ def check_identity(path_dir, meta: dict, want: dict) -> None:
     if not isinstance(have, dict):
         raise ValueError(f"partition {path_dir} has no identity record in meta.json (made by an older fedhpro, "
                          "or not a fedhpro partition); delete it and make it again")
-    for key in IDENTITY_KEYS:
+    for key in _identity_keys():
         found, needed = have.get(key), want.get(key)
         if key == "min_size":  # compared last: every other key agrees, so both sides split the same samples
             found = effective_min_size(have, meta.get("num_samples"))
@@ -823,7 +834,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="fedhpro partition",
                                 description="Partition a dataset's training labels among clients.")
     p.add_argument("--dataset", required=True, help="registered dataset name (fedhpro.data)")
-    p.add_argument("--scheme", required=True, choices=SCHEMES)
+    p.add_argument("--scheme", required=True, choices=LABEL_ALGORITHMS)
     p.add_argument("--num-clients", type=int, required=True)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--alpha", type=float, default=None, help="Dirichlet concentration (creff, dirichlet)")
@@ -993,6 +1004,187 @@ def partition_domains(domain_ids, *, num_clients, seed, clients_per_domain=None)
         for piece in np.array_split(idx[rng.permutation(len(idx))], int(per[i])):
             parts.append(np.sort(piece))
     return parts
+
+
+# --------------------------------------------------------------------------- the scheme registry
+# One declaration per scheme, read by everyone who needs it: the run config's `partition` choices and
+# cross-key checks (`fedhpro.config`), the heterogeneity id (`fedhpro.sweep.het_id`), the partition rule's
+# params (`fedhpro.sweep.PartitionSpec`), the saved partition's identity (`partition_identity`), the table
+# label (`fedhpro.labels.heterogeneity_label`), the split a run makes (`split_for`) and the workflow schema.
+# A scheme's keys are run-config keys (`fedhpro.config.RunConfig`, declared there with `param()`); a scheme
+# names the ones its split reads. docs/extending.md says how to add one.
+__all__ += ["Scheme", "IdPart", "SCHEMES", "register_scheme", "LABEL_ALGORITHMS", "LEGACY_NAMES", "split_for",
+            "heterogeneity_keys", "identity_of"]
+
+_KEEP = object()  # IdPart.omit default: the part is always written
+
+
+@dataclass(frozen=True)
+class IdPart:
+    """One part of the heterogeneity id: `prefix` + the encoded value of run-config key `key` (`w3` for
+    ways=3), left out when the value equals `omit` (a default the id never spelled out)."""
+
+    prefix: str
+    key: str
+    omit: Any = _KEEP
+
+    def written(self, value: Any) -> bool:
+        return self.omit is _KEEP or value != self.omit
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """A partition scheme. `keys`: the run-config keys its split reads besides dataset, num_clients,
+    partition_seed and imbalance_ratio (None in the params and identity of other schemes' partitions);
+    `required`: those that must be set, each with a note for the error; `ids`: the heterogeneity id after
+    the name (then `rho..` when imbalance_ratio != 1, then `n<clients>`); `label`: a table's text of a
+    setting (`cond`: partition, alpha, classes_per_client (0 = unset), imbalance_ratio, ...), ' ρ=..' is
+    appended when imbalance_ratio > 1 or `rho_in_label`; `split(cfg, labels, domains)`: each client's
+    indices; `check(cfg)`: checks across keys (ConfigError naming the key); `local_tests(cfg, test_labels,
+    num_classes)`: each client's local test set drawn from the test split (instead of held out of its data;
+    then `local_test_fraction` is 0); `long_tail`: accepts imbalance_ratio > 1; `rank`: its place in tables."""
+
+    name: str
+    help: str
+    split: Callable[[Any, np.ndarray, "np.ndarray | None"], list[np.ndarray]]
+    keys: tuple[str, ...] = ()
+    required: Mapping[str, str] = field(default_factory=dict)
+    ids: tuple[IdPart, ...] = ()
+    label: Callable[[Mapping[str, Any]], str] | None = None
+    check: Callable[[Any], None] | None = None
+    local_tests: Callable[[Any, np.ndarray, int], list[np.ndarray]] | None = None
+    rho_in_label: bool = False
+    long_tail: bool = True
+    needs_domains: bool = False
+    rank: int = 100
+
+    def label_of(self, cond: Mapping[str, Any]) -> str:
+        return self.label(cond) if self.label is not None else self.name
+
+
+SCHEMES: dict[str, Scheme] = {}
+
+
+def register_scheme(scheme: Scheme) -> Scheme:
+    """Declare a scheme (its name must be new and a wildcard-safe word; its keys unique)."""
+    if not re.fullmatch(r"[a-z][a-z0-9_]*", scheme.name) or scheme.name in SCHEMES:
+        raise ValueError(f"scheme name {scheme.name!r} must be a new lower-case word")
+    if not set(scheme.required) <= set(scheme.keys) or not {p.key for p in scheme.ids} <= set(scheme.keys):
+        raise ValueError(f"scheme {scheme.name!r}: required keys and id keys must be among its keys")
+    SCHEMES[scheme.name] = scheme
+    return scheme
+
+
+# The partition rule's params and a saved partition's identity (meta.json) spell two run-config keys
+# the way the first partitions were saved; kept so that no existing partition is rebuilt or refused.
+LEGACY_NAMES = {"partition": "scheme", "partition_seed": "seed"}
+RUN_CONFIG_KEYS = {old: new for new, old in LEGACY_NAMES.items()}  # identity key -> run-config key
+
+
+def _num(x) -> float:
+    return math.nan if x is None else float(x)
+
+
+def _g(x: float) -> str:
+    return f"{float(x):g}"
+
+
+def _dirichlet_label(cond: Mapping[str, Any]) -> str:
+    alpha = _num(cond["alpha"])
+    return f"Dir({_g(alpha)})" if alpha == alpha else str(cond["partition"])
+
+
+def _pathological_label(cond: Mapping[str, Any]) -> str:
+    k = int(cond["classes_per_client"])
+    return f"pathological k={k}" if k > 0 else "pathological"
+
+
+def _split_labels(cfg, labels: np.ndarray, domains) -> list[np.ndarray]:
+    return partition_labels(labels, scheme=cfg.partition, num_clients=cfg.num_clients, seed=cfg.partition_seed,
+                            alpha=cfg.alpha, classes_per_client=cfg.classes_per_client,
+                            imbalance_ratio=cfg.imbalance_ratio)
+
+
+def _split_nway(cfg, labels: np.ndarray, domains) -> list[np.ndarray]:
+    return partition_labels(labels, scheme="nway", num_clients=cfg.num_clients, seed=cfg.partition_seed,
+                            alpha=cfg.alpha, classes_per_client=cfg.classes_per_client,
+                            imbalance_ratio=cfg.imbalance_ratio, ways=cfg.ways, shots=cfg.shots, stdev=cfg.stdev,
+                            train_shots_max=cfg.train_shots_max, nway_rule_name=nway_rule(cfg.dataset))
+
+
+def _nway_local_tests(cfg, test_labels: np.ndarray, num_classes: int) -> list[np.ndarray]:
+    """FedProto's local test sets: indices into the test split, drawn as FedProto draws them."""
+    return nway_test_parts(test_labels, num_clients=cfg.num_clients, seed=cfg.partition_seed, ways=cfg.ways,
+                           shots=cfg.shots, stdev=cfg.stdev, rule=nway_rule(cfg.dataset), test_shots=cfg.test_shots,
+                           num_classes=num_classes)
+
+
+def _split_domains(cfg, labels: np.ndarray, domains) -> list[np.ndarray]:
+    return partition_domains(domains, num_clients=cfg.num_clients, seed=cfg.partition_seed,
+                             clients_per_domain=cfg.clients_per_domain)
+
+
+def _config_error(message: str) -> Exception:
+    from fedhpro.errors import ConfigError
+
+    return ConfigError(message)
+
+
+def _check_creff(cfg) -> None:
+    if cfg.num_clients < _AUX_WORKERS:
+        raise _config_error("config key 'num_clients' must be >= 10 for partition 'creff' "
+                            "(the official split uses groups of 10 workers)")
+
+
+def _check_nway(cfg) -> None:
+    if cfg.local_test_fraction is not None:
+        raise _config_error("config key 'local_test_fraction' must be unset for partition 'nway' (its local test "
+                            "sets are drawn from the test split; see 'test_shots')")
+
+
+def _check_domains(cfg) -> None:
+    from fedhpro.data import DATASETS
+
+    if not DATASETS[cfg.dataset].domains:
+        raise _config_error(f"config key 'partition': 'domains' needs a multi-domain dataset; {cfg.dataset!r} "
+                            "has none")
+
+
+# In the order `fedhpro config` and error messages list them; `rank` is the tables' order.
+register_scheme(Scheme(
+    "creff", "long tail + Dirichlet over groups of 10 clients, the FedHPro/CReFF NID1 split", _split_labels,
+    keys=("alpha",), required={"alpha": ""}, ids=(IdPart("a", "alpha"),), label=_dirichlet_label,
+    check=_check_creff, rho_in_label=True, rank=2))
+register_scheme(Scheme(
+    "dirichlet", "per-class Dirichlet proportions (NIID-Bench noniid-labeldir)", _split_labels,
+    keys=("alpha",), required={"alpha": ""}, ids=(IdPart("a", "alpha"),), label=_dirichlet_label, rank=1))
+register_scheme(Scheme(
+    "pathological", "classes_per_client classes per client (NID2)", _split_labels,
+    keys=("classes_per_client",), required={"classes_per_client": ""}, ids=(IdPart("k", "classes_per_client"),),
+    label=_pathological_label, rank=3))
+register_scheme(Scheme("iid", "a random near-equal cut", _split_labels, rank=0))
+register_scheme(Scheme(
+    "domains", "one domain per client group (feature shift; multi-domain datasets)", _split_domains,
+    keys=("clients_per_domain",), ids=(IdPart("cpd", "clients_per_domain", None),), check=_check_domains,
+    needs_domains=True, rank=5))
+register_scheme(Scheme(
+    "nway", "FedProto's n-way k-shot clients, local test sets from the test split", _split_nway,
+    keys=("ways", "shots", "stdev", "train_shots_max", "test_shots"), required={"ways": " (FedProto's --ways)"},
+    ids=(IdPart("w", "ways"), IdPart("k", "shots"), IdPart("sd", "stdev"), IdPart("tsm", "train_shots_max", 110),
+         IdPart("ts", "test_shots", None)),
+    check=_check_nway, local_tests=_nway_local_tests, long_tail=False, rank=4))
+
+
+
+def heterogeneity_keys() -> tuple[str, ...]:
+    """The keys of a workflow heterogeneity entry: the scheme, its clients and long tail, and every scheme's keys."""
+    return ("partition", "imbalance_ratio", "num_clients") + tuple(dict.fromkeys(
+        k for scheme in SCHEMES.values() for k in scheme.keys))
+
+
+def split_for(cfg, labels: np.ndarray, domains: np.ndarray | None = None) -> list[np.ndarray]:
+    """Each client's training indices under the run config `cfg` (its scheme's `split`)."""
+    return SCHEMES[cfg.partition].split(cfg, labels, domains)
 
 
 if __name__ == "__main__":

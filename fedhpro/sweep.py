@@ -4,7 +4,8 @@ Pure Python (no Snakemake import): the Snakemake workflow (`workflow/rules/commo
 calls `validate_workflow_config` once at parse time and builds its run table from the
 returned `RunSpec` list; the tests call the same functions directly.
 
-Workflow config layout (every key documented in ``workflow/schemas/config.schema.yaml``)::
+Workflow config layout (every key declared in `fedhpro.sections`, which generates the JSON schema); the
+top-level form below is `normalise`d at load into one experiment `main` of the ``experiments:`` form::
 
     results: results                 # output root
     data_root: data
@@ -13,8 +14,8 @@ Workflow config layout (every key documented in ``workflow/schemas/config.schema
     datasets:                        # registered datasets -> RunConfig overrides (+ optional
       digits: {}                     #   `heterogeneity: [...]` / `methods: [...]` for that dataset)
     pending_datasets: {}             # same shape; skipped with a warning until registered
-    heterogeneity:                   # partition settings (keys: partition, alpha, classes_per_client,
-      - {partition: dirichlet, alpha: 0.5}   #   imbalance_ratio, num_clients, clients_per_domain)
+    heterogeneity:                   # partition settings (keys: partition, imbalance_ratio, num_clients and
+      - {partition: dirichlet, alpha: 0.5}   #   the schemes' keys, fedhpro.partition.SCHEMES)
     methods:                         # method -> variant -> method_params (+ `config: {RunConfig overrides}`)
       fedprox: {default: {mu: 0.01}}
     grids:                           # method -> param -> values: extra variants on top of `default`
@@ -32,8 +33,8 @@ wildcard-safe (letters, digits, ``_ . -``; numbers encoded with `encode_value`: 
 ``1e-05 -> 1em05``, ``-2 -> m2``):
 
 * heterogeneity id ``het``: ``dirichlet-a0p5-n10``, ``creff-a0p2-rho100-n10``, ``pathological-k2-n10``,
-  ``iid-n10``, ``domains-n10`` (every setting that changes the split is in it, so two different
-  settings never share a partition);
+  ``iid-n10``, ``domains-n10`` (the scheme's declared id parts: every setting that changes the split is in
+  it, so two different settings never share a partition);
 * partition id: ``{dataset}/{het}/ps{partition_seed}`` -> ``<results>/partitions/<partition id>/``;
 * run id: ``{dataset}/{het}/{method}/{variant}/ps{partition_seed}_s{seed}`` -> ``<results>/runs/<run id>/``
   (both defined once, in `fedhpro.layout`).
@@ -53,15 +54,16 @@ import yaml
 
 from fedhpro import layout
 from fedhpro.config import LOCATION_OPTIONS, ConfigError, RunConfig, from_dict, load_yaml_text
-from fedhpro.params import FLOAT_RE
+from fedhpro.params import FLOAT_RE, declared_fields
+from fedhpro.partition import LEGACY_NAMES, SCHEMES, heterogeneity_keys as partition_keys
+from fedhpro.sections import (LAUNCHERS, REPORTING_RULES, AblationSection, ExperimentSection,  # noqa: F401
+                              Reporting, Slurm, WorkflowConfig, check_section, section_defaults)
 
 __all__ = ["RunSpec", "PartitionSpec", "ExperimentSpec", "SweepConfigError", "expand_sweep", "experiments_of",
-           "runs_by_experiment", "pending_datasets_of", "validate_workflow_config",
+           "runs_by_experiment", "pending_datasets_of", "normalise", "validate_workflow_config",
            "check_supported", "check_config_files", "yaml12_numbers", "workflow_run",
            "encode_value", "het_id", "partitions_of", "WILDCARD_PATTERNS", "LAUNCHERS", "REPORTING_RULES"]
 
-LAUNCHERS = ("local", "submitit")
-REPORTING_RULES = ("final", "last_k", "best")
 NAME_RE = re.compile(r"^[A-Za-z0-9_.]+$")  # dataset / method names
 VARIANT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 # regexes of the Snakemake wildcards (no '/' anywhere, so path components never shift)
@@ -69,21 +71,12 @@ WILDCARD_PATTERNS = {"dataset": r"[A-Za-z0-9_.]+", "het": r"[A-Za-z0-9_.-]+", "m
                      "variant": r"[A-Za-z0-9_.-]+", "pseed": r"[0-9]+", "seed": r"[0-9]+",
                      "experiment": r"[A-Za-z0-9][A-Za-z0-9_.-]*"}
 
-PARTITION_KEYS = ("partition", "alpha", "classes_per_client", "imbalance_ratio", "num_clients", "clients_per_domain",
-                  "ways", "shots", "stdev", "train_shots_max", "test_shots")
 # keys the sweep itself sets: not allowed in defaults / dataset overrides / variant `config`
 AXIS_KEYS = ("method", "variant", "method_params", "dataset", "seed", "partition_seed", "data_root")
-TOP_KEYS = ("results", "data_root", "reporting", "defaults", "datasets", "pending_datasets", "heterogeneity",
-            "methods", "grids", "ablations", "seeds", "partition_seeds", "threads", "slurm", "mirrors",
-            "experiments", "published", "reproduction_report", "report_partial")
-ABLATION_KEYS = ("methods", "base_variant", "datasets", "heterogeneity", "seeds", "partition_seeds", "variants")
-# The one declaration of the `slurm:` section's keys and defaults: fedhpro.launch.LaunchOptions takes its
-# defaults from here; the JSON schema's defaults and the shipped configs are tested against it
-# (tests/test_sweep_slurm.py).
-SLURM_DEFAULTS: dict[str, Any] = {"launcher": "local", "partition": None, "account": None, "gpus": 1, "cpus": 4,
-                                  "mem_gb": 16, "time_min": 240, "signal_delay_s": 120, "max_num_timeout": 3,
-                                  "poll_seconds": 30, "additional": {}, "pack_minutes": 30, "run_minutes": None,
-                                  "runs_per_gpu": 1}
+# the sections' keys, declared once with `param()` in fedhpro.sections (which generates the JSON schema)
+TOP_KEYS = tuple(declared_fields(WorkflowConfig))
+ABLATION_KEYS = tuple(declared_fields(AblationSection))
+SLURM_DEFAULTS: dict[str, Any] = section_defaults(Slurm)  # fedhpro.launch.LaunchOptions takes its defaults here
 
 
 class SweepConfigError(ConfigError):
@@ -112,20 +105,14 @@ def encode_value(value: Any) -> str:
 
 
 def het_id(cfg: RunConfig) -> str:
-    """The heterogeneity id of a resolved config: every field that changes the client split."""
+    """The heterogeneity id of a resolved config: its scheme's name and id parts (`Scheme.ids`: every key that
+    changes the split), `rho..` when imbalance_ratio != 1, then `n<clients>`."""
+    scheme = SCHEMES[cfg.partition]
     parts = [cfg.partition]
-    if cfg.partition in ("creff", "dirichlet"):
-        parts.append(f"a{encode_value(cfg.alpha)}")
-    if cfg.partition == "pathological":
-        parts.append(f"k{encode_value(cfg.classes_per_client)}")
-    if cfg.partition == "domains" and cfg.clients_per_domain is not None:
-        parts.append(f"cpd{encode_value(cfg.clients_per_domain)}")
-    if cfg.partition == "nway":  # FedProto n-way k-shot: ways, shots, stdev (+ the strides where not default)
-        parts += [f"w{encode_value(cfg.ways)}", f"k{encode_value(cfg.shots)}", f"sd{encode_value(cfg.stdev)}"]
-        if cfg.train_shots_max != 110:
-            parts.append(f"tsm{encode_value(cfg.train_shots_max)}")
-        if cfg.test_shots is not None:
-            parts.append(f"ts{encode_value(cfg.test_shots)}")
+    for part in scheme.ids:
+        value = getattr(cfg, part.key)
+        if part.written(value):
+            parts.append(f"{part.prefix}{encode_value(value)}")
     if cfg.imbalance_ratio != 1.0:
         parts.append(f"rho{encode_value(cfg.imbalance_ratio)}")
     parts.append(f"n{cfg.num_clients}")
@@ -133,31 +120,48 @@ def het_id(cfg: RunConfig) -> str:
 
 
 # ------------------------------------------------------------------------------------------ specs
+# Scheme keys with a place of their own in the partition rule's params (None where the scheme does not read
+# them); a scheme's other keys go, as one canonical JSON text, under the scheme's name (e.g. `nway`).
+_PARAM_SLOTS = {"before_rho": ("alpha", "classes_per_client"), "after_rho": ("clients_per_domain",)}
+
+
 @dataclass(frozen=True)
 class PartitionSpec:
-    """One client split: the arguments of `fedhpro.partition.partition_labels` and its directory id.
+    """One client split, in the run config's names: what `fedhpro.partition.split_for` needs and its id.
 
-    Where the data lives (data_root, dataset_options.path) is not part of it: moving the data changes no
-    partition (the partition job records the data's content fingerprint instead, and runs check it).
+    `keys`: canonical JSON of the scheme's own keys (`Scheme.keys`). Where the data lives (data_root,
+    dataset_options.path) is not part of it: moving the data changes no partition (the partition job records
+    the data's content fingerprint instead, and runs check it).
     """
 
     partition_id: str
     dataset: str
-    scheme: str
+    partition: str
     num_clients: int
-    seed: int
-    alpha: float | None
-    classes_per_client: int | None
+    partition_seed: int
     imbalance_ratio: float
-    clients_per_domain: int | None
+    keys: str = "{}"
     dataset_options: str = "{}"  # canonical JSON of the loader options (they can change the data)
-    nway: str = ""  # partition 'nway': canonical JSON of its keys (ways, shots, stdev, ...); "" otherwise
+
+    @classmethod
+    def of(cls, partition_id: str, c: RunConfig) -> "PartitionSpec":
+        return cls(partition_id=partition_id, dataset=c.dataset, partition=c.partition, num_clients=c.num_clients,
+                   partition_seed=c.partition_seed, imbalance_ratio=c.imbalance_ratio,
+                   keys=json.dumps({k: getattr(c, k) for k in SCHEMES[c.partition].keys}, sort_keys=True),
+                   dataset_options=json.dumps({k: v for k, v in dict(c.dataset_options).items()
+                                               if k not in LOCATION_OPTIONS}, sort_keys=True, default=str))
 
     def params(self) -> dict[str, Any]:
-        # `nway` only where set, so the params (Snakemake's rerun trigger) of other partitions are unchanged
-        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "partition_id"
-               and not (f.name == "nway" and not self.nway)}
-        out["dataset_options"] = json.loads(self.dataset_options)
+        """The partition rule's params (Snakemake's rerun trigger, and meta.json's record of the split), in the
+        layout the first partitions were made with (`LEGACY_NAMES`), so that none is rebuilt."""
+        keys = json.loads(self.keys)
+        slot = lambda names: {k: keys.pop(k, None) for k in names}  # noqa: E731
+        out = {"dataset": self.dataset, LEGACY_NAMES["partition"]: self.partition, "num_clients": self.num_clients,
+               LEGACY_NAMES["partition_seed"]: self.partition_seed, **slot(_PARAM_SLOTS["before_rho"]),
+               "imbalance_ratio": self.imbalance_ratio, **slot(_PARAM_SLOTS["after_rho"]),
+               "dataset_options": json.loads(self.dataset_options)}
+        if keys:  # only where set, so the params of partitions of the other schemes are unchanged
+            out[self.partition] = json.dumps(keys, sort_keys=True)
         return out
 
 
@@ -185,18 +189,7 @@ class RunSpec:
                 "pseed": str(self.partition_seed), "seed": str(self.seed)}
 
     def partition(self) -> PartitionSpec:
-        c = self.config
-        return PartitionSpec(partition_id=self.partition_id, dataset=c.dataset, scheme=c.partition,
-                             num_clients=c.num_clients, seed=c.partition_seed,
-                             alpha=c.alpha if c.partition in ("creff", "dirichlet") else None,
-                             classes_per_client=c.classes_per_client if c.partition == "pathological" else None,
-                             imbalance_ratio=c.imbalance_ratio,
-                             clients_per_domain=c.clients_per_domain if c.partition == "domains" else None,
-                             nway=json.dumps({k: getattr(c, k) for k in ("ways", "shots", "stdev", "train_shots_max",
-                                                                         "test_shots")}, sort_keys=True)
-                             if c.partition == "nway" else "",
-                             dataset_options=json.dumps({k: v for k, v in dict(c.dataset_options).items()
-                                                         if k not in LOCATION_OPTIONS}, sort_keys=True, default=str))
+        return PartitionSpec.of(self.partition_id, self.config)
 
 
 # ------------------------------------------------------------------------------------------ checks
@@ -245,58 +238,16 @@ def _check_overrides(overrides: Mapping, path: str, *, forbid: tuple[str, ...] =
 
 def check_slurm(value: Any) -> dict[str, Any]:
     """The `slurm:` section with defaults filled in; raises SweepConfigError naming the key."""
-    slurm = _mapping(value, "slurm")
-    unknown = sorted(set(slurm) - set(SLURM_DEFAULTS))
-    if unknown:
-        raise _err(f"slurm.{unknown[0]}", f"unknown key; accepted: {', '.join(SLURM_DEFAULTS)}")
-    out = {**SLURM_DEFAULTS, **slurm}
-    if out["launcher"] not in LAUNCHERS:
-        raise _err("slurm.launcher", f"unknown value {out['launcher']!r}; accepted: {', '.join(LAUNCHERS)}")
-    for key in ("partition", "account"):
-        if out[key] is not None and (not isinstance(out[key], str) or not out[key]):
-            raise _err(f"slurm.{key}", f"must be a non-empty string or null, got {out[key]!r}")
-    for key, low in (("gpus", 0), ("cpus", 1), ("time_min", 1), ("signal_delay_s", 0), ("max_num_timeout", 0),
-                     ("runs_per_gpu", 1)):
-        v = out[key]
-        if isinstance(v, bool) or not isinstance(v, int) or v < low:
-            raise _err(f"slurm.{key}", f"must be an integer >= {low}, got {v!r}")
-    for key in ("mem_gb", "poll_seconds"):
-        v = out[key]
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
-            raise _err(f"slurm.{key}", f"must be a number > 0, got {v!r}")
-    out["additional"] = _mapping(out["additional"], "slurm.additional")
-    v = out["pack_minutes"]
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
-        raise _err("slurm.pack_minutes", f"must be a number >= 0, got {v!r}")
-    per_dataset = out["run_minutes"] if isinstance(out["run_minutes"], Mapping) else {"": out["run_minutes"]}
-    for name, v in per_dataset.items():
-        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0):
-            raise _err(f"slurm.run_minutes{'.' + name if name else ''}", f"must be a number > 0 or null, got {v!r}")
-    return out
+    return check_section(Slurm, value, "slurm", SweepConfigError)
 
 
 def check_workflow_keys(config: Mapping) -> None:
-    """Check the workflow-level keys (everything that is not a RunConfig value)."""
+    """Check the workflow-level keys (everything that is not a RunConfig value) against their declarations
+    (fedhpro.sections); the sweep's structures (datasets, methods, ...) are checked where they are expanded."""
     if not isinstance(config, Mapping):
         raise SweepConfigError("the workflow config must be a mapping")
-    unknown = sorted(set(config) - set(TOP_KEYS))
-    if unknown:
-        raise _err(unknown[0], f"unknown workflow config key; accepted: {', '.join(TOP_KEYS)}")
-    for key in ("results", "data_root"):
-        if key in config and (not isinstance(config[key], str) or not config[key]):
-            raise _err(key, f"must be a non-empty path, got {config[key]!r}")
-    rep = _mapping(config.get("reporting"), "reporting")
-    unknown = sorted(set(rep) - {"rule", "last_k"})
-    if unknown:
-        raise _err(f"reporting.{unknown[0]}", "unknown key; accepted: rule, last_k")
-    if rep.get("rule", "last_k") not in REPORTING_RULES:
-        raise _err("reporting.rule", f"unknown value {rep.get('rule')!r}; accepted: {', '.join(REPORTING_RULES)}")
-    last_k = rep.get("last_k", 3)
-    if isinstance(last_k, bool) or not isinstance(last_k, int) or last_k < 1:
-        raise _err("reporting.last_k", f"must be an integer >= 1, got {last_k!r}")
-    threads = config.get("threads", 1)
-    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-        raise _err("threads", f"must be an integer >= 1, got {threads!r}")
+    check_section(WorkflowConfig, config, "", SweepConfigError)
+    check_section(Reporting, config.get("reporting"), "reporting", SweepConfigError)
     check_slurm(config.get("slurm"))
     mirrors = _mapping(config.get("mirrors"), "mirrors")
     for name, entry in mirrors.items():
@@ -377,8 +328,8 @@ def _het_list(value: Any, path: str) -> list[dict]:
     for i, entry in enumerate(value):
         entry = _mapping(entry, f"{path}[{i}]", allow_none=False)
         for key in entry:
-            if key not in PARTITION_KEYS:
-                raise _err(f"{path}[{i}].{key}", f"not a partition setting; accepted: {', '.join(PARTITION_KEYS)}")
+            if key not in partition_keys():
+                raise _err(f"{path}[{i}].{key}", f"not a partition setting; accepted: {', '.join(partition_keys())}")
         out.append(entry)
     return out
 
@@ -621,9 +572,7 @@ def _ablation_section_requests(config: Mapping, sweep: _Sweep, abl: dict, apath:
     settings and seeds, merged over the base variant."""
     from fedhpro.methods import METHOD_MODULES
 
-    unknown = sorted(set(abl) - set(ABLATION_KEYS))
-    if unknown:
-        raise _err(f"{apath}.{unknown[0]}", f"unknown key; accepted: {', '.join(ABLATION_KEYS)}")
+    check_section(AblationSection, abl, apath, SweepConfigError)
     abl_methods = abl.get("methods", ["fedhpro"])
     if not isinstance(abl_methods, list) or not abl_methods:
         raise _err(f"{apath}.methods", f"must be a non-empty list of methods, got {abl_methods!r}")
@@ -770,10 +719,9 @@ def _expand_one(config: Mapping, *, warn: Callable[[str], None] | None = None) -
 
 
 # ------------------------------------------------------------------------------------------ experiments
-EXPERIMENT_KINDS = ("comparison", "ablation")
 # the sweep keys an experiment block declares for itself (with `experiments:`, never at the top level)
 EXPERIMENT_SWEEP_KEYS = ("datasets", "pending_datasets", "heterogeneity", "methods", "grids", "ablations")
-EXPERIMENT_KEYS = ("title", "kind", "protocol", "defaults", "seeds", "partition_seeds") + EXPERIMENT_SWEEP_KEYS
+EXPERIMENT_KEYS = tuple(declared_fields(ExperimentSection))
 LEGACY_EXPERIMENT = "main"  # the one experiment of a config without `experiments:`
 
 
@@ -789,21 +737,31 @@ class ExperimentSpec:
     protocol: str = ""
 
 
-def _experiment_blocks(config: Mapping) -> list[tuple[ExperimentSpec, dict, dict]]:
-    """(spec, sweep config of the experiment, its block) for every experiment, in config order.
-
-    Without `experiments:`, the top-level sweep is one experiment named `LEGACY_EXPERIMENT`. With it,
-    every experiment block is a sweep of its own: its `defaults` are merged over the top-level ones, its
-    `seeds` / `partition_seeds` replace the top-level ones, and it declares its own datasets,
-    heterogeneity, methods (and grids, ablations); the top level may not set those.
-    """
+def normalise(config: Mapping) -> tuple[dict, bool]:
+    """The workflow config in the one shape the sweep reads: `experiments:` (name -> block). A config without
+    it (datasets, heterogeneity, methods, ... at the top level) becomes one experiment named
+    `LEGACY_EXPERIMENT` whose block holds those keys. Returns (config, whether it was converted)."""
     if not isinstance(config, Mapping):
         raise SweepConfigError("the workflow config must be a mapping")
     experiments = config.get("experiments")
-    if experiments is None or experiments == {}:
-        return [(ExperimentSpec(LEGACY_EXPERIMENT), dict(config), {})]
-    experiments = _mapping(experiments, "experiments")
-    for key in EXPERIMENT_SWEEP_KEYS:
+    if experiments is not None and experiments != {}:
+        return dict(config), False
+    block = {k: config[k] for k in EXPERIMENT_SWEEP_KEYS if k in config}
+    top = {k: v for k, v in config.items() if k not in EXPERIMENT_SWEEP_KEYS}
+    return {**top, "experiments": {LEGACY_EXPERIMENT: block}}, True
+
+
+def _experiment_blocks(config: Mapping) -> list[tuple[ExperimentSpec, dict, dict]]:
+    """(spec, sweep config of the experiment, its block) for every experiment of the `normalise`d config, in
+    config order (the block of a converted config is {}: its keys paths are top-level ones).
+
+    Every experiment block is a sweep of its own: its `defaults` are merged over the top-level ones, its
+    `seeds` / `partition_seeds` replace the top-level ones, and it declares its own datasets,
+    heterogeneity, methods (and grids, ablations); with `experiments:` the top level may not set those.
+    """
+    config, converted = normalise(config)
+    experiments = _mapping(config["experiments"], "experiments")
+    for key in () if converted else EXPERIMENT_SWEEP_KEYS:
         value = config.get(key)
         if key == "ablations":  # the JSON schema fills in an empty section (no variants): nothing declared
             sections = value if isinstance(value, list) else [value]
@@ -817,19 +775,12 @@ def _experiment_blocks(config: Mapping) -> list[tuple[ExperimentSpec, dict, dict
     out = []
     for name, block in experiments.items():
         path = f"experiments.{name}"
-        _check_name(name, path, VARIANT_RE)
-        block = _mapping(block, path, allow_none=False)
-        unknown = sorted(set(block) - set(EXPERIMENT_KEYS))
-        if unknown:
-            raise _err(f"{path}.{unknown[0]}", f"unknown experiment key; accepted: {', '.join(EXPERIMENT_KEYS)}")
-        for key in ("title", "protocol"):
-            if not isinstance(block.get(key, ""), str):
-                raise _err(f"{path}.{key}", f"must be a string, got {block[key]!r}")
-        kind = block.get("kind", "comparison")
-        if kind not in EXPERIMENT_KINDS:
-            raise _err(f"{path}.kind", f"unknown value {kind!r}; accepted: {', '.join(EXPERIMENT_KINDS)}")
-        if not block.get("datasets") and not block.get("pending_datasets"):
-            raise _err(f"{path}.datasets", "must name at least one dataset (or pending dataset)")
+        if not converted:
+            _check_name(name, path, VARIANT_RE)
+            block = _mapping(block, path, allow_none=False)
+            check_section(ExperimentSection, block, path, SweepConfigError)
+            if not block.get("datasets") and not block.get("pending_datasets"):
+                raise _err(f"{path}.datasets", "must name at least one dataset (or pending dataset)")
         sub = dict(shared)
         sub["defaults"] = {**top_defaults, **_mapping(block.get("defaults"), f"{path}.defaults")}
         for key in EXPERIMENT_SWEEP_KEYS + ("seeds", "partition_seeds"):
@@ -837,8 +788,9 @@ def _experiment_blocks(config: Mapping) -> list[tuple[ExperimentSpec, dict, dict
                 sub[key] = block[key]
         if "datasets" not in sub:
             sub["datasets"] = {}
-        spec = ExperimentSpec(name, block.get("title", "").strip(), kind, " ".join(block.get("protocol", "").split()))
-        out.append((spec, sub, block))
+        spec = ExperimentSpec(name, block.get("title", "").strip(), block.get("kind", "comparison"),
+                              " ".join(block.get("protocol", "").split()))
+        out.append((spec, sub, {} if converted else block))
     if not out:
         raise _err("experiments", "must declare at least one experiment")
     return out
@@ -902,8 +854,8 @@ def expand_sweep(config: Mapping, *, warn: Callable[[str], None] | None = None) 
 
 
 def pending_datasets_of(config: Mapping) -> set[str]:
-    """Names listed under `pending_datasets`, at the top level or in any experiment (their download plan is lenient)."""
-    names = set(_mapping(config.get("pending_datasets"), "pending_datasets"))
+    """Names listed under `pending_datasets` in any experiment (their download plan is lenient)."""
+    names: set[str] = set()
     for spec, sub, _ in _experiment_blocks(config):
         names |= set(_mapping(sub.get("pending_datasets"), f"experiments.{spec.name}.pending_datasets"))
     return names

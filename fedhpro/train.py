@@ -64,37 +64,16 @@ def resolve_device(name: str) -> torch.device:
 
 def run_partition_identity(cfg: RunConfig, data_fingerprint: str) -> dict:
     """The partition identity (`fedhpro.partition.IDENTITY_KEYS`) a run with this config needs."""
-    from fedhpro.partition import partition_identity
+    from fedhpro.partition import identity_of
 
-    return partition_identity(dataset=cfg.dataset, dataset_options=cfg.dataset_options,
-                              data_fingerprint=data_fingerprint, scheme=cfg.partition, num_clients=cfg.num_clients,
-                              seed=cfg.partition_seed, alpha=cfg.alpha, classes_per_client=cfg.classes_per_client,
-                              imbalance_ratio=cfg.imbalance_ratio, clients_per_domain=cfg.clients_per_domain,
-                              **nway_kwargs(cfg))
-
-
-def nway_kwargs(cfg: RunConfig) -> dict:
-    """FedProto n-way keys of a config for `partition_identity` (empty outside partition 'nway')."""
-    if cfg.partition != "nway":
-        return {}
-    return {"ways": cfg.ways, "shots": cfg.shots, "stdev": cfg.stdev, "train_shots_max": cfg.train_shots_max,
-            "test_shots": cfg.test_shots}
-
-
-def nway_local_tests(cfg: RunConfig, test_labels: np.ndarray, num_classes: int) -> list[np.ndarray]:
-    """Partition 'nway': each client's local test set (indices into the test split), as FedProto draws it."""
-    from fedhpro.partition import nway_rule, nway_test_parts
-
-    return nway_test_parts(test_labels, num_clients=cfg.num_clients, seed=cfg.partition_seed, ways=cfg.ways,
-                           shots=cfg.shots, stdev=cfg.stdev, rule=nway_rule(cfg.dataset), test_shots=cfg.test_shots,
-                           num_classes=num_classes)
+    return identity_of(cfg, data_fingerprint)
 
 
 def check_long_tail(cfg: RunConfig, labels: np.ndarray) -> None:
     """Refuse an imbalance ratio whose long-tail selection leaves a class of the data with no sample."""
     from fedhpro.partition import long_tail_counts
 
-    if cfg.imbalance_ratio <= 1 or cfg.partition == "domains" or labels.size == 0:
+    if cfg.imbalance_ratio <= 1 or cfg.partition == "domains" or labels.size == 0:  # domains: no long tail
         return
     sizes = np.bincount(labels)
     kept = long_tail_counts(sizes.tolist(), cfg.imbalance_ratio)
@@ -126,17 +105,7 @@ def client_partition(cfg: RunConfig, labels: np.ndarray, partition_dir: Path | N
             raise ConfigError(str(err)) from None
         return partition.load_partition(partition_dir, num_samples=len(labels))
     check_long_tail(cfg, labels)
-    if cfg.partition == "domains":
-        return partition.partition_domains(domains, num_clients=cfg.num_clients, seed=cfg.partition_seed,
-                                           clients_per_domain=cfg.clients_per_domain)
-    return partition.partition_labels(labels, scheme=cfg.partition, num_clients=cfg.num_clients,
-                                      seed=cfg.partition_seed, alpha=cfg.alpha,
-                                      classes_per_client=cfg.classes_per_client,
-                                      imbalance_ratio=cfg.imbalance_ratio,
-                                      **({"ways": cfg.ways, "shots": cfg.shots, "stdev": cfg.stdev,
-                                          "train_shots_max": cfg.train_shots_max,
-                                          "nway_rule_name": partition.nway_rule(cfg.dataset)}
-                                         if cfg.partition == "nway" else {}))
+    return partition.split_for(cfg, labels, domains)  # the scheme's declared split (fedhpro.partition.SCHEMES)
 
 
 def check_run(cfg: RunConfig) -> None:
@@ -162,8 +131,11 @@ def build_context(cfg: RunConfig, partition_dir: Path | None = None, data: Array
         raise ConfigError(f"partition has {len(parts)} clients, config key 'num_clients' says {cfg.num_clients}")
     clients = []
     frac = cfg.effective_local_test_fraction
-    # partition 'nway': FedProto's local test sets, drawn from the test split (else held out of the client's data)
-    nway_tests = nway_local_tests(cfg, data.test_y.numpy(), data.num_classes) if cfg.partition == "nway" else None
+    # a scheme's own local test sets (nway: FedProto's, drawn from the test split), else held out of the client's data
+    from fedhpro.partition import SCHEMES
+
+    local_tests = SCHEMES[cfg.partition].local_tests
+    scheme_tests = local_tests(cfg, data.test_y.numpy(), data.num_classes) if local_tests else None
     for cid, idx in enumerate(parts):
         idx = np.asarray(idx, dtype=np.int64)
         test_idx = idx[:0]
@@ -176,8 +148,8 @@ def build_context(cfg: RunConfig, partition_dir: Path | None = None, data: Array
         t_idx, e_idx = torch.from_numpy(idx), torch.from_numpy(test_idx)
         y = data.train_y[t_idx]
         test_x, test_y = data.train_x[e_idx], data.train_y[e_idx]
-        if nway_tests is not None:
-            e_idx = torch.from_numpy(nway_tests[cid])
+        if scheme_tests is not None:
+            e_idx = torch.from_numpy(scheme_tests[cid])
             test_x, test_y = data.test_x[e_idx], data.test_y[e_idx]
         clients.append(ClientData(
             cid=cid, x=data.train_x[t_idx].to(device), y=y.to(device), test_x=test_x.to(device),

@@ -42,78 +42,8 @@ def test_config_hash_and_canonical_json_unchanged(raw, config_hash, canonical):
     assert cfg.config_hash() == config_hash
 
 
-# ---------------------------------------------------------------- the workflow schema against the declarations
-def expected_schema(f, kind, nullable) -> dict:
-    """What the workflow schema must say of a declared RunConfig key: JSON type, enum (for a fixed list of
-    choices; registry-backed choices - methods, datasets, models - grow with the code and are not listed),
-    bounds and the help as description."""
-    from fedhpro.params import declared_choices
-
-    json_type = {"bool": "boolean", "int": "integer", "float": "number", "str": "string", "mapping": "object",
-                 "str_list": "array"}[kind]
-    out = {"type": [json_type, "null"] if nullable else json_type, "description": f.metadata["help"]}
-    if kind == "str_list":
-        out["items"] = {"type": "string"}
-    choices = f.metadata["choices"]
-    if choices and not callable(choices):
-        (out["items"] if kind == "str_list" else out)["enum"] = list(declared_choices(f))
-    meta = f.metadata
-    if meta["low"] is not None:
-        out["minimum" if meta["low_inclusive"] else "exclusiveMinimum"] = meta["low"]
-    if meta["high"] is not None:
-        out["maximum" if meta["high_inclusive"] else "exclusiveMaximum"] = meta["high"]
-    return out
-
-
-def workflow_schema() -> dict:
-    from pathlib import Path
-
-    import yaml
-
-    path = Path(__file__).resolve().parents[1] / "workflow" / "schemas" / "config.schema.yaml"
-    return yaml.safe_load(path.read_text())
-
-
-def test_workflow_schema_describes_every_runconfig_key_as_declared():
-    from fedhpro.config import RunConfig
-    from fedhpro.params import declared_fields
-
-    declared = declared_fields(RunConfig)
-    described = workflow_schema()["$defs"]["run_config"]["properties"]
-    assert sorted(described) == sorted(declared), "schema keys differ from RunConfig's: " + ", ".join(
-        sorted(set(described) ^ set(declared)))
-    for name, (f, kind, nullable) in declared.items():
-        assert described[name] == expected_schema(f, kind, nullable), name
-
-
-def test_workflow_schema_partition_keys_match_the_declarations():
-    """The heterogeneity entries' keys (RunConfig partition keys) have RunConfig's types and choices."""
-    from fedhpro.config import RunConfig
-    from fedhpro.params import declared_fields
-
-    declared = declared_fields(RunConfig)
-    entries = workflow_schema()["properties"]["heterogeneity"]["items"]["properties"]
-    for name, described in entries.items():
-        assert name in declared, name
-        expected = expected_schema(*declared[name])
-        assert expected["type"] == described["type"] or [described["type"], "null"] == expected["type"], name
-        assert expected.get("enum") == described.get("enum"), name
-
-
-def test_schema_check_catches_a_drifted_declaration():
-    """The comparison above fails for a changed bound, type or help (so it is not vacuous)."""
-    import dataclasses
-
-    from fedhpro.config import RunConfig
-    from fedhpro.params import declared_fields, param
-
-    described = workflow_schema()["$defs"]["run_config"]["properties"]
-    f, kind, nullable = declared_fields(RunConfig)["lr"]
-    drifted = dataclasses.field(default=0.1, metadata={**f.metadata, "low_inclusive": True})
-    assert expected_schema(drifted, kind, nullable) != described["lr"]
-    assert expected_schema(f, "int", nullable) != described["lr"]
-    other = param(0.1, "another help", low=0, low_inclusive=False, finite=True)
-    assert expected_schema(other, kind, nullable) != described["lr"]
+# The workflow schema is generated from the declarations (fedhpro.sections); tests/test_sections.py checks the
+# committed file is that output, and that a heterogeneity entry's keys carry the run config's types and choices.
 
 
 # ---------------------------------------------------------------- declarations and the one checker

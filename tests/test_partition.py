@@ -22,7 +22,7 @@ import pytest
 from fedhpro.partition import (
     CREFF_MAX_DRAWS,
     MAX_ATTEMPTS,
-    SCHEMES,
+    LABEL_ALGORITHMS,
     client_class_counts,
     format_count_table,
     load_partition,
@@ -330,7 +330,7 @@ def test_creff_does_not_touch_global_rng(cifar10_labels):
 # ============================================================================
 # nway (FedProto's n-way k-shot blocks) covers only a few samples per class and takes no long tail: its own
 # tests are in tests/test_partition_nway.py
-COVERING_SCHEMES = tuple(s for s in SCHEMES if s != "nway")
+COVERING_SCHEMES = tuple(s for s in LABEL_ALGORITHMS if s != "nway")
 
 
 @pytest.mark.parametrize("scheme", COVERING_SCHEMES)

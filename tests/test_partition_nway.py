@@ -80,9 +80,10 @@ def ours(train_y, test_y, dataset, **kw):
 
 
 def test_nway_is_a_declared_scheme():
-    from fedhpro.config import PARTITION_SCHEMES
+    from fedhpro.config import RunConfig
+    from fedhpro.params import declared_choices, declared_fields
 
-    assert "nway" in SCHEMES and "nway" in PARTITION_SCHEMES
+    assert "nway" in SCHEMES and "nway" in declared_choices(declared_fields(RunConfig)["partition"][0])
 
 
 def test_mnist_class_counts_for_seed_0_are_fedprotos():
