@@ -12,7 +12,8 @@ versions and a hash of its canonical JSON (see `fedhpro.runinfo`).
 Method hyperparameters live in each method module's `Params` dataclass; the
 config stores them fully resolved (defaults filled in), so the saved config is
 self-describing. Its hash (and the canonical JSON Snakemake compares to decide reruns) covers every
-value that differs from its default, so adding a key with a default leaves existing runs' hashes, and
+value that differs from its default, except where the data lives (`LOCATION_KEYS`) and how the run is
+executed (`EXECUTION_KEYS`: they change no number), so adding a key with a default leaves existing runs' hashes, and
 their results on disk, valid. Policy that follows: a default is never changed in place; a new
 behaviour gets a new value (or key) instead. Where a method's behaviour itself changes under
 unchanged parameters (a fix), its module appends one line to `REVISIONS`; the revision number
@@ -53,6 +54,12 @@ CLIENT_STORES = ("memory", "disk")
 # (Snakemake's rerun trigger); the data is identified by its content (`fedhpro.data.fingerprint`) instead.
 LOCATION_KEYS = ("data_root",)
 LOCATION_OPTIONS = ("path",)  # dataset_options that say where the data is, not what it is
+# How a run is executed, never what it computes: each is proved by a test to leave every training number
+# unchanged (client_store: tests/test_clientstore.py; diagnostics, diagnostics_every: tests/test_diagnostics.py,
+# they only fill or skip the diagnostics columns; checkpoint_every: tests/test_run_identity.py). They are recorded
+# (config.json, the metrics' metadata) but stay out of the config hash and the canonical JSON, so switching one
+# reruns nothing; a finished run keeps the values it was computed with (docs/run-identity.md).
+EXECUTION_KEYS = ("client_store", "diagnostics", "diagnostics_every", "checkpoint_every")
 
 
 def _method_names() -> tuple[str, ...]:
@@ -176,13 +183,13 @@ class RunConfig:
         return out
 
     def canonical_dict(self) -> dict[str, Any]:
-        """The values that differ from their defaults (method_params: from the method's defaults), plus the
-        method's behaviour revision when it is above 0."""
+        """The run's identity: the values that differ from their defaults (method_params: from the method's
+        defaults), data location and execution keys left out, plus the method's behaviour revision when above 0."""
         from fedhpro.methods import method_revision, resolve_params  # late import: methods import torch
 
         defaults = RunConfig().to_dict()
         out = {k: v for k, v in self.to_dict().items()
-               if k not in ("method_params",) + LOCATION_KEYS and v != defaults[k]}
+               if k not in ("method_params",) + LOCATION_KEYS + EXECUTION_KEYS and v != defaults[k]}
         options = {k: v for k, v in out.pop("dataset_options", {}).items() if k not in LOCATION_OPTIONS}
         if options:
             out["dataset_options"] = options

@@ -1,33 +1,48 @@
-"""A run's identity: the run ids (config hashes) of every shipped workflow config pinned, so no change to the
-code moves a run to a new id (and reruns it) unnoticed."""
+"""A run's identity (issue 22 item 4): the config hash covers what can change a run's numbers, not how it is
+executed (`fedhpro.config.EXECUTION_KEYS`); the run ids (config hashes) of every shipped workflow config are
+pinned, so no change to the code moves a run to a new id (and reruns it) unnoticed."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 
+import pandas as pd
 import pytest
 
-from conftest import REPO
+from conftest import REPO, numbers
+from fedhpro.config import EXECUTION_KEYS, RunConfig, from_dict
 from fedhpro.plan import load_workflow_config
 from fedhpro.sweep import expand_sweep
 
-# config/*.yaml -> (runs, digest of the sorted "run_id config_hash" lines); config/published.yaml is the
-# published-results registry, not a workflow config.
+# config/*.yaml -> (runs, digest of the sorted "run_id config_hash" lines now, the same digest before the execution
+# keys left the hash, runs whose id changed then). The changed runs are exactly those that set an execution key to a
+# non-default value (checked below): paper.yaml's fedproto_* experiments and published-mnist.yaml (checkpoint_every:
+# 5, diagnostics: false) rerun once. config/published.yaml is the published-results registry, not a workflow config.
 PINNED = {
-    "config.yaml": (70, "54dc6f55f493661c"),
-    "paper.yaml": (1931, "2cd27916c3a33180"),
-    "published-mnist.yaml": (15, "8cc3464b576b503a"),
+    "config.yaml": (70, "54dc6f55f493661c", "54dc6f55f493661c", 0),
+    "paper.yaml": (1931, "d7df08a5aaa0d725", "2cd27916c3a33180", 216),
+    "published-mnist.yaml": (15, "25a323c87d062159", "8cc3464b576b503a", 15),
 }
-
-
-def shipped_runs(name: str) -> dict[str, str]:
-    """run id -> config hash of every run a shipped workflow config plans."""
-    runs = expand_sweep(load_workflow_config(REPO / "config" / name), warn=lambda message: None)
-    return {run.run_id: run.config_hash for run in runs}
+BASE = {"dataset": "digits", "method": "fedproto", "eval_mode": "personalized", "num_clients": 6, "alpha": 0.5,
+        "rounds": 3, "batch_size": 32, "lr": 0.05, "seed": 1}
 
 
 def digest(ids: dict[str, str]) -> str:
     return hashlib.sha256("\n".join(f"{r} {h}" for r, h in sorted(ids.items())).encode()).hexdigest()[:16]
+
+
+def execution_values(cfg: RunConfig) -> dict:
+    """The execution keys `cfg` sets to a non-default value."""
+    defaults = RunConfig().to_dict()
+    return {k: getattr(cfg, k) for k in EXECUTION_KEYS if getattr(cfg, k) != defaults[k]}
+
+
+def hash_before_issue_22(cfg: RunConfig) -> str:
+    """The config hash as it was computed while the execution keys were part of it."""
+    canonical = json.dumps({**cfg.canonical_dict(), **execution_values(cfg)}, sort_keys=True, separators=(",", ":"),
+                           default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
 def test_every_shipped_workflow_config_is_pinned():
@@ -36,6 +51,36 @@ def test_every_shipped_workflow_config_is_pinned():
 
 
 @pytest.mark.parametrize("name", sorted(PINNED))
-def test_shipped_run_ids_are_pinned(name):
-    ids = shipped_runs(name)
-    assert (len(ids), digest(ids)) == PINNED[name]
+def test_shipped_run_ids_are_pinned_and_only_runs_setting_an_execution_key_moved(name):
+    runs = expand_sweep(load_workflow_config(REPO / "config" / name), warn=lambda message: None)
+    now = {run.run_id: run.config_hash for run in runs}
+    before = {run.run_id: hash_before_issue_22(run.config) for run in runs}
+    moved = {run.run_id for run in runs if now[run.run_id] != before[run.run_id]}
+    assert (len(now), digest(now), digest(before), len(moved)) == PINNED[name]
+    assert moved == {run.run_id for run in runs if execution_values(run.config)}
+
+
+def test_execution_keys_are_recorded_but_not_hashed():
+    cfg = from_dict(BASE)
+    for change in ({"client_store": "disk"}, {"diagnostics": False}, {"diagnostics_every": 1},
+                   {"checkpoint_every": 2}):
+        other = from_dict({**BASE, **change})
+        assert other.config_hash() == cfg.config_hash() and other.canonical_json() == cfg.canonical_json(), change
+        key, value = next(iter(change.items()))
+        assert other.to_dict()[key] == value and other.provenance_dict()[key] == value  # what config.json records
+    for change in ({"eval_every": 2}, {"test_batch_size": 100}, {"precision": "bf16"}, {"device": "cpu"}):
+        assert from_dict({**BASE, **change}).config_hash() != cfg.config_hash(), change  # these can change a number
+    fedavg = {**BASE, "method": "fedavg", "eval_mode": "global"}  # batched: within float tolerance, not bit-equal
+    assert from_dict({**fedavg, "engine": "batched"}).config_hash() != from_dict(fedavg).config_hash()
+
+
+def test_checkpoint_every_changes_no_number(tmp_path):
+    """Checkpointing every round or every second one, with a resume in between: the same numbers."""
+    from fedhpro.train import train
+
+    every = train(from_dict(BASE), tmp_path / "every")
+    cfg = from_dict({**BASE, "checkpoint_every": 2})
+    train(cfg, tmp_path / "sparse", stop_after_round=2)
+    sparse = train(cfg, tmp_path / "sparse")
+    pd.testing.assert_frame_equal(numbers(every), numbers(sparse), check_exact=True)
+
