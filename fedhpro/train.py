@@ -245,15 +245,40 @@ def result_row(cfg: RunConfig, res: RoundResult, status: str, domain_names: tupl
 def stale_revision(stored: dict, cfg: RunConfig, out_dir: Path) -> None:
     """Raise a ConfigError saying why, when `out_dir` holds this config computed by an earlier behaviour
     revision of its method (records without a revision predate revisions: revision 0)."""
-    from fedhpro.config import REVISION_KEY, check_revision
+    from fedhpro.config import EXECUTION_KEYS, REVISION_KEY, check_revision
 
-    same = {k: v for k, v in stored.items() if k != REVISION_KEY} == cfg.to_dict()
+    def identity(config: dict) -> dict:
+        return {k: v for k, v in config.items() if k not in (REVISION_KEY,) + EXECUTION_KEYS}
+
+    same = identity(stored) == identity(cfg.to_dict())
     if same and isinstance(stored.get("method"), str):
         check_revision(cfg.method, stored.get(REVISION_KEY, 0), where=f"run directory {out_dir}")
 
 
 def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def execution_of(config: dict) -> dict:
+    """The execution keys (`fedhpro.config.EXECUTION_KEYS`) of a recorded config: how the run was executed."""
+    from fedhpro.config import EXECUTION_KEYS
+
+    return {k: config[k] for k in EXECUTION_KEYS if k in config}
+
+
+def note_other_execution(cfg: RunConfig, info: dict, out_dir: Path) -> None:
+    """A finished run asked for again with other execution keys: it is returned as computed (they change no
+    number), and config.json keeps the values it was computed with; say so where the difference shows in the
+    results (diagnostics that were not computed)."""
+    recorded = execution_of(info.get("config") or {})
+    changed = {k: v for k, v in execution_of(cfg.to_dict()).items() if k in recorded and recorded[k] != v}
+    if not changed:
+        return
+    what = ", ".join(f"{k}: {recorded[k]!r} (asked: {v!r})" for k, v in changed.items())
+    log.info("run %s finished with %s; these change no number, so it is not rerun", out_dir, what)
+    if changed.get("diagnostics") or ("diagnostics_every" in changed and recorded.get("diagnostics", True)):
+        log.warning("run %s: its prototype diagnostics were computed with %s, not as asked; the tables say "
+                    "'not computed' where they are missing (delete the run directory to compute them)", out_dir, what)
 
 
 def open_run_record(cfg: RunConfig, out_dir: Path, info: dict | None, *, threads: int, data_fingerprint: str,
@@ -265,7 +290,10 @@ def open_run_record(cfg: RunConfig, out_dir: Path, info: dict | None, *, threads
     {git_sha, host, versions, threads, started, ended, outcome, slurm ids, resumed_from_round}; a resume
     also appends to `resumes`. Refused (ConfigError): a resume under another thread count or other data.
     """
-    attempt = attempt_info(threads, resumed_from_round=resume_round, data_fingerprint=data_fingerprint)
+    attempt = attempt_info(threads, resumed_from_round=resume_round, data_fingerprint=data_fingerprint,
+                           execution=execution_of(cfg.to_dict()))
+    if info is not None:  # the execution keys may differ between attempts (not hashed): the latest ones
+        info["config"] = {**(info.get("config") or {}), **attempt["execution"]}  # wrote the results
     if info is None:
         info = run_info(cfg.provenance_dict(), cfg.config_hash())
         info.update(started=attempt["started"], threads=threads, data_fingerprint=data_fingerprint, attempts=[],
@@ -351,6 +379,8 @@ def train(cfg: RunConfig, out_dir: str | Path, *, partition_dir: str | Path | No
                               "choose another --out or delete it")
         if metrics_path.exists():
             check_metrics_belong(out_dir, info if info is not None else {"config_hash": cfg.config_hash()})
+            if info is not None:
+                note_other_execution(cfg, info, out_dir)
             return pd.read_parquet(metrics_path)
         (out_dir / CLIENTS).unlink(missing_ok=True)  # left by a process killed before metrics.parquet: incomplete
         data = load_dataset(cfg.dataset, cfg.data_root, **cfg.dataset_options)

@@ -84,3 +84,23 @@ def test_checkpoint_every_changes_no_number(tmp_path):
     sparse = train(cfg, tmp_path / "sparse")
     pd.testing.assert_frame_equal(numbers(every), numbers(sparse), check_exact=True)
 
+
+
+@pytest.mark.parametrize("first, then", [("memory", "disk"), ("disk", "memory")])
+def test_resume_under_the_other_client_store_gives_the_same_numbers(tmp_path, first, then):
+    """client_store is not hashed, so a run may resume under the other store: the checkpoint's client states are
+    read from where it put them, and the numbers are those of an uninterrupted run."""
+    from fedhpro.clientstore import CLIENT_STATES_DIR
+    from fedhpro.train import train
+
+    cfg = from_dict({**BASE, "clients_per_round": 4})
+    whole = train(cfg, tmp_path / "whole")
+    run = tmp_path / "run"
+    train(cfg.replace(client_store=first), run, stop_after_round=2)
+    resumed = train(cfg.replace(client_store=then), run)
+    pd.testing.assert_frame_equal(numbers(whole), numbers(resumed), check_exact=True)
+    info = json.loads((run / "config.json").read_text())
+    assert [a["execution"]["client_store"] for a in info["attempts"]] == [first, then]
+    assert info["config"]["client_store"] == then  # the values that wrote the results
+    files = sorted(p.name for p in (run / CLIENT_STATES_DIR).glob("*")) if (run / CLIENT_STATES_DIR).exists() else []
+    assert bool(files) == (then == "disk")  # memory: the disk files went once a checkpoint held the states
