@@ -329,7 +329,7 @@ def from_dict(raw: Mapping[str, Any]) -> RunConfig:
     values = {name: check_value(name, *known[name], raw[name]) for name in raw}
     values.setdefault("method", RunConfig.method)
     cfg = RunConfig(**values)
-    _validate(cfg)
+    check_runnable(cfg)
     from fedhpro.methods import resolve_params  # late import: methods import torch
 
     if revision is not None:
@@ -351,8 +351,13 @@ def check_revision(method: str, revision: Any, where: str = "config") -> None:
                           f"revision {current} ({changes}); its results are stale: rerun it")
 
 
-def _validate(cfg: RunConfig) -> None:
-    """The checks across keys (each key's own type, choices and bounds are checked by its declaration)."""
+def check_runnable(cfg: RunConfig) -> None:
+    """Is this config runnable? A ConfigError (one line, naming the key) if not: the checks across keys (each
+    key's own type, choices and bounds are its declaration's), what the method declares it supports (modes,
+    engines, heterogeneous models), a setting that would train and report nothing, and what `engine: batched`
+    reproduces (asked of the method's client class, none built). The one answer: `from_dict` (so the sweep, the
+    CLI and every loaded config) and `train` ask it; what needs the data or the device (a long tail that empties
+    a class, a precision the GPU lacks) is checked when they are loaded."""
     from fedhpro.data import DATASETS
     from fedhpro.methods import check_supported
 
@@ -408,6 +413,15 @@ def _validate(cfg: RunConfig) -> None:
                           f"architectures are {', '.join(cfg.client_models)}); leave 'model' out")
     _check_models_fit(cfg, spec)
     check_supported(cfg)  # what the method declares it supports: modes, engines, heterogeneous models
+    if cfg.eval_mode == "personalized" and cfg.effective_local_test_fraction == 0 and cfg.partition != "nway":
+        raise ConfigError("config key 'local_test_fraction': 0 leaves personalized clients no local test split, "
+                          "so nothing would be evaluated (accuracy NaN); use e.g. 0.25 or leave it unset")
+    if cfg.engine == "batched":  # late import: the batched engine imports torch
+        from fedhpro.batched import check_batchable
+        from fedhpro.methods import METHODS
+
+        names = list(cfg.client_models) or [cfg.model]
+        check_batchable(cfg, METHODS[cfg.method].Client, [names[i % len(names)] for i in range(cfg.num_clients)])
 
 
 def _check_models_fit(cfg: RunConfig, spec: Any) -> None:

@@ -36,7 +36,7 @@ import pandas as pd
 import torch
 
 from fedhpro.clientstore import CLIENT_STATES_DIR
-from fedhpro.config import ConfigError, RunConfig
+from fedhpro.config import ConfigError, RunConfig, check_runnable
 from fedhpro.data import DATASETS, ArrayData, fingerprint, load_dataset
 from fedhpro.diagnostics import DIAGNOSTIC_COLUMNS
 from fedhpro.faults import fault_point
@@ -139,16 +139,9 @@ def client_partition(cfg: RunConfig, labels: np.ndarray, partition_dir: Path | N
                                          if cfg.partition == "nway" else {}))
 
 
-def check_run(cfg: RunConfig) -> None:
-    """Refusals that need no data: settings that would train and then report nothing (NaN)."""
-    if cfg.eval_mode == "personalized" and cfg.effective_local_test_fraction == 0 and cfg.partition != "nway":
-        raise ConfigError("config key 'local_test_fraction': 0 leaves personalized clients no local test split, "
-                          "so nothing would be evaluated (accuracy NaN); use e.g. 0.25 or leave it unset")
-
-
 def build_context(cfg: RunConfig, partition_dir: Path | None = None, data: ArrayData | None = None,
                   data_fingerprint: str | None = None) -> Context:
-    check_run(cfg)
+    check_runnable(cfg)  # a RunConfig built without `from_dict` (dataclasses.replace) is asked here too
     device = resolve_device(cfg.device)
     check_precision(cfg.precision, device)
     spec = DATASETS[cfg.dataset]
@@ -363,6 +356,7 @@ def train(cfg: RunConfig, out_dir: str | Path, *, partition_dir: str | Path | No
     aside (`set_aside_for_other_data`) and the run starts over on the data now loaded.
     """
     out_dir = Path(out_dir)
+    check_runnable(cfg)  # before the run directory is touched
     if threads is not None:
         if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
             raise ConfigError(f"threads must be an integer >= 1, got {threads!r}")

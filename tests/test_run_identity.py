@@ -104,3 +104,46 @@ def test_resume_under_the_other_client_store_gives_the_same_numbers(tmp_path, fi
     assert info["config"]["client_store"] == then  # the values that wrote the results
     files = sorted(p.name for p in (run / CLIENT_STATES_DIR).glob("*")) if (run / CLIENT_STATES_DIR).exists() else []
     assert bool(files) == (then == "disk")  # memory: the disk files went once a checkpoint held the states
+
+
+# ---------------------------------------------------------------- check_runnable: one answer to "is it runnable?"
+@pytest.mark.parametrize("change, message", [
+    ({"eval_mode": "personalized", "local_test_fraction": 0}, "config key 'local_test_fraction': 0 leaves"),
+    ({"engine": "batched"}, "config key 'engine': method 'fedproto' supports engine"),  # the method's declaration
+    ({"method": "fedavg", "engine": "batched", "eval_mode": "global", "channels_last": True},
+     "config key 'channels_last': engine 'batched' does not support true"),  # the batched engine's own limits
+    ({"method": "fedavg", "engine": "batched", "eval_mode": "global", "precision": "bf16"},
+     "config key 'precision': engine 'batched' supports 'fp32' only"),
+])
+def test_check_runnable_is_asked_by_from_dict_train_and_the_sweep(tmp_path, change, message):
+    import dataclasses
+
+    from fedhpro.config import ConfigError, check_runnable
+    from fedhpro.sweep import SweepConfigError, validate_workflow_config
+    from fedhpro.train import train
+
+    with pytest.raises(ConfigError, match=message) as err:
+        from_dict({**BASE, **change})
+    assert "\n" not in str(err.value)
+    runnable = {k: v for k, v in change.items() if (k, v) in {("method", "fedavg"), ("eval_mode", "global")}}
+    built = dataclasses.replace(from_dict({**BASE, **runnable}), **change)
+    with pytest.raises(ConfigError, match=message):
+        check_runnable(built)  # a RunConfig made without from_dict
+    with pytest.raises(ConfigError, match=message):
+        train(built, tmp_path / "run")
+    assert not (tmp_path / "run").exists()  # refused before the run directory is made
+    method = change.get("method", BASE["method"])
+    defaults = {k: v for k, v in {**BASE, **change}.items() if k not in ("method", "dataset", "seed")}
+    with pytest.raises(SweepConfigError, match=message):
+        validate_workflow_config({"defaults": defaults, "datasets": {"digits": {}},
+                                  "heterogeneity": [{"partition": "dirichlet", "alpha": 0.5}],
+                                  "methods": {method: {"default": {}}}, "seeds": [0]})
+
+
+def test_no_other_function_answers_whether_a_config_is_runnable():
+    import fedhpro.config
+    import fedhpro.sweep
+    import fedhpro.train
+
+    assert not hasattr(fedhpro.sweep, "check_supported") and not hasattr(fedhpro.train, "check_run")
+    assert not hasattr(fedhpro.config, "_validate")
