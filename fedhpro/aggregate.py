@@ -51,6 +51,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import pandas as pd
 
+from fedhpro.config import EXECUTION_KEYS, LOCATION_KEYS
 from fedhpro.labels import (AGGREGATION_NAMES, CONDITION_KEYS, DATASET_NAMES, MAIN_VARIANTS, MB, METHOD_NAMES,
                             METHOD_ORDER, NOISE_SE, PARTITION_ORDER, SETTING_KEYS, combine_deltas, cond_id, cond_of,
                             condition_label, condition_labels, condition_slug, delta_text, heterogeneity_label,
@@ -98,16 +99,17 @@ class MixedSeedsError(AggregateError):
 
 
 # config keys that say where data lives, not what a run is (they may differ between copies of one run)
-_LOCATION_KEYS = ("data_root",)
+# not what a run is (`fedhpro.config`): where its data lives, and how it was executed (they change no number)
+_NOT_THE_RUN = LOCATION_KEYS + EXECUTION_KEYS
 
 
 def _config_differences(a: dict, b: dict, ignore: Sequence[str] = ()) -> list[str]:
     """'key: a vs b' for every config key (method_params.* and dataset_options.* flattened) that differs,
-    but the keys in `ignore` and where the data lives."""
+    but the keys in `ignore`, where the data lives and the execution keys."""
     def flat(cfg: dict) -> dict:
         out = {}
         for key, value in cfg.items():
-            if key in _LOCATION_KEYS or key in ignore:
+            if key in _NOT_THE_RUN or key in ignore:
                 continue
             if isinstance(value, dict):
                 for sub, v in value.items():
@@ -131,7 +133,7 @@ def check_seeds_of_one_config(df: pd.DataFrame, configs: dict[str, dict]) -> Non
     of their directories and the config keys on which they differ.
 
     Two directories with the same (seed, partition seed) are never seeds of one setting; runs with other seeds
-    must agree on every config key but the seeds (and where the data lives, `_LOCATION_KEYS`)."""
+    must agree on every config key but the seeds (and `_NOT_THE_RUN`: data location, execution keys)."""
     # a table row is (method, variant) under one condition: `aggregation` (a method parameter) is not part of
     # the row key, so runs that differ in it (or in any other parameter) must not share a row
     cell_keys = [k for k in SETTING_KEYS if k != "aggregation"]

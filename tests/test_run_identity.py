@@ -147,3 +147,37 @@ def test_no_other_function_answers_whether_a_config_is_runnable():
 
     assert not hasattr(fedhpro.sweep, "check_supported") and not hasattr(fedhpro.train, "check_run")
     assert not hasattr(fedhpro.config, "_validate")
+
+
+# ---------------------------------------------------------------- a finished run asked with other execution keys
+def test_finished_run_without_diagnostics_is_returned_as_computed_and_tables_say_not_computed(tmp_path, caplog):
+    from fedhpro.aggregate import NOT_COMPUTED, build_tables, collect
+    from fedhpro.diagnostics import DIAGNOSTIC_COLUMNS
+    from fedhpro.train import train
+
+    cfg = from_dict({**BASE, "rounds": 2})
+    off = train(cfg.replace(diagnostics=False), tmp_path / "off")
+    text = (tmp_path / "off" / "config.json").read_text()
+    with caplog.at_level("WARNING", logger="fedhpro.train"):
+        again = train(cfg, tmp_path / "off")  # the same run id: returned as computed, not rerun
+    assert "diagnostics: False (asked: True)" in caplog.text and "not computed" in caplog.text
+    pd.testing.assert_frame_equal(off, again)
+    assert off[list(DIAGNOSTIC_COLUMNS)].isna().all().all()  # missing, not zero
+    assert (tmp_path / "off" / "config.json").read_text() == text  # records the values it was computed with
+    assert json.loads(text)["config"]["diagnostics"] is False
+
+    def diagnostics_cells(run_dirs):
+        table = next(t for t in build_tables(collect(run_dirs)) if t.name == "diagnostics")
+        return table.rows[0][2:], table.caption
+
+    train(cfg.replace(seed=2), tmp_path / "on")  # another seed of the same setting, with diagnostics
+    cells, caption = diagnostics_cells([tmp_path / "off", tmp_path / "on"])
+    assert all(cell.endswith("(n=1; 1 not computed)") for cell in cells), cells
+    train(cfg.replace(seed=3, diagnostics=False), tmp_path / "off3")
+    fedavg = train(from_dict({**BASE, "rounds": 2, "method": "fedavg", "eval_mode": "global"}), tmp_path / "avg")
+    assert fedavg["proto_agree"].notna().any()  # so the table has columns for the FedProto row to say it of
+    table = next(t for t in build_tables(collect([tmp_path / "off", tmp_path / "off3", tmp_path / "avg"]))
+                 if t.name == "diagnostics")
+    fedproto = next(row for row in table.rows if "FedProto" in row[1])
+    assert set(fedproto[2:]) == {NOT_COMPUTED} and f"{NOT_COMPUTED}: the run(s) had `diagnostics: false`" in \
+        table.caption
