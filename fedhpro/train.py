@@ -3,7 +3,8 @@
 Run directory:
 - `config.json`: the resolved config, its hash, the first attempt's git SHA, package versions, host and SLURM
   ids, the torch thread count and the data's content fingerprint; `attempts` gets one record per attempt
-  (git SHA, host, versions, threads, start/end, outcome, SLURM ids, resumed_from_round) and `resumes` one
+  (git SHA, host, versions, threads, start/end, outcome, SLURM ids, resumed_from_round, the execution keys it
+  ran with: `fedhpro.config.EXECUTION_KEYS`, which are not part of the run's hash) and `resumes` one
   per resume from a checkpoint (`resumed_from_round`, time, SLURM ids);
 - `checkpoint.pt` (SHA-256 header over its payload): every `checkpoint_every` rounds, the engine state (models,
   method state, client states, sampler RNG, torch RNG) and the metrics so far;
@@ -18,7 +19,8 @@ Run directory:
 
 Calling `train` again on the same directory resumes from the checkpoint (bit-identical numbers on
 CPU), returns at once if the run is already complete, and refuses a directory that holds a
-different config, so nothing computed is ever overwritten.
+different run (another config hash), so nothing computed is ever overwritten. Execution keys may differ
+between calls: a finished run is returned as computed, a resume uses the new values (docs/run-identity.md).
 """
 
 from __future__ import annotations
