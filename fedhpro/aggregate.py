@@ -51,6 +51,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import pandas as pd
 
+from fedhpro.config import EXECUTION_KEYS, LOCATION_KEYS
 from fedhpro.labels import (AGGREGATION_NAMES, CONDITION_KEYS, DATASET_NAMES, MAIN_VARIANTS, MB, METHOD_NAMES,
                             METHOD_ORDER, NOISE_SE, PARTITION_ORDER, SETTING_KEYS, combine_deltas, cond_id, cond_of,
                             condition_label, condition_labels, condition_slug, delta_text, heterogeneity_label,
@@ -98,16 +99,17 @@ class MixedSeedsError(AggregateError):
 
 
 # config keys that say where data lives, not what a run is (they may differ between copies of one run)
-_LOCATION_KEYS = ("data_root",)
+# not what a run is (`fedhpro.config`): where its data lives, and how it was executed (they change no number)
+_NOT_THE_RUN = LOCATION_KEYS + EXECUTION_KEYS
 
 
 def _config_differences(a: dict, b: dict, ignore: Sequence[str] = ()) -> list[str]:
     """'key: a vs b' for every config key (method_params.* and dataset_options.* flattened) that differs,
-    but the keys in `ignore` and where the data lives."""
+    but the keys in `ignore`, where the data lives and the execution keys."""
     def flat(cfg: dict) -> dict:
         out = {}
         for key, value in cfg.items():
-            if key in _LOCATION_KEYS or key in ignore:
+            if key in _NOT_THE_RUN or key in ignore:
                 continue
             if isinstance(value, dict):
                 for sub, v in value.items():
@@ -131,7 +133,7 @@ def check_seeds_of_one_config(df: pd.DataFrame, configs: dict[str, dict]) -> Non
     of their directories and the config keys on which they differ.
 
     Two directories with the same (seed, partition seed) are never seeds of one setting; runs with other seeds
-    must agree on every config key but the seeds (and where the data lives, `_LOCATION_KEYS`)."""
+    must agree on every config key but the seeds (and `_NOT_THE_RUN`: data location, execution keys)."""
     # a table row is (method, variant) under one condition: `aggregation` (a method parameter) is not part of
     # the row key, so runs that differ in it (or in any other parameter) must not share a row
     cell_keys = [k for k in SETTING_KEYS if k != "aggregation"]
@@ -292,6 +294,9 @@ def collect(runs: str | Path | Iterable[str | Path]) -> pd.DataFrame:
         if "aggregation" not in part.columns:  # metrics written before the column: no method had a choice then
             part["aggregation"] = np.where(part["eval_mode"] == "global", "fedavg", "none")
         part.insert(0, "run_dir", str(file.parent))
+        # `diagnostics` changes no number, so it is not part of a run's identity: a finished run computed without
+        # them is not rerun when it is switched on, and its diagnostics columns are missing, not zero
+        part[DIAGNOSTICS_COMPUTED] = bool(configs[str(file.parent)].get("diagnostics", True))
         frames.append(part)
     df = pd.concat(frames, ignore_index=True, sort=False)
     check_seeds_of_one_config(df, configs)
@@ -999,6 +1004,10 @@ DIAGNOSTIC_HEADERS = {  # table headers of fedhpro.diagnostics.DIAGNOSTIC_COLUMN
     "proto_agree": "Agree", "proto_agree_nearest": "Agree nearest"}
 
 
+DIAGNOSTICS_COMPUTED = "diagnostics_computed"  # `collect`'s column: the run's recorded config's `diagnostics`
+NOT_COMPUTED = "not computed"
+
+
 def diagnostics_table(df: pd.DataFrame, summary: pd.DataFrame) -> Table | None:
     """Per setting and method: each prototype diagnostic (`fedhpro.diagnostics.DIAGNOSTIC_COLUMNS`) at the
     final evaluated round, mean ± sd over finished seeds; None when no run recorded any."""
@@ -1016,16 +1025,21 @@ def diagnostics_table(df: pd.DataFrame, summary: pd.DataFrame) -> Table | None:
         finals.setdefault(tuple(str(last[k]) for k in SETTING_KEYS), []).append(last)
     rows = []
     for _, r in summary.iterrows():
-        runs = finals.get(tuple(str(r[k]) for k in SETTING_KEYS), [])
+        every = finals.get(tuple(str(r[k]) for k in SETTING_KEYS), [])
+        runs = [x for x in every if bool(x.get(DIAGNOSTICS_COMPUTED, True))]
+        missing = f"; {len(every) - len(runs)} not computed" if len(runs) < len(every) else ""
         cells = []
         for c in cols:
             vals = np.array([float(x[c]) for x in runs], dtype=float)
             vals = vals[np.isfinite(vals)]
             digits = 1 if c.endswith("_deg") else 2
-            if not len(vals):
+            if every and not runs:
+                cells.append(NOT_COMPUTED)
+            elif not len(vals):
                 cells.append("–")
-            elif len(vals) == 1:
-                cells.append(f"{vals[0]:.{digits}f} (n=1)")
+            elif len(vals) == 1 or missing:
+                cells.append(f"{vals.mean():.{digits}f}" + (f" ± {vals.std(ddof=1):.{digits}f}" if len(vals) > 1
+                                                            else "") + f" (n={len(vals)}{missing})")
             else:
                 cells.append(f"{vals.mean():.{digits}f} ± {vals.std(ddof=1):.{digits}f}")
         rows.append([r.setting, method_label(r.method, r.variant, getattr(r, "aggregation", None))] + cells)
@@ -1035,6 +1049,8 @@ def diagnostics_table(df: pd.DataFrame, summary: pd.DataFrame) -> Table | None:
                "minus best other), Nearest own (share of client prototypes nearest their own class; chance 1/C): "
                "the same after centring; Agree, Agree nearest: across-client agreement of same-class prototypes "
                "(no global signal needed; in global mode one shared model). – : not defined for the method.")
+    if any(NOT_COMPUTED in cell for row in rows for cell in row[2:]):
+        caption += f" {NOT_COMPUTED}: the run(s) had `diagnostics: false` (docs/run-identity.md)."
     return Table("diagnostics", caption, ["Setting", "Method"] + [DIAGNOSTIC_HEADERS.get(c, c) for c in cols],
                  rows, align="ll" + "c" * len(cols))
 

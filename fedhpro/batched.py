@@ -28,7 +28,7 @@ What stays exactly as in `ClientBase.train`:
 Results equal the sequential engine's within floating-point tolerance (grouped convolutions and
 batched matrix products sum in a different order); `tests/test_batched.py` checks final weights,
 BN buffers and metrics. Supported: methods whose module lists "batched" in `ENGINES` (checked
-at config validation by `fedhpro.methods.check_supported`) in global mode, one architecture, `precision: fp32`,
+at config validation by `fedhpro.config.check_runnable`) in global mode, one architecture, `precision: fp32`,
 `channels_last: false`; a Client that overrides a hook this loop does not reproduce is refused when the engine
 is built (`check_batchable`), with a message naming the hook. No method is named here: a proximal
 `before_step` is reproduced from the Client class's `PROXIMAL_MU` declaration.

@@ -36,16 +36,29 @@ CLIENT_STATES_DIR = "client_states"
 
 
 class MemoryClientStore(dict):
-    """Every client's state in a dict (the default)."""
+    """Every client's state in a dict (the default).
+
+    `root`: where `client_store: disk` keeps this run's files. The store is an execution key (not part of the
+    run's identity), so a run may resume with 'memory' from a checkpoint written with 'disk': its states are read
+    from there, and the files are deleted once a checkpoint of this store holds them (`commit`)."""
+
+    def __init__(self, root: str | Path | None = None):
+        super().__init__()
+        self.root = None if root is None else Path(root)
+        self._disk_files_left = False  # files of a disk checkpoint this store resumed from, until it checkpoints
 
     def release(self, cid: int, round_idx: int) -> None:
         """Nothing to do: the state object itself is the stored one."""
 
     def commit(self) -> None:
-        pass
+        if self._disk_files_left and self.root is not None:
+            shutil.rmtree(self.root, ignore_errors=True)
+            self._disk_files_left = False
 
     def reset(self) -> None:
         self.clear()
+        self._disk_files_left = True  # a run from round 1: files of an earlier disk attempt are not its state
+        self.commit()
 
     def nbytes_in_memory(self) -> int:
         return tensor_bytes(dict(self))
@@ -55,6 +68,15 @@ class MemoryClientStore(dict):
 
     def load_state_dict(self, state: dict) -> None:
         self.clear()
+        if "client_index" in state:  # written with client_store 'disk' (the setting changed on resume)
+            if self.root is None:
+                raise ValueError("checkpoint was written with client_store 'disk' and no client state directory "
+                                 "was given to read it from")
+            disk = DiskClientStore(self.root)
+            disk.load_state_dict(state)  # checks every file it names
+            self.update({cid: disk[cid] for cid in disk.keys()})
+            self._disk_files_left = True
+            return
         self.update({int(k): v for k, v in state["clients"].items()})
 
 
@@ -147,9 +169,14 @@ class DiskClientStore:
         return {"clients": {}, "client_index": dict(self.index)}
 
     def load_state_dict(self, state: dict) -> None:
-        if "client_index" not in state:
-            raise ValueError("checkpoint was written with client_store 'memory'; it cannot resume with 'disk'")
         self.open.clear()
+        if "client_index" not in state:  # written with client_store 'memory' (the setting changed on resume)
+            self.index = {}
+            for cid, client_state in state["clients"].items():
+                self.open[int(cid)] = client_state
+                self.release(int(cid), 0)  # round 0: older than any file a round of this run writes
+            self.commit()  # files of an earlier disk attempt are not part of this state
+            return
         self.index = {int(k): int(v) for k, v in state["client_index"].items()}
         missing = [cid for cid, r in self.index.items() if not self._path(cid, r).is_file()]
         if missing:
@@ -159,4 +186,4 @@ class DiskClientStore:
 
 
 def make_client_store(kind: str, root: str | Path | None = None) -> MemoryClientStore | DiskClientStore:
-    return MemoryClientStore() if kind == "memory" else DiskClientStore(root)
+    return MemoryClientStore(root) if kind == "memory" else DiskClientStore(root)

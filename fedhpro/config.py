@@ -12,7 +12,8 @@ versions and a hash of its canonical JSON (see `fedhpro.runio`).
 Method hyperparameters live in each method module's `Params` dataclass; the
 config stores them fully resolved (defaults filled in), so the saved config is
 self-describing. Its hash (and the canonical JSON Snakemake compares to decide reruns) covers every
-value that differs from its default, so adding a key with a default leaves existing runs' hashes, and
+value that differs from its default, except where the data lives (`LOCATION_KEYS`) and how the run is
+executed (`EXECUTION_KEYS`: they change no number), so adding a key with a default leaves existing runs' hashes, and
 their results on disk, valid. Policy that follows: a default is never changed in place; a new
 behaviour gets a new value (or key) instead. Where a method's behaviour itself changes under
 unchanged parameters (a fix), its module appends one line to `REVISIONS`; the revision number
@@ -52,6 +53,12 @@ CLIENT_STORES = ("memory", "disk")
 # (Snakemake's rerun trigger); the data is identified by its content (`fedhpro.data.fingerprint`) instead.
 LOCATION_KEYS = ("data_root",)
 LOCATION_OPTIONS = ("path",)  # dataset_options that say where the data is, not what it is
+# How a run is executed, never what it computes: each is proved by a test to leave every training number
+# unchanged (client_store: tests/test_clientstore.py; diagnostics, diagnostics_every: tests/test_diagnostics.py,
+# they only fill or skip the diagnostics columns; checkpoint_every: tests/test_run_identity.py). They are recorded
+# (config.json, the metrics' metadata) but stay out of the config hash and the canonical JSON, so switching one
+# reruns nothing; a finished run keeps the values it was computed with (docs/run-identity.md).
+EXECUTION_KEYS = ("client_store", "diagnostics", "diagnostics_every", "checkpoint_every")
 
 
 def _scheme_names() -> tuple[str, ...]:
@@ -183,13 +190,13 @@ class RunConfig:
         return out
 
     def canonical_dict(self) -> dict[str, Any]:
-        """The values that differ from their defaults (method_params: from the method's defaults), plus the
-        method's behaviour revision when it is above 0."""
+        """The run's identity: the values that differ from their defaults (method_params: from the method's
+        defaults), data location and execution keys left out, plus the method's behaviour revision when above 0."""
         from fedhpro.methods import method_revision, resolve_params  # late import: methods import torch
 
         defaults = RunConfig().to_dict()
         out = {k: v for k, v in self.to_dict().items()
-               if k not in ("method_params",) + LOCATION_KEYS and v != defaults[k]}
+               if k not in ("method_params",) + LOCATION_KEYS + EXECUTION_KEYS and v != defaults[k]}
         options = {k: v for k, v in out.pop("dataset_options", {}).items() if k not in LOCATION_OPTIONS}
         if options:
             out["dataset_options"] = options
@@ -329,7 +336,7 @@ def from_dict(raw: Mapping[str, Any]) -> RunConfig:
     values = {name: check_value(name, *known[name], raw[name]) for name in raw}
     values.setdefault("method", RunConfig.method)
     cfg = RunConfig(**values)
-    _validate(cfg)
+    check_runnable(cfg)
     from fedhpro.methods import resolve_params  # late import: methods import torch
 
     if revision is not None:
@@ -351,8 +358,13 @@ def check_revision(method: str, revision: Any, where: str = "config") -> None:
                           f"revision {current} ({changes}); its results are stale: rerun it")
 
 
-def _validate(cfg: RunConfig) -> None:
-    """The checks across keys (each key's own type, choices and bounds are checked by its declaration)."""
+def check_runnable(cfg: RunConfig) -> None:
+    """Is this config runnable? A ConfigError (one line, naming the key) if not: the checks across keys (each
+    key's own type, choices and bounds are its declaration's), what the method declares it supports (modes,
+    engines, heterogeneous models), a setting that would train and report nothing, and what `engine: batched`
+    reproduces (asked of the method's client class, none built). The one answer: `from_dict` (so the sweep, the
+    CLI and every loaded config) and `train` ask it; what needs the data or the device (a long tail that empties
+    a class, a precision the GPU lacks) is checked when they are loaded."""
     from fedhpro.data import DATASETS
     from fedhpro.methods import check_supported
 
@@ -392,6 +404,15 @@ def _validate(cfg: RunConfig) -> None:
                           f"architectures are {', '.join(cfg.client_models)}); leave 'model' out")
     _check_models_fit(cfg, spec)
     check_supported(cfg)  # what the method declares it supports: modes, engines, heterogeneous models
+    if cfg.eval_mode == "personalized" and cfg.effective_local_test_fraction == 0 and cfg.partition != "nway":
+        raise ConfigError("config key 'local_test_fraction': 0 leaves personalized clients no local test split, "
+                          "so nothing would be evaluated (accuracy NaN); use e.g. 0.25 or leave it unset")
+    if cfg.engine == "batched":  # late import: the batched engine imports torch
+        from fedhpro.batched import check_batchable
+        from fedhpro.methods import METHODS
+
+        names = list(cfg.client_models) or [cfg.model]
+        check_batchable(cfg, METHODS[cfg.method].Client, [names[i % len(names)] for i in range(cfg.num_clients)])
 
 
 def _check_scheme(cfg: RunConfig) -> None:

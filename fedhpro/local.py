@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 import numpy as np
 import torch
@@ -19,9 +19,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedhpro.augment import apply_augment
-from fedhpro.config import RunConfig
 from fedhpro.errors import ConfigError
 from fedhpro.faults import fault_point
+
+if TYPE_CHECKING:  # an annotation only: fedhpro.config asks the batched engine (which imports this module)
+    from fedhpro.config import RunConfig
 
 
 class Diverged(RuntimeError):

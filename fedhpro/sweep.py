@@ -61,7 +61,7 @@ from fedhpro.sections import (LAUNCHERS, REPORTING_RULES, AblationSection, Exper
 
 __all__ = ["RunSpec", "PartitionSpec", "ExperimentSpec", "SweepConfigError", "expand_sweep", "experiments_of",
            "runs_by_experiment", "pending_datasets_of", "normalise", "validate_workflow_config",
-           "check_supported", "check_config_files", "yaml12_numbers", "workflow_run",
+           "check_config_files", "yaml12_numbers", "workflow_run",
            "encode_value", "het_id", "partitions_of", "WILDCARD_PATTERNS", "LAUNCHERS", "REPORTING_RULES"]
 
 NAME_RE = re.compile(r"^[A-Za-z0-9_.]+$")  # dataset / method names
@@ -332,21 +332,6 @@ def _het_list(value: Any, path: str) -> list[dict]:
                 raise _err(f"{path}[{i}].{key}", f"not a partition setting; accepted: {', '.join(partition_keys())}")
         out.append(entry)
     return out
-
-
-def check_supported(cfg: RunConfig) -> None:
-    """What only a job would find out, asked of the engine and method up front (ConfigError naming the key):
-    `engine: batched` with a method, mode or setting it does not reproduce; personalized evaluation with no
-    local test split."""
-    from fedhpro.train import check_run
-
-    check_run(cfg)
-    if cfg.engine == "batched":
-        from fedhpro.batched import check_batchable as batched_supports
-        from fedhpro.methods import METHODS
-
-        names = list(cfg.client_models) or [cfg.model]
-        batched_supports(cfg, METHODS[cfg.method].Client, [names[i % len(names)] for i in range(cfg.num_clients)])
 
 
 def yaml12_numbers(value: Any) -> Any:
@@ -653,8 +638,7 @@ def _validated_run(sweep: _Sweep, req: _RunRequest) -> RunSpec:
     cell = f"{parts.het_path}[{req.het_index}]"
     where = f"{vpath} (dataset {req.dataset}, {cell}, partition seed {req.pseed}, seed {req.seed})"
     try:
-        cfg = from_dict(raw)
-        check_supported(cfg)
+        cfg = from_dict(raw)  # `check_runnable`: what only a job would otherwise find out, asked up front
     except ConfigError as err:
         origin = _error_origin(str(err), sweep, req)
         raise SweepConfigError(f"{origin}: {err} (run {req.method}/{req.variant} on {req.dataset}, {cell}, "

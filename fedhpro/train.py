@@ -3,7 +3,8 @@
 Run directory:
 - `config.json`: the resolved config, its hash, the first attempt's git SHA, package versions, host and SLURM
   ids, the torch thread count and the data's content fingerprint; `attempts` gets one record per attempt
-  (git SHA, host, versions, threads, start/end, outcome, SLURM ids, resumed_from_round) and `resumes` one
+  (git SHA, host, versions, threads, start/end, outcome, SLURM ids, resumed_from_round, the execution keys it
+  ran with: `fedhpro.config.EXECUTION_KEYS`, which are not part of the run's hash) and `resumes` one
   per resume from a checkpoint (`resumed_from_round`, time, SLURM ids);
 - `checkpoint.pt` (SHA-256 header over its payload): every `checkpoint_every` rounds, the engine state (models,
   method state, client states, sampler RNG, torch RNG) and the metrics so far;
@@ -18,7 +19,8 @@ Run directory:
 
 Calling `train` again on the same directory resumes from the checkpoint (bit-identical numbers on
 CPU), returns at once if the run is already complete, and refuses a directory that holds a
-different config, so nothing computed is ever overwritten.
+different run (another config hash), so nothing computed is ever overwritten. Execution keys may differ
+between calls: a finished run is returned as computed, a resume uses the new values (docs/run-identity.md).
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ import pandas as pd
 import torch
 
 from fedhpro.clientstore import CLIENT_STATES_DIR
-from fedhpro.config import ConfigError, RunConfig
+from fedhpro.config import ConfigError, RunConfig, check_runnable
 from fedhpro.data import DATASETS, ArrayData, fingerprint, load_dataset
 from fedhpro.diagnostics import DIAGNOSTIC_COLUMNS
 from fedhpro.faults import fault_point
@@ -108,16 +110,9 @@ def client_partition(cfg: RunConfig, labels: np.ndarray, partition_dir: Path | N
     return partition.split_for(cfg, labels, domains)  # the scheme's declared split (fedhpro.partition.SCHEMES)
 
 
-def check_run(cfg: RunConfig) -> None:
-    """Refusals that need no data: settings that would train and then report nothing (NaN)."""
-    if cfg.eval_mode == "personalized" and cfg.effective_local_test_fraction == 0 and cfg.partition != "nway":
-        raise ConfigError("config key 'local_test_fraction': 0 leaves personalized clients no local test split, "
-                          "so nothing would be evaluated (accuracy NaN); use e.g. 0.25 or leave it unset")
-
-
 def build_context(cfg: RunConfig, partition_dir: Path | None = None, data: ArrayData | None = None,
                   data_fingerprint: str | None = None) -> Context:
-    check_run(cfg)
+    check_runnable(cfg)  # a RunConfig built without `from_dict` (dataclasses.replace) is asked here too
     device = resolve_device(cfg.device)
     check_precision(cfg.precision, device)
     spec = DATASETS[cfg.dataset]
@@ -217,15 +212,40 @@ def result_row(cfg: RunConfig, res: RoundResult, status: str, domain_names: tupl
 def stale_revision(stored: dict, cfg: RunConfig, out_dir: Path) -> None:
     """Raise a ConfigError saying why, when `out_dir` holds this config computed by an earlier behaviour
     revision of its method (records without a revision predate revisions: revision 0)."""
-    from fedhpro.config import REVISION_KEY, check_revision
+    from fedhpro.config import EXECUTION_KEYS, REVISION_KEY, check_revision
 
-    same = {k: v for k, v in stored.items() if k != REVISION_KEY} == cfg.to_dict()
+    def identity(config: dict) -> dict:
+        return {k: v for k, v in config.items() if k not in (REVISION_KEY,) + EXECUTION_KEYS}
+
+    same = identity(stored) == identity(cfg.to_dict())
     if same and isinstance(stored.get("method"), str):
         check_revision(cfg.method, stored.get(REVISION_KEY, 0), where=f"run directory {out_dir}")
 
 
 def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def execution_of(config: dict) -> dict:
+    """The execution keys (`fedhpro.config.EXECUTION_KEYS`) of a recorded config: how the run was executed."""
+    from fedhpro.config import EXECUTION_KEYS
+
+    return {k: config[k] for k in EXECUTION_KEYS if k in config}
+
+
+def note_other_execution(cfg: RunConfig, info: dict, out_dir: Path) -> None:
+    """A finished run asked for again with other execution keys: it is returned as computed (they change no
+    number), and config.json keeps the values it was computed with; say so where the difference shows in the
+    results (diagnostics that were not computed)."""
+    recorded = execution_of(info.get("config") or {})
+    changed = {k: v for k, v in execution_of(cfg.to_dict()).items() if k in recorded and recorded[k] != v}
+    if not changed:
+        return
+    what = ", ".join(f"{k}: {recorded[k]!r} (asked: {v!r})" for k, v in changed.items())
+    log.info("run %s finished with %s; these change no number, so it is not rerun", out_dir, what)
+    if changed.get("diagnostics") or ("diagnostics_every" in changed and recorded.get("diagnostics", True)):
+        log.warning("run %s: its prototype diagnostics were computed with %s, not as asked; the tables say "
+                    "'not computed' where they are missing (delete the run directory to compute them)", out_dir, what)
 
 
 def open_run_record(cfg: RunConfig, out_dir: Path, info: dict | None, *, threads: int, data_fingerprint: str,
@@ -237,7 +257,10 @@ def open_run_record(cfg: RunConfig, out_dir: Path, info: dict | None, *, threads
     {git_sha, host, versions, threads, started, ended, outcome, slurm ids, resumed_from_round}; a resume
     also appends to `resumes`. Refused (ConfigError): a resume under another thread count or other data.
     """
-    attempt = attempt_info(threads, resumed_from_round=resume_round, data_fingerprint=data_fingerprint)
+    attempt = attempt_info(threads, resumed_from_round=resume_round, data_fingerprint=data_fingerprint,
+                           execution=execution_of(cfg.to_dict()))
+    if info is not None:  # the execution keys may differ between attempts (not hashed): the latest ones
+        info["config"] = {**(info.get("config") or {}), **attempt["execution"]}  # wrote the results
     if info is None:
         info = run_info(cfg.provenance_dict(), cfg.config_hash())
         info.update(started=attempt["started"], threads=threads, data_fingerprint=data_fingerprint, attempts=[],
@@ -307,6 +330,7 @@ def train(cfg: RunConfig, out_dir: str | Path, *, partition_dir: str | Path | No
     aside (`set_aside_for_other_data`) and the run starts over on the data now loaded.
     """
     out_dir = Path(out_dir)
+    check_runnable(cfg)  # before the run directory is touched
     if threads is not None:
         if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
             raise ConfigError(f"threads must be an integer >= 1, got {threads!r}")
@@ -323,6 +347,8 @@ def train(cfg: RunConfig, out_dir: str | Path, *, partition_dir: str | Path | No
                               "choose another --out or delete it")
         if metrics_path.exists():
             check_metrics_belong(out_dir, info if info is not None else {"config_hash": cfg.config_hash()})
+            if info is not None:
+                note_other_execution(cfg, info, out_dir)
             return pd.read_parquet(metrics_path)
         (out_dir / CLIENTS).unlink(missing_ok=True)  # left by a process killed before metrics.parquet: incomplete
         data = load_dataset(cfg.dataset, cfg.data_root, **cfg.dataset_options)

@@ -231,8 +231,8 @@ def test_a_client_with_hooks_batched_mode_does_not_mirror_is_refused(digits):
 
 def test_workflow_validation_asks_the_client_class_fedprox_proximal_term_is_batchable():
     from fedhpro.methods.fedprox import Client
-    from fedhpro.sweep import check_supported
+    from fedhpro.config import check_runnable
 
     assert Client.PROXIMAL_MU == "mu"
     for method in ("fedavg", "fedprox"):  # before: a faked (uninitialised) FedProx client raised AttributeError
-        check_supported(from_dict({**BASE, "method": method, "engine": "batched"}))
+        check_runnable(from_dict({**BASE, "method": method, "engine": "batched"}))

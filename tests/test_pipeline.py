@@ -260,6 +260,25 @@ def test_rerun_with_nothing_changed_does_nothing(workflow_run):
     assert "Nothing to be done" in proc.stdout + proc.stderr, proc.stdout[-3000:]
 
 
+def test_switching_execution_keys_in_a_finished_sweep_reruns_nothing(workflow_run):
+    """client_store, diagnostics, diagnostics_every and checkpoint_every change no number, so they are not in the
+    train rule's params (the canonical config): switching them plans nothing; a key that can change a number
+    still reruns every run."""
+    cfg_path = workflow_run / "config" / "config.yaml"
+    original = cfg_path.read_text()
+    try:
+        changed = yaml.safe_load(original)
+        changed["defaults"].update(client_store="disk", diagnostics=False, diagnostics_every=1, checkpoint_every=2)
+        cfg_path.write_text(yaml.safe_dump(changed, sort_keys=False))
+        proc = smk(workflow_run, "-n")
+        assert proc.returncode == 0 and "Nothing to be done" in proc.stdout + proc.stderr, proc.stdout[-3000:]
+        changed["defaults"]["eval_every"] = 2
+        cfg_path.write_text(yaml.safe_dump(changed, sort_keys=False))
+        assert len(planned(smk(workflow_run, "-n")).get("train", [])) == 2
+    finally:
+        cfg_path.write_text(original)
+
+
 @pytest.mark.slow
 def test_deleting_tables_rebuilds_only_the_tables(workflow_run):
     shutil.rmtree(workflow_run / "results" / "tables")
