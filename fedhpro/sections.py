@@ -351,9 +351,15 @@ def _heterogeneity_schema() -> dict[str, Any]:
 def json_schema() -> dict[str, Any]:
     """The workflow config's JSON schema, generated from the declarations."""
     top = section_schema(WorkflowConfig)
-    # `ablations`: one section (its keys, defaults filled in) or a list of sections
+    # `ablations`: one section (its keys, defaults filled in) or a list of sections. The list branch comes
+    # first: Snakemake's default filler calls setdefault on whatever a schema with `properties` meets, so a
+    # list must never reach the section's own schema (anyOf stops at the first branch that holds).
     ablation = section_schema(AblationSection)
-    top["properties"]["ablations"].update(additionalProperties=False, properties=ablation["properties"])
+    entry = top["properties"]["ablations"]
+    top["properties"]["ablations"] = {
+        "description": entry["description"], "default": entry["default"],
+        "anyOf": [{"type": "array", "items": {"$ref": "#/$defs/ablation_section"}},
+                  {"$ref": "#/$defs/ablation_section"}]}
     return {"$schema": "https://json-schema.org/draft/2020-12/schema",
             "description": top.pop("description"),
             "$defs": {"ablation_section": ablation, "experiment": section_schema(ExperimentSection),

@@ -43,6 +43,21 @@ def test_snakemake_fills_the_declared_defaults():
         .get("default", {})  # nothing is filled inside an experiment: the sweep applies those defaults
 
 
+def test_a_list_of_ablation_sections_is_filled_and_a_bad_one_is_named():
+    """`ablations:` as a list: Snakemake's default filler used to call setdefault on the list (a traceback);
+    now each section gets the declared defaults, and a bad key inside one is named by schema_error."""
+    from snakemake.utils import validate
+
+    from fedhpro.runtable import schema_error
+
+    config = {**copy.deepcopy(MINIMAL), "ablations": [{"methods": ["fedavg"]}, {"variants": {"x": {}}}]}
+    validate(config, str(SCHEMA_PATH))
+    assert config["ablations"] == [{**section_defaults(AblationSection), "methods": ["fedavg"]},
+                                   {**section_defaults(AblationSection), "variants": {"x": {}}}]
+    bad = {**copy.deepcopy(MINIMAL), "ablations": [{"methods": ["fedavg"]}, {"bogus": 1}]}
+    assert schema_error(bad, str(SCHEMA_PATH)).startswith("ablations[1].bogus: unknown key; accepted: methods")
+
+
 def test_heterogeneity_entries_carry_the_run_config_types_and_scheme_names():
     described = json_schema()["$defs"]["heterogeneity_entry"]["properties"]
     declared = declared_fields(RunConfig)

@@ -43,7 +43,9 @@ except SweepConfigError as err:
 
 try:  # fills in the schema's defaults
     validate(config, schema="../schemas/config.schema.yaml")
-except WorkflowError as err:  # its message holds the whole schema: say which key, in one line
+except (WorkflowError, AttributeError, TypeError) as err:  # its message holds the whole schema: say which
+    # key, in one line (AttributeError/TypeError: Snakemake's default filler meeting a list where a schema
+    # branch with defaults expects a mapping, e.g. a bad section inside a list of `ablations`)
     reason = schema_error(
         config, os.path.join(workflow.basedir, "workflow", "schemas", "config.schema.yaml")
     )
