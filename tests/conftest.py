@@ -10,6 +10,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from slurm_cluster import slurm_autostart, slurm_cluster  # noqa: E402,F401
 
 import pandas as pd  # noqa: E402
+import pytest  # noqa: E402
 import torch  # noqa: E402
 
 # One thread per test process: on the 2-core CI machine this is faster than two competing threads,
@@ -43,3 +44,13 @@ def one_line_error(capsys, rc, expect_rc=2) -> str:
     assert "Traceback" not in err and len(err.splitlines()) == 1, err
     assert err.startswith("error: "), err
     return err
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups (it runs on the workers)
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (`--dist loadgroup`, scripts/run-tests.sh) every test marked `slurm` runs on one
+    worker, one after the other: they share the one local cluster, expect its queue idle and one of them
+    takes it down and up again."""
+    for item in items:
+        if item.get_closest_marker("slurm") is not None:
+            item.add_marker(pytest.mark.xdist_group("slurm"))
