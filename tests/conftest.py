@@ -7,6 +7,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from httpserver import LoopbackHTTPServer  # noqa: E402
 from slurm_cluster import slurm_autostart, slurm_cluster  # noqa: E402,F401
 
 import pandas as pd  # noqa: E402
@@ -32,6 +33,13 @@ MODES = {"personalized": {"eval_mode": "personalized"}, "global": {"eval_mode": 
 TIME_COLUMNS = ["time_local", "time_server", "time_eval", "time_io"]
 
 
+@pytest.fixture
+def server():
+    """A real HTTP server on 127.0.0.1 (tests/httpserver.py) for the download tests; a "stall" lasts 2 s."""
+    with LoopbackHTTPServer(stall_s=2.0) as srv:
+        yield srv
+
+
 def numbers(df: pd.DataFrame) -> pd.DataFrame:
     """A run's metrics without the wall-clock columns: what must be bit-identical between equal runs."""
     return df[[c for c in df.columns if c not in TIME_COLUMNS]].reset_index(drop=True)
@@ -48,9 +56,19 @@ def one_line_error(capsys, rc, expect_rc=2) -> str:
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups (it runs on the workers)
 def pytest_collection_modifyitems(config, items):
-    """Under pytest-xdist (`--dist loadgroup`, scripts/run-tests.sh) every test marked `slurm` runs on one
-    worker, one after the other: they share the one local cluster, expect its queue idle and one of them
-    takes it down and up again."""
+    """Groups for pytest-xdist's `--dist loadgroup` (scripts/run-tests.sh): each group runs on one worker.
+
+    - every test marked `slurm`: one group, run one after the other; they share the one local cluster,
+      expect its queue idle, and one of them takes the cluster down and up again;
+    - the tests of a module that use one of the module's own module-scoped fixtures (a trained run, a
+      finished workflow, test_faults' background kill campaign): one group per module, so that setup is
+      made once, not once per worker.
+    """
     for item in items:
         if item.get_closest_marker("slurm") is not None:
             item.add_marker(pytest.mark.xdist_group("slurm"))
+            continue
+        module = item.nodeid.split("::")[0]
+        defs = getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", {})
+        if any(d.scope == "module" and d.baseid == module for fixturedefs in defs.values() for d in fixturedefs):
+            item.add_marker(pytest.mark.xdist_group(module))

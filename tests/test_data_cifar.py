@@ -22,18 +22,8 @@ from fedhpro.data import imagefolder as imagefolder_mod
 from fedhpro.data.cifar import CIFAR10_CLASSES, CIFAR10_REMOTE, CIFAR100_REMOTE, CIFAR_MEAN, CIFAR_STD
 from fedhpro.download import ChecksumError, fetch, is_complete, prepare, safe_extract
 
-try:
-    from tests.httpserver import LoopbackHTTPServer
-except ImportError:  # tests/ is not a package: pytest put tests/ itself on sys.path
-    from httpserver import LoopbackHTTPServer
 
 REAL_CIFAR = SHARED_DATA / "cifar10-jpeg.tar"
-
-
-@pytest.fixture
-def server():
-    with LoopbackHTTPServer() as srv:
-        yield srv
 
 
 # ----------------------------------------------------------------------------- upstream python format

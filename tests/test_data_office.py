@@ -25,20 +25,10 @@ from fedhpro.data.office import (OFFICE_CLASSES, OFFICE_COUNTS, OFFICE_DOMAINS, 
                                  parse_member)
 from fedhpro.download import ArchiveError, is_complete, prepare, safe_extract
 
-try:
-    from tests.httpserver import LoopbackHTTPServer
-except ImportError:  # tests/ is not a package: pytest put tests/ itself on sys.path
-    from httpserver import LoopbackHTTPServer
 
 SHARED = SHARED_DATA
 REAL_TAR = SHARED / "office-caltech10-images.tar"
 REAL_MD5 = "705926e90126d1d7414f52d53845864e"
-
-
-@pytest.fixture
-def server():
-    with LoopbackHTTPServer() as srv:
-        yield srv
 
 
 def jpeg(rng, size=(40, 30), mode="RGB") -> bytes:
