@@ -371,4 +371,5 @@ def test_real_cifar10_jpeg_tar(tmp_path):
     again = load_dataset("cifar10", tmp_path)
     second = time.perf_counter() - t0
     assert torch.equal(again.train_x, data.train_x) and torch.equal(again.test_y, data.test_y)
-    assert second < 5.0 and second < first / 3, (first, second)
+    # the cache is what makes it fast (a third of the decode); 15 s: a margin for a loaded machine (pytest-xdist)
+    assert second < 15.0 and second < first / 3, (first, second)

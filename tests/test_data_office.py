@@ -214,7 +214,8 @@ def test_real_office_caltech_counts(real_root):
     again = load_dataset("office_caltech", real_root)
     second = time.perf_counter() - t0
     assert torch.equal(again.train_x, data.train_x) and torch.equal(again.test_domain, data.test_domain)
-    assert second < 5.0 and second < first / 3, (first, second)
+    # the cache is what makes it fast (a third of the decode); 15 s: a margin for a loaded machine (pytest-xdist)
+    assert second < 15.0 and second < first / 3, (first, second)
 
 
 def test_fedhpro_run_on_office_caltech(real_root, tmp_path, monkeypatch):
