@@ -24,7 +24,6 @@ the one runs have always written (`{"clients": {cid: state}}`).
 from __future__ import annotations
 
 import contextlib
-import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -34,7 +33,6 @@ from fedhpro.payload import tensor_bytes
 from fedhpro.runio import load_hashed, save_hashed
 
 CLIENT_STATES_DIR = "client_states"
-_FILE = re.compile(r"^(\d+)\.r(\d+)\.pt$")
 
 
 class MemoryClientStore(dict):

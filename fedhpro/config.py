@@ -7,7 +7,7 @@ loaded from YAML/JSON, each value checked against its declaration by the checker
 method parameters go through too (`fedhpro.params.check_value`), the checks across
 keys made here (`_validate`), with one-line errors that name the key and the
 accepted values, and saved into the run directory together with the git SHA, package
-versions and a hash of its canonical JSON (see `fedhpro.runinfo`).
+versions and a hash of its canonical JSON (see `fedhpro.runio`).
 
 Method hyperparameters live in each method module's `Params` dataclass; the
 config stores them fully resolved (defaults filled in), so the saved config is
@@ -34,7 +34,7 @@ from typing import Any, Mapping
 import yaml
 
 from fedhpro.errors import ConfigError  # noqa: F401  (raised by every check; importable from here)
-from fedhpro.params import _FLOAT_RE, check_value, declared_fields, param  # _FLOAT_RE: also sweep's
+from fedhpro.params import FLOAT_RE, check_value, declared_fields, param
 
 
 REVISION_KEY = "method_revision"  # not a RunConfig field: the method module's behaviour revision (see above)
@@ -263,7 +263,7 @@ _YAML12_CORE = (  # YAML 1.2 core schema resolvers, tried in this order (an inte
     ("tag:yaml.org,2002:null", re.compile(r"^(?:~|null|Null|NULL|)$"), ["~", "n", "N", ""]),
     ("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")),
     ("tag:yaml.org,2002:int", re.compile(r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$"), list("-+0123456789")),
-    ("tag:yaml.org,2002:float", _FLOAT_RE, list("-+0123456789.")),
+    ("tag:yaml.org,2002:float", FLOAT_RE, list("-+0123456789.")),
 )
 _YAML11_ONLY = {"tag:yaml.org,2002:timestamp"} | {tag for tag, _, _ in _YAML12_CORE}
 StrictLoader.yaml_implicit_resolvers = {k: [(tag, rx) for tag, rx in v if tag not in _YAML11_ONLY]

@@ -13,10 +13,12 @@ is a single path component (`fedhpro.sweep.WILDCARD_PATTERNS` allows no '/').
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any, Mapping
 
 __all__ = ["RUN_ID", "PARTITION_ID", "RUNS", "PARTITIONS", "RUN_FIELDS", "PARTITION_FIELDS", "run_id",
-           "partition_id", "run_dir", "partition_dir", "run_id_of", "partition_id_of"]
+           "partition_id", "run_dir", "partition_dir", "run_id_of", "partition_id_of", "shared_data"]
 
 RUN_ID = "{dataset}/{het}/{method}/{variant}/ps{pseed}_s{seed}"
 PARTITION_ID = "{dataset}/{het}/ps{pseed}"
@@ -60,3 +62,9 @@ def _field(wildcards: Any, name: str) -> Any:
     if isinstance(wildcards, Mapping):
         return wildcards[name]
     return getattr(wildcards, name)
+
+
+def shared_data() -> Path:
+    """The offline real datasets beside a checkout (never committed): `FEDHPRO_SHARED_DATA`, else
+    `../shared/data` next to the repository. The tests and the parity harness's default CIFAR-10 tar read it."""
+    return Path(os.environ.get("FEDHPRO_SHARED_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")

@@ -23,7 +23,7 @@ from fedhpro.errors import ConfigError
 
 # YAML 1.2 / JSON numbers: PyYAML follows YAML 1.1, where `1e-3` (no dot) is a string; a user writing
 # `lr: 1e-3` (or valid JSON `1e-2`, or `--set lr=1e-3`) means the number.
-_FLOAT_RE = re.compile(r"^[-+]?(?:[0-9]+\.[0-9]*|\.[0-9]+|[0-9]+)(?:[eE][-+]?[0-9]+)?$"
+FLOAT_RE = re.compile(r"^[-+]?(?:[0-9]+\.[0-9]*|\.[0-9]+|[0-9]+)(?:[eE][-+]?[0-9]+)?$"
                        r"|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$")  # YAML 1.2 core: no underscores
 
 KINDS = ("bool", "int", "float", "str", "mapping", "str_list")
@@ -118,7 +118,7 @@ def check_value(key: str, f: dataclasses.Field, kind: str, nullable: bool, value
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{label} must be an integer, got {value!r}")
     elif kind == "float":
-        if isinstance(value, str) and _FLOAT_RE.match(value.strip()) and "_" not in value:
+        if isinstance(value, str) and FLOAT_RE.match(value.strip()) and "_" not in value:
             value = float(value)  # `1e-3` read as a string by a YAML 1.1 parser (e.g. Snakemake's config loader)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
             raise ConfigError(f"{label} must be a number, got {value!r}")

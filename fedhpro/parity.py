@@ -48,10 +48,9 @@ from pathlib import Path
 import numpy as np
 
 from fedhpro.config import ConfigError
+from fedhpro.layout import shared_data
 
-# The shared real data, as the tests find it: FEDHPRO_SHARED_DATA, else ../shared/data beside the checkout.
-SHARED_CIFAR = Path(os.environ.get("FEDHPRO_SHARED_DATA")
-                    or Path(__file__).resolve().parents[1].parent / "shared" / "data") / "cifar10-jpeg.tar"
+SHARED_CIFAR = shared_data() / "cifar10-jpeg.tar"  # the shared real data, as the tests find it
 FIRST_SEED = 25  # the shipped log's seed
 PROTOCOL = {"alpha": 0.5, "imbalance_ratio": 100.0, "num_clients": 10}
 AGGREGATIONS = ("last_client", "fedavg")

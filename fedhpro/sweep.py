@@ -52,7 +52,8 @@ from typing import Any, Callable, Mapping
 import yaml
 
 from fedhpro import layout
-from fedhpro.config import _FLOAT_RE, LOCATION_OPTIONS, ConfigError, RunConfig, from_dict, load_yaml_text
+from fedhpro.config import LOCATION_OPTIONS, ConfigError, RunConfig, from_dict, load_yaml_text
+from fedhpro.params import FLOAT_RE
 
 __all__ = ["RunSpec", "PartitionSpec", "ExperimentSpec", "SweepConfigError", "expand_sweep", "experiments_of",
            "runs_by_experiment", "pending_datasets_of", "validate_workflow_config",
@@ -75,7 +76,6 @@ AXIS_KEYS = ("method", "variant", "method_params", "dataset", "seed", "partition
 TOP_KEYS = ("results", "data_root", "reporting", "defaults", "datasets", "pending_datasets", "heterogeneity",
             "methods", "grids", "ablations", "seeds", "partition_seeds", "threads", "slurm", "mirrors",
             "experiments", "published", "reproduction_report", "report_partial")
-DATASET_EXTRA_KEYS = ("heterogeneity", "methods")
 ABLATION_KEYS = ("methods", "base_variant", "datasets", "heterogeneity", "seeds", "partition_seeds", "variants")
 # The one declaration of the `slurm:` section's keys and defaults: fedhpro.launch.LaunchOptions takes its
 # defaults from here; the JSON schema's defaults and the shipped configs are tested against it
@@ -401,7 +401,7 @@ def check_supported(cfg: RunConfig) -> None:
 def yaml12_numbers(value: Any) -> Any:
     """`value` with strings that are YAML 1.2 / JSON numbers (`1e-3`, read as strings by YAML 1.1 parsers such
     as the one Snakemake loads --configfile with) turned into floats, in mapping values and lists."""
-    if isinstance(value, str) and "_" not in value and any(c in value for c in "eE") and _FLOAT_RE.match(value):
+    if isinstance(value, str) and "_" not in value and any(c in value for c in "eE") and FLOAT_RE.match(value):
         return float(value)
     if isinstance(value, Mapping):
         return {k: yaml12_numbers(v) for k, v in value.items()}

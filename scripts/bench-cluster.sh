@@ -67,33 +67,11 @@ EOF
       --profile "profiles/$profile" --jobs "$n" >"$wf/snakemake.out" 2>&1) &
   SMK_PID=$!
   set +m
-  "$PY" - "$SMK_PID" "$n" "$WINDOW" "$CALLS" "$design" <<'EOF'
+  FEDHPRO_REPO=$REPO "$PY" - "$SMK_PID" "$n" "$WINDOW" "$CALLS" "$design" <<'EOF'
 import os, subprocess, sys, time
+sys.path.insert(0, os.path.join(os.environ["FEDHPRO_REPO"], "scripts"))
+from proctree import pss_kb, tree  # shared with bench-login-memory.py
 pid, n, window, calls, design = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3]), sys.argv[4], sys.argv[5]
-
-def tree(root):
-    kids = {}
-    for p in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            ppid = int(open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        kids.setdefault(ppid, []).append(int(p))
-    out, todo = [], [root]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        todo += kids.get(p, [])
-    return out
-
-def pss_kb(p):
-    try:
-        for line in open(f"/proc/{p}/smaps_rollup"):
-            if line.startswith("Pss:"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
 
 deadline = time.monotonic() + 600
 while True:

@@ -21,31 +21,8 @@ from pathlib import Path
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def tree(root: int) -> list[int]:
-    kids: dict[int, list[int]] = {}
-    for p in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            kids.setdefault(int(Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[1]), []).append(int(p))
-        except (OSError, IndexError, ValueError):
-            continue
-    out, todo = [], [root]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        todo += kids.get(p, [])
-    return out
-
-
-def pss_kb(pid: int) -> int:
-    try:
-        for line in open(f"/proc/{pid}/smaps_rollup"):
-            if line.startswith("Pss:"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
+sys.path.insert(0, str(REPO / "scripts"))
+from proctree import pss_kb, tree  # noqa: E402  (shared with bench-cluster.sh)
 
 
 def cmd(pid: int) -> str:

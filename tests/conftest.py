@@ -1,7 +1,6 @@
 """Shared pytest setup: the local SLURM cluster fixtures (started on demand for tests marked `slurm`), the
 shared-data location, the base config of the method tests and the helpers every run-comparing test uses."""
 
-import os
 import sys
 from pathlib import Path
 
@@ -14,6 +13,8 @@ import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from fedhpro.layout import shared_data  # noqa: E402
+
 # One thread per test process: on the 2-core CI machine this is faster than two competing threads,
 # and CPU results are bit-reproducible for a fixed thread count.
 torch.set_num_threads(1)
@@ -22,7 +23,7 @@ pytest_plugins = ["faults_report"]  # fault_ledger fixture + the fault-injection
 REPO = Path(__file__).resolve().parents[1]
 # Real datasets that are never committed (CIFAR-10 JPEG tar, MNIST, USPS, Office-Caltech-10, AG News test):
 # `FEDHPRO_SHARED_DATA`, else `../shared/data` beside the repository. Tests that need a file skip without it.
-SHARED_DATA = Path(os.environ.get("FEDHPRO_SHARED_DATA") or REPO.parent / "shared" / "data")
+SHARED_DATA = shared_data()
 
 # The per-method tests' run: scikit-learn digits over 6 clients, 3 rounds of 3 local epochs (seconds on a CPU).
 METHOD_BASE = {"dataset": "digits", "num_clients": 6, "partition": "dirichlet", "alpha": 0.5, "rounds": 3,

@@ -17,6 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import SHARED_DATA
 from fedhpro.config import from_dict
 from fedhpro.engine import Engine, derive_seed, evaluate
 from fedhpro.methods import METHODS
@@ -30,7 +31,7 @@ BASE = {"dataset": "digits", "num_clients": 6, "partition": "dirichlet", "alpha"
         "eval_mode": "personalized", "client_models": MODELS}
 FAST = {"matching_steps": 3, "feature_matching_steps": 3, "retrain_epochs": 2, "real_batch": 20}
 HEAD = ("classifier.weight", "classifier.bias")
-SHARED_TAR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10-jpeg.tar"
+SHARED_TAR = SHARED_DATA / "cifar10-jpeg.tar"
 
 
 def numbers(df: pd.DataFrame) -> pd.DataFrame:
