@@ -25,9 +25,17 @@ REPO = Path(__file__).resolve().parents[1]
 # `FEDHPRO_SHARED_DATA`, else `../shared/data` beside the repository. Tests that need a file skip without it.
 SHARED_DATA = shared_data()
 
+
+
+def digits_run(**keys) -> dict:
+    """The base of the tests' small runs: scikit-learn's digits (offline, 1797 8x8 images; seconds a run on a CPU)
+    split Dirichlet(0.5) over the clients, batch 32, lr 0.05, with `keys` added or replaced. Each test file states
+    what its runs differ in (clients, rounds, seed, ...) as `BASE = digits_run(...)`."""
+    return {"dataset": "digits", "partition": "dirichlet", "alpha": 0.5, "batch_size": 32, "lr": 0.05, **keys}
+
+
 # The per-method tests' run: scikit-learn digits over 6 clients, 3 rounds of 3 local epochs (seconds on a CPU).
-METHOD_BASE = {"dataset": "digits", "num_clients": 6, "partition": "dirichlet", "alpha": 0.5, "rounds": 3,
-               "local_epochs": 3, "batch_size": 32, "lr": 0.1, "seed": 0}
+METHOD_BASE = digits_run(num_clients=6, rounds=3, local_epochs=3, lr=0.1, seed=0)
 # Evaluation modes a prototype method is tested in; `heterogeneous`: different backbones per client.
 MODES = {"personalized": {"eval_mode": "personalized"}, "global": {"eval_mode": "global"},
          "heterogeneous": {"eval_mode": "personalized", "client_models": ["cnn", "resnet10"]}}

@@ -72,7 +72,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import numbers
+from conftest import digits_run, numbers
 from fedhpro.config import from_dict
 from fedhpro.methods import fast_test_params
 from fedhpro.runio import (CHECKPOINT, CONFIG, METRICS, METRICS_SCHEMA_VERSION, CheckpointError, RunLockedError,
@@ -83,8 +83,7 @@ pytestmark = pytest.mark.faults
 REPO = Path(__file__).resolve().parents[1]
 SEED = "issue-7"
 ROUNDS = 3
-BASE = {"dataset": "digits", "num_clients": 4, "partition": "dirichlet", "alpha": 0.5, "batch_size": 32,
-        "lr": 0.05, "seed": 1, "local_epochs": 1, "rounds": ROUNDS, "device": "cpu", "checkpoint_every": 1}
+BASE = digits_run(num_clients=4, seed=1, local_epochs=1, rounds=ROUNDS, device="cpu", checkpoint_every=1)
 METHODS = {
     "fedavg": {"method": "fedavg"},
     "fedhpro": {"method": "fedhpro", "method_params": fast_test_params("fedhpro")},

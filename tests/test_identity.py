@@ -22,7 +22,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import one_line_error
+from conftest import digits_run, one_line_error
 from fedhpro import aggregate as agg
 from fedhpro.cli import INTERRUPTED, main as cli_main
 from fedhpro.config import ConfigError, from_dict, load_config
@@ -32,8 +32,7 @@ from fedhpro.runio import METRICS, atomic_write_text, metrics_identity
 from fedhpro.sweep import SweepConfigError, check_config_files, validate_workflow_config
 from fedhpro.train import train
 
-TINY = {"dataset": "digits", "partition": "dirichlet", "alpha": 0.5, "num_clients": 3, "rounds": 2,
-        "batch_size": 64, "device": "cpu", "method": "fedavg"}
+TINY = digits_run(num_clients=3, rounds=2, batch_size=64, lr=0.1, device="cpu", method="fedavg")
 
 
 def cfg_of(**changes):
