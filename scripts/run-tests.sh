@@ -23,12 +23,15 @@ for arg in "$@"; do
   case $arg in
     --all) all=1 ;;
     -m*) all=1; args+=("$arg") ;;  # the caller's own marker expression
-    -n*|--numprocesses*|no:xdist|-pno:xdist) workers=own; args+=("$arg") ;;  # the caller's own xdist choice
+    -n*|--numprocesses*) workers=own; args+=("$arg") ;;  # the caller's own number of workers
+    no:xdist|-pno:xdist) workers=own; dist=own; args+=("$arg") ;;  # no xdist at all
+    --dist*) dist=own; args+=("$arg") ;;
     *) args+=("$arg") ;;
   esac
 done
 [[ $all == 1 ]] || args=(-m "not slow" "${args[@]}")
-if [[ $workers != own ]] && (( workers > 1 )); then args=(-n "$workers" --dist loadgroup "${args[@]}"); fi
+if [[ $workers != own ]] && (( workers > 1 )); then args=(-n "$workers" "${args[@]}"); fi
+[[ ${dist:-} == own ]] || args=(--dist loadgroup "${args[@]}")  # the groups hold under a caller's -n too
 bash scripts/bootstrap.sh
 export PATH="$PWD/.venv/bin:$PATH"
 exec .venv/bin/python -m pytest "${args[@]}"
