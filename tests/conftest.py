@@ -63,7 +63,7 @@ def one_line_error(capsys, rc, expect_rc=2) -> str:
     return err
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups (it runs on the workers)
+@pytest.hookimpl(trylast=True)  # after pytest-xdist's own hook (see the end)
 def pytest_collection_modifyitems(config, items):
     """Groups for pytest-xdist's `--dist loadgroup` (scripts/run-tests.sh): each group runs on one worker.
 
@@ -81,3 +81,23 @@ def pytest_collection_modifyitems(config, items):
         defs = getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", {})
         if any(d.scope == "module" and d.baseid == module for fixturedefs in defs.values() for d in fixturedefs):
             item.add_marker(pytest.mark.xdist_group(module))
+    if config.getoption("loadgroup", False):  # set on xdist's workers under --dist loadgroup
+        for item in items:
+            _group_suffix(item)
+
+
+def _group_suffix(item) -> None:
+    """What pytest-xdist 3.8 does on a worker for a test with `xdist_group` marks: its node id gets the suffix
+    `@<group>`, which the controller's scheduler reads. xdist writes `item._nodeid`, which pytest 9 no longer
+    reads (the id is `item._id`, a NodeId), so without this every group is silently ignored."""
+    names = sorted({str(m.args[0] if m.args else m.kwargs.get("name", "default"))
+                    for m in item.iter_markers("xdist_group")})
+    if not names or "@" in item.nodeid:
+        return
+    nodeid = f"{item.nodeid}@{'_'.join(names)}"
+    if hasattr(item, "_id"):
+        from _pytest.nodeid import NodeId
+
+        item._id = NodeId.parse(nodeid)
+    else:
+        item._nodeid = nodeid
