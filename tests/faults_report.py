@@ -22,7 +22,7 @@ followed by the faults that were not survived (and, with -v, every fault).
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Iterator
 
 import pytest
@@ -114,6 +114,21 @@ def fault_ledger(request: pytest.FixtureRequest) -> Iterator[FaultLedger]:
             return getattr(ledger, item)
 
     yield _Tagged()
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """An xdist worker hands its records to the controller, which prints the one summary."""
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:
+        workeroutput["fault_records"] = [asdict(r) for r in session.config.stash[_LEDGER].records]
+
+
+@pytest.hookimpl(optionalhook=True)  # a pytest-xdist hook: runs on the controller as each worker ends
+def pytest_testnodedown(node, error) -> None:
+    ledger = node.config.stash.get(_LEDGER, None)
+    records = getattr(node, "workeroutput", {}).get("fault_records", [])
+    if ledger is not None:
+        ledger.records.extend(FaultRecord(**r) for r in records)
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config) -> None:

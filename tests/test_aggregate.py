@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from conftest import digits_run
 from fedhpro import aggregate as agg
 from fedhpro.aggregate import (DuplicateRunError, MetricsFileError, SchemaVersionError, collect, latex_escape,
                                summarize, summarize_runs, write_tables)
@@ -19,8 +20,7 @@ from fedhpro.figures import curve_data, write_figures
 from fedhpro.runio import METRICS, METRICS_SCHEMA_VERSION
 from fedhpro.train import train
 
-BASE = {"dataset": "digits", "rounds": 3, "num_clients": 5, "partition": "dirichlet", "batch_size": 32, "lr": 0.05,
-        "device": "cpu"}
+BASE = digits_run(rounds=3, num_clients=5, device="cpu")
 K = 2  # last_k used throughout (runs have 3 rounds, so final / last 2 / best all differ in general)
 RULE_PHRASES = {"final": "of the final round", "last_k": f"as the mean of the last {K} rounds",
                 "best": "of the best round"}

@@ -6,14 +6,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import digits_run
 from fedhpro.config import ConfigError, from_dict
 from fedhpro.data import load_dataset
 from fedhpro.engine import Engine
 from fedhpro.methods import METHODS
 from fedhpro.train import build_context, train
 
-BASE = {"dataset": "digits", "num_clients": 10, "partition": "dirichlet", "alpha": 0.5, "batch_size": 48,
-        "device": "cpu", "seed": 5, "clients_per_round": 6, "local_epochs": 2}
+BASE = digits_run(num_clients=10, batch_size=48, lr=0.1, device="cpu", seed=5, clients_per_round=6, local_epochs=2)
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import numbers
+from conftest import digits_run, numbers
 from fedhpro.clientstore import CLIENT_STATES_DIR, DiskClientStore
 from fedhpro.config import from_dict
 from fedhpro.engine import Engine, tensor_bytes
@@ -18,9 +18,8 @@ from fedhpro.runio import CHECKPOINT, CheckpointError, load_checkpoint
 from fedhpro.train import build_context, train
 
 # Personalized FedProto: every sampled client keeps its own model (and local prototypes) across rounds.
-BASE = {"dataset": "digits", "method": "fedproto", "eval_mode": "personalized", "num_clients": 12,
-        "clients_per_round": 4, "partition": "dirichlet", "alpha": 0.5, "rounds": 4, "local_epochs": 1,
-        "batch_size": 32, "lr": 0.05, "seed": 5}
+BASE = digits_run(method="fedproto", eval_mode="personalized", num_clients=12, clients_per_round=4, rounds=4,
+                  local_epochs=1, seed=5)
 def same_numbers(df: pd.DataFrame) -> pd.DataFrame:
     """Metrics without timings; the run id too is the same (the client store is an execution key, not hashed)."""
     return numbers(df)

@@ -19,20 +19,10 @@ from fedhpro.data.agnews import (AGNEWS_CLASSES, AGNEWS_TEST_REMOTE, AGNEWS_TRAI
 from fedhpro.download import ArchiveError, ChecksumError, is_complete, prepare, safe_extract
 from fedhpro.models import BACKBONES, build_model
 
-try:
-    from tests.httpserver import LoopbackHTTPServer
-except ImportError:  # tests/ is not a package: pytest put tests/ itself on sys.path
-    from httpserver import LoopbackHTTPServer
 
 REAL_TEST = SHARED_DATA / "ag_news_test.csv"
 REAL_MD5 = "d52ea96a97a2d943681189a97654912d"
 needs_real = pytest.mark.skipif(not REAL_TEST.is_file(), reason=f"{REAL_TEST} not available")
-
-
-@pytest.fixture
-def server():
-    with LoopbackHTTPServer() as srv:
-        yield srv
 
 
 def upstream_csv(rows: list[tuple[int, str, str]]) -> bytes:

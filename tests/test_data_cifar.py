@@ -22,18 +22,8 @@ from fedhpro.data import imagefolder as imagefolder_mod
 from fedhpro.data.cifar import CIFAR10_CLASSES, CIFAR10_REMOTE, CIFAR100_REMOTE, CIFAR_MEAN, CIFAR_STD
 from fedhpro.download import ChecksumError, fetch, is_complete, prepare, safe_extract
 
-try:
-    from tests.httpserver import LoopbackHTTPServer
-except ImportError:  # tests/ is not a package: pytest put tests/ itself on sys.path
-    from httpserver import LoopbackHTTPServer
 
 REAL_CIFAR = SHARED_DATA / "cifar10-jpeg.tar"
-
-
-@pytest.fixture
-def server():
-    with LoopbackHTTPServer() as srv:
-        yield srv
 
 
 # ----------------------------------------------------------------------------- upstream python format
@@ -381,4 +371,5 @@ def test_real_cifar10_jpeg_tar(tmp_path):
     again = load_dataset("cifar10", tmp_path)
     second = time.perf_counter() - t0
     assert torch.equal(again.train_x, data.train_x) and torch.equal(again.test_y, data.test_y)
-    assert second < 5.0 and second < first / 3, (first, second)
+    # the cache is what makes it fast (a third of the decode); 15 s: a margin for a loaded machine (pytest-xdist)
+    assert second < 15.0 and second < first / 3, (first, second)

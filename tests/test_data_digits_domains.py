@@ -31,19 +31,9 @@ from fedhpro.data.mnist_family import IDX_FILES, MNIST_REMOTES
 from fedhpro.download import ArchiveError, ChecksumError, decompress, is_complete, prepare, safe_extract
 from fedhpro.sweep import validate_workflow_config
 
-try:
-    from tests.httpserver import LoopbackHTTPServer
-except ImportError:  # tests/ is not a package: pytest put tests/ itself on sys.path
-    from httpserver import LoopbackHTTPServer
 
 SHARED = SHARED_DATA
 REAL = (SHARED / "mnist" / IDX_FILES[0]).is_file() and (SHARED / "usps.bz2").is_file()
-
-
-@pytest.fixture
-def server():
-    with LoopbackHTTPServer() as srv:
-        yield srv
 
 
 def md5(data: bytes) -> str:
@@ -517,10 +507,8 @@ def planned_rules(proc: subprocess.CompletedProcess) -> dict[str, list[str]]:
 
 
 def mnist_usps_files() -> dict[str, bytes]:
-    """MNIST + USPS in their upstream formats: the real copies if present, else tiny ones."""
-    if REAL:
-        return {**{f: (SHARED / "mnist" / f).read_bytes() for f in IDX_FILES},
-                **{f: (SHARED / f).read_bytes() for f in ("usps.bz2", "usps.t.bz2")}}
+    """Tiny MNIST + USPS in their upstream formats (these tests are about which files the workflow fetches; the
+    real copies are read by test_real_usps_and_digit_domains, and serving 60000 MNIST images cost ~20 s a test)."""
     rng = np.random.default_rng(3)
     files = {f: idx_gz(a) for f, a in zip(IDX_FILES, idx_arrays(rng, 40, 30))}
     return files | {f: d for f, (d, _, _) in build_usps(40, 30, seed=3).items()}

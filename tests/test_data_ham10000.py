@@ -17,18 +17,8 @@ from fedhpro.data import ham10000 as ham_mod
 from fedhpro.data.ham10000 import HAM_CLASSES, HAM_REMOTES, lesion_split, parse_metadata
 from fedhpro.download import ArchiveError, ChecksumError, is_complete, prepare, safe_extract
 
-try:
-    from tests.httpserver import LoopbackHTTPServer
-except ImportError:  # tests/ is not a package: pytest put tests/ itself on sys.path
-    from httpserver import LoopbackHTTPServer
 
 HEADER = ["lesion_id", "image_id", "dx", "dx_type", "age", "sex", "localization", "dataset"]
-
-
-@pytest.fixture
-def server():
-    with LoopbackHTTPServer() as srv:
-        yield srv
 
 
 def make_rows(n_lesions=24, seed=0):

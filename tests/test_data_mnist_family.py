@@ -20,19 +20,9 @@ from fedhpro.data.mnist_family import (FASHION_REMOTES, FEMNIST_CLASSES, IDX_FIL
 from fedhpro.download import (ArchiveError, ChecksumError, RemoteFile, decompress, fetch, is_complete, prepare,
                               safe_extract)
 
-try:
-    from tests.httpserver import LoopbackHTTPServer
-except ImportError:  # tests/ is not a package: pytest put tests/ itself on sys.path
-    from httpserver import LoopbackHTTPServer
 
 SHARED = SHARED_DATA
 REAL_MNIST = SHARED / "mnist"
-
-
-@pytest.fixture
-def server():
-    with LoopbackHTTPServer() as srv:
-        yield srv
 
 
 def md5(data: bytes) -> str:

@@ -25,20 +25,10 @@ from fedhpro.data.office import (OFFICE_CLASSES, OFFICE_COUNTS, OFFICE_DOMAINS, 
                                  parse_member)
 from fedhpro.download import ArchiveError, is_complete, prepare, safe_extract
 
-try:
-    from tests.httpserver import LoopbackHTTPServer
-except ImportError:  # tests/ is not a package: pytest put tests/ itself on sys.path
-    from httpserver import LoopbackHTTPServer
 
 SHARED = SHARED_DATA
 REAL_TAR = SHARED / "office-caltech10-images.tar"
 REAL_MD5 = "705926e90126d1d7414f52d53845864e"
-
-
-@pytest.fixture
-def server():
-    with LoopbackHTTPServer() as srv:
-        yield srv
 
 
 def jpeg(rng, size=(40, 30), mode="RGB") -> bytes:
@@ -224,7 +214,8 @@ def test_real_office_caltech_counts(real_root):
     again = load_dataset("office_caltech", real_root)
     second = time.perf_counter() - t0
     assert torch.equal(again.train_x, data.train_x) and torch.equal(again.test_domain, data.test_domain)
-    assert second < 5.0 and second < first / 3, (first, second)
+    # the cache is what makes it fast (a third of the decode); 15 s: a margin for a loaded machine (pytest-xdist)
+    assert second < 15.0 and second < first / 3, (first, second)
 
 
 def test_fedhpro_run_on_office_caltech(real_root, tmp_path, monkeypatch):

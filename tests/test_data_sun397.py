@@ -19,19 +19,9 @@ from fedhpro.data.sun397 import PARTITIONS_REMOTE, SUN_REMOTE, class_display_nam
 from fedhpro.data.tinyimagenet import decode_square
 from fedhpro.download import ArchiveError, ChecksumError, is_complete, prepare, safe_extract
 
-try:
-    from tests.httpserver import LoopbackHTTPServer
-except ImportError:  # tests/ is not a package: pytest put tests/ itself on sys.path
-    from httpserver import LoopbackHTTPServer
 
 CLASSES = ["/a/abbey", "/a/airplane_cabin", "/b/bakery/shop", "/y/youth_hostel"]
 SIZES = [(96, 72), (50, 80), (64, 64), (120, 40)]
-
-
-@pytest.fixture
-def server():
-    with LoopbackHTTPServer() as srv:
-        yield srv
 
 
 def jpeg(colour, size) -> bytes:

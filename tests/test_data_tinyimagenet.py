@@ -17,20 +17,10 @@ from fedhpro.data import tinyimagenet as tiny_mod
 from fedhpro.data.tinyimagenet import TINY_MEAN, TINY_REMOTE, TINY_STD, MemberSource, decode_square
 from fedhpro.download import ArchiveError, ChecksumError, is_complete, prepare, safe_extract
 
-try:
-    from tests.httpserver import LoopbackHTTPServer
-except ImportError:  # tests/ is not a package: pytest put tests/ itself on sys.path
-    from httpserver import LoopbackHTTPServer
 
 WNIDS = ["n09246464", "n01443537", "n02124075"]  # wnids.txt order (not sorted), as upstream
 SORTED = sorted(WNIDS)
 VAL_LABELS = ["n02124075", "n09246464", "n02124075", "n01443537", "n09246464", "n09246464", "n02124075"]
-
-
-@pytest.fixture
-def server():
-    with LoopbackHTTPServer() as srv:
-        yield srv
 
 
 def jpeg(rng, mode="RGB", size=64) -> tuple[bytes, np.ndarray]:

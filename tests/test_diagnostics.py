@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import digits_run
 from fedhpro.config import from_dict
 from fedhpro.diagnostics import (AGREEMENT_COLUMNS, DIAGNOSTIC_COLUMNS, ConsistencyMeter, class_means,
                                  first_per_class, mean_cosine, prototype_diagnostics, separation_angles,
@@ -18,8 +19,7 @@ from fedhpro.engine import ClientData, Engine, RoundResult
 from fedhpro.methods import METHODS
 from fedhpro.train import build_context, train
 
-BASE = {"dataset": "digits", "num_clients": 4, "partition": "dirichlet", "alpha": 0.5, "rounds": 2,
-        "local_epochs": 1, "batch_size": 32, "lr": 0.05, "seed": 2, "diagnostics_every": 1}
+BASE = digits_run(num_clients=4, rounds=2, local_epochs=1, seed=2, diagnostics_every=1)
 # Every prototype method in each mode it supports; small server steps keep the runs short.
 PROTOTYPE_RUNS = {
     "fedproto": ({}, ("global", "personalized")),

@@ -72,7 +72,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import numbers
+from conftest import digits_run, numbers
 from fedhpro.config import from_dict
 from fedhpro.methods import fast_test_params
 from fedhpro.runio import (CHECKPOINT, CONFIG, METRICS, METRICS_SCHEMA_VERSION, CheckpointError, RunLockedError,
@@ -83,8 +83,7 @@ pytestmark = pytest.mark.faults
 REPO = Path(__file__).resolve().parents[1]
 SEED = "issue-7"
 ROUNDS = 3
-BASE = {"dataset": "digits", "num_clients": 4, "partition": "dirichlet", "alpha": 0.5, "batch_size": 32,
-        "lr": 0.05, "seed": 1, "local_epochs": 1, "rounds": ROUNDS, "device": "cpu", "checkpoint_every": 1}
+BASE = digits_run(num_clients=4, seed=1, local_epochs=1, rounds=ROUNDS, device="cpu", checkpoint_every=1)
 METHODS = {
     "fedavg": {"method": "fedavg"},
     "fedhpro": {"method": "fedhpro", "method_params": fast_test_params("fedhpro")},
@@ -636,9 +635,7 @@ def _tar_gz(members: dict[str, bytes]) -> bytes:
     return buf.getvalue()
 
 
-def test_download_cut_off_or_corrupted_is_never_extracted(tmp_path, fault_ledger):
-    from httpserver import LoopbackHTTPServer
-
+def test_download_cut_off_or_corrupted_is_never_extracted(tmp_path, fault_ledger, server):
     from fedhpro.download import ChecksumError, DownloadError, RemoteFile, is_complete, prepare, safe_extract
 
     members = {f"toy/part{i}.bin": random.Random(i).randbytes(60_000) for i in range(4)}
@@ -658,40 +655,40 @@ def test_download_cut_off_or_corrupted_is_never_extracted(tmp_path, fault_ledger
         assert not (root / "toy" / "extracted").exists()
         assert not any(p.name.startswith(".tmp-") for p in (root / "toy").iterdir())
 
-    with LoopbackHTTPServer(stall_s=0.5) as srv:
-        # cut off half-way once: resumed with a Range request, verified, then extracted
-        srv.add("/a/toy.tar.gz", archive, plan=["truncate"])
-        with fault_ledger.fault("download cut off half-way") as fault:
-            out = download_and_extract(tmp_path / "a", srv.url("/a/"))
-            seen = srv.requests_for("/a/toy.tar.gz")
-            assert [r.mode for r in seen] == ["truncate", "ok"]
-            fault.injected()
-            assert seen[1].headers["Range"] == f"bytes={len(archive) // 2}-"
-            assert is_complete(out) and all((out / n).read_bytes() == d for n, d in members.items())
+    srv = server  # tests/conftest.py
+    # cut off half-way once: resumed with a Range request, verified, then extracted
+    srv.add("/a/toy.tar.gz", archive, plan=["truncate"])
+    with fault_ledger.fault("download cut off half-way") as fault:
+        out = download_and_extract(tmp_path / "a", srv.url("/a/"))
+        seen = srv.requests_for("/a/toy.tar.gz")
+        assert [r.mode for r in seen] == ["truncate", "ok"]
+        fault.injected()
+        assert seen[1].headers["Range"] == f"bytes={len(archive) // 2}-"
+        assert is_complete(out) and all((out / n).read_bytes() == d for n, d in members.items())
 
-        # corrupted in transit (one flipped byte, same length): refused by the checksum, not extracted
-        bad = bytearray(archive)
-        bad[len(bad) // 3] ^= 0x40
-        srv.add("/b/toy.tar.gz", bytes(bad))
-        with fault_ledger.fault("download corrupted") as fault:
-            with pytest.raises(ChecksumError) as err:
-                download_and_extract(tmp_path / "b", srv.url("/b/"))
-            fault.injected()
-            assert remote.md5 in str(err.value) and remote.filename in str(err.value)
-            nothing_extracted(tmp_path / "b")
-            assert not (tmp_path / "b" / "toy" / "raw" / (remote.filename + ".part")).exists()
+    # corrupted in transit (one flipped byte, same length): refused by the checksum, not extracted
+    bad = bytearray(archive)
+    bad[len(bad) // 3] ^= 0x40
+    srv.add("/b/toy.tar.gz", bytes(bad))
+    with fault_ledger.fault("download corrupted") as fault:
+        with pytest.raises(ChecksumError) as err:
+            download_and_extract(tmp_path / "b", srv.url("/b/"))
+        fault.injected()
+        assert remote.md5 in str(err.value) and remote.filename in str(err.value)
+        nothing_extracted(tmp_path / "b")
+        assert not (tmp_path / "b" / "toy" / "raw" / (remote.filename + ".part")).exists()
 
-        # cut off on every attempt: reported after the retries, not extracted; the next attempt resumes
-        srv.add("/c/toy.tar.gz", archive, default="truncate")
-        with fault_ledger.fault("download cut off on every attempt") as fault:
-            with pytest.raises(DownloadError, match="after 3 attempts"):
-                download_and_extract(tmp_path / "c", srv.url("/c/"))
-            fault.injected()
-            nothing_extracted(tmp_path / "c")
-            srv.add("/c/toy.tar.gz", archive)  # the network is back
-            out = download_and_extract(tmp_path / "c", srv.url("/c/"))
-            assert "Range" in srv.requests_for("/c/toy.tar.gz")[-1].headers
-            assert is_complete(out) and all((out / n).read_bytes() == d for n, d in members.items())
+    # cut off on every attempt: reported after the retries, not extracted; the next attempt resumes
+    srv.add("/c/toy.tar.gz", archive, default="truncate")
+    with fault_ledger.fault("download cut off on every attempt") as fault:
+        with pytest.raises(DownloadError, match="after 3 attempts"):
+            download_and_extract(tmp_path / "c", srv.url("/c/"))
+        fault.injected()
+        nothing_extracted(tmp_path / "c")
+        srv.add("/c/toy.tar.gz", archive)  # the network is back
+        out = download_and_extract(tmp_path / "c", srv.url("/c/"))
+        assert "Range" in srv.requests_for("/c/toy.tar.gz")[-1].headers
+        assert is_complete(out) and all((out / n).read_bytes() == d for n, d in members.items())
 
 
 # ------------------------------------------------------------------------------ SIGKILL of training runs

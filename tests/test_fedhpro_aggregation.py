@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import numbers
+from conftest import digits_run, numbers
 from fedhpro.aggregate import StaleRunError, collect
 from fedhpro.labels import method_label
 from fedhpro.config import ConfigError, from_dict
@@ -22,8 +22,7 @@ from fedhpro.methods import METHODS, method_revision
 from fedhpro.runio import write_metrics
 from fedhpro.train import build_context, train
 
-BASE = {"dataset": "digits", "num_clients": 10, "partition": "dirichlet", "alpha": 0.5, "batch_size": 32,
-        "lr": 0.05, "seed": 4, "local_epochs": 1, "method": "fedhpro"}
+BASE = digits_run(num_clients=10, seed=4, local_epochs=1, method="fedhpro")
 FAST = {"matching_steps": 3, "feature_matching_steps": 3, "retrain_epochs": 2, "real_batch": 20}
 
 

@@ -22,7 +22,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import one_line_error
+from conftest import digits_run, one_line_error
 from fedhpro import aggregate as agg
 from fedhpro.cli import INTERRUPTED, main as cli_main
 from fedhpro.config import ConfigError, from_dict, load_config
@@ -32,8 +32,7 @@ from fedhpro.runio import METRICS, atomic_write_text, metrics_identity
 from fedhpro.sweep import SweepConfigError, check_config_files, validate_workflow_config
 from fedhpro.train import train
 
-TINY = {"dataset": "digits", "partition": "dirichlet", "alpha": 0.5, "num_clients": 3, "rounds": 2,
-        "batch_size": 64, "device": "cpu", "method": "fedavg"}
+TINY = digits_run(num_clients=3, rounds=2, batch_size=64, lr=0.1, device="cpu", method="fedavg")
 
 
 def cfg_of(**changes):
@@ -179,6 +178,10 @@ def test_workflow_moving_data_root_reruns_nothing(tmp_path):
     assert metrics.stat().st_mtime_ns == before
 
 
+@pytest.mark.slow  # six Snakemake runs (about 90 s on 2 cores); the default suite keeps the area covered by
+# test_workflow_moving_data_root_reruns_nothing (the workflow reruns nothing for moved data),
+# test_data_identified_by_content_moved_copy_same_changed_copy_refused (content identity, other data refused) and
+# test_content_identities_are_cached_by_file_stats_and_follow_the_bytes
 def test_workflow_reruns_what_other_data_under_the_same_path_makes_out_of_date(tmp_path):
     """Data given by path is identified by its content at workflow load: a touched or moved but equal copy
     reruns nothing; other data under the same path reruns the partition and the run, whose checkpoint of the

@@ -6,6 +6,7 @@ import pandas as pd
 import pytest
 import torch
 
+from conftest import digits_run
 from fedhpro import local as local_mod
 from fedhpro.config import from_dict
 from fedhpro.data import load_dataset
@@ -13,8 +14,7 @@ from fedhpro.engine import Engine
 from fedhpro.methods import METHODS
 from fedhpro.train import build_context, train
 
-BASE = {"dataset": "digits", "num_clients": 4, "partition": "dirichlet", "alpha": 0.5, "batch_size": 48,
-        "rounds": 2, "local_epochs": 2, "lr": 0.05, "momentum": 0.9, "device": "cpu"}
+BASE = digits_run(num_clients=4, batch_size=48, rounds=2, local_epochs=2, momentum=0.9, device="cpu")
 
 
 @pytest.mark.parametrize("method", ["fedavg", "fedproto"])

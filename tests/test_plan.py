@@ -64,10 +64,10 @@ def test_plan_cli_prints_each_experiment_and_says_what_has_no_measurement(tmp_pa
     plan.write_times(times, [_row("fedavg"), _row("fedproto")])
     config = tmp_path / "sweep.yaml"
     config.write_text(yaml.safe_dump({"experiments": {"one": {"title": "t", **SWEEP}}}))
-    t0 = time.perf_counter()
+    t0 = time.process_time()  # CPU time: the other pytest-xdist worker shares the cores
     assert cli_main(["plan", "--configfile", str(config), "--times", str(times), "--device-kind", KIND,
                      "--gpus", "3", "--exact"]) == 0
-    assert time.perf_counter() - t0 < 60
+    assert time.process_time() - t0 < 60
     out = capsys.readouterr().out
     lines = {line.split()[0]: line.split() for line in out.splitlines() if line.startswith(("one ", "total"))}
     assert lines["one"][1:4] == ["9", "6", "0"]

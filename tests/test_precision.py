@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import numbers
+from conftest import digits_run, numbers
 import fedhpro.local as local_mod
 from fedhpro.config import ConfigError, from_dict
 from fedhpro.data import load_dataset
@@ -25,10 +25,8 @@ from fedhpro.methods import METHODS, fast_test_params
 from fedhpro.runio import load_checkpoint
 from fedhpro.train import build_context, train
 
-TINY = {"dataset": "digits", "num_clients": 3, "partition": "dirichlet", "alpha": 0.5, "batch_size": 32,
-        "lr": 0.05, "momentum": 0.9, "local_epochs": 1, "seed": 1, "device": "cpu"}
-SHORT = {"dataset": "digits", "num_clients": 2, "partition": "iid", "alpha": None, "batch_size": 32, "lr": 0.05,
-         "momentum": 0.9, "local_epochs": 1, "seed": 0, "device": "cpu"}
+TINY = digits_run(num_clients=3, momentum=0.9, local_epochs=1, seed=1, device="cpu")
+SHORT = digits_run(num_clients=2, partition="iid", alpha=None, momentum=0.9, local_epochs=1, seed=0, device="cpu")
 CL = torch.channels_last
 
 

@@ -9,15 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from conftest import one_line_error
+from conftest import digits_run, one_line_error
 from fedhpro import aggregate as agg
 from fedhpro.cli import main as cli_main
 from fedhpro.config import from_dict
 from fedhpro.runio import METRICS
 from fedhpro.train import train
 
-TINY = {"dataset": "digits", "partition": "dirichlet", "alpha": 0.5, "num_clients": 3, "rounds": 1,
-        "batch_size": 64, "device": "cpu", "method": "fedavg"}
+TINY = digits_run(num_clients=3, rounds=1, batch_size=64, lr=0.1, device="cpu", method="fedavg")
 # FedHPro's server steps cut down: the runs only need to exist (seconds each)
 HPRO_FAST = {"matching_steps": 2, "feature_matching_steps": 2, "retrain_epochs": 2, "prototypes_per_class": 2,
              "features_per_class": 5, "real_batch": 16}

@@ -8,13 +8,13 @@ import json
 import pandas as pd
 import pytest
 
+from conftest import digits_run
 from fedhpro.config import from_dict
 from fedhpro.launch import LaunchOptions, PackEntry, RunPack
 from fedhpro.sweep import SweepConfigError, check_slurm
 from fedhpro.train import train
 
-BASE = {"method": "fedavg", "dataset": "digits", "num_clients": 4, "batch_size": 32, "lr": 0.05, "rounds": 2,
-        "device": "cpu"}
+BASE = digits_run(method="fedavg", num_clients=4, rounds=2, device="cpu")
 NUMBERS = ["train_loss", "test_acc", "test_loss", "bytes_up"]
 
 

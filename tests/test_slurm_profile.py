@@ -161,12 +161,14 @@ def test_packs_follow_pack_minutes_whatever_snakemake_hands_over_at_once(tmp_pat
 
     options = LaunchOptions(pack_minutes=30, run_minutes=1)
     for n, expected in ((200, [30] * 6 + [20]), (201, [30] * 6 + [21]), (1, [1])):
-        executor, packs = _executor(options, hold_s=0.5)
+        executor, packs = _executor(options, hold_s=2.0)  # 2 s: a margin for a loaded machine (pytest-xdist)
         jobs = [_Job(tmp_path, i) for i in range(n)]
         for start in range(0, n, 100):
             executor.run_jobs(jobs[start:start + 100])
         assert packs == expected[:-1]  # the open pack waits
-        time.sleep(1.0)
+        deadline = time.monotonic() + 20
+        while packs != expected and time.monotonic() < deadline:
+            time.sleep(0.1)
         assert packs == expected, (n, packs)
     # an interrupt drops the open pack: never submitted after Snakemake cancelled its jobs
     executor, packs = _executor(options, hold_s=0.3)

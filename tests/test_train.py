@@ -15,14 +15,13 @@ import pytest
 import torch
 import yaml
 
-from conftest import numbers
+from conftest import digits_run, numbers
 from fedhpro.config import ConfigError, from_dict
 from fedhpro.engine import fedavg, tensor_bytes
 from fedhpro.runio import CheckpointError, RunLockedError, load_checkpoint, read_metrics_meta, run_lock
 from fedhpro.train import train
 
-BASE = {"dataset": "digits", "num_clients": 10, "partition": "dirichlet", "alpha": 0.5, "batch_size": 32,
-        "lr": 0.05, "seed": 3, "local_epochs": 1}
+BASE = digits_run(num_clients=10, seed=3, local_epochs=1)
 
 
 def test_fedavg_weighted_average_with_integer_buffers():
