@@ -207,12 +207,13 @@ def evaluate(score_fn: Callable[[torch.Tensor], torch.Tensor], ctx: Context, x: 
 class Engine:
     """Runs rounds; owns per-client persistent state and the client-sampling RNG."""
 
-    def __init__(self, ctx: Context, method_module: Any, client_dir: str | Path | None = None):
-        """`client_dir`: where `client_store: disk` keeps client states (a temporary directory if None)."""
+    def __init__(self, ctx: Context, method: Any, client_dir: str | Path | None = None):
+        """`method`: the method's declaration (`fedhpro.methods.Method`; anything with its `Client` and `Server`);
+        `client_dir`: where `client_store: disk` keeps client states (a temporary directory if None)."""
         self.ctx = ctx
         self.cfg = ctx.cfg
-        self.server: ServerBase = method_module.Server(ctx)
-        self.client: ClientBase = method_module.Client(ctx)
+        self.server: ServerBase = method.Server(ctx)
+        self.client: ClientBase = method.Client(ctx)
         self.upload_metadata = ENGINE_METADATA + tuple(self.client.UPLOAD_METADATA)
         self.client_states = make_client_store(self.cfg.client_store, client_dir)
         self.sampler = np.random.RandomState(self.cfg.seed)  # official: RandomState(seed).choice per round

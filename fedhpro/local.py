@@ -107,15 +107,15 @@ class Context:
     test_domain: torch.Tensor | None = None
     domain_names: tuple[str, ...] = ()
     _model_factory: Callable[[str], nn.Module] | None = None
-    # The method's model wrapper (module-level `model_wrapper(ctx)`, see `install_model_wrapper`).
+    # The method's model wrapper (its declared `Method.model_wrapper(ctx)`, see `install_model_wrapper`).
     model_wrapper: Callable[[nn.Module], nn.Module] | None = None
 
-    def install_model_wrapper(self, method_module: Any) -> None:
+    def install_model_wrapper(self, method: Any) -> None:
         """Apply the method's model hook to every model this context builds (server, working and frozen
-        copies alike): `model_wrapper(ctx)`, when the method module defines it, returns a function that turns a
+        copies alike): `model_wrapper(ctx)`, when the method (`fedhpro.methods.Method`) declares it, returns a function that turns a
         project model into the method's (MOON's projection head, GFPL's dual classifier); `feature_dim`
         becomes the wrapped model's. Called once, when the run's context is built, before any model exists."""
-        hook = getattr(method_module, "model_wrapper", None)
+        hook = method.model_wrapper
         self.model_wrapper = hook(self) if hook is not None else None
         if self.model_wrapper is not None:
             with torch.random.fork_rng(devices=[]):  # a probe: the run's random stream is not touched

@@ -206,16 +206,13 @@ def build_context(cfg: RunConfig, partition_dir: Path | None = None, data: Array
 
 
 def weight_aggregation(cfg: RunConfig) -> str:
-    """How the shared weights were formed: the method's `aggregation` parameter where it has one (FedHPro:
-    last_client or fedavg; in personalized mode only its classifier head is shared: last_client_head,
-    fedavg_head; retrained_head where the re-trained classifier replaces the aggregate: the method module's
-    `weight_aggregation(cfg)` says), else fedavg in global mode and none in personalized mode (none shared)."""
-    label = getattr(METHODS[cfg.method], "weight_aggregation", lambda cfg: None)(cfg)  # a method's own label
+    """How the shared weights were formed: what the method declares (`Method.weight_aggregation`, for a method
+    with a choice of it: FedHPro's last_client, fedavg, last_client_head, fedavg_head, retrained_head), else
+    fedavg in global mode and none in personalized mode (none shared)."""
+    declared = METHODS[cfg.method].weight_aggregation
+    label = declared(cfg) if declared is not None else None
     if label is not None:
         return label
-    if "aggregation" in cfg.method_params:
-        value = str(cfg.method_params["aggregation"])
-        return value if cfg.eval_mode == "global" else f"{value}_head"
     return "fedavg" if cfg.eval_mode == "global" else "none"
 
 

@@ -37,7 +37,7 @@ CHANCE = 0.1  # digits: 10 classes
 
 def contract_cases() -> list[tuple[str, str]]:
     """(method, mode) for every registered method and every mode its module declares."""
-    return [(method, mode) for method in METHOD_MODULES for mode in METHODS[method].MODES]
+    return [(method, mode) for method in METHOD_MODULES for mode in METHODS[method].modes]
 
 
 def contract_config(method: str, mode: str, **changes):

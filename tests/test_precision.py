@@ -252,7 +252,7 @@ def test_every_method_runs_bf16_channels_last(tiny, method):
            "method_params": fast_test_params(method)}
     if method == "fedhpro":  # + the client margin, recomputed inside the (autocast) loss every batch
         raw["method_params"].update(use_margin=True, margin_update="batch")
-    if "global" not in METHODS[method].MODES:  # e.g. local: personalized only
+    if "global" not in METHODS[method].modes:  # e.g. local: personalized only
         raw["eval_mode"] = "personalized"
     engine = make_engine(raw, tiny)
     spy = LayerSpy(engine.working_models())

@@ -22,15 +22,9 @@ import torch
 import torch.nn.functional as F
 
 from fedhpro.engine import ClientBase, Context, ServerBase
-from fedhpro.methods import param
+from fedhpro.methods import Method, param
 from fedhpro.methods.prototypes import (PrototypeAccumulator, PrototypeEvaluation, mean_over_clients,
                                         uploaded_prototypes)
-
-PAPER = "Tan et al., FedProto: Federated Prototype Learning across Heterogeneous Clients, AAAI 2022"
-MODES = ("personalized", "global")
-ENGINES = ("sequential",)
-HETEROGENEOUS_MODELS = True
-COMMUNICATES = "per-class prototypes (both directions); + weights in global mode"
 
 
 @dataclass(frozen=True)
@@ -139,3 +133,20 @@ class Server(PrototypeServer):
         # HtFLlib: the global prototypes are replaced by this round's aggregate.
         self.prototypes, self.present = mean_over_clients(uploads, "prototypes", self.ctx.num_classes,
                                                           "prototype_classes", weights)
+
+
+METHOD = Method(
+    name="fedproto",
+    paper="Tan et al., FedProto: Federated Prototype Learning across Heterogeneous Clients, AAAI 2022",
+    display="FedProto",
+    order=5,
+    style={"color": "#CCBB44", "marker": "^", "linestyle": "-"},
+    modes=("personalized", "global"),
+    communicates="per-class prototypes (both directions); + weights in global mode",
+    Params=Params,
+    Client=Client,
+    Server=Server,
+    heterogeneous_models=True,
+    nearest_prototype=True,
+    compare_upload=True,
+)

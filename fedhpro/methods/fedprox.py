@@ -12,13 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from fedhpro.engine import ClientBase, ServerBase
-from fedhpro.methods import param
-
-PAPER = "Li et al., Federated Optimization in Heterogeneous Networks, MLSys 2020"
-MODES = ("global",)
-ENGINES = ("sequential", "batched")
-HETEROGENEOUS_MODELS = False
-COMMUNICATES = "model weights (both directions)"
+from fedhpro.methods import Method, param
 
 
 @dataclass(frozen=True)
@@ -41,3 +35,18 @@ class Client(ClientBase):
 
 class Server(ServerBase):
     pass
+
+
+METHOD = Method(
+    name="fedprox",
+    paper="Li et al., Federated Optimization in Heterogeneous Networks, MLSys 2020",
+    display="FedProx",
+    order=2,
+    style={"color": "#88CCEE", "marker": "v", "linestyle": "--"},
+    modes=("global",),
+    communicates="model weights (both directions)",
+    Params=Params,
+    Client=Client,
+    Server=Server,
+    engines=("sequential", "batched"),
+)

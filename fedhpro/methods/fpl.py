@@ -37,14 +37,8 @@ import torch.nn.functional as F
 
 from fedhpro.engine import ClientBase, Context, ServerBase
 from fedhpro.finch import finch
-from fedhpro.methods import param
+from fedhpro.methods import Method, param
 from fedhpro.methods.prototypes import PrototypeAccumulator
-
-PAPER = ("Huang et al., Rethinking Federated Learning with Domain Shift: A Prototype View, CVPR 2023")
-MODES = ("global",)
-ENGINES = ("sequential",)
-HETEROGENEOUS_MODELS = False
-COMMUNICATES = "weights (both directions) + per-class prototypes (up) + per-class cluster prototypes (down)"
 
 
 @dataclass(frozen=True)
@@ -161,3 +155,18 @@ class Server(ServerBase):
         if not len(self.classes):
             return None
         return unbiased_prototypes(self.prototypes, self.classes, self.ctx.num_classes)
+
+
+METHOD = Method(
+    name="fpl",
+    paper="Huang et al., Rethinking Federated Learning with Domain Shift: A Prototype View, CVPR 2023",
+    display="FPL",
+    order=6,
+    style={"color": "#44AA99", "marker": "<", "linestyle": "-"},
+    modes=("global",),
+    communicates="weights (both directions) + per-class prototypes (up) + per-class cluster prototypes (down)",
+    Params=Params,
+    Client=Client,
+    Server=Server,
+    compare_upload=True,
+)

@@ -64,18 +64,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedhpro.engine import ClientBase, ClientData, Context, ServerBase, derive_seed
-from fedhpro.methods import param
-
-PAPER = ("Lu, He, Li, Wang, Gong, GFPL: Generative Federated Prototype Learning for Resource-Constrained and "
-         "Data-Imbalanced Vision Task, arXiv 2602.21873, 2026")
-MODES = ("personalized", "global")
-ENGINES = ("sequential",)
-HETEROGENEOUS_MODELS = True
-COMMUNICATES = ("per-class GMM prototypes (up, rounds t0 + kR) and fused global GMMs (down, the round after); "
-                "+ weights in global mode")
-
-# Short digits runs (tests): GMM upload from round 1 and every round, so two rounds exercise the re-training.
-FAST_TEST_PARAMS = {"start_round": 1, "interval": 1, "pseudo_per_class": 20}
+from fedhpro.methods import Method, param
 
 
 @dataclass(frozen=True)
@@ -424,3 +413,24 @@ class Server(ServerBase):
     def scores(self, model, x) -> torch.Tensor:
         h, logits = model.heads(model.features(x))
         return logits if self.params.eval_rule == "linear" else h @ model.etf
+
+
+METHOD = Method(
+    name="gfpl",
+    paper="Lu, He, Li, Wang, Gong, GFPL: Generative Federated Prototype Learning for Resource-Constrained and "
+          "Data-Imbalanced Vision Task, arXiv 2602.21873, 2026",
+    display="GFPL (reconstructed)",
+    order=10,
+    style={"color": "#000000", "marker": "X", "linestyle": ":"},
+    modes=("personalized", "global"),
+    communicates="per-class GMM prototypes (up, rounds t0 + kR) and fused global GMMs (down, the round after); "
+                 "+ weights in global mode",
+    Params=Params,
+    Client=Client,
+    Server=Server,
+    heterogeneous_models=True,
+    # Short digits runs (tests): GMM upload from round 1 and every round, so two rounds exercise the re-training.
+    fast_test_params={"start_round": 1, "interval": 1, "pseudo_per_class": 20},
+    model_wrapper=model_wrapper,
+    notes=(((), "GFPL is reconstructed from the paper (no public code)."),),
+)

@@ -45,13 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedhpro.engine import ClientBase, Context, ServerBase
-from fedhpro.methods import param
-
-PAPER = "Li, He, Song, Model-Contrastive Federated Learning, CVPR 2021"
-MODES = ("global",)
-ENGINES = ("sequential",)
-HETEROGENEOUS_MODELS = False
-COMMUNICATES = "model weights (both directions)"
+from fedhpro.methods import Method, param
 
 
 @dataclass(frozen=True)
@@ -128,3 +122,18 @@ class Client(ClientBase):
 
 class Server(ServerBase):
     pass
+
+
+METHOD = Method(
+    name="moon",
+    paper="Li, He, Song, Model-Contrastive Federated Learning, CVPR 2021",
+    display="MOON",
+    order=3,
+    style={"color": "#117733", "marker": "s", "linestyle": "--"},
+    modes=("global",),
+    communicates="model weights (both directions)",
+    Params=Params,
+    Client=Client,
+    Server=Server,
+    model_wrapper=model_wrapper,
+)

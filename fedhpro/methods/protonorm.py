@@ -38,17 +38,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from fedhpro.methods import fedproto, param
+from fedhpro.methods import Method, fedproto, param
 from fedhpro.methods.prototypes import mean_over_clients
-
-PAPER = "Lee, Shin, Choi, Heterogeneous Federated Learning with Prototype Alignment and Upscaling, arXiv 2507.04310"
-MODES = ("personalized", "global")
-ENGINES = ("sequential",)
-HETEROGENEOUS_MODELS = True
-COMMUNICATES = "per-class prototypes (up), unit-norm aligned prototypes (down); + weights in global mode"
-
-# Seconds-long digits runs (tests): fewer Thomson iterations.
-FAST_TEST_PARAMS = {"thomson_iterations": 50}
 
 
 @dataclass(frozen=True)
@@ -145,3 +136,22 @@ class Server(fedproto.PrototypeServer):
                 units[classes] = F.normalize(means[classes], dim=1)
         # The global prototypes are replaced by this round's aligned aggregate (as the code).
         self.prototypes, self.present = units, present
+
+
+METHOD = Method(
+    name="protonorm",
+    paper="Lee, Shin, Choi, Heterogeneous Federated Learning with Prototype Alignment and Upscaling, arXiv 2507.04310",
+    display="ProtoNorm",
+    order=9,
+    style={"color": "#777777", "marker": "h", "linestyle": "-."},
+    modes=("personalized", "global"),
+    communicates="per-class prototypes (up), unit-norm aligned prototypes (down); + weights in global mode",
+    Params=Params,
+    Client=Client,
+    Server=Server,
+    heterogeneous_models=True,
+    # Seconds-long digits runs (tests): fewer Thomson iterations.
+    fast_test_params={"thomson_iterations": 50},
+    nearest_prototype=True,
+    compare_upload=True,
+)
