@@ -1,5 +1,5 @@
 """The method contract, checked the same way for every registered method and every evaluation mode it declares
-(`MODES`), with the method's own `FAST_TEST_PARAMS`:
+(its declared `modes`), with the method's own `fast_test_params`:
 
 - it learns on digits (accuracy beats chance within three rounds);
 - it is deterministic and resumes bit-identically: a run stopped after round 1 and resumed from its checkpoint

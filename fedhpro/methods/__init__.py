@@ -45,43 +45,59 @@ KNOWN_ENGINES = ("sequential", "batched")
 STYLE_KEYS = ("color", "marker", "linestyle", "linewidth", "markersize")
 
 
+def _field(help: str, default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MISSING) -> Any:
+    """A `Method` field with its one line of help (the docs' "Adding a method" table is made from them)."""
+    return field(default=default, default_factory=factory, metadata={"help": help})
+
+
 @dataclass(frozen=True, eq=False)
 class Method:
     """Everything the pipeline knows about a method, declared once in its module as `METHOD`."""
 
-    name: str  # the registry key and the config's `method`
-    paper: str  # citation line
-    display: str  # name in tables and figures
-    order: int  # rank of its rows in tables and legends (paper order: baselines first, the proposed method last)
-    style: Mapping[str, Any]  # matplotlib keywords of its line: color, marker, linestyle (+ linewidth, markersize)
-    modes: tuple[str, ...]  # evaluation modes (`eval_mode`) it supports
-    communicates: str  # what travels, in words (the methods table)
-    Params: type  # frozen dataclass of its hyperparameters (`param()` fields)
-    Client: type  # ClientBase subclass: local training hooks and the upload
-    Server: type  # ServerBase subclass: broadcast, aggregation, checkpointed STATE
-    engines: tuple[str, ...] = ("sequential",)  # local-training engines (`engine`) that run it exactly
-    heterogeneous_models: bool = False  # whether clients may use different architectures (`client_models`)
-    # method parameters that make a digits run take seconds (the contract, fault and precision tests, benchmarks)
-    fast_test_params: Mapping[str, Any] = field(default_factory=dict)
-    # one line per change of its behaviour under unchanged parameters; the count is its behaviour revision,
-    # which enters the config hash (`RunConfig.canonical_dict`), so a fix never reuses an old run id's results
-    revisions: tuple[str, ...] = ()
-    # returns a function applied to every model the run builds (`Context.install_model_wrapper`), or None
-    model_wrapper: Callable[[Any], Callable | None] | None = None
-    # the run's `aggregation` column (`fedhpro.train.weight_aggregation`) when the method has a choice of it
-    weight_aggregation: Callable[[Any], str] | None = None
+    name: str = _field("the registry key and the config's `method`")
+    paper: str = _field("citation line")
+    display: str = _field("its name in tables and figures")
+    order: int = _field("rank of its rows in tables and legends (baselines first, the proposed method last)")
+    style: Mapping[str, Any] = _field("its line in every figure: matplotlib `color`, `marker` (+ `linestyle`, "
+                                      "`linewidth`, `markersize`)")
+    modes: tuple[str, ...] = _field("the evaluation modes (`eval_mode`) it supports")
+    communicates: str = _field("what travels between clients and server, in words")
+    Params: type = _field("frozen dataclass of its hyperparameters, fields made with `param(default, help, "
+                          "choices, bounds)`: their help and validation")
+    Client: type = _field("`ClientBase` subclass: local training hooks (`setup`, `start_epoch`, `loss`, "
+                          "`before_step`, `upload`) and `UPLOAD_METADATA`; one object serves every client, so "
+                          "per-client data lives in `state`, never on `self`")
+    Server: type = _field("`ServerBase` subclass: `broadcast`, `aggregate`, `aggregate_weights`, `scores`, "
+                          "`global_class_signal`, the checkpointed `STATE` and `BROADCAST_METADATA`")
+    engines: tuple[str, ...] = _field("the local-training engines (`engine`) that run it exactly", ("sequential",))
+    heterogeneous_models: bool = _field("whether clients may use different architectures (`client_models`)", False)
+    fast_test_params: Mapping[str, Any] = _field("method parameters that make a digits run take seconds (the "
+                                                 "contract, fault and precision tests, benchmarks)", factory=dict)
+    revisions: tuple[str, ...] = _field("one line per change of its behaviour under unchanged parameters; the "
+                                        "count enters the config hash, so a fix never reuses old results", ())
+    model_wrapper: Callable[[Any], Callable | None] | None = _field(
+        "`model_wrapper(ctx)` returns a function applied to every model the run builds (MOON's projection head)",
+        None)
+    weight_aggregation: Callable[[Any], str] | None = _field(
+        "`weight_aggregation(cfg)`: the run's `aggregation` column, for a method with a choice of it", None)
     # ---- reporting (fedhpro.labels, fedhpro.aggregate, fedhpro.figures)
-    proposed: bool = False  # the paper's method: the ablation table's default subject, the figures' highlight
-    main_variants: tuple[str, ...] | None = None  # variants that are main-table rows (others: ablations); None: all
-    variant_styles: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # main-table variants' styles
-    aggregation_names: Mapping[str, str] = field(default_factory=dict)  # its `aggregation` values in words
-    # (display, variant, aggregation) -> its row label, where the aggregation names the row (None: the generic one)
-    row_label: Callable[[str, str, str | None], str | None] | None = None
-    # notes under a table that shows its rows: (the `aggregation` values that need the note, or () for any row)
-    notes: tuple[tuple[tuple[str, ...], str], ...] = ()
-    nearest_prototype: bool = False  # personalized `eval_rule: auto` predicts by the nearest global prototype
-    compare_upload: bool = False  # a prototype baseline the communication table compares the proposed upload with
-    upload_note: str = ""  # the proposed method: what it uploads besides the `compare_upload` baselines' payload
+    proposed: bool = _field("the paper's method: the ablation table's default subject, highlighted in figures",
+                            False)
+    main_variants: tuple[str, ...] | None = _field("its variants that are main-table rows (the others are "
+                                                   "ablations); None: all", None)
+    variant_styles: Mapping[str, Mapping[str, Any]] = _field("the figure style of each main-table variant",
+                                                             factory=dict)
+    aggregation_names: Mapping[str, str] = _field("its `aggregation` column values in words", factory=dict)
+    row_label: Callable[[str, str, str | None], str | None] | None = _field(
+        "`row_label(display, variant, aggregation)`: a table row's name where the aggregation names it (None: "
+        "the generic name)", None)
+    notes: tuple[tuple[tuple[str, ...], str], ...] = _field(
+        "notes under a table that shows its rows: (the `aggregation` values that need it, or () for any, note)", ())
+    nearest_prototype: bool = _field("personalized `eval_rule: auto` predicts by the nearest global prototype",
+                                     False)
+    compare_upload: bool = _field("a prototype baseline the communication table compares the proposed method's "
+                                  "upload with", False)
+    upload_note: str = _field("the proposed method: what it uploads besides those baselines' payload", "")
 
 
 class MethodDeclarationError(TypeError):
