@@ -405,7 +405,7 @@ def write_checkpoint(engine: Engine, out_dir: Path, rows: list[dict], round_idx:
     return time.perf_counter() - t0
 
 
-def train_round(engine: Engine, round_idx: int, rows: list[dict], out_dir: Path) -> RoundResult:
+def record_round(engine: Engine, round_idx: int, rows: list[dict], out_dir: Path) -> RoundResult:
     """One round exactly as `train` runs it: the engine's round, its metrics row appended to `rows` (status
     "running"), and when one is due (every `checkpoint_every` rounds, not after the last) a checkpoint in
     `out_dir` whose write time goes into the row's `time_io`. Raises `Diverged` as the engine does. The
@@ -428,7 +428,7 @@ def _train_loop(cfg: RunConfig, ctx: Context, out_dir: Path, checkpoint: dict | 
     bar = _progress(range(start, cfg.rounds + 1), cfg, start, progress)
     for r in bar:
         try:
-            res = train_round(engine, r, rows, out_dir)
+            res = record_round(engine, r, rows, out_dir)
         except Diverged as err:
             status = "diverged"
             res = RoundResult(round=r, selected=[], train_loss=float("nan"))

@@ -94,18 +94,18 @@ def check_bytes(method: str, mode: str) -> None:
     torch.manual_seed(cfg.seed)
     engine = Engine(ctx, METHODS[method])
     sent: dict[str, list] = {"down": [], "up": []}
-    broadcast, train_round = engine.server.broadcast, engine.local.train_round
+    broadcast, train_clients = engine.server.broadcast, engine.local.train_clients
 
     def spy_broadcast(r):
         sent["down"].append(broadcast(r))
         return sent["down"][-1]
 
-    def spy_train_round(r, selected, payload):
-        uploads, losses = train_round(r, selected, payload)
+    def spy_train_clients(r, selected, payload):
+        uploads, losses = train_clients(r, selected, payload)
         sent["up"].append(uploads)
         return uploads, losses
 
-    engine.server.broadcast, engine.local.train_round = spy_broadcast, spy_train_round
+    engine.server.broadcast, engine.local.train_clients = spy_broadcast, spy_train_clients
     up_meta = ENGINE_METADATA + tuple(engine.client.UPLOAD_METADATA)
     for r in (1, 2):
         result = engine.run_round(r)

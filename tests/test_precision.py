@@ -220,7 +220,7 @@ def test_fp16_overflowing_step_is_skipped_not_diverged(tiny, monkeypatch):
     monkeypatch.setattr(local_mod, "make_grad_scaler", huge_scaler)
     engine = make_engine({**TINY, "method": "fedavg", "rounds": 1, "precision": "fp16", "batch_size": 512}, tiny)
     client = engine.ctx.clients[0]
-    model = engine._model_for(client.cid)
+    model = engine.models.for_client(client.cid)
     model.load_state_dict(engine.server.model.state_dict())
     start = {n: p.detach().clone() for n, p in model.named_parameters()}
     _, loss = engine.client.train(client, model, {"weights": engine.server.model.state_dict()}, {},

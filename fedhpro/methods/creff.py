@@ -139,12 +139,12 @@ class FederatedFeatures:
 class Client(ClientBase):
     UPLOAD_METADATA = ("classes",)  # which classes the gradient rows belong to
 
-    def setup(self, client, model, payload, state, gen) -> None:
+    def setup(self, client, model, payload, state, gen, round_idx) -> None:
         p = self.params
         self.gradients = client_class_gradients(self.ctx, client, model, model.classifier.weight,
                                                 model.classifier.bias, p.real_batch, p.repeats, p.dsa, gen)
 
-    def upload(self, client, model, state) -> dict:
+    def upload(self, client, model, state, round_idx) -> dict:
         g = self.gradients
         return {"classes": g["classes"], "grad_w": g["grad_w"], "grad_b": g["grad_b"]}
 

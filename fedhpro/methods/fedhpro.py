@@ -201,7 +201,7 @@ def class_feature_means(model: nn.Module, ctx: Context, x: torch.Tensor, y: torc
 class Client(ClientBase):
     UPLOAD_METADATA = ("classes",)  # which classes the gradient rows belong to
 
-    def setup(self, client, model, payload, state, gen) -> None:
+    def setup(self, client, model, payload, state, gen, round_idx) -> None:
         p, c = self.params, self.ctx.num_classes
         self.client = client
         if "head" in payload:  # personalized [recon]: the shared head replaces the client's own classifier
@@ -237,7 +237,7 @@ class Client(ClientBase):
             loss = loss + p.hpal_weight * hpal_loss(features, y, self.class_means)
         return loss
 
-    def upload(self, client, model, state) -> dict:
+    def upload(self, client, model, state, round_idx) -> dict:
         g = self.gradients
         out = {"classes": g["classes"], "feature_grad": g["feature_grad"]}
         if self.params.classifier_retraining:

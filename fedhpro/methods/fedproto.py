@@ -72,7 +72,7 @@ class PrototypeClient(ClientBase):
     def regulariser_distance(self) -> str:
         return "mse"
 
-    def setup(self, client, model, payload, state, gen) -> None:
+    def setup(self, client, model, payload, state, gen, round_idx) -> None:
         self.targets, self.present = dense(payload, "prototypes", "prototype_classes", self.ctx.num_classes,
                                            model.feature_dim, self.ctx.device)
         self.accumulator = PrototypeAccumulator(self.ctx.num_classes)
@@ -87,7 +87,7 @@ class PrototypeClient(ClientBase):
             self.accumulator.add(features, y)
         return loss
 
-    def upload(self, client, model, state) -> dict:
+    def upload(self, client, model, state, round_idx) -> dict:
         classes, protos = uploaded_prototypes(self.params.prototype_timing, self.accumulator, model, self.ctx, client)
         return {"prototype_classes": classes, "prototypes": protos}
 
@@ -96,8 +96,8 @@ class Client(PrototypeClient):
     def regulariser_distance(self) -> str:
         return self.params.distance
 
-    def upload(self, client, model, state) -> dict:
-        out = super().upload(client, model, state)
+    def upload(self, client, model, state, round_idx) -> dict:
+        out = super().upload(client, model, state, round_idx)
         if self.params.server_weighting == "samples":  # the paper's |D_ij| weighting needs the counts
             out["prototype_counts"] = client.class_counts[out["prototype_classes"].cpu()].to(out["prototypes"].device)
         return out

@@ -23,7 +23,7 @@ class Params:
 class Client(ClientBase):
     PROXIMAL_MU = "mu"  # declared, so `engine: batched` reproduces setup/before_step below
 
-    def setup(self, client, model, payload, state, gen) -> None:
+    def setup(self, client, model, payload, state, gen, round_idx) -> None:
         self.anchor = [p.detach().clone() for p in model.parameters()]
 
     def before_step(self, model: torch.nn.Module) -> None:

@@ -84,7 +84,7 @@ def anchor_loss_terms(features: torch.Tensor, logits: torch.Tensor, labels: torc
 class Client(ClientBase):
     UPLOAD_METADATA = ("prototype_classes",)
 
-    def setup(self, client, model, payload, state, gen) -> None:
+    def setup(self, client, model, payload, state, gen, round_idx) -> None:
         self.anchors = payload["anchors"].to(self.ctx.device)
         previous = state.get("prototypes")
         self.local_gap = mean_nearest_gap(previous)
@@ -101,7 +101,7 @@ class Client(ClientBase):
             self.accumulator.add(features, y)
         return loss
 
-    def upload(self, client, model, state) -> dict:
+    def upload(self, client, model, state, round_idx) -> dict:
         classes, protos = uploaded_prototypes(self.params.prototype_timing, self.accumulator, model, self.ctx, client)
         # Remembered for next round's local gap (the code keeps `self.protos` on the client).
         state["prototypes"] = protos.detach().cpu().clone()

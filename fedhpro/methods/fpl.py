@@ -101,7 +101,7 @@ def fpl_terms(features: torch.Tensor, labels: torch.Tensor, protos: torch.Tensor
 class Client(ClientBase):
     UPLOAD_METADATA = ("prototype_classes",)
 
-    def setup(self, client, model, payload, state, gen) -> None:
+    def setup(self, client, model, payload, state, gen, round_idx) -> None:
         self.protos = payload.get("cluster_prototypes")
         if self.protos is not None:
             self.proto_classes = payload["cluster_classes"]
@@ -125,7 +125,7 @@ class Client(ClientBase):
             self.accumulator.add(features, y)
         return loss
 
-    def upload(self, client, model, state) -> dict:
+    def upload(self, client, model, state, round_idx) -> dict:
         classes, protos = self.accumulator.means()
         return {"prototype_classes": classes, "prototypes": protos}
 

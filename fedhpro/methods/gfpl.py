@@ -349,15 +349,12 @@ def gmm_class_means(gmm: dict, num_classes: int) -> tuple[torch.Tensor, torch.Te
 class Client(ClientBase):
     UPLOAD_METADATA = ("component_classes",)
 
-    def setup(self, client, model, payload, state, gen) -> None:
+    def setup(self, client, model, payload, state, gen, round_idx) -> None:
         self.gen = gen
         self.collect = bool(payload["collect_prototypes"])
         self.global_gmm = {k: payload[k] for k in GMM_KEYS} if "gmm_classes" in payload else None
         if self.global_gmm is not None and self.params.retrain_timing == "before":
             self._retrain(model)
-
-    def start_epoch(self, round_idx: int, epoch: int) -> None:
-        self.round = round_idx  # part of the GMM fits' seeds (upload)
 
     def _retrain(self, model) -> None:
         p = self.params
@@ -369,7 +366,7 @@ class Client(ClientBase):
         h, logits = model.heads(model.features(x))
         return hybrid_loss(h, logits, y, model.etf, self.params.dr_weight)
 
-    def upload(self, client, model, state) -> dict:
+    def upload(self, client, model, state, round_idx) -> dict:
         p = self.params
         if self.global_gmm is not None and p.retrain_timing == "after":
             self._retrain(model)
@@ -377,7 +374,7 @@ class Client(ClientBase):
             return {}
         features = extractor_features(model, self.ctx, client)
         return client_gmm_prototypes(features, client.y, p.components, p.reg_covar,
-                                     (self.cfg.seed, self.round, client.cid))
+                                     (self.cfg.seed, round_idx, client.cid))  # the round: part of the fits' seeds
 
 
 class Server(ServerBase):

@@ -99,7 +99,7 @@ class Client(ClientBase):
             self.previous_net = _frozen(ctx.make_model())
         self.has_previous = False
 
-    def setup(self, client, model, payload, state, gen) -> None:
+    def setup(self, client, model, payload, state, gen, round_idx) -> None:
         self.global_net.load_state_dict(payload["weights"])
         self.has_previous = "previous" in state
         if self.has_previous:
@@ -115,7 +115,7 @@ class Client(ClientBase):
             loss = loss + self.params.mu * moon_contrastive(z, z_global, z_prev, self.params.temperature)
         return loss
 
-    def upload(self, client, model, state) -> dict:
+    def upload(self, client, model, state, round_idx) -> dict:
         state["previous"] = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         return {}
 

@@ -114,8 +114,8 @@ def thomson_align(prototypes: torch.Tensor, iterations: int = 500, lr: float = 0
 class Client(fedproto.PrototypeClient):
     """FedProto's client regressing onto the upscaled unit prototypes s * u_y (MSE, as the code)."""
 
-    def setup(self, client, model, payload, state, gen) -> None:
-        super().setup(client, model, payload, state, gen)
+    def setup(self, client, model, payload, state, gen, round_idx) -> None:
+        super().setup(client, model, payload, state, gen, round_idx)
         self.units = self.targets
         self.targets = self.units * self.params.scale_factor if self.params.upscale else self.units
 
