@@ -13,6 +13,7 @@ committed blocks equal the output, so the tables cannot drift from the code. Blo
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from pathlib import Path
 from typing import Callable
@@ -28,7 +29,7 @@ def _cell(text: str) -> str:
     return " ".join(str(text).split()).replace("|", "\\|")
 
 
-def methods_table() -> str:
+def methods_table(doc_dir: str = ".") -> str:
     """The methods table (Markdown), in registry order."""
     lines = ["| method | paper | communicated | modes | engines | heterogeneous models |",
              "|---|---|---|---|---|---|"]
@@ -39,34 +40,43 @@ def methods_table() -> str:
     return "\n".join(lines)
 
 
-def new_method() -> str:
-    """What adding a method takes (Markdown, one paragraph)."""
+FIELDS_PAGE = "docs/adding-a-method.md"  # the page with the `method declaration` block
+
+
+def _sentence(fields: str) -> str:
     files = " and ".join(f"`{f}`" for f in NEW_METHOD_FILES)
     return (f"A new method is one file, {files}, ending in `METHOD = Method(...)`, plus "
             f"{' and '.join(NEW_METHOD_EDITS)}; nothing else. The declaration is checked when the module is first "
-            "loaded (an error names the field); its fields: [docs/adding-a-method.md](docs/adding-a-method.md).")
+            f"loaded (an error names the field); its fields{fields}")
 
 
-def declaration_table() -> str:
+def new_method(doc_dir: str = ".") -> str:
+    """What adding a method takes (Markdown, one paragraph), linking the fields page relative to `doc_dir` (the
+    directory of the file it goes into, relative to the checkout)."""
+    link = os.path.relpath(FIELDS_PAGE, doc_dir)
+    return _sentence(f": [{FIELDS_PAGE}]({link}).")
+
+
+def declaration_table(doc_dir: str = ".") -> str:
     """What adding a method takes, and the `Method` fields (required first) with their help (Markdown)."""
-    lines = [new_method().replace("[docs/adding-a-method.md](docs/adding-a-method.md)", "below").replace(
-        "its fields: below.", "its fields:"), "", "| field | required | what it says |", "|---|---|---|"]
+    lines = [_sentence(":"), "", "| field | required | what it says |", "|---|---|---|"]
     for f in dataclasses.fields(Method):
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
         lines.append(f"| `{f.name}` | {'yes' if required else 'no'} | {_cell(f.metadata['help'])} |")
     return "\n".join(lines)
 
 
-BLOCKS: dict[str, Callable[[], str]] = {"methods table": methods_table, "new method": new_method,
+BLOCKS: dict[str, Callable[[str], str]] = {"methods table": methods_table, "new method": new_method,
                                         "method declaration": declaration_table}
 
 
-def render(text: str) -> str:
-    """`text` with every generated block replaced by its current output."""
+def render(text: str, doc_dir: str = ".") -> str:
+    """`text` (a file in `doc_dir`, relative to the checkout) with every generated block replaced by its current
+    output."""
     for name, make in BLOCKS.items():
         begin, end = f"<!-- generated: {name} -->", f"<!-- end generated: {name} -->"
         pattern = re.compile(rf"^{re.escape(begin)}\n.*?^{re.escape(end)}$", re.S | re.M)
-        text = pattern.sub(lambda _: f"{begin}\n{make()}\n{end}", text)
+        text = pattern.sub(lambda _: f"{begin}\n{make(doc_dir)}\n{end}", text)
     return text
 
 
@@ -82,7 +92,7 @@ def update_docs(root: Path, write: bool = True) -> list[Path]:
     changed = []
     for path in doc_files(root):
         old = path.read_text()
-        new = render(old)
+        new = render(old, os.path.relpath(path.parent, root))
         if new != old:
             changed.append(path)
             if write:
