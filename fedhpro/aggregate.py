@@ -52,8 +52,9 @@ import numpy as np
 import pandas as pd
 
 from fedhpro.config import EXECUTION_KEYS, LOCATION_KEYS
-from fedhpro.labels import (AGGREGATION_NAMES, CONDITION_KEYS, DATASET_NAMES, MAIN_VARIANTS, MB, METHOD_NAMES,
-                            METHOD_ORDER, NOISE_SE, PARTITION_ORDER, SETTING_KEYS, combine_deltas, cond_id, cond_of,
+from fedhpro.labels import (CONDITION_KEYS, DATASET_NAMES, MB, NOISE_SE, PARTITION_ORDER, SETTING_KEYS,
+                            aggregation_name, combine_deltas, cond_id, cond_of, declared, method_name, method_order,
+                            proposed_method, shows_aggregation,
                             condition_label, condition_labels, condition_slug, delta_text, heterogeneity_label,
                             is_main_row, method_label, method_notes, paired_delta, reference_variant,
                             sort_key_condition, sort_key_method)
@@ -71,7 +72,6 @@ TIME_COLUMNS = {"time_local": "sec_client_per_round", "time_server": "sec_server
 CLIENTS = "clients.parquet"  # per-client results of a run (one row per evaluated round and client), if written
 CLIENT_COLUMNS = ("run_id", "round", "client", "client_acc", "client_test_size", "client_correct")
 TARGET_FRACTION = 0.9  # the communication table's target: 90% of the median reported accuracy of the setting
-REFERENCE_METHOD = "fedhpro"  # the ablation table's method
 
 
 class AggregateError(RuntimeError):
@@ -441,8 +441,9 @@ def _aggregation_of(summary: pd.DataFrame, method: str, variant: str) -> str | N
     return str(values.iloc[0]) if len(values) else None
 
 
-def _shows_fedhpro(summary: pd.DataFrame) -> bool:
-    return bool((summary["method"] == "fedhpro").any()) if len(summary) else False
+def _shows_aggregation(summary: pd.DataFrame) -> bool:
+    """Whether the rows need an Aggregation column: a method among them declares a choice of it."""
+    return shows_aggregation(sorted(set(summary["method"]))) if len(summary) else False
 
 
 
@@ -768,7 +769,7 @@ def ablation_table(summary: pd.DataFrame, rule: str, last_k: int, *, kind: str =
     """
     rows_of = ablation_rows(summary, kind)
     methods = list(dict.fromkeys(m for m, _ in rows_of))
-    names = ", ".join(METHOD_NAMES.get(m, m) for m in methods) or METHOD_NAMES.get(REFERENCE_METHOD)
+    names = ", ".join(method_name(m) for m in methods) or method_name(proposed_method() or "")
     what = f"{title.strip().rstrip('.')}." if title else f"Ablation of {names}."
     extra = (f"Δ: the variant minus its reference (the same method's default under the same aggregation), seed "
              f"by seed, in points, averaged over the settings where both finished, ± its standard error over "
@@ -787,7 +788,7 @@ def ablation_table(summary: pd.DataFrame, rule: str, last_k: int, *, kind: str =
     rows_of = [(m, v) for m, v in rows_of if ((ours["method"] == m) & (ours["variant"] == v)).any()]
     texts, means = _matrix(ours, rows_of, conds, n_mode)
     several = len({m for m, _ in rows_of}) > 1
-    show_aggregation = _shows_fedhpro(ours)  # the one method whose aggregation is a choice (last_client, fedavg)
+    show_aggregation = _shows_aggregation(ours)  # a method with a choice of it (FedHPro: last_client, fedavg)
     rows = []
     keyed_runs = _with_cid(runs) if runs is not None and len(runs) else None
     keyed = _with_cid(ours)
@@ -800,8 +801,8 @@ def ablation_table(summary: pd.DataFrame, rule: str, last_k: int, *, kind: str =
         else:
             cell = delta_text(delta) + ("" if ref == "default" else f" vs {ref}")
         aggregation = _aggregation_of(ours, m, v)
-        agg_cell = [AGGREGATION_NAMES.get(aggregation, aggregation or "–")] if show_aggregation else []
-        rows.append(([METHOD_NAMES.get(m, m)] if several else []) + [v] + agg_cell + t + [cell])
+        agg_cell = [aggregation_name(aggregation) or aggregation or "–"] if show_aggregation else []
+        rows.append(([method_name(m)] if several else []) + [v] + agg_cell + t + [cell])
     if show_aggregation:
         extra += " Aggregation: how each row's global model was formed."
     extra += f" {notes}" if notes else ""
@@ -856,9 +857,10 @@ def mb_to_target(df: pd.DataFrame, summary: pd.DataFrame) -> dict[tuple, dict]:
 
 def _upload_ratio_note(summary: pd.DataFrame) -> str:
     """FedHPro's upload per round against the prototype baselines' (measured bytes), per setting."""
-    baselines = [m for m in ("fedproto", "fedtgp", "fpl", "fedsa", "protonorm") if (summary["method"] == m).any()]
-    ours = summary[(summary["method"] == "fedhpro") & (summary["variant"] == "default")]
-    if ours.empty or not baselines:
+    proposed = proposed_method()
+    baselines = [m for m in method_order() if declared(m).compare_upload and (summary["method"] == m).any()]
+    ours = summary[(summary["method"] == proposed) & (summary["variant"] == "default")]
+    if proposed is None or ours.empty or not baselines or not declared(proposed).upload_note:
         return ""
     parts = []
     for _, r in ours.iterrows():
@@ -872,10 +874,9 @@ def _upload_ratio_note(summary: pd.DataFrame) -> str:
                      else f"{r['setting']}: {ratio.min():.1f}x")
     if not parts:
         return ""
-    names = ", ".join(METHOD_NAMES[m] for m in baselines)
-    return ("FedHPro uploads, besides what the prototype baselines send, one classifier gradient per class it holds "
-            "(for gradient matching; each the size of the classifier, so about classes x the prototype upload). Its "
-            f"upload per round over the prototype baselines' ({names}), measured here: " + "; ".join(parts)
+    names = ", ".join(method_name(m) for m in baselines)
+    return (f"{declared(proposed).upload_note} Its upload per round over the prototype baselines' ({names}), "
+            "measured here: " + "; ".join(parts)
             + (" (in global mode both also upload the whole model, which dilutes the ratio)."
                if (ours["eval_mode"] == "global").any() else "."))
 

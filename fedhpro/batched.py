@@ -36,7 +36,7 @@ is built (`check_batchable`), with a message naming the hook. No method is named
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -45,10 +45,10 @@ from torch.overrides import TorchFunctionMode
 
 from fedhpro.errors import ConfigError
 from fedhpro.faults import fault_point
-from fedhpro.local import ClientBase, ClientData, Diverged, batches, derive_seed
+from fedhpro.local import ClientBase, ClientData, Context, Diverged, batches, derive_seed
 
 if TYPE_CHECKING:  # pragma: no cover
-    from fedhpro.engine import Engine
+    from fedhpro.engine import ClientModels
 
 # Padding policy per device: a bucket's smallest batch must be >= MIN_FILL x its largest. On CPU the work
 # is compute-bound and padded rows cost as much as real ones (measured: padding everything made FedAvg's
@@ -59,7 +59,7 @@ MIN_FILL = {"cpu": 1.0, "cuda": 0.0}
 
 def check_batchable(cfg, client_cls: type[ClientBase], model_names: list[str]) -> None:
     """Raise ConfigError unless `engine: batched` can train this run exactly with the method's Client class
-    (asked of the class, no client built; the method's support for the engine is its module's `ENGINES`,
+    (asked of the class, no client built; the method's support for the engine is its declared `engines`,
     checked at config validation)."""
     if cfg.eval_mode != "global":
         raise ConfigError(f"config key 'engine': 'batched' needs eval_mode 'global' (method {cfg.method!r})")
@@ -138,12 +138,13 @@ class MaskedBatchNorm(TorchFunctionMode):
 class BatchedTraining:
     """`engine: batched`: trains the sampled clients of a round together (a `fedhpro.local.LocalTraining`)."""
 
-    def __init__(self, engine: "Engine"):
-        self.engine = engine
-        self.ctx = engine.ctx
-        self.cfg = engine.cfg
-        check_batchable(self.cfg, type(engine.client), self.ctx.model_names)
-        self.mu = float(engine.client.proximal_mu() or 0.0)
+    def __init__(self, ctx: Context, client: ClientBase, states: Any, models: ClientModels):
+        """As `fedhpro.engine.SequentialTraining`: the run's context, the method's client, the clients' states
+        (`fedhpro.clientstore`) and their working models."""
+        self.ctx, self.cfg = ctx, ctx.cfg
+        self.states, self.models = states, models
+        check_batchable(self.cfg, type(client), self.ctx.model_names)
+        self.mu = float(client.proximal_mu() or 0.0)
         self._loss_fns: dict[int, tuple[Callable, Callable, MaskedBatchNorm]] = {}
         self.min_fill = MIN_FILL.get(self.ctx.device.type, 1.0)
 
@@ -160,7 +161,7 @@ class BatchedTraining:
             self._loss_fns[key] = _vmapped_losses(model)
         return self._loss_fns[key]
 
-    def train_round(self, r: int, selected: list[int], payload: dict) -> tuple[list[dict], list[float]]:
+    def train_clients(self, r: int, selected: list[int], payload: dict) -> tuple[list[dict], list[float]]:
         """Local training of `selected` from the broadcast weights -> (uploads, mean train losses), in order.
 
         Clients are laid out by decreasing number of local steps (then decreasing size), so the clients
@@ -171,13 +172,13 @@ class BatchedTraining:
         """
         cfg, ctx = self.cfg, self.ctx
         for cid in selected:
-            self.engine.client_states.setdefault(cid, {})
+            self.states.setdefault(cid, {})
         sizes = [ctx.clients[cid].num_samples for cid in selected]
         steps = [steps_per_round(n, cfg.batch_size, cfg.local_epochs) for n in sizes]
         order = sorted(range(len(selected)), key=lambda i: (-steps[i], -sizes[i]))  # stable
         clients = [ctx.clients[selected[i]] for i in order]
         steps = [steps[i] for i in order]
-        model = self.engine._model_for(selected[0])
+        model = self.models.for_client(selected[0])
         model.load_state_dict(payload["weights"])
         model.train()
         k = len(clients)
@@ -211,7 +212,7 @@ class BatchedTraining:
             uploads[i] = {"num_samples": client.num_samples, "cid": client.cid, "weights": weights}
             losses[i] = totals_cpu[pos] / max(counts[pos], 1)
         for cid in selected:
-            self.engine.client_states.release(cid, r)
+            self.states.release(cid, r)
         return uploads, losses
 
     def _buckets(self, sizes: list[int]) -> list[list[int]]:

@@ -55,6 +55,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_methods(args: argparse.Namespace) -> int:
     from fedhpro.methods import describe_methods
 
+    if args.write_docs or args.check_docs:
+        from fedhpro.methodsdoc import update_docs
+
+        changed = update_docs(Path(args.root), write=args.write_docs)
+        for path in changed:
+            print(f"{'rewrote' if args.write_docs else 'out of date'}: {path}")
+        return 1 if args.check_docs and changed else 0
     print(describe_methods())
     return 0
 
@@ -117,7 +124,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("schema", help="print (or --write) the workflow config's JSON schema, generated from the "
                    "declarations", add_help=False)
     p = sub.add_parser("methods", help="list methods with their hyperparameters and defaults",
-                       description="List every method, its paper, modes and hyperparameters.")
+                       description="List every method, its paper, modes and hyperparameters; or rewrite the "
+                                   "docs' generated method tables from the declarations.")
+    docs = p.add_mutually_exclusive_group()
+    docs.add_argument("--write-docs", action="store_true",
+                      help="rewrite the generated method blocks of README.md and docs/*.md under --root")
+    docs.add_argument("--check-docs", action="store_true",
+                      help="exit 1, naming the files, if a generated method block is out of date")
+    p.add_argument("--root", default=".", help="the checkout whose docs to rewrite or check (default: .)")
     p.set_defaults(func=cmd_methods)
     p = sub.add_parser("config", help="list every run config key with its type, default and help",
                        description="List every RunConfig key: its type, accepted values, default and help "

@@ -204,39 +204,54 @@ def evaluate(score_fn: Callable[[torch.Tensor], torch.Tensor], ctx: Context, x: 
     return correct, loss_sum / max(len(y), 1)
 
 
+class ClientModels:
+    """The models clients train and are evaluated on: one reusable working model per architecture (built when the
+    run starts), loaded with a client's weights before use, and each client's initial personal weights."""
+
+    def __init__(self, ctx: Context):
+        self.ctx = ctx
+        self._work = {name: ctx.make_model(name) for name in dict.fromkeys(ctx.model_names)}
+
+    def working(self) -> list[nn.Module]:
+        """The working model of each architecture."""
+        return list(self._work.values())
+
+    def for_client(self, cid: int) -> nn.Module:
+        """The working model of client `cid`'s architecture."""
+        return self._work[self.ctx.model_names[cid]]
+
+    def initial_state(self, cid: int) -> dict[str, torch.Tensor]:
+        """Client `cid`'s initial personal weights (personalized mode), on the CPU: an independent initialisation
+        per client, reproducible from (seed, client), drawn without touching the run's random stream."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(derive_seed(self.ctx.cfg.seed, 7, cid))
+            return {k: v.cpu() for k, v in self.ctx.make_model(self.ctx.model_names[cid]).state_dict().items()}
+
+
 class Engine:
     """Runs rounds; owns per-client persistent state and the client-sampling RNG."""
 
-    def __init__(self, ctx: Context, method_module: Any, client_dir: str | Path | None = None):
-        """`client_dir`: where `client_store: disk` keeps client states (a temporary directory if None)."""
+    def __init__(self, ctx: Context, method: Any, client_dir: str | Path | None = None):
+        """`method`: the method's declaration (`fedhpro.methods.Method`; anything with its `Client` and `Server`);
+        `client_dir`: where `client_store: disk` keeps client states (a temporary directory if None)."""
         self.ctx = ctx
         self.cfg = ctx.cfg
-        self.server: ServerBase = method_module.Server(ctx)
-        self.client: ClientBase = method_module.Client(ctx)
+        self.server: ServerBase = method.Server(ctx)
+        self.client: ClientBase = method.Client(ctx)
         self.upload_metadata = ENGINE_METADATA + tuple(self.client.UPLOAD_METADATA)
         self.client_states = make_client_store(self.cfg.client_store, client_dir)
         self.sampler = np.random.RandomState(self.cfg.seed)  # official: RandomState(seed).choice per round
-        # One reusable working model per architecture, built now: building one lazily inside a round
-        # would consume global RNG draws there and break bit-identical resumes.
-        self._work_models = {name: ctx.make_model(name) for name in dict.fromkeys(ctx.model_names)}
-        self.local: LocalTraining = LOCAL_TRAINING[self.cfg.engine](self)
+        # built now, in this order: building a model lazily inside a round would consume global RNG draws
+        # there and break bit-identical resumes
+        self.models = ClientModels(ctx)
+        self.local: LocalTraining = LOCAL_TRAINING[self.cfg.engine](ctx, self.client, self.client_states, self.models)
         # Per-client results of the evaluated rounds so far (`fedhpro.train`: rows of clients.parquet, kept in
         # the checkpoint); None after resuming a checkpoint written before they were stored.
         self.client_rows: list[dict] | None = []
 
-    # ---- per-client models -------------------------------------------------------------------
     def working_models(self) -> list[nn.Module]:
         """The reusable working model of each architecture, which every client's local training runs on."""
-        return list(self._work_models.values())
-
-    def _model_for(self, cid: int) -> nn.Module:
-        return self._work_models[self.ctx.model_names[cid]]
-
-    def _initial_personal_state(self, cid: int) -> dict[str, torch.Tensor]:
-        # Independent initialisation per client, reproducible from (seed, client).
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(derive_seed(self.cfg.seed, 7, cid))
-            return {k: v.cpu() for k, v in self.ctx.make_model(self.ctx.model_names[cid]).state_dict().items()}
+        return self.models.working()
 
     # ---- one round -------------------------------------------------------------------------------
     def run_round(self, r: int) -> RoundResult:
@@ -250,7 +265,7 @@ class Engine:
         t0 = time.perf_counter()
         payload = self.server.broadcast(r)
         down = tensor_bytes(payload, self.server.BROADCAST_METADATA)
-        uploads, losses = self.local.train_round(r, selected, payload)
+        uploads, losses = self.local.train_clients(r, selected, payload)
         for upload in uploads:
             result.bytes_up += tensor_bytes(upload, self.upload_metadata)
             result.bytes_down += down
@@ -304,8 +319,8 @@ class Engine:
                 # A client never sampled is evaluated with its initial model, rebuilt from (seed, client) and
                 # not stored, so memory and checkpoints follow the participating clients only.
                 state = self.client_states.get(client.cid) or {}
-                m = self._model_for(client.cid)
-                m.load_state_dict(state["model"] if "model" in state else self._initial_personal_state(client.cid))
+                m = self.models.for_client(client.cid)
+                m.load_state_dict(state["model"] if "model" in state else self.models.initial_state(client.cid))
                 m.eval()
                 if client.test_y.numel() > 0:
                     correct, _ = evaluate(lambda x: self.server.scores(m, x), ctx, client.test_x, client.test_y,
@@ -348,35 +363,38 @@ class SequentialTraining:
     (loaded with the broadcast weights in global mode, with its own stored model in personalized mode),
     through the method's `Client.train`."""
 
-    def __init__(self, engine: Engine):
-        self.engine = engine
+    def __init__(self, ctx: Context, client: ClientBase, states: Any, models: ClientModels):
+        """`states`: the clients' persistent states (`fedhpro.clientstore`); `models`: their working models."""
+        self.ctx, self.cfg = ctx, ctx.cfg
+        self.client, self.states, self.models = client, states, models
 
-    def train_round(self, round_idx: int, selected: list[int], payload: dict) -> tuple[list[dict], list[float]]:
-        engine, cfg = self.engine, self.engine.cfg
+    def train_clients(self, round_idx: int, selected: list[int], payload: dict) -> tuple[list[dict], list[float]]:
+        cfg = self.cfg
         uploads, losses = [], []
         for cid in selected:
-            client = engine.ctx.clients[cid]
-            state = engine.client_states.setdefault(cid, {})
-            model = engine._model_for(cid)
+            client = self.ctx.clients[cid]
+            state = self.states.setdefault(cid, {})
+            model = self.models.for_client(cid)
             if cfg.eval_mode == "global":
                 model.load_state_dict(payload["weights"])
             else:
                 if "model" not in state:
-                    state["model"] = engine._initial_personal_state(cid)
+                    state["model"] = self.models.initial_state(cid)
                 model.load_state_dict(state["model"])
             gen = torch.Generator().manual_seed(derive_seed(cfg.seed, round_idx, cid))
-            extra, loss = engine.client.train(client, model, payload, state, gen, round_idx=round_idx)
+            extra, loss = self.client.train(client, model, payload, state, gen, round_idx=round_idx)
             upload = {"num_samples": client.num_samples, "cid": cid, **extra}
             if cfg.eval_mode == "global":
                 upload["weights"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
             else:
                 state["model"] = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-            engine.client_states.release(cid, round_idx)
+            self.states.release(cid, round_idx)
             uploads.append(upload)
             losses.append(loss)
         return uploads, losses
 
 
 # `engine` config key -> local-training strategy
-LOCAL_TRAINING: dict[str, Callable[[Engine], LocalTraining]] = {"sequential": SequentialTraining,
+# (the strategy gets the run's context, the method's client, the clients' states and models; never the engine)
+LOCAL_TRAINING: dict[str, Callable[..., LocalTraining]] = {"sequential": SequentialTraining,
                                                                 "batched": BatchedTraining}

@@ -54,8 +54,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from fedhpro.labels import (CONDITION_KEYS, DATASET_NAMES, METHOD_NAMES, MB, NOISE_SE, cond_id, cond_of,
-                            condition_labels, condition_slug, is_main_row, method_label, paired_delta,
+from fedhpro.labels import (CONDITION_KEYS, DATASET_NAMES, MB, NOISE_SE, cond_id, cond_of, condition_labels,
+                            condition_slug, is_main_row, method_label, method_name, paired_delta, proposed_method,
                             reference_variant, sort_key_condition, sort_key_method, style_of)
 from fedhpro.runio import atomic_write
 
@@ -245,13 +245,15 @@ def _y_label(cond: dict) -> str:
 
 
 def _banded(lines: list[dict]) -> set[int]:
-    """Indices of the lines that get a ±std band: all of a sparse panel, else FedHPro's published row and the
-    best other row (highest final mean), so the bands that matter are not lost under a dozen others."""
+    """Indices of the lines that get a ±std band: all of a sparse panel, else the proposed method's default row
+    (FedHPro's published one) and the best other row (highest final mean), so the bands that matter are not lost
+    under a dozen others."""
     if len(lines) <= BAND_ALL:
         return set(range(len(lines)))
-    keep = {i for i, ln in enumerate(lines) if ln["method"] == "fedhpro" and ln["variant"] == "default"}
+    proposed = proposed_method()
+    keep = {i for i, ln in enumerate(lines) if ln["method"] == proposed and ln["variant"] == "default"}
     finals = [(ln["acc_mean"][-1], i) for i, ln in enumerate(lines)
-              if ln["method"] != "fedhpro" and len(ln["acc_mean"]) and np.isfinite(ln["acc_mean"][-1])]
+              if ln["method"] != proposed and len(ln["acc_mean"]) and np.isfinite(ln["acc_mean"][-1])]
     if finals:
         keep.add(max(finals)[1])
     return keep
@@ -444,7 +446,7 @@ def _ablation_figure(groups: list[dict], title: str) -> Figure:
         ax.set_yticklabels([r["label"] for r in group["rows"]])
         ax.set_ylim(len(group["rows"]) - 0.5, -0.5)
         n = max((d["n"] for r in group["rows"] for d in r["per_setting"].values()), default=0)
-        _style_axes(ax, f"{METHOD_NAMES.get(group['method'], group['method'])} (n = {n} seed{'s' if n != 1 else ''})",
+        _style_axes(ax, f"{method_name(group['method'])} (n = {n} seed{'s' if n != 1 else ''})",
                     "Δ accuracy vs default (points)", "Variant")
         ax.grid(True, axis="x", alpha=0.3, linewidth=0.5)
         ax.grid(False, axis="y")

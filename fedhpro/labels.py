@@ -5,9 +5,11 @@ neither imports the other's internals. A *setting* (`CONDITION_KEYS`) is everyth
 table column or a figure panel: dataset, split, clients, evaluation mode and model; a table row is a
 method with its variant (and, for FedHPro, how its global model was aggregated).
 
-`STYLES` fixes one colour and one marker per method (and per FedHPro main-table variant), so a method
-looks the same in every figure; `style_of` falls back to a deterministic extra style for a method or
-variant that is not listed.
+Everything about a method (display name, order, style, main-table variants, how its `aggregation` values
+read, its notes) is its declaration's (`fedhpro.methods.Method`): this module reads it, and names no
+method. `style_of` gives one colour and one marker per method (and per declared main-table variant), so a
+method looks the same in every figure, and falls back to a deterministic extra style for a method or variant
+that is not declared (e.g. the results of a method no longer registered).
 """
 
 from __future__ import annotations
@@ -15,10 +17,11 @@ from __future__ import annotations
 import hashlib
 import math
 import re
-from typing import Sequence
+from typing import Any, Sequence
 
 import pandas as pd
 
+from fedhpro.methods import METHOD_MODULES, METHODS, Method
 from fedhpro.partition import SCHEMES  # each partition scheme's label and table order, declared with the scheme
 
 PARTITION_ORDER = tuple(sorted(SCHEMES, key=lambda name: SCHEMES[name].rank))  # the shipped schemes' table order
@@ -29,18 +32,50 @@ SETTING_KEYS = ("method", "variant", "eval_mode", "dataset", "partition", "alpha
 CONDITION_KEYS = tuple(k for k in SETTING_KEYS if k not in ("method", "variant", "aggregation"))
 MB = 1e6  # tables and figures use SI megabytes (10^6 bytes)
 
-METHOD_NAMES = {"fedavg": "FedAvg", "fedprox": "FedProx", "creff": "CReFF", "fedhpro": "FedHPro", "moon": "MOON",
-                "fedproto": "FedProto", "fpl": "FPL", "fedtgp": "FedTGP", "fedsa": "FedSA", "protonorm": "ProtoNorm",
-                "gfpl": "GFPL (reconstructed)", "local": "Local"}
-METHOD_ORDER = ("local", "fedavg", "fedprox", "moon", "creff", "fedproto", "fpl", "fedtgp", "fedsa", "protonorm", "gfpl",
-                "fedhpro")
+
+
+def declared(method: str) -> Method | None:
+    """The declaration of a registered method; None for a name that is not (results of an old method)."""
+    return METHODS[method] if method in METHOD_MODULES else None
+
+
+def method_name(method: str) -> str:
+    """The display name of a method (its own name if it is not registered)."""
+    decl = declared(method)
+    return decl.display if decl is not None else method
+
+
+def method_order() -> tuple[str, ...]:
+    """The registered methods in paper order (their declared `order`)."""
+    return tuple(sorted(METHOD_MODULES, key=lambda m: (METHODS[m].order, m)))
+
+
+def aggregation_name(value: str | None) -> str | None:
+    """An `aggregation` column value in words, as the method that writes it declares (None if none does)."""
+    for m in METHOD_MODULES:
+        if value in METHODS[m].aggregation_names:
+            return METHODS[m].aggregation_names[value]
+    return None
+
+
+def shows_aggregation(methods: Sequence[str]) -> bool:
+    """Whether a table of these methods' rows needs an Aggregation column: one of them has a choice of it."""
+    return any(d is not None and d.aggregation_names for d in map(declared, methods))
+
+
+def proposed_method() -> str | None:
+    """The paper's method (declared `proposed`): the ablation table's default subject."""
+    return next((m for m in method_order() if METHODS[m].proposed), None)
+
+
 DATASET_NAMES = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "tinyimagenet": "Tiny-ImageNet",
                  "ham10000": "HAM10000", "digit_domains": "Digits", "office_caltech": "Office-Caltech",
                  "agnews": "AG News", "sun397": "SUN397", "digits": "digits"}
 
 
 def sort_key_method(method: str, variant: str) -> tuple:
-    rank = METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER)
+    order = method_order()
+    rank = order.index(method) if method in order else len(order)
     return (rank, method, variant != "default", variant)
 
 
@@ -57,37 +92,18 @@ def sort_key_condition(cond: dict) -> tuple:
             int(cond["num_clients"]), cond["eval_mode"] != "global", cond["eval_mode"], str(cond["model"]))
 
 
-# FedHPro's variants that are rows of the main table (its other variants are ablations): as published
-# (`default`) and with real FedAvg aggregation (`fedavg`), and the paper-text variant with each aggregation.
-MAIN_VARIANTS = {"fedhpro": ("default", "fedavg", "paper", "paper_fedavg")}
-AGGREGATION_NAMES = {"last_client": "last-client aggregation", "fedavg": "FedAvg aggregation",
-                     "last_client_head": "last-client head aggregation", "fedavg_head": "FedAvg head aggregation",
-                     "retrained_head": "re-trained head, not aggregated"}
-AGGREGATION_NOTE = ("FedHPro rows: \"official code\" and \"last-client aggregation\" = the global model of each round "
-                    "is the last sampled client's trained model (with the re-trained classifier), which is what the "
-                    "official code computes (its client state_dicts alias one reused model; `aggregation: "
-                    "last_client`); \"FedAvg aggregation\" = the sample-weighted mean of the client models "
-                    "(`aggregation: fedavg`). \"[recon]\" rows: FedHPro with heterogeneous models (personalized "
-                    "mode, reconstructed: no public code), whose shared classifier head is aggregated by the same rule.")
-
-
 def method_label(method: str, variant: str = "default", aggregation: str | None = None) -> str:
-    """Display name of a table row; FedHPro's says which aggregation it used."""
-    name = METHOD_NAMES.get(method, method)
-    if method == "fedhpro" and aggregation in AGGREGATION_NAMES:
-        if aggregation.endswith("_head"):  # personalized mode: a reconstruction, never "the official code"
-            what = AGGREGATION_NAMES[aggregation]
-            return f"{name} [recon] ({what})" if variant == "default" else f"{name} [recon] ({variant}, {what})"
-        if variant == "default" and aggregation == "last_client":
-            return f"{name} (official code)"
-        if variant in ("default", "fedavg") and aggregation == "fedavg":
-            return f"{name} (FedAvg aggregation)"
-        variant = variant.removesuffix("_fedavg") if aggregation == "fedavg" else variant
-        return f"{name} ({variant}, {AGGREGATION_NAMES[aggregation]})"
+    """Display name of a table row: the method's own label where it declares one for this aggregation
+    (`Method.row_label`), else its display name with the variant."""
+    decl = declared(method)
+    name = method_name(method)
+    if decl is not None and decl.row_label is not None:
+        label = decl.row_label(name, variant, aggregation)
+        if label is not None:
+            return label
     if variant == "default":
         return name
     return f"{name[:-1]}, {variant})" if name.endswith(")") else f"{name} ({variant})"
-
 
 
 def _g(x: float) -> str:
@@ -158,26 +174,6 @@ def cond_id(cond: dict) -> tuple:
 # same dark-blue circle in every figure. Colours from Paul Tol's colour-blind-safe schemes, picked over the
 # whole range of lightness; rows of similar lightness differ in line style, and every row has its own marker,
 # so the rows stay apart in greyscale print too (tests/test_experiments.py checks both).
-STYLES: dict[str, dict] = {
-    "fedavg": {"color": "#332288", "marker": "o", "linestyle": "-"},
-    "fedprox": {"color": "#88CCEE", "marker": "v", "linestyle": "--"},
-    "moon": {"color": "#117733", "marker": "s", "linestyle": "--"},
-    "creff": {"color": "#999933", "marker": "D", "linestyle": ":"},
-    "fedproto": {"color": "#CCBB44", "marker": "^", "linestyle": "-"},
-    "fpl": {"color": "#44AA99", "marker": "<", "linestyle": "-"},
-    "fedtgp": {"color": "#AA4499", "marker": ">", "linestyle": ":"},
-    "fedsa": {"color": "#882255", "marker": "p", "linestyle": "-."},
-    "protonorm": {"color": "#777777", "marker": "h", "linestyle": "-."},
-    "gfpl": {"color": "#000000", "marker": "X", "linestyle": ":"},
-    "fedhpro": {"color": "#CC3311", "marker": "*", "linestyle": "-", "linewidth": 2.0, "markersize": 7},
-    "local": {"color": "#BBBBBB", "marker": "x", "linestyle": "-."},
-}
-# FedHPro's main-table rows: one red-orange family, told apart by lightness, marker and line style
-VARIANT_STYLES: dict[tuple[str, str], dict] = {
-    ("fedhpro", "fedavg"): {"color": "#EE7733", "marker": "P", "linestyle": "--", "linewidth": 1.8},
-    ("fedhpro", "paper"): {"color": "#661100", "marker": "d", "linestyle": "-.", "linewidth": 1.8},
-    ("fedhpro", "paper_fedavg"): {"color": "#EE99AA", "marker": "8", "linestyle": ":", "linewidth": 1.8},
-}
 # for methods and ablation variants not listed above (deterministic: picked by a hash of the name)
 EXTRA_STYLES = ({"color": "#555555", "marker": "1"}, {"color": "#BBBBBB", "marker": "2"},
                 {"color": "#004488", "marker": "3"}, {"color": "#DDAA33", "marker": "4"},
@@ -198,17 +194,19 @@ def grey_level(color: str) -> float:
 
 
 def style_of(method: str, variant: str = "default") -> dict:
-    """matplotlib keywords (color, marker, linestyle) of a main-table row: the same in every figure. A variant of a
-    listed method (e.g. a FedProx mu sweep) keeps the method's colour with its own marker and line style."""
-    if (method, variant) in VARIANT_STYLES:
-        return {"linestyle": "-", **VARIANT_STYLES[(method, variant)]}
-    if method in STYLES and variant == "default":
-        return {"linestyle": "-", **STYLES[method]}
+    """matplotlib keywords (color, marker, linestyle) of a main-table row: the same in every figure (the method's
+    declared `style`, or `variant_styles`). A variant the method does not style (e.g. a FedProx mu sweep) keeps
+    the method's colour with its own marker and line style."""
+    decl = declared(method)
+    if decl is not None and variant in decl.variant_styles:
+        return {"linestyle": "-", **decl.variant_styles[variant]}
+    if decl is not None and variant == "default":
+        return {"linestyle": "-", **decl.style}
     key = method if variant == "default" else f"{method}/{variant}"
     pick = EXTRA_STYLES[int(hashlib.sha256(key.encode()).hexdigest(), 16) % len(EXTRA_STYLES)]
-    if method in STYLES:
-        own = STYLES[method]["linestyle"]
-        return {"color": STYLES[method]["color"], "marker": pick["marker"],
+    if decl is not None:
+        own = decl.style.get("linestyle", "-")
+        return {"color": decl.style["color"], "marker": pick["marker"],
                 "linestyle": next(ls for ls in ("--", ":", "-.", "-") if ls != own), "linewidth": 1.0}
     return {"linestyle": "-", **pick}
 
@@ -219,13 +217,15 @@ def ablation_style(index: int) -> dict:
 
 
 def is_main_row(method: str, variant: str, methods_with_default: set[str] | None = None) -> bool:
-    """Whether a (method, variant) is a main-table row: FedHPro's non-main variants are ablations when its
-    default ran (`methods_with_default` holds the methods whose default ran; None = assume it did)."""
-    if method not in MAIN_VARIANTS:
+    """Whether a (method, variant) is a main-table row: a method that declares its `main_variants` (FedHPro) has
+    its other variants in the ablation table when its default ran (`methods_with_default` holds the methods whose
+    default ran; None = assume it did)."""
+    decl = declared(method)
+    if decl is None or decl.main_variants is None:
         return True
     if methods_with_default is not None and method not in methods_with_default:
         return True
-    return variant in MAIN_VARIANTS[method]
+    return variant in decl.main_variants
 
 
 # ====================================================================== ablations: Δ against the right default
@@ -289,31 +289,41 @@ def delta_text(d: dict) -> str:
 
 
 # ====================================================================== method notes (once per experiment)
-# methods whose `eval_rule: auto` predicts by the nearest global prototype in personalized mode
-NEAREST_PROTOTYPE_METHODS = ("fedproto", "fedtgp", "fedsa", "protonorm")
-
-
 def method_notes(rows: Sequence[tuple[str, str, str | None]], personalized: bool = False) -> str:
     """The notes that explain the row names present (method, variant, aggregation); '' when none applies.
-    `personalized`: some rows are personalized-mode runs, so say which methods predict by nearest prototype."""
-    aggs = {a for m, _, a in rows if m == "fedhpro"}
+    `personalized`: some rows are personalized-mode runs, so say which methods predict by nearest prototype
+    (declared `nearest_prototype`). Each method's own notes (`Method.notes`) follow: the proposed method's first,
+    then in method order."""
     notes = []
     methods = sorted({m for m, _, _ in rows}, key=lambda m: sort_key_method(m, "default"))
     if personalized and methods:
-        proto = [METHOD_NAMES.get(m, m) for m in methods if m in NEAREST_PROTOTYPE_METHODS]
-        other = [METHOD_NAMES.get(m, m) for m in methods if m not in NEAREST_PROTOTYPE_METHODS]
+        nearest = {m for m in methods if (d := declared(m)) is not None and d.nearest_prototype}
+        proto = [method_name(m) for m in methods if m in nearest]
+        other = [method_name(m) for m in methods if m not in nearest]
         parts = ([f"{', '.join(proto)} predict{'s' if len(proto) == 1 else ''} by the nearest global prototype"]
                  if proto else []) + ([f"{', '.join(other)} by {'its' if len(other) == 1 else 'their'} classifier"]
                                       if other else [])
         notes.append("Personalized mode: " + "; ".join(parts) + " (unless a variant sets `eval_rule`).")
-    if aggs & {"last_client", "fedavg"}:
-        notes.append("FedHPro \"official code\" / \"last-client aggregation\": each round's global model is the last "
-                     "sampled client's trained model (with the re-trained classifier), which is what the official "
-                     "code computes (`aggregation: last_client`); \"FedAvg aggregation\": the sample-weighted mean "
-                     "of the client models (`aggregation: fedavg`).")
-    if any(a and a.endswith("_head") for a in aggs):
-        notes.append("\"[recon]\": FedHPro with heterogeneous models (personalized mode; reconstructed, no public "
-                     "code), whose shared classifier head is aggregated by the named rule.")
-    if any(m == "gfpl" for m, _, _ in rows):
-        notes.append("GFPL is reconstructed from the paper (no public code).")
+    for m in sorted(methods, key=lambda m: not (declared(m) is not None and declared(m).proposed)):
+        decl = declared(m)
+        if decl is None:
+            continue
+        aggs = {a for mm, _, a in rows if mm == m}
+        notes += [text for needs, text in decl.notes if not needs or aggs & set(needs)]
     return " ".join(notes)
+
+
+# Names that read the declarations (`from fedhpro.labels import METHOD_ORDER`), computed when asked for, so
+# importing this module imports no method.
+_DERIVED = {
+    "METHOD_ORDER": method_order,
+    "METHOD_NAMES": lambda: {m: METHODS[m].display for m in method_order()},
+    "STYLES": lambda: {m: dict(METHODS[m].style) for m in method_order()},
+    "VARIANT_STYLES": lambda: {(m, v): dict(s) for m in method_order() for v, s in METHODS[m].variant_styles.items()},
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _DERIVED:
+        return _DERIVED[name]()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

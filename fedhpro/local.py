@@ -109,15 +109,15 @@ class Context:
     test_domain: torch.Tensor | None = None
     domain_names: tuple[str, ...] = ()
     _model_factory: Callable[[str], nn.Module] | None = None
-    # The method's model wrapper (module-level `model_wrapper(ctx)`, see `install_model_wrapper`).
+    # The method's model wrapper (its declared `Method.model_wrapper(ctx)`, see `install_model_wrapper`).
     model_wrapper: Callable[[nn.Module], nn.Module] | None = None
 
-    def install_model_wrapper(self, method_module: Any) -> None:
+    def install_model_wrapper(self, method: Any) -> None:
         """Apply the method's model hook to every model this context builds (server, working and frozen
-        copies alike): `model_wrapper(ctx)`, when the method module defines it, returns a function that turns a
+        copies alike): `model_wrapper(ctx)`, when the method (`fedhpro.methods.Method`) declares it, returns a function that turns a
         project model into the method's (MOON's projection head, GFPL's dual classifier); `feature_dim`
         becomes the wrapped model's. Called once, when the run's context is built, before any model exists."""
-        hook = getattr(method_module, "model_wrapper", None)
+        hook = method.model_wrapper
         self.model_wrapper = hook(self) if hook is not None else None
         if self.model_wrapper is not None:
             with torch.random.fork_rng(devices=[]):  # a probe: the run's random stream is not touched
@@ -204,8 +204,9 @@ class ClientBase:
         self.params = ctx.params
 
     # ---- hooks -------------------------------------------------------------
-    def setup(self, client: ClientData, model: nn.Module, payload: dict, state: dict, gen: torch.Generator) -> None:
-        """Before local training (e.g. read prototypes from the payload)."""
+    def setup(self, client: ClientData, model: nn.Module, payload: dict, state: dict, gen: torch.Generator,
+              round_idx: int) -> None:
+        """Before local training in round `round_idx` (from 1), e.g. read prototypes from the payload."""
 
     def start_epoch(self, round_idx: int, epoch: int) -> None:
         """Before each local epoch (`epoch` from 0 to local_epochs - 1) of round `round_idx` (from 1)."""
@@ -217,8 +218,8 @@ class ClientBase:
     def before_step(self, model: nn.Module) -> None:
         """After backward, before the optimiser step (e.g. FedProx's proximal gradient)."""
 
-    def upload(self, client: ClientData, model: nn.Module, state: dict) -> dict:
-        """What the client sends besides its weights (global mode) and sample count."""
+    def upload(self, client: ClientData, model: nn.Module, state: dict, round_idx: int) -> dict:
+        """What the client sends in round `round_idx` besides its weights (global mode) and sample count."""
         return {}
 
     def proximal_mu(self) -> float | None:
@@ -237,7 +238,7 @@ class ClientBase:
         `before_step` (FedProx adds its proximal term to true gradients), and a step whose gradients
         overflowed is skipped and the scale lowered, as GradScaler does. The divergence check looks at the
         unscaled loss, which a gradient overflow never touches: only a non-finite forward value stops a run."""
-        self.setup(client, model, payload, state, gen)
+        self.setup(client, model, payload, state, gen, round_idx)
         model.train()
         optimizer = self.make_optimizer(model)
         scaler = make_grad_scaler(self.ctx)
@@ -278,15 +279,15 @@ class ClientBase:
                 count += idx.numel()
             if first_bad is not None and bool(first_bad != 0):  # one sync per epoch
                 raise Diverged(f"client {client.cid}: loss is {first_bad.item()}")
-        return self.upload(client, model, state), total.item() / max(count, 1)
+        return self.upload(client, model, state, round_idx), total.item() / max(count, 1)
 
 
 class LocalTraining(Protocol):
     """A local-training strategy: trains a round's sampled clients from the broadcast `payload`.
 
-    `train_round` returns, in sampling order, each client's upload (`num_samples`, `cid`, the method's
+    `train_clients` returns, in sampling order, each client's upload (`num_samples`, `cid`, the method's
     `upload()` entries, and `weights` in global mode) and its mean training loss; it updates and releases
     the clients' states (`Engine.client_states`)."""
 
-    def train_round(self, round_idx: int, selected: list[int], payload: dict) -> tuple[list[dict], list[float]]:
+    def train_clients(self, round_idx: int, selected: list[int], payload: dict) -> tuple[list[dict], list[float]]:
         ...

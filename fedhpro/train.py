@@ -173,16 +173,13 @@ def build_context(cfg: RunConfig, partition_dir: Path | None = None, data: Array
 
 
 def weight_aggregation(cfg: RunConfig) -> str:
-    """How the shared weights were formed: the method's `aggregation` parameter where it has one (FedHPro:
-    last_client or fedavg; in personalized mode only its classifier head is shared: last_client_head,
-    fedavg_head; retrained_head where the re-trained classifier replaces the aggregate: the method module's
-    `weight_aggregation(cfg)` says), else fedavg in global mode and none in personalized mode (none shared)."""
-    label = getattr(METHODS[cfg.method], "weight_aggregation", lambda cfg: None)(cfg)  # a method's own label
+    """How the shared weights were formed: what the method declares (`Method.weight_aggregation`, for a method
+    with a choice of it: FedHPro's last_client, fedavg, last_client_head, fedavg_head, retrained_head), else
+    fedavg in global mode and none in personalized mode (none shared)."""
+    declared = METHODS[cfg.method].weight_aggregation
+    label = declared(cfg) if declared is not None else None
     if label is not None:
         return label
-    if "aggregation" in cfg.method_params:
-        value = str(cfg.method_params["aggregation"])
-        return value if cfg.eval_mode == "global" else f"{value}_head"
     return "fedavg" if cfg.eval_mode == "global" else "none"
 
 
@@ -406,7 +403,7 @@ def write_checkpoint(engine: Engine, out_dir: Path, rows: list[dict], round_idx:
     return time.perf_counter() - t0
 
 
-def train_round(engine: Engine, round_idx: int, rows: list[dict], out_dir: Path) -> RoundResult:
+def record_round(engine: Engine, round_idx: int, rows: list[dict], out_dir: Path) -> RoundResult:
     """One round exactly as `train` runs it: the engine's round, its metrics row appended to `rows` (status
     "running"), and when one is due (every `checkpoint_every` rounds, not after the last) a checkpoint in
     `out_dir` whose write time goes into the row's `time_io`. Raises `Diverged` as the engine does. The
@@ -429,7 +426,7 @@ def _train_loop(cfg: RunConfig, ctx: Context, out_dir: Path, checkpoint: dict | 
     bar = _progress(range(start, cfg.rounds + 1), cfg, start, progress)
     for r in bar:
         try:
-            res = train_round(engine, r, rows, out_dir)
+            res = record_round(engine, r, rows, out_dir)
         except Diverged as err:
             status = "diverged"
             res = RoundResult(round=r, selected=[], train_loss=float("nan"))

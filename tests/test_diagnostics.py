@@ -287,7 +287,7 @@ def test_real_runs_rank_the_controls(tmp_path):
     engine.evaluate_into(control)
     assert control.proto_nearest < 0.5 and control.proto_margin < res.proto_margin - 0.2
     assert control.proto_agree == res.proto_agree  # the signal-free measure ignores the signal
-    fast = dict(METHODS["fedhpro"].FAST_TEST_PARAMS)
+    fast = dict(METHODS["fedhpro"].fast_test_params)
     runs = {source: train(from_dict({**BASE, "method": "fedhpro",
                                      "method_params": {**fast, "prototype_source": source}}),
                           tmp_path / source).iloc[-1] for source in ("average", "random")}

@@ -8,6 +8,7 @@ bit-identical resume, bytes against a hand count, both head aggregations, the cl
 head, and evaluation with the shared head; one slow run on the shared CIFAR-10 copy.
 """
 
+import sys
 import tarfile
 from pathlib import Path
 
@@ -76,8 +77,8 @@ def one_round(overrides: dict, method_params: dict | None = None):
 def test_config_accepts_personalized_and_mixed_models():
     cfg = from_dict(BASE)
     assert cfg.eval_mode == "personalized" and list(cfg.client_models) == MODELS
-    assert "personalized" in METHODS["fedhpro"].MODES and METHODS["fedhpro"].HETEROGENEOUS_MODELS
-    assert "[recon]" in METHODS["fedhpro"].__doc__
+    assert "personalized" in METHODS["fedhpro"].modes and METHODS["fedhpro"].heterogeneous_models
+    assert "[recon]" in sys.modules[METHODS["fedhpro"].Server.__module__].__doc__
 
 
 def test_learns_well_above_chance(runs):
@@ -219,7 +220,7 @@ def test_client_trains_with_and_computes_gradients_through_the_received_head():
     cid = result.selected[0]
     upload = next(u for u in seen["uploads"] if u["cid"] == cid)
     model = ctx.make_model(ctx.model_names[cid])
-    model.load_state_dict(engine._initial_personal_state(cid))  # its extractor before training
+    model.load_state_dict(engine.models.initial_state(cid))  # its extractor before training
     gen = torch.Generator().manual_seed(derive_seed(ctx.cfg.seed, 1, cid))
     p = ctx.params
     g = client_class_gradients(ctx, ctx.clients[cid], model, payload["head"]["classifier.weight"],
@@ -227,7 +228,7 @@ def test_client_trains_with_and_computes_gradients_through_the_received_head():
     for key in ("feature_grad", "grad_w", "grad_b"):
         assert torch.equal(g[key], upload[key]), key
     # the client's own random classifier was replaced: its trained head started from the received one
-    own = engine._initial_personal_state(cid)["classifier.weight"]
+    own = engine.models.initial_state(cid)["classifier.weight"]
     assert not torch.equal(own, payload["head"]["classifier.weight"].cpu())
 
 
@@ -238,7 +239,7 @@ def test_evaluation_uses_each_clients_extractor_with_the_shared_head():
     for client in ctx.clients:
         model = ctx.make_model(ctx.model_names[client.cid])
         state = engine.client_states.get(client.cid) or {}
-        model.load_state_dict(state["model"] if "model" in state else engine._initial_personal_state(client.cid))
+        model.load_state_dict(state["model"] if "model" in state else engine.models.initial_state(client.cid))
         model.eval()
         correct, _ = evaluate(lambda x: F.linear(model.features(x), head["classifier.weight"],
                                                  head["classifier.bias"]), ctx, client.test_x, client.test_y, 500)

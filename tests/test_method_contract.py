@@ -1,5 +1,5 @@
 """The method contract, checked the same way for every registered method and every evaluation mode it declares
-(`MODES`), with the method's own `FAST_TEST_PARAMS`:
+(its declared `modes`), with the method's own `fast_test_params`:
 
 - it learns on digits (accuracy beats chance within three rounds);
 - it is deterministic and resumes bit-identically: a run stopped after round 1 and resumed from its checkpoint
@@ -37,7 +37,7 @@ CHANCE = 0.1  # digits: 10 classes
 
 def contract_cases() -> list[tuple[str, str]]:
     """(method, mode) for every registered method and every mode its module declares."""
-    return [(method, mode) for method in METHOD_MODULES for mode in METHODS[method].MODES]
+    return [(method, mode) for method in METHOD_MODULES for mode in METHODS[method].modes]
 
 
 def contract_config(method: str, mode: str, **changes):
@@ -94,18 +94,18 @@ def check_bytes(method: str, mode: str) -> None:
     torch.manual_seed(cfg.seed)
     engine = Engine(ctx, METHODS[method])
     sent: dict[str, list] = {"down": [], "up": []}
-    broadcast, train_round = engine.server.broadcast, engine.local.train_round
+    broadcast, train_clients = engine.server.broadcast, engine.local.train_clients
 
     def spy_broadcast(r):
         sent["down"].append(broadcast(r))
         return sent["down"][-1]
 
-    def spy_train_round(r, selected, payload):
-        uploads, losses = train_round(r, selected, payload)
+    def spy_train_clients(r, selected, payload):
+        uploads, losses = train_clients(r, selected, payload)
         sent["up"].append(uploads)
         return uploads, losses
 
-    engine.server.broadcast, engine.local.train_round = spy_broadcast, spy_train_round
+    engine.server.broadcast, engine.local.train_clients = spy_broadcast, spy_train_clients
     up_meta = ENGINE_METADATA + tuple(engine.client.UPLOAD_METADATA)
     for r in (1, 2):
         result = engine.run_round(r)

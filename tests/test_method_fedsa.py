@@ -59,19 +59,19 @@ def test_client_gap_is_max_of_local_and_global_and_local_prototypes_persist_in_s
     anchors = torch.tensor([[0.0, 0.0], [3.0, 0.0], [0.0, 4.0]])  # nearest gaps 3, 3, 4 -> mean 10/3
     data = SimpleNamespace(cid=0)
     state: dict = {}
-    client.setup(data, model, {"anchors": anchors}, state, None)
+    client.setup(data, model, {"anchors": anchors}, state, None, 1)
     assert client.local_gap == 0.0 and client.global_gap == pytest.approx(10 / 3) and client.gap == client.global_gap
     state["prototypes"] = torch.tensor([[5.0, 5.0]])  # one class -> -inf
-    client.setup(data, model, {"anchors": anchors}, state, None)
+    client.setup(data, model, {"anchors": anchors}, state, None, 1)
     assert client.local_gap == float("-inf") and client.gap == pytest.approx(10 / 3)
     state["prototypes"] = torch.tensor([[0.0, 0.0], [0.0, 20.0]])  # local gap 20 wins
-    client.setup(data, model, {"anchors": anchors}, state, None)
+    client.setup(data, model, {"anchors": anchors}, state, None, 1)
     assert client.gap == pytest.approx(20.0)
     # local prototypes: mean of the (detached) training features per class, kept in the state
-    client.setup(data, model, {"anchors": anchors}, {}, None)
+    client.setup(data, model, {"anchors": anchors}, {}, None, 1)
     x, y = torch.tensor([[1.0, 1.0], [3.0, 5.0], [2.0, 0.0]]), torch.tensor([0, 0, 2])
     client.loss(model, x, y)
-    up = client.upload(data, model, state)
+    up = client.upload(data, model, state, 1)
     assert up["prototype_classes"].tolist() == [0, 2]
     assert torch.allclose(up["prototypes"], torch.tensor([[2.0, 3.0], [2.0, 0.0]]))
     assert torch.equal(state["prototypes"], up["prototypes"]) and state["prototype_classes"].tolist() == [0, 2]
@@ -99,7 +99,7 @@ def test_loss_terms_by_hand_and_weighted_sum():
     # the client's loss: ce + cc*CC + lambda*REG + mcl*MCL with the model's own head
     ctx = _ctx(num_classes=2, dim=2, lamda=3.0, mcl=0.5, cc=2.0)
     client, model = Client(ctx), FeatureClassifier(nn.Identity(), 2, 2)
-    client.setup(SimpleNamespace(cid=0), model, {"anchors": anchors}, {}, None)
+    client.setup(SimpleNamespace(cid=0), model, {"anchors": anchors}, {}, None, 1)
     assert client.gap == pytest.approx(5.0)
     loss = client.loss(model, features, labels)
     t = anchor_loss_terms(features, model(features)[1], labels, anchors, model.classifier, 5.0)

@@ -118,7 +118,7 @@ def test_client_loss_is_ce_plus_lambda_mse_to_scaled_unit_prototype(upscale):
     units = F.normalize(torch.rand(2, d, generator=torch.Generator().manual_seed(1)), dim=1)
     client = Client(ctx)
     payload = {"prototype_classes": torch.tensor([1, 3]), "prototypes": units}
-    client.setup(ctx.clients[0], model, payload, {}, torch.Generator().manual_seed(0))
+    client.setup(ctx.clients[0], model, payload, {}, torch.Generator().manual_seed(0), 1)
     x = ctx.prepare(ctx.test_x[:16], train=False)
     y = ctx.test_y[:16]
     loss = client.loss(model, x, y)

@@ -218,7 +218,7 @@ def test_fp16_overflowing_step_is_skipped_not_diverged(tiny, monkeypatch):
     monkeypatch.setattr(local_mod, "make_grad_scaler", huge_scaler)
     engine = make_engine({**TINY, "method": "fedavg", "rounds": 1, "precision": "fp16", "batch_size": 512}, tiny)
     client = engine.ctx.clients[0]
-    model = engine._model_for(client.cid)
+    model = engine.models.for_client(client.cid)
     model.load_state_dict(engine.server.model.state_dict())
     start = {n: p.detach().clone() for n, p in model.named_parameters()}
     _, loss = engine.client.train(client, model, {"weights": engine.server.model.state_dict()}, {},
@@ -250,7 +250,7 @@ def test_every_method_runs_bf16_channels_last(tiny, method):
            "method_params": fast_test_params(method)}
     if method == "fedhpro":  # + the client margin, recomputed inside the (autocast) loss every batch
         raw["method_params"].update(use_margin=True, margin_update="batch")
-    if "global" not in METHODS[method].MODES:  # e.g. local: personalized only
+    if "global" not in METHODS[method].modes:  # e.g. local: personalized only
         raw["eval_mode"] = "personalized"
     engine = make_engine(raw, tiny)
     spy = LayerSpy(engine.working_models())

@@ -1,6 +1,6 @@
 """A toy method for tests/test_method_contract.py: FedAvg plus one extra loss term (an L2 penalty on the
-features). Registered only inside that test, it shows that a new method is one file plus its registry line
-and that the contract test covers it with no other test file touched."""
+features). Registered only inside that test, it shows that a new method is one file (ending in its `METHOD`
+declaration) plus its registry line and that the contract test covers it with no other test file touched."""
 
 from __future__ import annotations
 
@@ -10,13 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from fedhpro.engine import ClientBase, ServerBase
-from fedhpro.methods import param
-
-PAPER = "toy: FedAvg with a feature L2 penalty (tests only)"
-MODES = ("global",)
-ENGINES = ("sequential",)
-HETEROGENEOUS_MODELS = False
-COMMUNICATES = "model weights (both directions)"
+from fedhpro.methods import Method, param
 
 
 @dataclass(frozen=True)
@@ -32,3 +26,17 @@ class Client(ClientBase):
 
 class Server(ServerBase):
     pass
+
+
+METHOD = Method(
+    name="toy",
+    paper="toy: FedAvg with a feature L2 penalty (tests only)",
+    display="Toy",
+    order=99,
+    style={"color": "#000000", "marker": "o"},
+    modes=("global",),
+    communicates="model weights (both directions)",
+    Params=Params,
+    Client=Client,
+    Server=Server,
+)

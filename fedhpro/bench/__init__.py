@@ -42,7 +42,7 @@ single repeats move by 10-20%, so read the ratios, not the absolute throughputs.
 Layout: `common` (configs, data, timers, memory meters), `report` (printing and the bench*.json/md files),
 one module per section (`rounds`: (a)-(e) and the quick setting; `batched`; `precision`; `scale`) and `cli`
 (`python -m fedhpro.bench`, `fedhpro bench`). Every engine is started and stepped as `fedhpro.train` does
-(`start_engine`, `train_round`: round, metrics row, checkpoint), so what is timed is what a run does.
+(`start_engine`, `record_round`: round, metrics row, checkpoint), so what is timed is what a run does.
 """
 
 from fedhpro.bench.cli import build_parser, main

@@ -1,7 +1,7 @@
 """Sections (a)-(e) and (c'): the engine's local training against a bare PyTorch loop, the round time and its
 split, peak memory, and FedHPro against FedAvg at the pipeline's quick setting (see `fedhpro.bench`).
 
-Every measured round is `fedhpro.train.train_round`, the step `train` runs: the engine's round, the metrics
+Every measured round is `fedhpro.train.record_round`, the step `train` runs: the engine's round, the metrics
 row, the checkpoint (every round here, `checkpoint_every: 1`), so the checkpoint I/O is what a run writes."""
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from fedhpro.bench.report import Report
 from fedhpro.data import ArrayData
 from fedhpro.engine import Context, batches
 from fedhpro.methods import METHODS
-from fedhpro.train import train_round
+from fedhpro.train import record_round
 
 METHODS_COMPARED = ("fedavg", "fedhpro", "fedproto")
 PAIRS = (("plain", "fedavg"), ("fedhpro", "fedhpro"), ("fedproto", "fedproto"))  # (bare loop, engine)
@@ -52,7 +52,7 @@ def plain_loss(model, x, y):
 
 
 class TimedRun:
-    """One method's run, stepped round by round as `fedhpro.train` steps it (`train_round`), with the Client's
+    """One method's run, stepped round by round as `fedhpro.train` steps it (`record_round`), with the Client's
     train/setup/upload hooks timed."""
 
     def __init__(self, cfg: BenchConfig, method: str, data: ArrayData, out_dir: Path, **changes):
@@ -69,7 +69,7 @@ class TimedRun:
         timer.reset()
         sync(self.device)
         t0 = time.perf_counter()
-        res = train_round(engine, r, self.rows, self.out_dir)
+        res = record_round(engine, r, self.rows, self.out_dir)
         sync(self.device)
         total = time.perf_counter() - t0
         io = self.rows[-1]["time_io"]
@@ -101,7 +101,7 @@ class BareLoops:
             model = engine.ctx.make_model()
             model.load_state_dict(engine.server.model.state_dict())
             client.setup(engine.ctx.clients[0], model, engine.server.broadcast(round_idx), {},
-                         torch.Generator().manual_seed(0))
+                         torch.Generator().manual_seed(0), round_idx)
             self.losses[m] = (client.loss, model)
         self.optimizers = {k: torch.optim.SGD(model.parameters(), lr=self.cfg.lr, momentum=self.cfg.momentum)
                            for k, (_, model) in self.losses.items()}

@@ -20,7 +20,7 @@ from fedhpro.engine import RoundResult, tensor_bytes
 from fedhpro.partition import partition_labels
 from fedhpro.runio import CHECKPOINT
 from fedhpro.sweep import expand_sweep
-from fedhpro.train import train_round, write_checkpoint
+from fedhpro.train import record_round, write_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -75,7 +75,7 @@ def scale_global(cfg: BenchConfig, k: int, report: Report) -> list[dict]:
 
 def scale_personalized(cfg: BenchConfig, k: int, report: Report) -> dict[str, dict]:
     """FedProto, personalized, `scale_clients` clients: CPU client state in memory or on disk (`client_store`),
-    stepped as `fedhpro.train` steps a run (`train_round`), then the checkpoint it writes (`write_checkpoint`)."""
+    stepped as `fedhpro.train` steps a run (`record_round`), then the checkpoint it writes (`write_checkpoint`)."""
     n_big, frac = cfg.scale_clients, cfg.scale_participation
     data = synthetic_digits(n_big * cfg.scale_samples_per_client, seed=1)
     rounds = cfg.scale_personal_rounds
@@ -92,7 +92,7 @@ def scale_personalized(cfg: BenchConfig, k: int, report: Report) -> dict[str, di
             times = []
             for r in range(1, rounds + 1):
                 t0 = time.perf_counter()
-                train_round(engine, r, rows, run_dir)
+                record_round(engine, r, rows, run_dir)
                 times.append(time.perf_counter() - t0)
             states = engine.client_states
             ckpt_s = write_checkpoint(engine, run_dir, rows, rounds)

@@ -26,19 +26,9 @@ from torch import nn
 
 from fedhpro.dsa import siamese_augment
 from fedhpro.engine import ClientBase, ClientData, Context, ServerBase
-from fedhpro.methods import param
+from fedhpro.methods import Method, param
 from fedhpro.methods.prototypes import mean_over_clients
 from fedhpro.methods.gradients import class_gradients, classifier_gradient_distance, synthetic_gradients
-
-PAPER = ("Shang et al., Federated Learning on Heterogeneous and Long-Tailed Data via Classifier Re-Training "
-         "with Federated Features, IJCAI 2022")
-MODES = ("global",)
-ENGINES = ("sequential",)
-HETEROGENEOUS_MODELS = False
-COMMUNICATES = "model weights + per-class classifier gradients (up)"
-
-# Seconds-long digits runs (tests, quick benchmarks): fewer federated features, server steps and epochs.
-FAST_TEST_PARAMS = {"features_per_class": 10, "matching_steps": 5, "retrain_epochs": 50, "real_batch": 16}
 
 
 @dataclass(frozen=True)
@@ -149,12 +139,12 @@ class FederatedFeatures:
 class Client(ClientBase):
     UPLOAD_METADATA = ("classes",)  # which classes the gradient rows belong to
 
-    def setup(self, client, model, payload, state, gen) -> None:
+    def setup(self, client, model, payload, state, gen, round_idx) -> None:
         p = self.params
         self.gradients = client_class_gradients(self.ctx, client, model, model.classifier.weight,
                                                 model.classifier.bias, p.real_batch, p.repeats, p.dsa, gen)
 
-    def upload(self, client, model, state) -> dict:
+    def upload(self, client, model, state, round_idx) -> dict:
         g = self.gradients
         return {"classes": g["classes"], "grad_w": g["grad_w"], "grad_b": g["grad_b"]}
 
@@ -185,3 +175,20 @@ class Server(ServerBase):
 
     def eval_model(self) -> nn.Module:
         return self.eval_net
+
+
+METHOD = Method(
+    name="creff",
+    paper="Shang et al., Federated Learning on Heterogeneous and Long-Tailed Data via Classifier Re-Training "
+          "with Federated Features, IJCAI 2022",
+    display="CReFF",
+    order=4,
+    style={"color": "#999933", "marker": "D", "linestyle": ":"},
+    modes=("global",),
+    communicates="model weights + per-class classifier gradients (up)",
+    Params=Params,
+    Client=Client,
+    Server=Server,
+    # Seconds-long digits runs (tests, quick benchmarks): fewer federated features, server steps and epochs.
+    fast_test_params={"features_per_class": 10, "matching_steps": 5, "retrain_epochs": 50, "real_batch": 16},
+)

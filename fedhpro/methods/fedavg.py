@@ -9,12 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fedhpro.engine import ClientBase, ServerBase
-
-PAPER = "McMahan et al., Communication-Efficient Learning of Deep Networks from Decentralized Data, AISTATS 2017"
-MODES = ("global",)
-ENGINES = ("sequential", "batched")
-HETEROGENEOUS_MODELS = False
-COMMUNICATES = "model weights (both directions)"
+from fedhpro.methods import Method
 
 
 @dataclass(frozen=True)
@@ -28,3 +23,18 @@ class Client(ClientBase):
 
 class Server(ServerBase):
     pass
+
+
+METHOD = Method(
+    name="fedavg",
+    paper="McMahan et al., Communication-Efficient Learning of Deep Networks from Decentralized Data, AISTATS 2017",
+    display="FedAvg",
+    order=1,
+    style={"color": "#332288", "marker": "o", "linestyle": "-"},
+    modes=("global",),
+    communicates="model weights (both directions)",
+    Params=Params,
+    Client=Client,
+    Server=Server,
+    engines=("sequential", "batched"),
+)

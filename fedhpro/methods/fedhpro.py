@@ -87,25 +87,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedhpro.engine import ClientBase, Context, ServerBase
-from fedhpro.methods import param
+from fedhpro.methods import Method, param
 from fedhpro.methods.creff import FederatedFeatures, client_class_gradients, mean_over_clients
 from fedhpro.methods.gradients import synthetic_gradients, vector_distance
 
-PAPER = "Wang et al., FedHPro: Federated Hyper-Prototype Learning via Gradient Matching, ICML 2026"
-MODES = ("global", "personalized")
-ENGINES = ("sequential",)
-HETEROGENEOUS_MODELS = True  # personalized mode only [recon]: local extractors, one shared classifier head
-COMMUNICATES = ("weights + hyper-prototypes (down); weights + per-class feature and classifier gradients (up); "
-                "personalized [recon]: classifier head instead of the weights (up only where it is aggregated)")
 HEAD_KEYS = ("classifier.weight", "classifier.bias")  # the shared head in personalized mode
-REVISIONS = (
-    "global model = the last sampled client's trained model, as the official code runs (was: FedAvg); "
-    "`aggregation: fedavg` keeps the mean",
-)
-
-# Seconds-long digits runs (tests, quick benchmarks): fewer prototypes, server steps and re-training epochs.
-FAST_TEST_PARAMS = {"prototypes_per_class": 2, "matching_steps": 5, "features_per_class": 10,
-                    "feature_matching_steps": 5, "retrain_epochs": 20, "real_batch": 32}
 
 
 @dataclass(frozen=True)
@@ -153,15 +139,15 @@ def head_is_aggregated(p: Params) -> bool:
     return not (p.classifier_retraining and p.send_retrained_classifier)
 
 
-def weight_aggregation(cfg) -> str | None:
-    """The run's `aggregation` label (`fedhpro.train.weight_aggregation`): in personalized mode the shared head
-    is the re-trained classifier when it replaces the aggregate (`retrained_head`), else `<aggregation>_head`;
-    None (the default label) in global mode."""
-    if cfg.eval_mode != "personalized":
-        return None
+def weight_aggregation(cfg) -> str:
+    """The run's `aggregation` column (`fedhpro.train.weight_aggregation`): in global mode the `aggregation`
+    parameter; in personalized mode the shared head is the re-trained classifier when it replaces the aggregate
+    (`retrained_head`), else `<aggregation>_head`."""
     from fedhpro.methods import make_params
 
     p = make_params("fedhpro", cfg.method_params)
+    if cfg.eval_mode != "personalized":
+        return p.aggregation
     return f"{p.aggregation}_head" if head_is_aggregated(p) else "retrained_head"
 
 
@@ -215,7 +201,7 @@ def class_feature_means(model: nn.Module, ctx: Context, x: torch.Tensor, y: torc
 class Client(ClientBase):
     UPLOAD_METADATA = ("classes",)  # which classes the gradient rows belong to
 
-    def setup(self, client, model, payload, state, gen) -> None:
+    def setup(self, client, model, payload, state, gen, round_idx) -> None:
         p, c = self.params, self.ctx.num_classes
         self.client = client
         if "head" in payload:  # personalized [recon]: the shared head replaces the client's own classifier
@@ -251,7 +237,7 @@ class Client(ClientBase):
             loss = loss + p.hpal_weight * hpal_loss(features, y, self.class_means)
         return loss
 
-    def upload(self, client, model, state) -> dict:
+    def upload(self, client, model, state, round_idx) -> dict:
         g = self.gradients
         out = {"classes": g["classes"], "feature_grad": g["feature_grad"]}
         if self.params.classifier_retraining:
@@ -383,3 +369,68 @@ def match_prototypes(prototypes: torch.Tensor, labels: torch.Tensor, weight: tor
     out = prototypes.clone()
     out[rows] = block.detach()
     return out
+
+
+# how the runs' `aggregation` column reads in tables and figures (`weight_aggregation` writes it)
+AGGREGATION_NAMES = {"last_client": "last-client aggregation", "fedavg": "FedAvg aggregation",
+                     "last_client_head": "last-client head aggregation", "fedavg_head": "FedAvg head aggregation",
+                     "retrained_head": "re-trained head, not aggregated"}
+
+
+def row_label(display: str, variant: str, aggregation: str | None) -> str | None:
+    """A table row's name, which says how the global model (or the shared head) was formed; None (the generic
+    name) for an unknown aggregation."""
+    if aggregation not in AGGREGATION_NAMES:
+        return None
+    if aggregation.endswith("_head"):  # personalized mode: a reconstruction, never "the official code"
+        what = AGGREGATION_NAMES[aggregation]
+        return f"{display} [recon] ({what})" if variant == "default" else f"{display} [recon] ({variant}, {what})"
+    if variant == "default" and aggregation == "last_client":
+        return f"{display} (official code)"
+    if variant in ("default", "fedavg") and aggregation == "fedavg":
+        return f"{display} (FedAvg aggregation)"
+    variant = variant.removesuffix("_fedavg") if aggregation == "fedavg" else variant
+    return f"{display} ({variant}, {AGGREGATION_NAMES[aggregation]})"
+
+
+METHOD = Method(
+    name="fedhpro",
+    paper="Wang et al., FedHPro: Federated Hyper-Prototype Learning via Gradient Matching, ICML 2026",
+    display="FedHPro",
+    order=11,
+    style={"color": "#CC3311", "marker": "*", "linestyle": "-", "linewidth": 2.0, "markersize": 7},
+    modes=("global", "personalized"),
+    communicates="weights + hyper-prototypes (down); weights + per-class feature and classifier gradients (up); "
+                 "personalized [recon]: classifier head instead of the weights (up only where it is aggregated)",
+    Params=Params,
+    Client=Client,
+    Server=Server,
+    heterogeneous_models=True,  # personalized mode only [recon]: local extractors, one shared classifier head
+    # Seconds-long digits runs (tests, quick benchmarks): fewer prototypes, server steps and re-training epochs.
+    fast_test_params={"prototypes_per_class": 2, "matching_steps": 5, "features_per_class": 10,
+                      "feature_matching_steps": 5, "retrain_epochs": 20, "real_batch": 32},
+    revisions=("global model = the last sampled client's trained model, as the official code runs (was: FedAvg); "
+               "`aggregation: fedavg` keeps the mean",),
+    weight_aggregation=weight_aggregation,
+    proposed=True,
+    upload_note=("FedHPro uploads, besides what the prototype baselines send, one classifier gradient per class it "
+                 "holds (for gradient matching; each the size of the classifier, so about classes x the prototype "
+                 "upload)."),
+    # main-table rows: as published (`default`) and with real FedAvg aggregation (`fedavg`), and the paper-text
+    # variant with each aggregation; its other variants are ablations
+    main_variants=("default", "fedavg", "paper", "paper_fedavg"),
+    # one red-orange family, told apart by lightness, marker and line style
+    variant_styles={"fedavg": {"color": "#EE7733", "marker": "P", "linestyle": "--", "linewidth": 1.8},
+                    "paper": {"color": "#661100", "marker": "d", "linestyle": "-.", "linewidth": 1.8},
+                    "paper_fedavg": {"color": "#EE99AA", "marker": "8", "linestyle": ":", "linewidth": 1.8}},
+    aggregation_names=AGGREGATION_NAMES,
+    row_label=row_label,
+    notes=((("last_client", "fedavg"),
+            "FedHPro \"official code\" / \"last-client aggregation\": each round's global model is the last sampled "
+            "client's trained model (with the re-trained classifier), which is what the official code computes "
+            "(`aggregation: last_client`); \"FedAvg aggregation\": the sample-weighted mean of the client models "
+            "(`aggregation: fedavg`)."),
+           (("last_client_head", "fedavg_head", "retrained_head"),
+            "\"[recon]\": FedHPro with heterogeneous models (personalized mode; reconstructed, no public code), "
+            "whose shared classifier head is aggregated by the named rule.")),
+)

@@ -22,15 +22,9 @@ import torch
 import torch.nn.functional as F
 
 from fedhpro.engine import ClientBase, Context, ServerBase
-from fedhpro.methods import param
+from fedhpro.methods import Method, param
 from fedhpro.methods.prototypes import (PrototypeAccumulator, PrototypeEvaluation, mean_over_clients,
                                         uploaded_prototypes)
-
-PAPER = "Tan et al., FedProto: Federated Prototype Learning across Heterogeneous Clients, AAAI 2022"
-MODES = ("personalized", "global")
-ENGINES = ("sequential",)
-HETEROGENEOUS_MODELS = True
-COMMUNICATES = "per-class prototypes (both directions); + weights in global mode"
 
 
 @dataclass(frozen=True)
@@ -78,7 +72,7 @@ class PrototypeClient(ClientBase):
     def regulariser_distance(self) -> str:
         return "mse"
 
-    def setup(self, client, model, payload, state, gen) -> None:
+    def setup(self, client, model, payload, state, gen, round_idx) -> None:
         self.targets, self.present = dense(payload, "prototypes", "prototype_classes", self.ctx.num_classes,
                                            model.feature_dim, self.ctx.device)
         self.accumulator = PrototypeAccumulator(self.ctx.num_classes)
@@ -93,7 +87,7 @@ class PrototypeClient(ClientBase):
             self.accumulator.add(features, y)
         return loss
 
-    def upload(self, client, model, state) -> dict:
+    def upload(self, client, model, state, round_idx) -> dict:
         classes, protos = uploaded_prototypes(self.params.prototype_timing, self.accumulator, model, self.ctx, client)
         return {"prototype_classes": classes, "prototypes": protos}
 
@@ -102,8 +96,8 @@ class Client(PrototypeClient):
     def regulariser_distance(self) -> str:
         return self.params.distance
 
-    def upload(self, client, model, state) -> dict:
-        out = super().upload(client, model, state)
+    def upload(self, client, model, state, round_idx) -> dict:
+        out = super().upload(client, model, state, round_idx)
         if self.params.server_weighting == "samples":  # the paper's |D_ij| weighting needs the counts
             out["prototype_counts"] = client.class_counts[out["prototype_classes"].cpu()].to(out["prototypes"].device)
         return out
@@ -139,3 +133,20 @@ class Server(PrototypeServer):
         # HtFLlib: the global prototypes are replaced by this round's aggregate.
         self.prototypes, self.present = mean_over_clients(uploads, "prototypes", self.ctx.num_classes,
                                                           "prototype_classes", weights)
+
+
+METHOD = Method(
+    name="fedproto",
+    paper="Tan et al., FedProto: Federated Prototype Learning across Heterogeneous Clients, AAAI 2022",
+    display="FedProto",
+    order=5,
+    style={"color": "#CCBB44", "marker": "^", "linestyle": "-"},
+    modes=("personalized", "global"),
+    communicates="per-class prototypes (both directions); + weights in global mode",
+    Params=Params,
+    Client=Client,
+    Server=Server,
+    heterogeneous_models=True,
+    nearest_prototype=True,
+    compare_upload=True,
+)

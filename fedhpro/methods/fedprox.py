@@ -12,13 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from fedhpro.engine import ClientBase, ServerBase
-from fedhpro.methods import param
-
-PAPER = "Li et al., Federated Optimization in Heterogeneous Networks, MLSys 2020"
-MODES = ("global",)
-ENGINES = ("sequential", "batched")
-HETEROGENEOUS_MODELS = False
-COMMUNICATES = "model weights (both directions)"
+from fedhpro.methods import Method, param
 
 
 @dataclass(frozen=True)
@@ -29,7 +23,7 @@ class Params:
 class Client(ClientBase):
     PROXIMAL_MU = "mu"  # declared, so `engine: batched` reproduces setup/before_step below
 
-    def setup(self, client, model, payload, state, gen) -> None:
+    def setup(self, client, model, payload, state, gen, round_idx) -> None:
         self.anchor = [p.detach().clone() for p in model.parameters()]
 
     def before_step(self, model: torch.nn.Module) -> None:
@@ -41,3 +35,18 @@ class Client(ClientBase):
 
 class Server(ServerBase):
     pass
+
+
+METHOD = Method(
+    name="fedprox",
+    paper="Li et al., Federated Optimization in Heterogeneous Networks, MLSys 2020",
+    display="FedProx",
+    order=2,
+    style={"color": "#88CCEE", "marker": "v", "linestyle": "--"},
+    modes=("global",),
+    communicates="model weights (both directions)",
+    Params=Params,
+    Client=Client,
+    Server=Server,
+    engines=("sequential", "batched"),
+)

@@ -32,18 +32,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedhpro.engine import ClientBase, Context, ServerBase
-from fedhpro.methods import param
+from fedhpro.methods import Method, param
 from fedhpro.methods.fedtgp import margin_contrastive_loss, nearest_gaps
 from fedhpro.methods.prototypes import (PrototypeAccumulator, PrototypeEvaluation, mean_over_clients,
                                         uploaded_prototypes)
-
-PAPER = ("Zhou et al., FedSA: A Unified Representation Learning via Semantic Anchors for Prototype-based "
-         "Federated Learning, AAAI 2025")
-MODES = ("personalized", "global")
-ENGINES = ("sequential",)
-HETEROGENEOUS_MODELS = True
-COMMUNICATES = ("per-class prototypes (up); C semantic anchors + global prototypes for evaluation (down); "
-                "+ weights in global mode")
 
 
 @dataclass(frozen=True)
@@ -92,7 +84,7 @@ def anchor_loss_terms(features: torch.Tensor, logits: torch.Tensor, labels: torc
 class Client(ClientBase):
     UPLOAD_METADATA = ("prototype_classes",)
 
-    def setup(self, client, model, payload, state, gen) -> None:
+    def setup(self, client, model, payload, state, gen, round_idx) -> None:
         self.anchors = payload["anchors"].to(self.ctx.device)
         previous = state.get("prototypes")
         self.local_gap = mean_nearest_gap(previous)
@@ -109,7 +101,7 @@ class Client(ClientBase):
             self.accumulator.add(features, y)
         return loss
 
-    def upload(self, client, model, state) -> dict:
+    def upload(self, client, model, state, round_idx) -> dict:
         classes, protos = uploaded_prototypes(self.params.prototype_timing, self.accumulator, model, self.ctx, client)
         # Remembered for next round's local gap (the code keeps `self.protos` on the client).
         state["prototypes"] = protos.detach().cpu().clone()
@@ -154,3 +146,22 @@ def ema_anchors(anchors: torch.Tensor, prototypes: torch.Tensor, present: torch.
     out = anchors.clone()
     out[present] = momentum * anchors[present] + (1 - momentum) * prototypes[present]
     return out
+
+
+METHOD = Method(
+    name="fedsa",
+    paper="Zhou et al., FedSA: A Unified Representation Learning via Semantic Anchors for Prototype-based "
+          "Federated Learning, AAAI 2025",
+    display="FedSA",
+    order=8,
+    style={"color": "#882255", "marker": "p", "linestyle": "-."},
+    modes=("personalized", "global"),
+    communicates="per-class prototypes (up); C semantic anchors + global prototypes for evaluation (down); "
+                 "+ weights in global mode",
+    Params=Params,
+    Client=Client,
+    Server=Server,
+    heterogeneous_models=True,
+    nearest_prototype=True,
+    compare_upload=True,
+)

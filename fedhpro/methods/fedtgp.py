@@ -30,20 +30,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedhpro.engine import Context, ServerBase
-from fedhpro.methods import fedproto, param
+from fedhpro.methods import Method, fedproto, param
 from fedhpro.methods.prototypes import mean_over_clients, nearest_prototype_scores
 
-PAPER = ("Zhang, Liu, Hua, Cao, FedTGP: Trainable Global Prototypes with Adaptive-Margin-Enhanced Contrastive "
-         "Learning for Data and Model Heterogeneity in Federated Learning, AAAI 2024")
-MODES = ("personalized", "global")
-ENGINES = ("sequential",)
-HETEROGENEOUS_MODELS = True
-COMMUNICATES = "per-class prototypes (up); all C trainable global prototypes (down); + weights in global mode"
 
 DIST_EPS = 1e-8  # added under the square root of the expanded squared distance
-
-# Seconds-long digits runs (tests): fewer generator epochs per round.
-FAST_TEST_PARAMS = {"server_epochs": 20}
 
 
 @dataclass(frozen=True)
@@ -177,3 +168,23 @@ class Server(ServerBase):
             present = torch.ones(self.ctx.num_classes, dtype=torch.bool, device=self.prototypes.device)
             return nearest_prototype_scores(model.features(x), self.prototypes, present)
         return model(x)[1]
+
+
+METHOD = Method(
+    name="fedtgp",
+    paper="Zhang, Liu, Hua, Cao, FedTGP: Trainable Global Prototypes with Adaptive-Margin-Enhanced Contrastive "
+          "Learning for Data and Model Heterogeneity in Federated Learning, AAAI 2024",
+    display="FedTGP",
+    order=7,
+    style={"color": "#AA4499", "marker": ">", "linestyle": ":"},
+    modes=("personalized", "global"),
+    communicates="per-class prototypes (up); all C trainable global prototypes (down); + weights in global mode",
+    Params=Params,
+    Client=Client,
+    Server=Server,
+    heterogeneous_models=True,
+    # Seconds-long digits runs (tests): fewer generator epochs per round.
+    fast_test_params={"server_epochs": 20},
+    nearest_prototype=True,
+    compare_upload=True,
+)

@@ -37,14 +37,8 @@ import torch.nn.functional as F
 
 from fedhpro.engine import ClientBase, Context, ServerBase
 from fedhpro.finch import finch
-from fedhpro.methods import param
+from fedhpro.methods import Method, param
 from fedhpro.methods.prototypes import PrototypeAccumulator
-
-PAPER = ("Huang et al., Rethinking Federated Learning with Domain Shift: A Prototype View, CVPR 2023")
-MODES = ("global",)
-ENGINES = ("sequential",)
-HETEROGENEOUS_MODELS = False
-COMMUNICATES = "weights (both directions) + per-class prototypes (up) + per-class cluster prototypes (down)"
 
 
 @dataclass(frozen=True)
@@ -107,7 +101,7 @@ def fpl_terms(features: torch.Tensor, labels: torch.Tensor, protos: torch.Tensor
 class Client(ClientBase):
     UPLOAD_METADATA = ("prototype_classes",)
 
-    def setup(self, client, model, payload, state, gen) -> None:
+    def setup(self, client, model, payload, state, gen, round_idx) -> None:
         self.protos = payload.get("cluster_prototypes")
         if self.protos is not None:
             self.proto_classes = payload["cluster_classes"]
@@ -131,7 +125,7 @@ class Client(ClientBase):
             self.accumulator.add(features, y)
         return loss
 
-    def upload(self, client, model, state) -> dict:
+    def upload(self, client, model, state, round_idx) -> dict:
         classes, protos = self.accumulator.means()
         return {"prototype_classes": classes, "prototypes": protos}
 
@@ -161,3 +155,18 @@ class Server(ServerBase):
         if not len(self.classes):
             return None
         return unbiased_prototypes(self.prototypes, self.classes, self.ctx.num_classes)
+
+
+METHOD = Method(
+    name="fpl",
+    paper="Huang et al., Rethinking Federated Learning with Domain Shift: A Prototype View, CVPR 2023",
+    display="FPL",
+    order=6,
+    style={"color": "#44AA99", "marker": "<", "linestyle": "-"},
+    modes=("global",),
+    communicates="weights (both directions) + per-class prototypes (up) + per-class cluster prototypes (down)",
+    Params=Params,
+    Client=Client,
+    Server=Server,
+    compare_upload=True,
+)

@@ -64,18 +64,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedhpro.engine import ClientBase, ClientData, Context, ServerBase, derive_seed
-from fedhpro.methods import param
-
-PAPER = ("Lu, He, Li, Wang, Gong, GFPL: Generative Federated Prototype Learning for Resource-Constrained and "
-         "Data-Imbalanced Vision Task, arXiv 2602.21873, 2026")
-MODES = ("personalized", "global")
-ENGINES = ("sequential",)
-HETEROGENEOUS_MODELS = True
-COMMUNICATES = ("per-class GMM prototypes (up, rounds t0 + kR) and fused global GMMs (down, the round after); "
-                "+ weights in global mode")
-
-# Short digits runs (tests): GMM upload from round 1 and every round, so two rounds exercise the re-training.
-FAST_TEST_PARAMS = {"start_round": 1, "interval": 1, "pseudo_per_class": 20}
+from fedhpro.methods import Method, param
 
 
 @dataclass(frozen=True)
@@ -360,15 +349,12 @@ def gmm_class_means(gmm: dict, num_classes: int) -> tuple[torch.Tensor, torch.Te
 class Client(ClientBase):
     UPLOAD_METADATA = ("component_classes",)
 
-    def setup(self, client, model, payload, state, gen) -> None:
+    def setup(self, client, model, payload, state, gen, round_idx) -> None:
         self.gen = gen
         self.collect = bool(payload["collect_prototypes"])
         self.global_gmm = {k: payload[k] for k in GMM_KEYS} if "gmm_classes" in payload else None
         if self.global_gmm is not None and self.params.retrain_timing == "before":
             self._retrain(model)
-
-    def start_epoch(self, round_idx: int, epoch: int) -> None:
-        self.round = round_idx  # part of the GMM fits' seeds (upload)
 
     def _retrain(self, model) -> None:
         p = self.params
@@ -380,7 +366,7 @@ class Client(ClientBase):
         h, logits = model.heads(model.features(x))
         return hybrid_loss(h, logits, y, model.etf, self.params.dr_weight)
 
-    def upload(self, client, model, state) -> dict:
+    def upload(self, client, model, state, round_idx) -> dict:
         p = self.params
         if self.global_gmm is not None and p.retrain_timing == "after":
             self._retrain(model)
@@ -388,7 +374,7 @@ class Client(ClientBase):
             return {}
         features = extractor_features(model, self.ctx, client)
         return client_gmm_prototypes(features, client.y, p.components, p.reg_covar,
-                                     (self.cfg.seed, self.round, client.cid))
+                                     (self.cfg.seed, round_idx, client.cid))  # the round: part of the fits' seeds
 
 
 class Server(ServerBase):
@@ -424,3 +410,24 @@ class Server(ServerBase):
     def scores(self, model, x) -> torch.Tensor:
         h, logits = model.heads(model.features(x))
         return logits if self.params.eval_rule == "linear" else h @ model.etf
+
+
+METHOD = Method(
+    name="gfpl",
+    paper="Lu, He, Li, Wang, Gong, GFPL: Generative Federated Prototype Learning for Resource-Constrained and "
+          "Data-Imbalanced Vision Task, arXiv 2602.21873, 2026",
+    display="GFPL (reconstructed)",
+    order=10,
+    style={"color": "#000000", "marker": "X", "linestyle": ":"},
+    modes=("personalized", "global"),
+    communicates="per-class GMM prototypes (up, rounds t0 + kR) and fused global GMMs (down, the round after); "
+                 "+ weights in global mode",
+    Params=Params,
+    Client=Client,
+    Server=Server,
+    heterogeneous_models=True,
+    # Short digits runs (tests): GMM upload from round 1 and every round, so two rounds exercise the re-training.
+    fast_test_params={"start_round": 1, "interval": 1, "pseudo_per_class": 20},
+    model_wrapper=model_wrapper,
+    notes=(((), "GFPL is reconstructed from the paper (no public code)."),),
+)

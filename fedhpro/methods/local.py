@@ -11,12 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fedhpro.engine import ClientBase, ServerBase
-
-PAPER = "Local training baseline (no communication), as in Tan et al., FedProto, AAAI 2022"
-MODES = ("personalized",)
-ENGINES = ("sequential",)
-HETEROGENEOUS_MODELS = True  # nothing is exchanged, so clients' architectures need not agree
-COMMUNICATES = "nothing"
+from fedhpro.methods import Method
 
 
 @dataclass(frozen=True)
@@ -34,3 +29,18 @@ class Server(ServerBase):
     def aggregate(self, round_idx: int, uploads: list[dict]) -> None:
         if any(set(u) - {"num_samples", "cid"} for u in uploads):  # the engine's header only; a payload is a bug
             raise RuntimeError("local: a client uploaded a payload, but Local training communicates nothing")
+
+
+METHOD = Method(
+    name="local",
+    paper="Local training baseline (no communication), as in Tan et al., FedProto, AAAI 2022",
+    display="Local",
+    order=0,
+    style={"color": "#BBBBBB", "marker": "x", "linestyle": "-."},
+    modes=("personalized",),
+    communicates="nothing",
+    Params=Params,
+    Client=Client,
+    Server=Server,
+    heterogeneous_models=True,  # nothing is exchanged, so clients" architectures need not agree
+)

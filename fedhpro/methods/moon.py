@@ -45,13 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedhpro.engine import ClientBase, Context, ServerBase
-from fedhpro.methods import param
-
-PAPER = "Li, He, Song, Model-Contrastive Federated Learning, CVPR 2021"
-MODES = ("global",)
-ENGINES = ("sequential",)
-HETEROGENEOUS_MODELS = False
-COMMUNICATES = "model weights (both directions)"
+from fedhpro.methods import Method, param
 
 
 @dataclass(frozen=True)
@@ -105,7 +99,7 @@ class Client(ClientBase):
             self.previous_net = _frozen(ctx.make_model())
         self.has_previous = False
 
-    def setup(self, client, model, payload, state, gen) -> None:
+    def setup(self, client, model, payload, state, gen, round_idx) -> None:
         self.global_net.load_state_dict(payload["weights"])
         self.has_previous = "previous" in state
         if self.has_previous:
@@ -121,10 +115,25 @@ class Client(ClientBase):
             loss = loss + self.params.mu * moon_contrastive(z, z_global, z_prev, self.params.temperature)
         return loss
 
-    def upload(self, client, model, state) -> dict:
+    def upload(self, client, model, state, round_idx) -> dict:
         state["previous"] = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         return {}
 
 
 class Server(ServerBase):
     pass
+
+
+METHOD = Method(
+    name="moon",
+    paper="Li, He, Song, Model-Contrastive Federated Learning, CVPR 2021",
+    display="MOON",
+    order=3,
+    style={"color": "#117733", "marker": "s", "linestyle": "--"},
+    modes=("global",),
+    communicates="model weights (both directions)",
+    Params=Params,
+    Client=Client,
+    Server=Server,
+    model_wrapper=model_wrapper,
+)

@@ -38,17 +38,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from fedhpro.methods import fedproto, param
+from fedhpro.methods import Method, fedproto, param
 from fedhpro.methods.prototypes import mean_over_clients
-
-PAPER = "Lee, Shin, Choi, Heterogeneous Federated Learning with Prototype Alignment and Upscaling, arXiv 2507.04310"
-MODES = ("personalized", "global")
-ENGINES = ("sequential",)
-HETEROGENEOUS_MODELS = True
-COMMUNICATES = "per-class prototypes (up), unit-norm aligned prototypes (down); + weights in global mode"
-
-# Seconds-long digits runs (tests): fewer Thomson iterations.
-FAST_TEST_PARAMS = {"thomson_iterations": 50}
 
 
 @dataclass(frozen=True)
@@ -123,8 +114,8 @@ def thomson_align(prototypes: torch.Tensor, iterations: int = 500, lr: float = 0
 class Client(fedproto.PrototypeClient):
     """FedProto's client regressing onto the upscaled unit prototypes s * u_y (MSE, as the code)."""
 
-    def setup(self, client, model, payload, state, gen) -> None:
-        super().setup(client, model, payload, state, gen)
+    def setup(self, client, model, payload, state, gen, round_idx) -> None:
+        super().setup(client, model, payload, state, gen, round_idx)
         self.units = self.targets
         self.targets = self.units * self.params.scale_factor if self.params.upscale else self.units
 
@@ -145,3 +136,22 @@ class Server(fedproto.PrototypeServer):
                 units[classes] = F.normalize(means[classes], dim=1)
         # The global prototypes are replaced by this round's aligned aggregate (as the code).
         self.prototypes, self.present = units, present
+
+
+METHOD = Method(
+    name="protonorm",
+    paper="Lee, Shin, Choi, Heterogeneous Federated Learning with Prototype Alignment and Upscaling, arXiv 2507.04310",
+    display="ProtoNorm",
+    order=9,
+    style={"color": "#777777", "marker": "h", "linestyle": "-."},
+    modes=("personalized", "global"),
+    communicates="per-class prototypes (up), unit-norm aligned prototypes (down); + weights in global mode",
+    Params=Params,
+    Client=Client,
+    Server=Server,
+    heterogeneous_models=True,
+    # Seconds-long digits runs (tests): fewer Thomson iterations.
+    fast_test_params={"thomson_iterations": 50},
+    nearest_prototype=True,
+    compare_upload=True,
+)
