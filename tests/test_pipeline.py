@@ -125,7 +125,7 @@ def test_partitions_are_distinct_per_setting_and_seed_axes_are_separate():
     assert len({json.dumps(p.params(), sort_keys=True) for p in parts.values()}) == len(parts)
     for run in runs:
         p = parts[run.partition_id]
-        assert (p.num_clients, p.seed, p.alpha, p.imbalance_ratio) == (
+        assert (p.num_clients, p.partition_seed, json.loads(p.keys)["alpha"], p.imbalance_ratio) == (
             run.config.num_clients, run.config.partition_seed, run.config.alpha, run.config.imbalance_ratio)
         assert run.partition_id == f"{run.dataset}/{run.het}/ps{run.partition_seed}"
     by_key = {(r.het, r.method, r.partition_seed, r.seed) for r in runs}
