@@ -345,6 +345,7 @@ def test_cifar10_from_small_folder_tar(tmp_path):
 # ----------------------------------------------------------------------------- the real offline copy
 
 
+@pytest.mark.slow  # decodes the real 60,000-image tar (~35 s); the archive and image-folder readers keep fast tests on small archives here
 def test_real_cifar10_jpeg_tar(tmp_path):
     if not REAL_CIFAR.is_file():
         pytest.skip(f"{REAL_CIFAR} not available")

@@ -521,6 +521,7 @@ def serve(server, files: dict[str, bytes]) -> dict:
     return {f: {"url": server.url(f"/mirror/{f}"), "checksum": f"md5:{md5(d)}"} for f, d in files.items()}
 
 
+@pytest.mark.slow  # a real Snakemake workflow with downloads (~50 s on 2 workers); test_workflow_uses_local_copies_and_a_download_rerun_keeps_the_partitions keeps the domains workflow in the default suite
 def test_workflow_fetches_only_the_requested_domains(server, tmp_path):
     """digit_domains with domains [mnist, usps]: the download rule fetches the MNIST and USPS files from a server
     that has nothing else (no SVHN, no SynDigits); requesting svhn later reruns it, fetching only SVHN's files."""

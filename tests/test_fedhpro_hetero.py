@@ -158,6 +158,7 @@ def test_aggregation_switch_is_moot_and_labelled_so_when_the_retrained_head_is_s
     assert (runs[False, "fedavg"]["bytes_up"] - runs[True, "fedavg"]["bytes_up"] == head_bytes).all()
 
 
+@pytest.mark.slow  # two full heterogeneous runs (~33 s); the module's `runs` fixture keeps heterogeneous FedHPro learning, determinism and resume in the default suite
 def test_nearest_hyperprototype_prediction_changes_predictions_and_beats_chance(tmp_path):
     """`predict: nearest_hyperprototype` scores each client's features against the hyper-prototype class centres;
     training is unchanged (same losses and bytes), accuracy differs from the classifier's and is above chance."""
