@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 from pathlib import Path
 from typing import Callable
 
@@ -70,13 +69,15 @@ BLOCKS: dict[str, Callable[[str], str]] = {"methods table": methods_table, "new 
                                         "method declaration": declaration_table}
 
 
-def render(text: str, doc_dir: str = ".") -> str:
-    """`text` (a file in `doc_dir`, relative to the checkout) with every generated block replaced by its current
-    output."""
+def render(text: str, doc_dir: str = ".", page: str = "page") -> str:
+    """`text` (a file in `doc_dir`, relative to the checkout) with every generated block it holds replaced by
+    its current output, through the docs' one block rewriter (`fedhpro.docs.replace_block`, which refuses
+    markers that are not one pair of lines of their own)."""
+    from fedhpro.docs import replace_block
+
     for name, make in BLOCKS.items():
-        begin, end = f"<!-- generated: {name} -->", f"<!-- end generated: {name} -->"
-        pattern = re.compile(rf"^{re.escape(begin)}\n.*?^{re.escape(end)}$", re.S | re.M)
-        text = pattern.sub(lambda _: f"{begin}\n{make(doc_dir)}\n{end}", text)
+        if f"<!-- generated: {name} -->" in text:
+            text = replace_block(text, name, make(doc_dir), page)
     return text
 
 
@@ -92,7 +93,7 @@ def update_docs(root: Path, write: bool = True) -> list[Path]:
     changed = []
     for path in doc_files(root):
         old = path.read_text()
-        new = render(old, os.path.relpath(path.parent, root))
+        new = render(old, os.path.relpath(path.parent, root), str(path))
         if new != old:
             changed.append(path)
             if write:
