@@ -10,8 +10,10 @@ normalised space.
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
+from fedhpro.lazy import lazy_module
+
+torch = lazy_module("torch")
+F = lazy_module("torch.nn.functional")
 
 
 def _randint(high: int, size: int, gen: torch.Generator, device: torch.device) -> torch.Tensor:

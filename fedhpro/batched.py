@@ -23,7 +23,7 @@ What stays exactly as in `ClientBase.train`:
   of batches is never touched again; a step's batches are bucketed by size (`MIN_FILL`: equal sizes
   only on CPU, where padded rows cost as much as real ones; one call on CUDA), and a bucket of
   unequal batches is padded to its largest with the padding masked out of the loss and out of
-  BatchNorm's statistics and running-stat updates (`MaskedBatchNorm`).
+  BatchNorm's statistics and running-stat updates (`fedhpro.nets.MaskedBatchNorm`).
 
 Results equal the sequential engine's within floating-point tolerance (grouped convolutions and
 batched matrix products sum in a different order); `tests/test_batched.py` checks final weights,
@@ -38,17 +38,20 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
-import torch
-import torch.nn.functional as F
-from torch import nn
-from torch.overrides import TorchFunctionMode
-
 from fedhpro.errors import ConfigError
 from fedhpro.faults import fault_point
+from fedhpro.lazy import lazy_module
 from fedhpro.local import ClientBase, ClientData, Context, Diverged, batches, derive_seed
 
+torch = lazy_module("torch")
+F = lazy_module("torch.nn.functional")
+nets = lazy_module("fedhpro.nets")  # MaskedBatchNorm (a TorchFunctionMode)
+
 if TYPE_CHECKING:  # pragma: no cover
+    from torch import nn
+
     from fedhpro.engine import ClientModels
+    from fedhpro.nets import MaskedBatchNorm
 
 # Padding policy per device: a bucket's smallest batch must be >= MIN_FILL x its largest. On CPU the work
 # is compute-bound and padded rows cost as much as real ones (measured: padding everything made FedAvg's
@@ -92,47 +95,6 @@ def steps_per_round(num_samples: int, batch_size: int, epochs: int) -> int:
     """Optimiser steps `ClientBase.train` takes: `engine.batches` per epoch (a trailing single sample dropped)."""
     per_epoch = -(-num_samples // batch_size) - (1 if num_samples > 1 and num_samples % batch_size == 1 else 0)
     return epochs * per_epoch
-
-
-class MaskedBatchNorm(TorchFunctionMode):
-    """Training-mode `F.batch_norm` over the rows where `self.mask` is true (padded batches under vmap).
-
-    Statistics over valid rows only (biased variance to normalise, unbiased n/(n-1) for the running
-    variance, as the kernel does), the running buffers updated in place; any other call passes through.
-    """
-
-    def __init__(self):
-        super().__init__()
-        self.mask: torch.Tensor | None = None
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is not F.batch_norm or self.mask is None:
-            return func(*args, **kwargs)
-        names = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
-        a = dict(zip(names, args), **kwargs)
-        x, training = a["input"], a.get("training", False)
-        if not training:
-            return func(*args, **kwargs)
-        momentum, eps = a.get("momentum", 0.1), a.get("eps", 1e-5)
-        dims = [0] + list(range(2, x.dim()))
-        shape = [1, -1] + [1] * (x.dim() - 2)
-        m = self.mask.to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
-        count = self.mask.to(x.dtype).sum() * (x[0, 0].numel())
-        mean = (x * m).sum(dims) / count
-        centred = x - mean.view(shape)
-        var = ((centred * m) ** 2).sum(dims) / count
-        out = centred * torch.rsqrt(var.view(shape) + eps)
-        if a.get("weight") is not None:
-            out = out * a["weight"].view(shape)
-        if a.get("bias") is not None:
-            out = out + a["bias"].view(shape)
-        running_mean, running_var = a.get("running_mean"), a.get("running_var")
-        if running_mean is not None and momentum is not None:
-            with torch.no_grad():
-                running_mean.mul_(1 - momentum).add_(mean.detach() * momentum)
-                running_var.mul_(1 - momentum).add_(var.detach() * (count / (count - 1)) * momentum)
-        return out
 
 
 class BatchedTraining:
@@ -308,7 +270,7 @@ def _vmapped_losses(model: nn.Module) -> tuple[Callable, Callable, MaskedBatchNo
     `plain` for equal batches, `masked(..., mask (a, B))` for padded ones (run it inside the returned mode)."""
     from torch.func import functional_call, vmap
 
-    mode = MaskedBatchNorm()
+    mode = nets.MaskedBatchNorm()
 
     def plain(params, buffers, x, y):
         _, logits = functional_call(model, (params, buffers), (x,))

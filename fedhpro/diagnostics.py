@@ -45,14 +45,17 @@ import math
 from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-import torch.nn.functional as F
-from torch import nn
+
+from fedhpro.lazy import lazy_module, no_grad
+
+torch = lazy_module("torch")
+F = lazy_module("torch.nn.functional")
 
 if TYPE_CHECKING:  # type hints only: the engine imports this module
+    from torch import nn
     from fedhpro.engine import ClientData, Context
 
-ClassSignal = tuple[torch.Tensor, torch.Tensor]  # (C x d rows, (C,) bool presence mask)
+ClassSignal = tuple["torch.Tensor", "torch.Tensor"]  # (C x d rows, (C,) bool presence mask)
 
 SAMPLES_PER_CLASS = 8  # training samples per client and class that form a local prototype (cost cap)
 SIGNAL_COLUMNS = ("proto_sep_mean_deg", "proto_sep_min_deg", "proto_consistency", "proto_cons_centred",
@@ -83,7 +86,7 @@ def mean_cosine(local: torch.Tensor, local_present: torch.Tensor, signal: torch.
     return float(cos.mean())
 
 
-@torch.no_grad()
+@no_grad
 def first_per_class(y: torch.Tensor, per_class: int) -> torch.Tensor:
     """Indices (ascending) of the first `per_class` samples of every class in `y`: a fixed, draw-free subsample."""
     order = torch.argsort(y, stable=True)
@@ -93,7 +96,7 @@ def first_per_class(y: torch.Tensor, per_class: int) -> torch.Tensor:
     return torch.sort(order[rank < per_class]).values
 
 
-@torch.no_grad()
+@no_grad
 def class_means(model: nn.Module, ctx: "Context", client: "ClientData", batch_size: int,
                 per_class: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-class mean of `model.features` (eval mode, fp32) over the client's training data (its first
@@ -152,7 +155,7 @@ class LocalPrototypes:
         self.protos.append(local)
         self.present.append(present)
 
-    @torch.no_grad()
+    @no_grad
     def add_all(self, model: nn.Module, clients: list["ClientData"]) -> None:
         """`add` for every client with one shared model (global mode), in one batched pass over all samples."""
         model.eval()

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import math
 
-import torch
-import torch.nn.functional as F
+from fedhpro.lazy import lazy_module
+
+torch = lazy_module("torch")
+F = lazy_module("torch.nn.functional")
 
 STRATEGY = ("color", "crop", "cutout", "flip", "scale", "rotate")
 

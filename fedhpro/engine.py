@@ -28,19 +28,21 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
-import torch
-import torch.nn.functional as F
-from torch import nn
 
 from fedhpro.batched import BatchedTraining
 from fedhpro.clientstore import make_client_store
 from fedhpro.diagnostics import ClassSignal, LocalPrototypes, weighted_accuracy
 from fedhpro.faults import fault_point
+from fedhpro.lazy import lazy_module, no_grad
 # The client side of the contract lives in `fedhpro.local`; methods import it from here.
-from fedhpro.local import (AUTOCAST_DTYPES, ClientBase, ClientData, Context, Diverged, LocalTraining,  # noqa: F401
+from fedhpro.local import (ClientBase, ClientData, Context, Diverged, LocalTraining,  # noqa: F401
                            autocast_context, batches, check_precision, derive_seed, make_grad_scaler,
                            uses_channels_last)
 from fedhpro.payload import ENGINE_METADATA, tensor_bytes  # noqa: F401
+
+torch = lazy_module("torch")
+F = lazy_module("torch.nn.functional")
+nn = lazy_module("torch.nn")
 
 
 def fedavg(states: list[dict[str, torch.Tensor]], weights: list[float]) -> dict[str, torch.Tensor]:
@@ -188,7 +190,7 @@ class RoundResult:
     time_eval: float = 0.0
 
 
-@torch.no_grad()
+@no_grad
 def evaluate(score_fn: Callable[[torch.Tensor], torch.Tensor], ctx: Context, x: torch.Tensor, y: torch.Tensor,
              batch_size: int) -> tuple[torch.Tensor, float]:
     """Per-sample correctness and mean CE loss of `score_fn` on (x, y); scores under `precision`'s autocast,

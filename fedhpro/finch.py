@@ -20,8 +20,10 @@ Not implemented: the reference's `ensure_early_exit` distance cut, `req_clust` a
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
+from fedhpro.lazy import lazy_module
+
+torch = lazy_module("torch")
+F = lazy_module("torch.nn.functional")
 
 DISTANCES = ("cosine", "euclidean")
 

@@ -14,15 +14,17 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 import numpy as np
-import torch
-import torch.nn.functional as F
-from torch import nn
 
 from fedhpro.augment import apply_augment
 from fedhpro.errors import ConfigError
 from fedhpro.faults import fault_point
+from fedhpro.lazy import lazy_module
+
+torch = lazy_module("torch")
+F = lazy_module("torch.nn.functional")
 
 if TYPE_CHECKING:  # an annotation only: fedhpro.config asks the batched engine (which imports this module)
+    from torch import nn
     from fedhpro.config import RunConfig
 
 
@@ -39,12 +41,14 @@ class Diverged(RuntimeError):
 # gradients whose low-precision rounding (bf16: 8 significant bits) would dominate the distance being
 # minimised, and the server steps are tiny matrix products where low precision saves nothing.
 # With the defaults (fp32, channels_last false) none of this changes a single operation.
-AUTOCAST_DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+def autocast_dtype(precision: str) -> "torch.dtype | None":
+    """The autocast dtype of `precision` (None: fp32, no autocast); a function so that importing needs no torch."""
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
 def autocast_context(ctx: "Context") -> contextlib.AbstractContextManager:
     """`torch.autocast` on the run device with the dtype of `precision`; a no-op context for fp32."""
-    dtype = AUTOCAST_DTYPES[ctx.cfg.precision]
+    dtype = autocast_dtype(ctx.cfg.precision)
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=ctx.device.type, dtype=dtype)

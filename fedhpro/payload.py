@@ -5,7 +5,9 @@ from __future__ import annotations
 from collections.abc import Collection
 from typing import Any
 
-import torch
+from fedhpro.lazy import lazy_module
+
+torch = lazy_module("torch")
 
 # Upload keys the engine itself adds: the sample count (aggregation weight) and the client id.
 ENGINE_METADATA = ("num_samples", "cid")

@@ -149,7 +149,7 @@ def test_divergence_is_reported(digits):
 def test_masked_batch_norm_equals_the_kernel_on_the_valid_rows():
     from torch.func import vmap
 
-    from fedhpro.batched import MaskedBatchNorm
+    from fedhpro.nets import MaskedBatchNorm
 
     gen = torch.Generator().manual_seed(0)
     sizes = [5, 3, 7]

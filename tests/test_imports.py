@@ -1,6 +1,6 @@
 """The package's import graph has no cycles: every `import`/`from ... import` of a `fedhpro` module, at module
-level or inside a function (a late import hides a cycle without removing it), except those under
-`if TYPE_CHECKING:` (never executed)."""
+level or inside a function (a late import hides a cycle without removing it) or through `lazy_module("fedhpro...")`,
+except those under `if TYPE_CHECKING:` (never executed)."""
 
 import ast
 from pathlib import Path
@@ -38,6 +38,9 @@ def imports_of(path: Path, modules: set[str]) -> set[str]:
     for node in _runtime_nodes(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             out |= {a.name for a in node.names if a.name in modules}
+        elif (isinstance(node, ast.Call) and getattr(node.func, "id", None) == "lazy_module" and node.args
+              and isinstance(node.args[0], ast.Constant) and node.args[0].value in modules):
+            out.add(node.args[0].value)  # fedhpro.lazy: imported on first use, an import all the same
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             for alias in node.names:
                 sub = f"{node.module}.{alias.name}"

@@ -13,7 +13,7 @@ from fedhpro.config import ConfigError, from_dict
 from fedhpro.engine import tensor_bytes
 from fedhpro.methods.fedsa import (Client, Params, Server, anchor_loss_terms, ema_anchors, init_anchors,
                                    mean_nearest_gap)
-from fedhpro.models import FeatureClassifier
+from fedhpro.nets import FeatureClassifier
 from fedhpro.train import build_context, train
 
 BASE = {**METHOD_BASE, "method": "fedsa"}

@@ -10,8 +10,8 @@ import torch
 from conftest import METHOD_BASE, MODES
 from fedhpro.config import ConfigError, from_dict
 from fedhpro.engine import tensor_bytes
-from fedhpro.methods.fedtgp import (Params, Server, TrainablePrototypes, adaptive_margin, euclidean_distances,
-                                    margin_contrastive_loss)
+from fedhpro.methods.fedtgp import Params, Server, adaptive_margin, euclidean_distances, margin_contrastive_loss
+from fedhpro.nets import TrainablePrototypes
 from fedhpro.train import build_context, train
 
 BASE = {**METHOD_BASE, "method": "fedtgp"}

@@ -10,10 +10,10 @@ from conftest import METHOD_BASE
 from fedhpro.config import from_dict
 from fedhpro.engine import Engine, tensor_bytes
 from fedhpro.methods import METHODS
-from fedhpro.methods.gfpl import (Client, DualClassifierNet, Server, bhattacharyya_diag, client_gmm_prototypes,
-                                  dot_regression_loss, fuse_components, fuse_uploads, hybrid_loss,
-                                  merge_pair, retrain_heads, sample_pseudo_features,
-                                  simplex_etf)
+from fedhpro.methods.gfpl import (Client, Server, bhattacharyya_diag, client_gmm_prototypes, dot_regression_loss,
+                                  fuse_components, fuse_uploads, hybrid_loss, merge_pair, retrain_heads,
+                                  sample_pseudo_features, simplex_etf)
+from fedhpro.nets import DualClassifierNet
 from fedhpro.train import build_context, train
 
 BASE = {**METHOD_BASE, "method": "gfpl",

@@ -39,12 +39,14 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import torch
 
 from fedhpro.data.registry import ArrayData, DatasetSpec, register
 from fedhpro.data.imagefolder import (FolderArrays, cache_path, find_folder_source, is_archive,
                                       read_image_folder_cached)
 from fedhpro.download import RemoteFile
+from fedhpro.lazy import lazy_module
+
+torch = lazy_module("torch")
 
 log = logging.getLogger(__name__)
 

@@ -79,7 +79,6 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import torch
 
 from fedhpro.data.registry import ArrayData, DatasetSpec, register
 from fedhpro.data.imagefolder import (FolderArrays, _load_npz, _save_npz, cache_path, channel_stats,
@@ -87,6 +86,9 @@ from fedhpro.data.imagefolder import (FolderArrays, _load_npz, _save_npz, cache_
 from fedhpro.data.mnist_family import (IDX_FILES, MNIST_REMOTES, find_file, read_bytes, read_idx_dataset,
                                        search_dirs)
 from fedhpro.download import ArchiveError, RemoteFile, mirror_checksum, verify
+from fedhpro.lazy import lazy_module
+
+torch = lazy_module("torch")
 
 log = logging.getLogger(__name__)
 

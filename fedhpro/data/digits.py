@@ -12,10 +12,12 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
-import torch
 
 from fedhpro.errors import ConfigError
 from fedhpro.data.registry import ArrayData, DatasetSpec, register
+from fedhpro.lazy import lazy_module
+
+torch = lazy_module("torch")
 
 
 SIZE, CLASSES = 1797, 10  # load_digits: samples and classes

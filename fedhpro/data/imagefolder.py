@@ -45,10 +45,12 @@ from pathlib import Path, PurePosixPath
 from typing import Callable, Iterable
 
 import numpy as np
-import torch
 
+from fedhpro.lazy import lazy_module
 from fedhpro.runio import atomic_savez
 from fedhpro.data.registry import ArrayData, DatasetSpec, register
+
+torch = lazy_module("torch")
 
 log = logging.getLogger(__name__)
 

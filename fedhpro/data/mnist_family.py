@@ -65,12 +65,14 @@ from pathlib import Path, PurePosixPath
 from typing import Callable
 
 import numpy as np
-import torch
 
+from fedhpro.lazy import lazy_module
 from fedhpro.runio import atomic_savez
 from fedhpro.data.registry import ArrayData, DatasetSpec, register
 from fedhpro.data.imagefolder import cache_path, channel_stats
 from fedhpro.download import ArchiveError, RemoteFile
+
+torch = lazy_module("torch")
 
 log = logging.getLogger(__name__)
 

@@ -52,13 +52,15 @@ import zlib
 from pathlib import Path, PurePosixPath
 
 import numpy as np
-import torch
 
 from fedhpro.data.registry import ArrayData, DatasetSpec, register
 from fedhpro.data.digit_domains import IMAGENET_MEAN, IMAGENET_STD, subset
 from fedhpro.data.imagefolder import (FolderArrays, _collect, _load_npz, _save_npz, cache_path, decode_image,
                                       is_archive)
 from fedhpro.download import ArchiveError, RemoteFile
+from fedhpro.lazy import lazy_module
+
+torch = lazy_module("torch")
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-import torch
+from fedhpro.lazy import lazy_module
+
+torch = lazy_module("torch")
 
 
 @dataclass

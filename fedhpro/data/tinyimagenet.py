@@ -49,12 +49,14 @@ from pathlib import Path, PurePosixPath
 from typing import Callable, Iterator
 
 import numpy as np
-import torch
 
 from fedhpro.data.registry import ArrayData, DatasetSpec, register
 from fedhpro.data.imagefolder import (IMAGE_EXTENSIONS, FolderArrays, _load_npz, _save_npz, cache_path,
                                       is_archive)
 from fedhpro.download import ArchiveError, RemoteFile
+from fedhpro.lazy import lazy_module
+
+torch = lazy_module("torch")
 
 log = logging.getLogger(__name__)
 

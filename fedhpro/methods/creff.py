@@ -20,15 +20,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-import torch.nn.functional as F
-from torch import nn
-
 from fedhpro.dsa import siamese_augment
 from fedhpro.engine import ClientBase, ClientData, Context, ServerBase
+from fedhpro.lazy import lazy_module
 from fedhpro.methods import Method, param
 from fedhpro.methods.prototypes import mean_over_clients
 from fedhpro.methods.gradients import class_gradients, classifier_gradient_distance, synthetic_gradients
+
+torch = lazy_module("torch")
+F = lazy_module("torch.nn.functional")
+nn = lazy_module("torch.nn")
 
 
 @dataclass(frozen=True)

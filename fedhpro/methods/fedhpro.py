@@ -82,14 +82,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-import torch.nn.functional as F
-from torch import nn
-
 from fedhpro.engine import ClientBase, Context, ServerBase
+from fedhpro.lazy import lazy_module
 from fedhpro.methods import Method, param
 from fedhpro.methods.creff import FederatedFeatures, client_class_gradients, mean_over_clients
 from fedhpro.methods.gradients import synthetic_gradients, vector_distance
+
+torch = lazy_module("torch")
+F = lazy_module("torch.nn.functional")
+nn = lazy_module("torch.nn")
 
 HEAD_KEYS = ("classifier.weight", "classifier.bias")  # the shared head in personalized mode
 

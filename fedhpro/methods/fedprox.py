@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from fedhpro.engine import ClientBase, ServerBase
+from fedhpro.lazy import lazy_module
 from fedhpro.methods import Method, param
+
+torch = lazy_module("torch")
 
 
 @dataclass(frozen=True)

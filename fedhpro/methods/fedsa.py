@@ -27,15 +27,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-import torch.nn.functional as F
-from torch import nn
-
 from fedhpro.engine import ClientBase, Context, ServerBase
+from fedhpro.lazy import lazy_module
 from fedhpro.methods import Method, param
 from fedhpro.methods.fedtgp import margin_contrastive_loss, nearest_gaps
 from fedhpro.methods.prototypes import (PrototypeAccumulator, PrototypeEvaluation, mean_over_clients,
                                         uploaded_prototypes)
+
+torch = lazy_module("torch")
+F = lazy_module("torch.nn.functional")
+nn = lazy_module("torch.nn")
 
 
 @dataclass(frozen=True)

@@ -24,14 +24,19 @@ outcome); the generator is initialised from the run seed.
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-import torch
-import torch.nn.functional as F
-from torch import nn
+from typing import TYPE_CHECKING
 
 from fedhpro.engine import Context, ServerBase
+from fedhpro.lazy import lazy_module
 from fedhpro.methods import Method, fedproto, param
 from fedhpro.methods.prototypes import mean_over_clients, nearest_prototype_scores
+
+if TYPE_CHECKING:
+    from torch import nn
+
+torch = lazy_module("torch")
+F = lazy_module("torch.nn.functional")
+nets = lazy_module("fedhpro.nets")  # TrainablePrototypes, the TGP generator
 
 
 DIST_EPS = 1e-8  # added under the square root of the expanded squared distance
@@ -80,20 +85,6 @@ def adaptive_margin(means: torch.Tensor, present: torch.Tensor, threshold: float
     return min(gaps.max().item(), float(threshold)), gaps
 
 
-class TrainablePrototypes(nn.Module):
-    """The TGP generator: class id -> Embedding(C, d) -> Linear(d, d_h) -> ReLU -> Linear(d_h, d)."""
-
-    def __init__(self, num_classes: int, feature_dim: int, hidden_dim: int | None = None):
-        super().__init__()
-        hidden_dim = hidden_dim or feature_dim
-        self.embeddings = nn.Embedding(num_classes, feature_dim)
-        self.middle = nn.Sequential(nn.Linear(feature_dim, hidden_dim), nn.ReLU())
-        self.fc = nn.Linear(hidden_dim, feature_dim)
-
-    def forward(self, class_ids: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.middle(self.embeddings(class_ids)))
-
-
 class Client(fedproto.PrototypeClient):
     """FedProto's client (CE + lambda MSE) with the trainable global prototypes as targets."""
 
@@ -105,7 +96,7 @@ class Server(ServerBase):
     def __init__(self, ctx: Context):
         super().__init__(ctx)
         c, d = ctx.num_classes, ctx.feature_dim
-        self.generator = TrainablePrototypes(c, d).to(ctx.device)
+        self.generator = nets.TrainablePrototypes(c, d).to(ctx.device)
         self.prototypes = torch.zeros(c, d, device=ctx.device)
         self.trained = torch.tensor(False)  # no global prototypes before the first server update (code)
         self.margin = float("nan")  # this round's delta (diagnostics)

@@ -32,13 +32,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-import torch.nn.functional as F
-
 from fedhpro.engine import ClientBase, Context, ServerBase
 from fedhpro.finch import finch
+from fedhpro.lazy import lazy_module
 from fedhpro.methods import Method, param
 from fedhpro.methods.prototypes import PrototypeAccumulator
+
+torch = lazy_module("torch")
+F = lazy_module("torch.nn.functional")
 
 
 @dataclass(frozen=True)

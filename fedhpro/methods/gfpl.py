@@ -56,15 +56,22 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
-import torch
-import torch.nn.functional as F
-from torch import nn
 
 from fedhpro.engine import ClientBase, ClientData, Context, ServerBase, derive_seed
+from fedhpro.lazy import lazy_module, no_grad
 from fedhpro.methods import Method, param
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from fedhpro.nets import DualClassifierNet
+
+torch = lazy_module("torch")
+F = lazy_module("torch.nn.functional")
+nets = lazy_module("fedhpro.nets")  # DualClassifierNet
 
 
 @dataclass(frozen=True)
@@ -107,54 +114,13 @@ def simplex_etf(dim: int, num_classes: int, gen: torch.Generator) -> torch.Tenso
     return (math.sqrt(c / (c - 1)) * u @ centre).float()
 
 
-class DualClassifierNet(nn.Module):
-    """Extractor (any project model's `.features`) + projection layer -> normalised h scored by a fixed ETF,
-    plus the learnable classifier W; `forward(x) -> (z, W logits)`, `.features(x) -> z`."""
-
-    def __init__(self, base: nn.Module, projection_dim: int, num_classes: int, projection_bn: bool,
-                 classifier_input: str, etf: torch.Tensor):
-        super().__init__()
-        self.base = base
-        self.feature_dim = base.feature_dim
-        layers: list[nn.Module] = [nn.Linear(base.feature_dim, projection_dim)]
-        if projection_bn:
-            layers.append(nn.BatchNorm1d(projection_dim))
-        self.projector = nn.Sequential(*layers)
-        self.classifier_input = classifier_input
-        if classifier_input == "projection":
-            base.classifier = nn.Linear(projection_dim, num_classes)
-        self.register_buffer("etf", etf.clone(), persistent=False)
-
-    @property
-    def classifier(self) -> nn.Module:
-        return self.base.classifier
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base.features(x)
-
-    def heads(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(unit projected feature h (B, p), W logits (B, C)) from extractor features z."""
-        g = self.projector(z)
-        h = F.normalize(g, dim=1, eps=1e-8)
-        logits = self.classifier(z if self.classifier_input == "feature" else g)
-        return h, logits
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        z = self.features(x)
-        return z, self.heads(z)[1]
-
-    def head_parameters(self) -> list[nn.Parameter]:
-        """The parameters retrained on pseudo-features: projection layer and W (the extractor stays frozen)."""
-        return list(self.projector.parameters()) + list(self.classifier.parameters())
-
-
 def model_wrapper(ctx: Context) -> Callable[[nn.Module], nn.Module]:
     """The model hook (`Context.install_model_wrapper`): every model of the run becomes a `DualClassifierNet`
     around it, with one ETF (from the run seed) shared by all of them."""
     p = ctx.params
     dim = max(p.projection_dim, ctx.num_classes)
     etf = simplex_etf(dim, ctx.num_classes, torch.Generator().manual_seed(derive_seed(ctx.cfg.seed, 0xE7F)))
-    return lambda base: DualClassifierNet(base, dim, ctx.num_classes, p.projection_bn, p.classifier_input, etf)
+    return lambda base: nets.DualClassifierNet(base, dim, ctx.num_classes, p.projection_bn, p.classifier_input, etf)
 
 
 def dot_regression_loss(h: torch.Tensor, labels: torch.Tensor, etf: torch.Tensor) -> torch.Tensor:
@@ -195,7 +161,7 @@ def fit_class_gmm(x: np.ndarray, components: int, reg_covar: float, seed: int
     return gmm.weights_, gmm.means_, gmm.covariances_
 
 
-@torch.no_grad()
+@no_grad
 def extractor_features(model: nn.Module, ctx: Context, client: ClientData, batch_size: int = 256) -> torch.Tensor:
     """Eval-mode extractor features z of every local training sample (no augmentation)."""
     model.eval()

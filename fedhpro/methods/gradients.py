@@ -23,8 +23,10 @@ Distances (`utils/gradient_matching.py`):
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
+from fedhpro.lazy import lazy_module
+
+torch = lazy_module("torch")
+F = lazy_module("torch.nn.functional")
 
 EPS = 1e-6
 

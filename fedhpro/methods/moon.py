@@ -40,12 +40,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-import torch
-import torch.nn.functional as F
-from torch import nn
-
 from fedhpro.engine import ClientBase, Context, ServerBase
+from fedhpro.lazy import lazy_module
 from fedhpro.methods import Method, param
+
+torch = lazy_module("torch")
+F = lazy_module("torch.nn.functional")
+nn = lazy_module("torch.nn")
 
 
 @dataclass(frozen=True)

@@ -35,11 +35,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-import torch.nn.functional as F
-
+from fedhpro.lazy import lazy_module, no_grad
 from fedhpro.methods import Method, fedproto, param
 from fedhpro.methods.prototypes import mean_over_clients
+
+torch = lazy_module("torch")
+F = lazy_module("torch.nn.functional")
 
 
 @dataclass(frozen=True)
@@ -80,7 +81,7 @@ def riesz_energy(p: torch.Tensor, energy_exponent: float = 0.0) -> torch.Tensor:
     return -r.log().sum() if energy_exponent == 0 else (r.pow(-energy_exponent) / energy_exponent).sum()
 
 
-@torch.no_grad()
+@no_grad
 def thomson_align(prototypes: torch.Tensor, iterations: int = 500, lr: float = 0.1, momentum: float = 0.9,
                   energy_exponent: float = 0.0, early_stop_start: int = 10, patience: int = 10
                   ) -> tuple[torch.Tensor, int]:

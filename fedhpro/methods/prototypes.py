@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
 from fedhpro.engine import ClientData, Context
+from fedhpro.lazy import lazy_module, no_grad
+
+if TYPE_CHECKING:
+    from torch import nn
+
+torch = lazy_module("torch")
 
 
 class PrototypeAccumulator:
@@ -33,7 +38,7 @@ class PrototypeAccumulator:
         return classes, self.sums[classes] / self.counts[classes, None]
 
 
-@torch.no_grad()
+@no_grad
 def local_prototypes(model: nn.Module, ctx: Context, client: ClientData, batch_size: int = 256
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-class mean features over the client's training data, model in eval mode (FedTGP/ProtoNorm timing)."""

@@ -1,0 +1,63 @@
+"""Modules imported on first use, so that validating a workflow config never imports torch.
+
+Snakemake's own process validates the workflow config and builds the run table
+(`fedhpro.runtable.build_run_table`): the method, dataset and model registries and every config
+check. That process lives for the whole sweep on the submit host, often a login node with a few GB
+per user, and importing torch costs it ~0.6 GB resident (torchvision, PIL and friends more). So the
+modules on that path bind torch lazily, ``torch = lazy_module("torch")``, and define nothing at
+import time that needs it (the nn.Module architectures live in `fedhpro.nets`, reached the same
+way); ``tests/test_torch_free.py`` checks that the validation path leaves torch unimported.
+
+`lazy_module(name)` returns a stand-in module that imports the real one on its first attribute
+access and then copies the real module's namespace into itself: from then on ``torch.zeros`` is a
+plain attribute read (no per-call overhead in training loops). Names the copy lacks (torch's own
+lazily loaded submodules, attributes set after the copy) still fall through to the real module.
+The stand-in is not registered in `sys.modules`, so ``"torch" in sys.modules`` stays a true
+answer to "was torch imported".
+
+`no_grad` replaces the decorator ``@torch.no_grad()``, which would need torch when the decorated
+function is defined; this one enters ``torch.no_grad()`` when the function is called.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import types
+from typing import Any, Callable, TypeVar
+
+__all__ = ["lazy_module", "no_grad"]
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+class _LazyModule(types.ModuleType):
+    """A module whose namespace is filled from the real module `__name__` on the first attribute access."""
+
+    def __getattr__(self, attr: str) -> Any:  # only called for names not (yet) in the namespace
+        real = importlib.import_module(self.__name__)
+        if not self.__dict__.get("_lazy_loaded"):
+            self.__dict__.update(real.__dict__)
+            self.__dict__["_lazy_loaded"] = True
+            if attr in self.__dict__:
+                return self.__dict__[attr]
+        return getattr(real, attr)
+
+
+def lazy_module(name: str) -> types.ModuleType:
+    """A stand-in for module `name` that imports it on the first attribute access (see the module docstring)."""
+    return _LazyModule(name)
+
+
+_torch = lazy_module("torch")
+
+
+def no_grad(fn: _F) -> _F:
+    """``@torch.no_grad()`` without importing torch at definition time: the call runs under torch.no_grad()."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with _torch.no_grad():
+            return fn(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
