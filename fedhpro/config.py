@@ -74,13 +74,13 @@ def _method_names() -> tuple[str, ...]:
 
 
 def _dataset_names() -> tuple[str, ...]:
-    from fedhpro.data import DATASETS  # late import: loaders import numpy/torch
+    from fedhpro.data import DATASETS  # late import: loads every dataset's loader module
 
     return tuple(sorted(DATASETS))
 
 
 def _model_names() -> tuple[str, ...]:
-    from fedhpro.models import MODELS  # late import: models import torch
+    from fedhpro.models import MODELS  # late import: loads the model registries
 
     return tuple(sorted(MODELS))
 
@@ -192,7 +192,7 @@ class RunConfig:
     def canonical_dict(self) -> dict[str, Any]:
         """The run's identity: the values that differ from their defaults (method_params: from the method's
         defaults), data location and execution keys left out, plus the method's behaviour revision when above 0."""
-        from fedhpro.methods import method_revision, resolve_params  # late import: methods import torch
+        from fedhpro.methods import method_revision, resolve_params  # late import: loads the method's module
 
         defaults = RunConfig().to_dict()
         out = {k: v for k, v in self.to_dict().items()
@@ -337,7 +337,7 @@ def from_dict(raw: Mapping[str, Any]) -> RunConfig:
     values.setdefault("method", RunConfig.method)
     cfg = RunConfig(**values)
     check_runnable(cfg)
-    from fedhpro.methods import resolve_params  # late import: methods import torch
+    from fedhpro.methods import resolve_params  # late import: loads the method's module
 
     if revision is not None:
         check_revision(cfg.method, revision)
@@ -407,7 +407,7 @@ def check_runnable(cfg: RunConfig) -> None:
     if cfg.eval_mode == "personalized" and cfg.effective_local_test_fraction == 0 and cfg.partition != "nway":
         raise ConfigError("config key 'local_test_fraction': 0 leaves personalized clients no local test split, "
                           "so nothing would be evaluated (accuracy NaN); use e.g. 0.25 or leave it unset")
-    if cfg.engine == "batched":  # late import: the batched engine imports torch
+    if cfg.engine == "batched":  # late import: the batched engine and the modules it imports
         from fedhpro.batched import check_batchable
         from fedhpro.methods import METHODS
 

@@ -590,7 +590,7 @@ def partition_labels(labels, *, scheme, num_clients, seed, alpha=None, classes_p
 # --------------------------------------------------------------------------- files
 def _atomic_write(path: Path, write) -> None:
     """Write via `write(fileobj)` to a temporary name in the same folder, then rename (umask mode)."""
-    from fedhpro.runio import atomic_stream  # late: runio imports torch
+    from fedhpro.runio import atomic_stream  # late: runio imports pandas and pyarrow
 
     atomic_stream(path, write)
 

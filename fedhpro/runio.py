@@ -27,12 +27,12 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from fedhpro.faults import fault_point
 from fedhpro.lazy import lazy_module
 
-pa = lazy_module("pyarrow")
-pq = lazy_module("pyarrow.parquet")
 torch = lazy_module("torch")
 
 METRICS_SCHEMA_VERSION = 1

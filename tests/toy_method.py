@@ -6,11 +6,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-import torch.nn.functional as F
-
 from fedhpro.engine import ClientBase, ServerBase
+from fedhpro.lazy import lazy_module
 from fedhpro.methods import Method, param
+
+torch = lazy_module("torch")  # a method file imports without torch (tests/test_torch_free.py)
+F = lazy_module("torch.nn.functional")
 
 
 @dataclass(frozen=True)
