@@ -13,7 +13,9 @@ access and then copies the real module's namespace into itself: from then on ``t
 plain attribute read (no per-call overhead in training loops). Names the copy lacks (torch's own
 lazily loaded submodules, attributes set after the copy) still fall through to the real module.
 The stand-in is not registered in `sys.modules`, so ``"torch" in sys.modules`` stays a true
-answer to "was torch imported".
+answer to "was torch imported". One consequence of the copy: a test that replaces a function of the
+real module after the first access must patch the stand-in where it is used, e.g.
+``monkeypatch.setattr(fedhpro.runio.torch, "load", ...)``, not ``torch.load``.
 
 `no_grad` replaces the decorator ``@torch.no_grad()``, which would need torch when the decorated
 function is defined; this one enters ``torch.no_grad()`` when the function is called.
@@ -31,22 +33,23 @@ __all__ = ["lazy_module", "no_grad"]
 _F = TypeVar("_F", bound=Callable[..., Any])
 
 
-class _LazyModule(types.ModuleType):
-    """A module whose namespace is filled from the real module `__name__` on the first attribute access."""
-
-    def __getattr__(self, attr: str) -> Any:  # only called for names not (yet) in the namespace
-        real = importlib.import_module(self.__name__)
-        if not self.__dict__.get("_lazy_loaded"):
-            self.__dict__.update(real.__dict__)
-            self.__dict__["_lazy_loaded"] = True
-            if attr in self.__dict__:
-                return self.__dict__[attr]
-        return getattr(real, attr)
-
-
 def lazy_module(name: str) -> types.ModuleType:
-    """A stand-in for module `name` that imports it on the first attribute access (see the module docstring)."""
-    return _LazyModule(name)
+    """A stand-in for module `name` that imports it on the first attribute access (see the module docstring).
+
+    A plain module object whose module-level ``__getattr__`` (PEP 562, consulted only for names its namespace
+    lacks) does the import and the copy, then becomes the fall-through to the real module: no class-level
+    ``__getattr__``, so once filled an attribute read costs what it costs on the real module.
+    """
+    stand_in = types.ModuleType(name)
+
+    def load(attr: str) -> Any:
+        real = importlib.import_module(name)
+        stand_in.__dict__.update(real.__dict__)  # includes the real module's own __getattr__, replaced next
+        stand_in.__dict__["__getattr__"] = lambda missing: getattr(real, missing)
+        return getattr(stand_in, attr)
+
+    stand_in.__dict__["__getattr__"] = load
+    return stand_in
 
 
 _torch = lazy_module("torch")

@@ -489,12 +489,13 @@ def test_tampered_or_truncated_checkpoint_is_refused_and_never_loaded(tmp_path, 
             assert "corrupt or tampered" in line, line
             assert (tmp_path / name / CHECKPOINT).read_bytes() == variants[name]  # left for the user to inspect
             assert not (tmp_path / name / METRICS).exists()
-    # never loaded: torch.load is not even called for a file whose hash does not match
-    import torch
+    # never loaded: torch.load is not even called for a file whose hash does not match (patched where runio
+    # reads it: its lazily bound torch, fedhpro.lazy)
+    from fedhpro import runio
 
     calls = []
-    real_load = torch.load
-    monkeypatch.setattr(torch, "load", lambda *a, **kw: calls.append(1) or real_load(*a, **kw))
+    real_load = runio.torch.load
+    monkeypatch.setattr(runio.torch, "load", lambda *a, **kw: calls.append(1) or real_load(*a, **kw))
     for name in variants:
         with pytest.raises(CheckpointError, match="truncated" if name == "truncated_header" else "tampered"):
             load_checkpoint(tmp_path / name)
