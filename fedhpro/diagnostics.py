@@ -53,6 +53,7 @@ F = lazy_module("torch.nn.functional")
 
 if TYPE_CHECKING:  # type hints only: the engine imports this module
     from torch import nn
+
     from fedhpro.engine import ClientData, Context
 
 ClassSignal = tuple["torch.Tensor", "torch.Tensor"]  # (C x d rows, (C,) bool presence mask)

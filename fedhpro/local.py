@@ -25,6 +25,7 @@ F = lazy_module("torch.nn.functional")
 
 if TYPE_CHECKING:  # an annotation only: fedhpro.config asks the batched engine (which imports this module)
     from torch import nn
+
     from fedhpro.config import RunConfig
 
 
