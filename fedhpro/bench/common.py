@@ -19,6 +19,7 @@ import torch
 from fedhpro.config import RunConfig, from_dict
 from fedhpro.data import ArrayData, load_dataset
 from fedhpro.engine import Engine
+from fedhpro.local import batch_sizes
 from fedhpro.methods import fast_test_params
 from fedhpro.train import build_context, start_engine
 
@@ -245,8 +246,8 @@ def synthetic_digits(num_samples: int, seed: int = 0) -> ArrayData:
 
 
 def trained_samples(n: int, batch_size: int, epochs: int) -> int:
-    """Samples `engine.batches` feeds per client (a trailing batch of one sample is dropped)."""
-    return epochs * (n - 1 if n > 1 and n % batch_size == 1 else n)
+    """Samples `engine.batches` feeds per client in `epochs` epochs (`fedhpro.local.batch_sizes`)."""
+    return epochs * sum(batch_sizes(n, batch_size))
 
 
 def new_engine(run_cfg: RunConfig, data: ArrayData, out_dir: Path | None = None) -> Engine:
