@@ -21,6 +21,7 @@ from fedhpro.data import ArrayData, load_dataset
 from fedhpro.engine import Engine
 from fedhpro.local import batch_sizes
 from fedhpro.methods import fast_test_params
+from fedhpro.plan import cpu_model
 from fedhpro.train import build_context, start_engine
 
 # ---------------------------------------------------------------------------------------------- configs
@@ -88,16 +89,6 @@ def make_config(quick: bool, gpu: bool, device: str | None) -> BenchConfig:
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def machine_info(device: str, threads: int) -> dict:
     info = {"platform": platform.platform(), "python": platform.python_version(), "cpu": cpu_model(),
             "cpu_count": os.cpu_count(), "torch": torch.__version__, "device": device, "threads": threads,
