@@ -45,7 +45,7 @@ from torch.overrides import TorchFunctionMode
 
 from fedhpro.errors import ConfigError
 from fedhpro.faults import fault_point
-from fedhpro.local import ClientBase, ClientData, Context, Diverged, batches, derive_seed
+from fedhpro.local import ClientBase, ClientData, Context, Diverged, batch_sizes, batches, derive_seed
 
 if TYPE_CHECKING:  # pragma: no cover
     from fedhpro.engine import ClientModels
@@ -89,9 +89,8 @@ def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:
 
 
 def steps_per_round(num_samples: int, batch_size: int, epochs: int) -> int:
-    """Optimiser steps `ClientBase.train` takes: `engine.batches` per epoch (a trailing single sample dropped)."""
-    per_epoch = -(-num_samples // batch_size) - (1 if num_samples > 1 and num_samples % batch_size == 1 else 0)
-    return epochs * per_epoch
+    """Optimiser steps `ClientBase.train` takes: one per batch `fedhpro.local.batches` yields, every epoch."""
+    return epochs * len(batch_sizes(num_samples, batch_size))
 
 
 class MaskedBatchNorm(TorchFunctionMode):
