@@ -162,7 +162,7 @@ def keeps_batch(size: int, n: int) -> bool:
     """The one rule for which mini-batches of an epoch over `n` samples are trained: all but a batch of a
     single sample (BatchNorm cannot normalise one sample once the spatial size reaches 1x1; a deliberate,
     rare deviation from the official loader), unless the client has only that one sample. (So `batch_size: 1`
-    trains nothing on a client of two or more samples.)"""
+    would train nothing on a client of two or more samples: `RunConfig.batch_size` is at least 2.)"""
     return size != 1 or n <= 1
 
 
