@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 from fedhpro.errors import ConfigError
 from fedhpro.faults import fault_point
 from fedhpro.lazy import lazy_module
-from fedhpro.local import ClientBase, ClientData, Context, Diverged, batches, derive_seed
+from fedhpro.local import ClientBase, ClientData, Context, Diverged, batch_sizes, batches, derive_seed
 
 torch = lazy_module("torch")
 F = lazy_module("torch.nn.functional")
@@ -92,9 +92,8 @@ def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:
 
 
 def steps_per_round(num_samples: int, batch_size: int, epochs: int) -> int:
-    """Optimiser steps `ClientBase.train` takes: `engine.batches` per epoch (a trailing single sample dropped)."""
-    per_epoch = -(-num_samples // batch_size) - (1 if num_samples > 1 and num_samples % batch_size == 1 else 0)
-    return epochs * per_epoch
+    """Optimiser steps `ClientBase.train` takes: one per batch `fedhpro.local.batches` yields, every epoch."""
+    return epochs * len(batch_sizes(num_samples, batch_size))
 
 
 class BatchedTraining:

@@ -55,15 +55,20 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_methods(args: argparse.Namespace) -> int:
     from fedhpro.methods import describe_methods
 
-    if args.write_docs or args.check_docs:
-        from fedhpro.methodsdoc import update_docs
-
-        changed = update_docs(Path(args.root), write=args.write_docs)
-        for path in changed:
-            print(f"{'rewrote' if args.write_docs else 'out of date'}: {path}")
-        return 1 if args.check_docs and changed else 0
     print(describe_methods())
     return 0
+
+
+def cmd_docs(args: argparse.Namespace) -> int:
+    from fedhpro.docs import ROOT, update
+
+    stale = update(ROOT if args.root is None else Path(args.root), write=args.write)
+    for path in stale:
+        if args.write:
+            print(f"rewrote {path}")
+        else:
+            print(f"error: {path} is out of date: run fedhpro docs --write", file=sys.stderr)
+    return 1 if args.check and stale else 0
 
 
 def cmd_config(args: argparse.Namespace) -> int:
@@ -124,15 +129,19 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("schema", help="print (or --write) the workflow config's JSON schema, generated from the "
                    "declarations", add_help=False)
     p = sub.add_parser("methods", help="list methods with their hyperparameters and defaults",
-                       description="List every method, its paper, modes and hyperparameters; or rewrite the "
-                                   "docs' generated method tables from the declarations.")
-    docs = p.add_mutually_exclusive_group()
-    docs.add_argument("--write-docs", action="store_true",
-                      help="rewrite the generated method blocks of README.md and docs/*.md under --root")
-    docs.add_argument("--check-docs", action="store_true",
-                      help="exit 1, naming the files, if a generated method block is out of date")
-    p.add_argument("--root", default=".", help="the checkout whose docs to rewrite or check (default: .)")
+                       description="List every method, its paper, modes and hyperparameters.")
     p.set_defaults(func=cmd_methods)
+    p = sub.add_parser("docs", help="rewrite (or check) the docs' blocks generated from the declarations",
+                       description="Rewrite, or check, every generated block of README.md and docs/ (config "
+                                   "keys, method parameters, datasets, the methods table and declaration) from "
+                                   "the declarations in code (fedhpro.docs).")
+    mode = p.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--write", action="store_true", help="rewrite every generated block that is out of date")
+    mode.add_argument("--check", action="store_true",
+                      help="exit 1, naming the pages, if a committed block differs from its output")
+    p.add_argument("--root", default=None,
+                   help="the checkout whose README.md and docs/ to rewrite or check (default: this package's)")
+    p.set_defaults(func=cmd_docs)
     p = sub.add_parser("config", help="list every run config key with its type, default and help",
                        description="List every RunConfig key: its type, accepted values, default and help "
                                    "(with --method NAME, also that method's parameters).")

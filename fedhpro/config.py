@@ -138,7 +138,8 @@ class RunConfig:
     # -- optimisation
     rounds: int = param(10, "communication rounds", low=0, low_inclusive=False)
     local_epochs: int = param(1, "local epochs per round", low=0, low_inclusive=False)
-    batch_size: int = param(64, "local training batch size", low=0, low_inclusive=False)
+    batch_size: int = param(64, "local training batch size (at least 2: a batch of one sample is never trained, "
+                            "fedhpro.local.keeps_batch, so 1 would train nothing)", low=2)
     optimizer: str = param("sgd", "local optimizer", choices=OPTIMIZERS)
     lr: float = param(0.1, "local learning rate", low=0, low_inclusive=False, finite=True)
     momentum: float = param(0.0, "local SGD momentum", low=0, finite=True)

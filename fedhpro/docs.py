@@ -1,27 +1,41 @@
-"""The generated blocks of the `docs/` pages, written from the declarations in code.
+"""The generated blocks of README.md and the `docs/` pages, written from the declarations in code.
 
 A page marks a generated block with two lines, `<!-- generated: NAME -->` and `<!-- end generated: NAME -->`;
 what lies between them is the output of `BLOCKS[NAME]` and nothing else, so the reference (every run config
-key, every method's parameters, every dataset) cannot drift from the code that validates it.
-`python -m fedhpro.docs --write` rewrites every block; `python -m fedhpro.docs --check` (and
-`tests/test_docs.py`) fails naming each page whose committed block differs from its output.
-A new block is one entry in `BLOCKS` plus its two marker lines on the page.
+key, every method's parameters and declaration, every dataset) cannot drift from the code that validates it.
+`fedhpro docs --write` rewrites every block of every page; `fedhpro docs --check` (and `tests/test_docs.py`)
+fails naming each page whose committed blocks differ from their output. A new block is one entry in `BLOCKS`
+plus its two marker lines on a page. (`fedhpro schema --write` writes the workflow's JSON schema, a YAML
+file, not a page.) Blocks:
+
+- ``config keys``, ``method params``, ``datasets``: what `fedhpro config`, `fedhpro config --method NAME` and
+  `fedhpro datasets` print, as tables (docs/config.md, docs/datasets.md);
+- ``methods table``: every registered method, its paper, what it communicates, modes, engines, heterogeneity;
+- ``new method``: what adding a method takes, in one sentence (docs/methods.md);
+- ``method declaration``: that sentence and the fields of `Method` with their help (docs/adding-a-method.md).
 """
 
 from __future__ import annotations
 
-import argparse
-import sys
+import os
 from collections.abc import Callable
 from pathlib import Path
 
-DOCS = Path(__file__).resolve().parent.parent / "docs"
+ROOT = Path(__file__).resolve().parent.parent  # the checkout whose README.md and docs/ the blocks live in
+
+# What a new method takes (the test with tests/toy_method.py checks that it needs nothing more).
+NEW_METHOD_FILES = ("fedhpro/methods/<name>.py",)
+NEW_METHOD_EDITS = ("its line in `METHOD_MODULES` (`fedhpro/methods/__init__.py`)",)
+FIELDS_PAGE = "docs/adding-a-method.md"  # the page with the `method declaration` block
 
 
-def _cell(text: object) -> str:
-    """Text for one Markdown table cell: a `|` would end the cell, a newline the row, `<x>` be read as HTML
-    and `*` as emphasis."""
-    return str(text).replace("|", "\\|").replace("\n", " ").replace("<", "&lt;").replace("*", "\\*")
+def cell(text: object, code: bool = False) -> str:
+    """Text for one Markdown table cell: a `|` would end the cell, a line break the row; outside a code span
+    (`code=False`) runs of white space become one space and `<x>` would be read as HTML and `*` as emphasis.
+    With `code=True` the text goes in a code span as it is, only `|` escaped."""
+    text = str(text) if code else " ".join(str(text).split()).replace("<", "&lt;").replace("*", "\\*")
+    text = text.replace("|", "\\|")
+    return f"`{text}`" if code else text
 
 
 def _keys_table(cls: type) -> list[str]:
@@ -32,21 +46,20 @@ def _keys_table(cls: type) -> list[str]:
 
     rows = ["| key | type | default | accepted | help |", "|---|---|---|---|---|"]
     for name, (f, kind, nullable) in declared_fields(cls).items():
-        # as written in a config file (null, true, [], "text"), in a code span: only a `|` is escaped there
-        default = json.dumps(field_default(f)).replace("|", "\\|")
-        rows.append(f"| `{name}` | {describe_type(kind, nullable)} | `{default}` | "
-                    f"{_cell(describe_accepted(f))} | {_cell(f.metadata.get('help', ''))} |")
+        # the default as written in a config file (null, true, [], "text")
+        rows.append(f"| `{name}` | {describe_type(kind, nullable)} | {cell(json.dumps(field_default(f)), code=True)} | "
+                    f"{cell(describe_accepted(f))} | {cell(f.metadata.get('help', ''))} |")
     return rows
 
 
-def config_keys() -> str:
+def config_keys(doc_dir: str = ".") -> str:
     """Every run config key (`RunConfig`), as `fedhpro config` prints them."""
     from fedhpro.config import RunConfig
 
     return "\n".join(_keys_table(RunConfig))
 
 
-def method_params() -> str:
+def method_params(doc_dir: str = ".") -> str:
     """Every method's `method_params`, as `fedhpro config --method NAME` prints them, in registry order."""
     import dataclasses
 
@@ -61,32 +74,78 @@ def method_params() -> str:
     return "\n".join(parts).rstrip("\n")
 
 
-def datasets() -> str:
+def datasets(doc_dir: str = ".") -> str:
     """Every registered dataset, as `fedhpro datasets` prints them."""
     from fedhpro.data import DATASETS
 
     rows = ["| dataset | classes | default model | domains | what |", "|---|---|---|---|---|"]
     for name, spec in sorted(DATASETS.items()):
         rows.append(f"| `{name}` | {spec.num_classes or 'from the data'} | `{spec.default_model}` | "
-                    f"{_cell(', '.join(spec.domains)) if spec.domains else ''} | {_cell(spec.description or name)} |")
+                    f"{cell(', '.join(spec.domains)) if spec.domains else ''} | {cell(spec.description or name)} |")
     return "\n".join(rows)
 
 
-# block name -> (page under docs/, the function writing the block's text)
-BLOCKS: dict[str, tuple[str, Callable[[], str]]] = {
-    "config keys": ("config.md", config_keys),
-    "method params": ("config.md", method_params),
-    "datasets": ("datasets.md", datasets),
+def methods_table(doc_dir: str = ".") -> str:
+    """The methods table, in registry order, from the declarations (`fedhpro.methods.Method`)."""
+    from fedhpro.methods import METHOD_MODULES, METHODS
+
+    lines = ["| method | paper | communicated | modes | engines | heterogeneous models |",
+             "|---|---|---|---|---|---|"]
+    for name in METHOD_MODULES:
+        m = METHODS[name]
+        lines.append(f"| `{name}` ({cell(m.display)}) | {cell(m.paper)} | {cell(m.communicates)} | "
+                     f"{', '.join(m.modes)} | {', '.join(m.engines)} | {'yes' if m.heterogeneous_models else 'no'} |")
+    return "\n".join(lines)
+
+
+def _sentence(fields: str) -> str:
+    files = " and ".join(f"`{f}`" for f in NEW_METHOD_FILES)
+    return (f"A new method is one file, {files}, ending in `METHOD = Method(...)`, plus "
+            f"{' and '.join(NEW_METHOD_EDITS)}; nothing else. The declaration is checked when the module is first "
+            f"loaded (an error names the field); its fields{fields}")
+
+
+def new_method(doc_dir: str = ".") -> str:
+    """What adding a method takes (one paragraph), linking the fields page relative to `doc_dir` (the
+    directory of the page it goes into, relative to the checkout)."""
+    link = os.path.relpath(FIELDS_PAGE, doc_dir)
+    return _sentence(f": [{FIELDS_PAGE}]({link}).")
+
+
+def declaration_table(doc_dir: str = ".") -> str:
+    """What adding a method takes, and the `Method` fields (required first) with their help."""
+    import dataclasses
+
+    from fedhpro.methods import Method
+
+    lines = [_sentence(":"), "", "| field | required | what it says |", "|---|---|---|"]
+    for f in dataclasses.fields(Method):
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        lines.append(f"| `{f.name}` | {'yes' if required else 'no'} | {cell(f.metadata['help'])} |")
+    return "\n".join(lines)
+
+
+# block name -> the function writing its text, given the directory (relative to the checkout) of its page
+BLOCKS: dict[str, Callable[[str], str]] = {
+    "config keys": config_keys,
+    "method params": method_params,
+    "datasets": datasets,
+    "methods table": methods_table,
+    "new method": new_method,
+    "method declaration": declaration_table,
 }
+
+START, END = "<!-- generated: ", "<!-- end generated: "
 
 
 class DocsError(ValueError):
-    """A page lacks a block's markers (or has them twice, or out of order)."""
+    """A block's markers are malformed (not once each, out of order, not lines of their own), a page names a
+    block `BLOCKS` does not know, or a block is on no page."""
 
 
 def replace_block(text: str, name: str, body: str, page: str = "page") -> str:
     """`text` with the block `name` replaced by `body`; refused unless both markers occur once, in order."""
-    start, end = f"<!-- generated: {name} -->", f"<!-- end generated: {name} -->"
+    start, end = f"{START}{name} -->", f"{END}{name} -->"
     if text.count(start) != 1 or text.count(end) != 1:
         raise DocsError(f"{page}: needs exactly one '{start}' and one '{end}' line")
     head, rest = text.split(start, 1)
@@ -96,42 +155,42 @@ def replace_block(text: str, name: str, body: str, page: str = "page") -> str:
     return f"{head}{start}\n{body}\n{end}{tail}"
 
 
-def rendered(docs: Path = DOCS) -> dict[Path, tuple[str, str]]:
-    """page path -> (its text now, its text with every generated block rewritten)."""
-    pages: dict[Path, tuple[str, str]] = {}
-    for name, (page, write) in BLOCKS.items():
-        path = docs / page
-        if path not in pages:
-            text = path.read_text(encoding="utf-8")
-            pages[path] = (text, text)
-        old, new = pages[path]
-        pages[path] = (old, replace_block(new, name, write(), str(path)))
-    return pages
+def pages(root: Path = ROOT) -> list[Path]:
+    """README.md and the pages under docs/ that hold a generated block."""
+    candidates = [root / "README.md", *sorted((root / "docs").rglob("*.md"))]
+    return [p for p in candidates if p.is_file() and START in p.read_text(encoding="utf-8")]
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fedhpro.docs", description=__doc__.splitlines()[0])
-    mode = parser.add_mutually_exclusive_group(required=True)
-    mode.add_argument("--write", action="store_true", help="rewrite every generated block in docs/")
-    mode.add_argument("--check", action="store_true", help="exit 1 if a committed block differs from its output")
-    parser.add_argument("--docs", type=Path, default=DOCS, help="the docs folder (default: this checkout's)")
-    args = parser.parse_args(argv)
-    docs = args.docs
-    try:
-        pages = rendered(docs)
-    except (DocsError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    stale = [path for path, (old, new) in pages.items() if old != new]
-    if args.write:
-        for path in stale:
-            path.write_text(pages[path][1], encoding="utf-8")
-            print(f"rewrote {path.relative_to(docs.parent)}")
-        return 0
-    for path in stale:
-        print(f"error: {path.relative_to(docs.parent)} is out of date: python -m fedhpro.docs --write", file=sys.stderr)
-    return 1 if stale else 0
+def rendered(root: Path = ROOT) -> dict[Path, tuple[str, str]]:
+    """page path -> (its text now, its text with every generated block rewritten), for every page holding a
+    block; refused (`DocsError`, naming the page or block) where a page names an unknown block or a block of
+    `BLOCKS` is on no page."""
+    out: dict[Path, tuple[str, str]] = {}
+    placed: set[str] = set()
+    for path in pages(root):
+        old = path.read_text(encoding="utf-8")
+        names = {line[len(START):-len(" -->")] for line in old.splitlines()
+                 if line.startswith(START) and line.endswith(" -->")}
+        unknown = sorted(names - BLOCKS.keys())
+        if unknown:
+            raise DocsError(f"{path}: no generated block named {', '.join(map(repr, unknown))}; "
+                            f"known: {', '.join(BLOCKS)}")
+        new, doc_dir = old, os.path.relpath(path.parent, root)
+        for name in names:
+            new = replace_block(new, name, BLOCKS[name](doc_dir), str(path))
+        placed |= names
+        out[path] = (old, new)
+    missing = [name for name in BLOCKS if name not in placed]
+    if missing:
+        raise DocsError(f"no page under {root} holds the generated block {', '.join(map(repr, missing))}")
+    return out
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def update(root: Path = ROOT, write: bool = True) -> list[Path]:
+    """Rewrite (or with `write=False` only compare) every generated block under `root` -> the pages whose
+    blocks were (would be) changed."""
+    stale = {path: new for path, (old, new) in rendered(root).items() if old != new}
+    if write:
+        for path, text in stale.items():
+            path.write_text(text, encoding="utf-8")
+    return list(stale)

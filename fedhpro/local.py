@@ -163,16 +163,28 @@ def check_each_step(device: torch.device) -> bool:
     return device.type in STEP_CHECK_DEVICES
 
 
-def batches(n: int, batch_size: int, gen: torch.Generator, device: torch.device):
-    """Shuffled mini-batch index tensors; the last partial batch is kept (as the official loader).
+def keeps_batch(size: int, n: int) -> bool:
+    """The one rule for which mini-batches of an epoch over `n` samples are trained: all but a batch of a
+    single sample (BatchNorm cannot normalise one sample once the spatial size reaches 1x1; a deliberate,
+    rare deviation from the official loader), unless the client has only that one sample. (So `batch_size: 1`
+    would train nothing on a client of two or more samples: `RunConfig.batch_size` is at least 2.)"""
+    return size != 1 or n <= 1
 
-    A trailing batch of a single sample is dropped: BatchNorm cannot normalise
-    one sample once the spatial size reaches 1x1 (deliberate, rare deviation).
-    """
+
+def batch_sizes(n: int, batch_size: int) -> list[int]:
+    """The sizes of the batches `batches(n, batch_size, ...)` yields in one epoch, in order (steps and samples
+    counted without drawing a permutation: `fedhpro.batched.steps_per_round`, the benchmark's sample count)."""
+    sizes = (min(batch_size, n - start) for start in range(0, n, batch_size))
+    return [size for size in sizes if keeps_batch(size, n)]
+
+
+def batches(n: int, batch_size: int, gen: torch.Generator, device: torch.device):
+    """Shuffled mini-batch index tensors; the last partial batch is kept (as the official loader), unless
+    `keeps_batch` drops it (a trailing batch of a single sample)."""
     perm = torch.randperm(n, generator=gen).to(device)
     for start in range(0, n, batch_size):
         idx = perm[start:start + batch_size]
-        if idx.numel() == 1 and n > 1:
+        if not keeps_batch(idx.numel(), n):
             continue
         yield idx
 

@@ -291,9 +291,20 @@ def current_device_kind(device: str = "auto") -> str:
 
     if device != "cpu" and torch.cuda.is_available():
         return torch.cuda.get_device_name(torch.device("cuda" if device == "auto" else device))
-    from fedhpro.bench.common import cpu_model
-
     return f"cpu: {cpu_model()}"
+
+
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), else what `platform` says (the benchmarks record it too)."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
 
 
 def measurement_of_run(run_dir: str | Path, device_kind: str, runs_sharing: int, source: str) -> Measurement:

@@ -1,29 +1,24 @@
-"""The workflow's run table, computed in a child process so the Snakemake process never imports torch.
+"""The workflow's run table: the config validated and expanded, in Snakemake's own process, without torch.
 
-Validating a sweep needs the method, dataset and model registries (`fedhpro.config.from_dict`,
-`fedhpro.data.plan_downloads`), and those import torch: ~0.6 GB resident in the process that
-imports them. Snakemake's main process lives for the whole sweep on the submit host (a login node
-with a few GB per user), so `workflow/rules/common.smk` calls `load_run_table`, which runs
-``python -m fedhpro.runtable`` once: the child validates the config exactly as before
-(`fedhpro.sweep.validate_workflow_config`, `plan_downloads`) and prints plain JSON (run ids, each
-run's canonical config JSON and hash, the partitions, the download plan); the parent keeps only
-that. The parent imports nothing but the standard library from this module (and, for `schema_error`,
-jsonschema and PyYAML, which Snakemake has loaded already). Ctrl-C while the child runs is one line
-(`RunTableInterrupted`), and so are the checks run before it (`schema_error`, `check_directories`).
+`workflow/rules/common.smk` calls `load_run_table` once at workflow load: it validates the config
+(`fedhpro.sweep.validate_workflow_config`: every run's `RunConfig` through `fedhpro.config.from_dict`), and
+computes each run's canonical config JSON and hash, the partitions, the download plan
+(`fedhpro.data.plan_downloads`) and what the data is (checksums, fingerprints). The method, dataset and model
+declarations it reads import torch lazily (`fedhpro.lazy`): Snakemake's main process lives for the whole
+sweep on the submit host (a login node with a few GB per user) and never pays torch's ~0.6 GB
+(tests/test_torch_free.py). The one exception: data given by `dataset_options.path` is loaded once to be
+fingerprinted (then cached by file stats). Ctrl-C while it runs is one line (`RunTableInterrupted`), and so
+are the checks run before it (`schema_error`, `check_directories`).
 
-The strings are the ones the in-process version produced (``RunConfig.canonical_json()``,
-``config_hash()``, ``PartitionSpec.params()``), so Snakemake's params rerun trigger and every run
-id are unchanged.
+The strings are ``RunConfig.canonical_json()``, ``config_hash()`` and ``PartitionSpec.params()``, so
+Snakemake's params rerun trigger and every run id are what the sweep computes.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
 import sys
-import threading
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -36,7 +31,7 @@ class RunTableError(ValueError):
 
 
 class RunTableInterrupted(Exception):
-    """Ctrl-C while the child computed the run table (nothing was written; the same command starts over)."""
+    """Ctrl-C while the run table was computed (nothing was written; the same command starts over)."""
 
     def __init__(self) -> None:
         super().__init__("interrupted while loading the workflow config; rerun the same command")
@@ -77,14 +72,16 @@ class RunTable:
     partition_content: dict[str, str] = field(default_factory=dict)  # partition id -> content fingerprint of data given by path
 
 
-def build_run_table(config: Mapping[str, Any], data_root: str, pending: set[str]) -> dict[str, Any]:
-    """The run table as JSON-ready data (runs in the child: imports torch through the registries)."""
+def build_run_table(config: Mapping[str, Any], data_root: str, pending: set[str]) -> RunTable:
+    """The run table of a workflow config (already checked against the schema, its defaults filled in).
+
+    ValueError (ConfigError, SweepConfigError, the download plan's) with a one-line message naming the key."""
     from fedhpro.data import DATASETS, plan_downloads
     from fedhpro.download import mirror_checksum
     from fedhpro.sweep import partitions_of, validate_workflow_config
 
     runs = validate_workflow_config(config)
-    partitions = {pid: spec.params() for pid, spec in partitions_of(runs).items()}
+    partitions = {pid: PartitionRow(pid, spec.params()) for pid, spec in partitions_of(runs).items()}
     downloads = plan_downloads([(run.dataset, run.config.dataset_options) for run in runs], data_root,
                                config.get("mirrors") or {}, pending=pending,
                                warn=lambda message: print(f"fedhpro workflow: warning: {message}", file=sys.stderr))
@@ -98,10 +95,11 @@ def build_run_table(config: Mapping[str, Any], data_root: str, pending: set[str]
         identity[dataset] = {"files": {**files, **hand_placed_checksums(dataset, files, data_root, mirror, cache_file)},
                              "fingerprint": mirror.get("fingerprint")}
     content = partition_contents(runs, data_root, pending, cache_file=cache_file)
-    return {"data_identity": identity, "partition_content": content, "runs": [{"run_id": r.run_id, "partition_id": r.partition_id, "kind": r.kind, "dataset": r.dataset,
-                      "method": r.method, "variant": r.variant, "config_json": r.config.canonical_json(),
-                      "config_hash": r.config.config_hash(), "experiments": list(r.experiments)} for r in runs],
-            "partitions": partitions, "downloads": downloads}
+    rows = [RunRow(run_id=r.run_id, partition_id=r.partition_id, kind=r.kind, dataset=r.dataset, method=r.method,
+                   variant=r.variant, config_json=r.config.canonical_json(), config_hash=r.config.config_hash(),
+                   experiments=tuple(r.experiments)) for r in runs]
+    return RunTable(runs=rows, partitions=partitions, downloads=downloads, data_identity=identity,
+                    partition_content=content)
 
 
 FINGERPRINT_CACHE = ".cache/data-fingerprints.json"  # under the results root
@@ -212,89 +210,14 @@ def check_directories(config: Mapping[str, Any], keys: tuple[str, ...] = ("resul
             raise RunTableError(f"{key}: {path} {what}")
 
 
-def _run_child(cmd: list[str], stdin: str, env: dict[str, str], timeout: float) -> tuple[int, str]:
-    """Run `cmd` with `stdin`; (exit status, stdout). Its stderr is ours (its warnings reach the user).
-
-    The child starts with SIGINT ignored (a disposition that survives exec; Python then installs no
-    KeyboardInterrupt handler): a terminal's Ctrl-C goes to the whole process group, and the child, caught
-    anywhere (even importing torch), would print a traceback. Here the parent alone gets the
-    KeyboardInterrupt and kills the child, like subprocess.run on any exception.
-    """
-    in_main = threading.current_thread() is threading.main_thread()
-    previous = signal.getsignal(signal.SIGINT) if in_main else None
-    if previous is not None:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGINT, previous)
-    with proc:
-        try:
-            stdout, _ = proc.communicate(stdin, timeout=timeout)
-        except BaseException:
-            proc.kill()
-            raise
-    return proc.returncode, stdout
-
-
-def load_run_table(config: Mapping[str, Any], data_root: str, *, package_root: str | None = None,
-                   python: str = sys.executable, timeout: float = 600) -> RunTable:
-    """Validate `config` and expand it in a child Python; raises RunTableError with its one-line message.
-
-    package_root: a directory to put first on the child's PYTHONPATH (this checkout's fedhpro).
-    Ctrl-C (SIGINT to the process group; the child ignores it and is killed) is RunTableInterrupted.
-    """
-    env = dict(os.environ)
-    if package_root:
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
-    from fedhpro.sweep import pending_datasets_of  # no torch
+def load_run_table(config: Mapping[str, Any], data_root: str) -> RunTable:
+    """Validate `config` and expand it into the run table, in this process; RunTableError carries the one-line
+    message naming the key, RunTableInterrupted a Ctrl-C (nothing was written: the same command starts over)."""
+    from fedhpro.sweep import pending_datasets_of
 
     try:
-        pending = sorted(pending_datasets_of(config))
-    except ValueError as err:
+        return build_run_table(config, data_root, pending_datasets_of(config))
+    except ValueError as err:  # ConfigError / SweepConfigError, and plan_downloads' one-line errors
         raise RunTableError(str(err)) from None
-    request = {"config": config, "data_root": data_root, "pending": pending}
-    try:
-        status, stdout = _run_child([python, "-m", "fedhpro.runtable"], json.dumps(request, default=str), env,
-                                    timeout)
-    except KeyboardInterrupt:  # the child is killed and reaped
-        raise RunTableInterrupted() from None
-    except (OSError, subprocess.SubprocessError) as err:
-        raise RunTableError(f"could not run {python} -m fedhpro.runtable: {err}") from None
-    if status in (INTERRUPTED_STATUS, -signal.SIGINT):  # a SIGINT that reached the child only
-        raise RunTableInterrupted()
-    try:
-        answer = json.loads(stdout or "null")
-    except ValueError:
-        answer = None
-    if not isinstance(answer, dict):
-        raise RunTableError(f"{python} -m fedhpro.runtable failed (exit {status}); see its output above")
-    if "error" in answer:
-        raise RunTableError(answer["error"])
-    return RunTable(runs=[RunRow(**{**row, "experiments": tuple(row.get("experiments", ()))}) for row in answer["runs"]], partitions={pid: PartitionRow(pid, values) for pid, values in answer["partitions"].items()},
-                    downloads=answer["downloads"], data_identity=answer["data_identity"],
-                    partition_content=answer.get("partition_content") or {})
-
-
-INTERRUPTED_STATUS = 130  # the child's exit status after Ctrl-C (the shell's 128 + SIGINT)
-
-
-def main() -> int:
-    """``python -m fedhpro.runtable``: request JSON on stdin, the run table (or {"error": ...}) on stdout.
-
-    Run by `load_run_table`, it ignores SIGINT; run otherwise, Ctrl-C exits quietly with status 130."""
-    try:
-        request = json.load(sys.stdin)
-        try:
-            table = build_run_table(request["config"], request["data_root"], set(request["pending"]))
-        except ValueError as err:  # ConfigError / SweepConfigError, and plan_downloads' one-line errors
-            table = {"error": str(err)}
-        json.dump(table, sys.stdout)
     except KeyboardInterrupt:
-        return INTERRUPTED_STATUS
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+        raise RunTableInterrupted() from None

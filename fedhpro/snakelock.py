@@ -4,15 +4,18 @@ Snakemake locks a working directory (``.snakemake/locks/<n>.input.lock``, ``<n>.
 lock when it ends; a killed Snakemake (SIGKILL, a lost login session, an out-of-memory kill) leaves it, and the
 next run stops with "Directory cannot be locked ... --unlock". The workflow's ``onstart`` handler
 (workflow/rules/common.smk), which runs once Snakemake holds its lock, notes next to the lock files which
-process wrote them (`write_lock_owner`); the executor plugin, imported first in every `snakemake` call,
-removes them when that process is gone (`remove_dead_lock`) and says so in one line. A lock whose owner still
-runs, or lock files that process did not write, are never touched. Torch-free (the submit host imports it).
+process wrote them, on which host (`write_lock_owner`); the next `snakemake` there, while it loads the workflow
+(before it takes its own lock, `common.smk`), removes them when that process is gone (`remove_dead_lock`) and
+says so in one line. A lock whose owner still runs, a lock written on another host (whose processes this one
+cannot see: a job's Snakemake on a compute node, a second login node), and lock files that process did not
+write are never touched. Torch-free (the submit host imports it).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +46,7 @@ def write_lock_owner(workflow: Any) -> None:
         except OSError:
             return
         files[os.path.basename(path)] = [st.st_ino, st.st_mtime_ns]
-    owner = {"pid": os.getpid(), "start": _start_time(os.getpid()), "files": files}
+    owner = {"pid": os.getpid(), "start": _start_time(os.getpid()), "host": socket.gethostname(), "files": files}
     tmp = os.path.join(lockdir, f".{OWNER_FILE}.{os.getpid()}")
     with open(tmp, "w") as fh:
         json.dump(owner, fh)
@@ -53,7 +56,8 @@ def write_lock_owner(workflow: Any) -> None:
 def remove_dead_lock(workdir: str = ".") -> str | None:
     """Remove the lock files of a Snakemake of this executor that was killed (its pid is gone, or is another
     process now) and return the one line saying so; None when there is nothing to do. Never touches a lock
-    of a live Snakemake, nor lock files that process did not write (inode and mtime must match)."""
+    of a live Snakemake, nor one written on another host (its pid means nothing here), nor lock files that
+    process did not write (inode and mtime must match)."""
     lockdir = os.path.join(workdir, ".snakemake", "locks")
     path = os.path.join(lockdir, OWNER_FILE)
     try:
@@ -62,6 +66,8 @@ def remove_dead_lock(workdir: str = ".") -> str | None:
         pid, files = int(owner["pid"]), dict(owner["files"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
+    if owner.get("host", socket.gethostname()) != socket.gethostname():
+        return None  # another host's Snakemake: whether it runs cannot be seen from here
     start = _start_time(pid)
     if start is not None and start == owner.get("start"):
         return None  # it still runs: Snakemake's own lock error applies

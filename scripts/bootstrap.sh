@@ -9,16 +9,18 @@ bash scripts/install-profile.sh || echo "bootstrap: profile 'slurm' not installe
 PY=${PYTHON:-python3}
 stamp=.venv/.fedhpro-installed
 want=$(cat requirements.txt pyproject.toml | sha256sum | cut -d' ' -f1)
-# Ctrl-C while `snakemake` imports its own modules and plugins (its first second), before any code of ours
-# runs, is one line instead of a 25-40 line traceback: the interpreter runs this .pth file first (site).
-install_interrupt_hook() {
+# What a `snakemake` process does before Snakemake reads its command line (fedhpro.snakestart: a Ctrl-C while
+# it imports its modules and plugins is one line, not a 25-40 line traceback; a missing or invalid
+# --configfile is one line naming it): the interpreter runs this .pth file first (site).
+install_start_hook() {
   local site
   site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
-  cmp -s scripts/snakemake-interrupt.pth "$site/fedhpro-snakemake-interrupt.pth" ||
-    cp scripts/snakemake-interrupt.pth "$site/fedhpro-snakemake-interrupt.pth"
+  rm -f "$site/fedhpro-snakemake-interrupt.pth"  # its predecessor (Ctrl-C only)
+  cmp -s scripts/snakemake-start.pth "$site/fedhpro-snakemake-start.pth" ||
+    cp scripts/snakemake-start.pth "$site/fedhpro-snakemake-start.pth"
 }
 if [[ -x .venv/bin/python && -f $stamp && "$(cat $stamp)" == "$want" ]]; then
-  install_interrupt_hook
+  install_start_hook
   exit 0
 fi
 echo "bootstrap: installing the venv in .venv (torch is large: a few minutes the first time)" >&2
@@ -28,4 +30,4 @@ echo "bootstrap: installing the venv in .venv (torch is large: a few minutes the
 # this checkout's executor plugin snakemake_executor_plugin_fedhpro (it does not see import hooks)
 .venv/bin/pip install --quiet --disable-pip-version-check --no-deps -e . --config-settings editable_mode=compat 2> >(grep -v "^WARNING: Location" >&2)
 echo "$want" > "$stamp"
-install_interrupt_hook
+install_start_hook

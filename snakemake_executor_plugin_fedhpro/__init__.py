@@ -23,10 +23,14 @@ jobs (the jobs with a ``run_config`` param):
   named ``fedhpro-<tag>`` (`fedhpro.launch.invocation_job_name`), which catches the job whose ``sbatch`` was in
   flight (queued, id never seen). After a killed Snakemake, a rerun re-attaches to a job of the same run
   config that is still pending or running; the killed Snakemake's lock is removed first
-  (`fedhpro.snakelock.remove_dead_lock`: only the lock files that process wrote, and only when it is gone).
+  (`fedhpro.snakelock.remove_dead_lock`, at workflow load: only the lock files that process wrote, on this host,
+  and only when it is gone).
 
 The process never imports torch: the plugin uses only `fedhpro.launch`'s light part, and the
-workflow computes its run table in a child process (`fedhpro.runtable`).
+workflow's run table (`fedhpro.runtable`) reads declarations that import torch lazily. Importing this module
+does nothing but define the plugin (Snakemake imports every installed executor plugin in every call): what
+runs before Snakemake reads its command line is `fedhpro.snakestart` (a .pth file), and a killed
+Snakemake's lock is removed by the workflow at load (`fedhpro.snakelock`).
 """
 
 from __future__ import annotations
@@ -50,8 +54,7 @@ from snakemake_interface_executor_plugins.settings import CommonSettings
 
 from fedhpro.launch import (ACTIVE_STATES, LaunchOptions, PackEntry, cancel_jobs, config_sha, failure_report,
                             invocation_job_name, is_final, query_states, read_jobs, submit_pack, update_job)
-from fedhpro.snakelock import remove_dead_lock
-from fedhpro.sweep import SweepConfigError, check_config_files
+from fedhpro.sweep import SweepConfigError
 
 common_settings = CommonSettings(
     non_local_exec=True,
@@ -281,76 +284,3 @@ def quiet_final_workflow_error() -> None:
             return "At least one job did not complete successfully" not in str(record.getMessage())
 
     logging.getLogger("snakemake.logging").addFilter(Drop())
-
-
-def _workdir(argv: list[str]) -> str:
-    """The working directory Snakemake will use (-d/--directory), else the current one."""
-    for k, arg in enumerate(argv[1:], 1):
-        if arg in ("-d", "--directory") and k + 1 < len(argv):
-            return argv[k + 1]
-        if arg.startswith("--directory="):
-            return arg.split("=", 1)[1]
-    return "."
-
-
-def refuse_missing_configfiles(argv: list[str]) -> None:
-    """Exit with a one-line error naming the file when a ``--configfile`` named on Snakemake's command line
-    is missing, a directory, unreadable, or not valid YAML/JSON (with the line; duplicate keys too:
-    `fedhpro.sweep.check_config_files`, torch-free, the check the workflow repeats at load).
-
-    Snakemake reads config files before any workflow code runs and answers a missing one with a
-    traceback, invalid YAML with "Config file is not valid JSON or YAML" (no file, no line). It imports
-    every installed executor plugin while it builds its argument parser, before it reads them, so this
-    module is the earliest point where our code runs in a `snakemake` call.
-    """
-    files: list[str] = []
-    taking = False
-    for arg in argv[1:]:
-        if arg.startswith("--configfile=") or arg.startswith("--configfiles="):
-            files.append(arg.split("=", 1)[1])
-            taking = False
-        elif arg in ("--configfile", "--configfiles"):
-            taking = True
-        elif arg.startswith("-"):
-            taking = False
-        elif taking:
-            files.append(arg)
-    for name in files:
-        problem = None
-        if os.path.isdir(name):
-            problem = f"config file {name} (--configfile) is a directory"
-        elif not os.path.isfile(name):
-            problem = f"config file {name} (--configfile) does not exist"
-        else:
-            try:
-                check_config_files([name])
-            except SweepConfigError as err:
-                problem = str(err)
-            except UnicodeDecodeError:
-                problem = f"config file {name!r} is not a text file (YAML or JSON)"
-        if problem:
-            print(f"error: {problem}", file=sys.stderr)
-            raise SystemExit(2)
-
-
-def quiet_interrupt_hook(previous=sys.excepthook):
-    """A sys.excepthook that prints one line for a KeyboardInterrupt nobody caught (Ctrl-C while Snakemake
-    starts, e.g. while it imports its plugins) instead of the traceback; other exceptions go to `previous`."""
-    def hook(exc_type, exc, tb):
-        if issubclass(exc_type, KeyboardInterrupt):
-            from fedhpro.cliutil import INTERRUPTED
-
-            print(INTERRUPTED, file=sys.stderr)
-        else:
-            previous(exc_type, exc, tb)
-    return hook
-
-
-if "snakemake" in os.path.basename(sys.argv[0] if sys.argv else "") or (
-        sys.argv and sys.argv[0].endswith(os.path.join("snakemake", "__main__.py"))):
-    sys.excepthook = quiet_interrupt_hook()
-    refuse_missing_configfiles(sys.argv)
-    if "--unlock" not in sys.argv:
-        _removed = remove_dead_lock(_workdir(sys.argv))
-        if _removed:
-            print(_removed, file=sys.stderr)

@@ -78,6 +78,7 @@ def test_every_runconfig_key_is_declared_with_help_and_a_valid_default():
     ({"partition_seed": -1}, "config key 'partition_seed' must be in [0, 2**32), got -1"),
     ({"local_test_fraction": 1}, "config key 'local_test_fraction' must be in [0, 1), got 1.0"),
     ({"imbalance_ratio": 0.5}, "config key 'imbalance_ratio' must be >= 1, got 0.5"),
+    ({"batch_size": 1}, "config key 'batch_size' must be >= 2, got 1"),  # a batch of one is never trained
     ({"lr": float("inf")}, "config key 'lr' must be finite, got inf"),
     ({"rounds": None}, "config key 'rounds' must not be null"),
     ({"client_models": ["cnn", "vgg"]}, "config key 'client_models': unknown value 'vgg'; accepted: cnn,"),

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from fedhpro import docs
+from fedhpro import cli, docs
 
 REPO = Path(__file__).resolve().parents[1]
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))]
@@ -110,21 +110,44 @@ def test_the_readme_fits_on_a_screen_and_keeps_its_two_commands_first():
 
 
 def test_generated_blocks_equal_their_generators_output():
-    """Stale: run `python -m fedhpro.docs --write` (a declaration changed since the page was written)."""
-    stale = [str(path.relative_to(REPO)) for path, (old, new) in docs.rendered().items() if old != new]
+    """Stale: run `fedhpro docs --write` (a declaration changed since the page was written)."""
+    rendered = docs.rendered(REPO)
+    assert {p.relative_to(REPO).as_posix() for p in rendered} >= {"docs/config.md", "docs/datasets.md",
+                                                                  "docs/methods.md", "docs/adding-a-method.md"}
+    stale = [str(path.relative_to(REPO)) for path, (old, new) in rendered.items() if old != new]
     assert stale == []
 
 
-def test_the_generator_rewrites_a_stale_block_and_refuses_a_page_without_markers(tmp_path, monkeypatch):
-    page = tmp_path / "p.md"
+def test_fedhpro_docs_rewrites_a_stale_block_and_refuses_malformed_pages(tmp_path, monkeypatch, capsys):
+    (tmp_path / "docs").mkdir()
+    page = tmp_path / "docs" / "p.md"
     page.write_text("# P\n\n<!-- generated: x -->\nold\n<!-- end generated: x -->\n\nafter\n")
-    monkeypatch.setattr(docs, "BLOCKS", {"x": ("p.md", lambda: "| a |\n|---|")})
-    assert docs.main(["--check", "--docs", str(tmp_path)]) == 1
-    assert docs.main(["--write", "--docs", str(tmp_path)]) == 0
-    assert page.read_text() == "# P\n\n<!-- generated: x -->\n| a |\n|---|\n<!-- end generated: x -->\n\nafter\n"
-    assert docs.main(["--check", "--docs", str(tmp_path)]) == 0
-    page.write_text("# P\n\nno markers\n")
-    assert docs.main(["--check", "--docs", str(tmp_path)]) == 2
+    monkeypatch.setattr(docs, "BLOCKS", {"x": lambda doc_dir: f"| a {doc_dir} |\n|---|"})
+    root = ["--root", str(tmp_path)]
+    assert cli.main(["docs", "--check", *root]) == 1
+    assert "docs/p.md is out of date: run fedhpro docs --write" in capsys.readouterr().err
+    assert cli.main(["docs", "--write", *root]) == 0
+    assert page.read_text() == "# P\n\n<!-- generated: x -->\n| a docs |\n|---|\n<!-- end generated: x -->\n\nafter\n"
+    assert cli.main(["docs", "--check", *root]) == 0
+    (tmp_path / "README.md").write_text("<!-- generated: x -->\n<!-- end generated: x -->\n")
+    assert cli.main(["docs", "--write", *root]) == 0  # a block may be on several pages; each gets its own dir
+    assert "| a . |" in (tmp_path / "README.md").read_text()
+    for text, why in [("# P\n\nno markers\n", "no page under"),
+                      ("<!-- generated: x -->\n<!-- end generated: x -->\n<!-- generated: x -->\n",
+                       "needs exactly one"),
+                      ("<!-- generated: x -->\n<!-- end generated: x -->\n<!-- generated: y -->\n"
+                       "<!-- end generated: y -->\n", "no generated block named 'y'")]:
+        (tmp_path / "README.md").unlink(missing_ok=True)
+        page.write_text(text)
+        capsys.readouterr()
+        assert cli.main(["docs", "--check", *root]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and why in err and err.count("\n") == 1
+
+
+def test_one_cell_escaper():
+    assert docs.cell("a | b\n  <c> *d*") == "a \\| b &lt;c> \\*d\\*"
+    assert docs.cell('"x|y  z"', code=True) == '`"x\\|y  z"`'
 
 
 def test_the_key_reference_lists_every_declared_key():

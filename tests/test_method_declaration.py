@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from fedhpro import labels, methodsdoc
+from fedhpro import docs, labels
 from fedhpro.config import ENGINES, EVAL_MODES, from_dict
 from fedhpro.methods import (KNOWN_ENGINES, KNOWN_MODES, METHOD_MODULES, METHODS, MethodDeclarationError,
                              describe_methods, method_of)
@@ -72,24 +72,22 @@ def test_a_module_without_a_declaration_is_refused(monkeypatch):
         method_of("bare")
 
 
-def test_the_docs_method_blocks_are_the_generators_output():
-    """README.md and docs/*.md: every generated block equals what `fedhpro methods --write-docs` writes."""
-    files = methodsdoc.doc_files(ROOT)
-    text = "".join(p.read_text() for p in files)
-    for name in methodsdoc.BLOCKS:
+def test_the_docs_hold_the_method_blocks():
+    """The methods table and the declaration's fields are generated blocks of the docs (whether they are current
+    is `tests/test_docs.py`'s check of every block)."""
+    text = "".join(p.read_text() for p in docs.pages(ROOT))
+    for name in ("methods table", "new method", "method declaration"):
         assert f"<!-- generated: {name} -->" in text, f"no docs file holds the generated block {name!r}"
-    stale = methodsdoc.update_docs(ROOT, write=False)
-    assert not stale, f"out of date (run `fedhpro methods --write-docs`): {', '.join(map(str, stale))}"
 
 
 def test_a_toy_method_needs_exactly_the_files_the_docs_state(monkeypatch, tmp_path):
     """The docs say a method is one file plus its registry line: a copy of tests/toy_method.py, alone in a
     directory, registered with one `METHOD_MODULES` entry, is validated, configurable, listed, in the methods
     table and the labels, with nothing else written anywhere."""
-    assert methodsdoc.NEW_METHOD_FILES == ("fedhpro/methods/<name>.py",)
-    assert len(methodsdoc.NEW_METHOD_EDITS) == 1 and "METHOD_MODULES" in methodsdoc.NEW_METHOD_EDITS[0]
-    assert any(methodsdoc.new_method(str(p.parent.relative_to(ROOT))) in p.read_text()
-               for p in methodsdoc.doc_files(ROOT)), "no docs file states what a new method takes"
+    assert docs.NEW_METHOD_FILES == ("fedhpro/methods/<name>.py",)
+    assert len(docs.NEW_METHOD_EDITS) == 1 and "METHOD_MODULES" in docs.NEW_METHOD_EDITS[0]
+    assert any(docs.new_method(str(p.parent.relative_to(ROOT))) in p.read_text()
+               for p in docs.pages(ROOT)), "no docs file states what a new method takes"
     alone = tmp_path / "toy_alone.py"
     shutil.copy(TOY, alone)
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -100,7 +98,7 @@ def test_a_toy_method_needs_exactly_the_files_the_docs_state(monkeypatch, tmp_pa
     cfg = from_dict({"method": "toy_alone", "method_params": {"penalty": 0.5}})
     assert cfg.method_params == {"penalty": 0.5}
     assert "toy_alone (Toy): toy: FedAvg" in describe_methods()
-    assert "| `toy_alone` (Toy) |" in methodsdoc.methods_table()
+    assert "| `toy_alone` (Toy) |" in docs.methods_table()
     assert labels.method_name("toy_alone") == "Toy" and labels.METHOD_ORDER[-1] == "toy_alone"
     assert labels.style_of("toy_alone")["color"] == "#000000"
     assert labels.method_label("toy_alone", "strong") == "Toy (strong)"

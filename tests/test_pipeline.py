@@ -387,8 +387,9 @@ def test_experiments_workflow_writes_tables_and_figures_per_experiment(tmp_path)
     pytest.param("run-pipeline.sh", ["--configfile", "config/config.yaml", "missing.yaml"], marks=pytest.mark.slow),
 ])
 def test_a_missing_config_file_is_one_line(entry, args):
-    """Snakemake reads --configfile before any workflow code and prints a traceback for a missing one; our
-    executor plugin (imported while Snakemake builds its parser) checks first, also under run-pipeline.sh."""
+    """Snakemake reads --configfile before any workflow code and prints a traceback for a missing one; the
+    venv's start hook (fedhpro.snakestart, run by a .pth file at interpreter start) checks first, also under
+    run-pipeline.sh."""
     cmd = snakemake_cmd("-n", *args) if entry == "snakemake" else \
         ["bash", str(REPO / "scripts" / "run-pipeline.sh"), "-n", *args]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
@@ -463,29 +464,24 @@ def test_a_directory_key_that_is_a_file_is_one_line(tmp_path, key, value, messag
     assert "Traceback" not in text and "NotADirectoryError" not in text
 
 
-def test_the_run_table_child_exits_quietly_when_interrupted(tmp_path, monkeypatch, capsys):
-    import io
-
+def test_the_run_table_is_one_line_when_invalid_or_interrupted(monkeypatch):
+    """The workflow computes its run table in its own process: a config error and a Ctrl-C become the one-line
+    RunTableError / RunTableInterrupted that common.smk prints, never a traceback."""
     from fedhpro import runtable
+
+    table = runtable.load_run_table(TINY, "data")
+    assert [run.method for run in table.runs] == ["fedavg", "fedprox"] and table.partitions
+    assert table.runs[0].config_hash == from_dict(json.loads(table.runs[0].config_json)).config_hash()
+    with pytest.raises(runtable.RunTableError, match=r"^heterogeneity\[0\]\.alpha"):
+        runtable.load_run_table({**TINY, "heterogeneity": [{"partition": "dirichlet", "alpha": -1}]}, "data")
 
     def interrupted(*args):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(runtable, "build_run_table", interrupted)
-    monkeypatch.setattr(sys, "stdin", io.StringIO(json.dumps({"config": {}, "data_root": "data", "pending": []})))
-    try:
-        status = runtable.main()
-    except KeyboardInterrupt:  # would end the pytest session
-        pytest.fail("python -m fedhpro.runtable let the KeyboardInterrupt out (a traceback for the user)")
-    assert status == 130
-    assert capsys.readouterr() == ("", "")
-    # the parent: a child that was interrupted alone (exit 130) is the one-line interrupt, not "failed"
-    fake = tmp_path / "python"
-    fake.write_text("#!/bin/sh\ncat >/dev/null\nexit 130\n")
-    fake.chmod(0o755)
     with pytest.raises(runtable.RunTableInterrupted,
                        match=r"^interrupted while loading the workflow config; rerun the same command$"):
-        runtable.load_run_table(TINY, "data", python=str(fake))
+        runtable.load_run_table(TINY, "data")
 
 
 def _default_sigint() -> None:
@@ -525,13 +521,28 @@ def _group_interrupt(proc: subprocess.Popen, ready, what: str, timeout: float = 
     return out
 
 
-# In the run table's child (`python -m fedhpro.runtable`, started by the workflow at load): say so in a file
-# and wait, so that a Ctrl-C lands while the workflow loads, however fast the machine (the child ignores
-# SIGINT; Snakemake, interrupted, kills it).
-HOLD_RUNTABLE = """import os, sys, time
-if "fedhpro.runtable" in getattr(sys, "orig_argv", []) and os.environ.get("HOLD_MARKER"):
-    open(os.environ["HOLD_MARKER"], "w").close()
-    time.sleep(120)
+# In the Snakemake under test (a sitecustomize module): once the workflow imports fedhpro.runtable, its
+# build_run_table says so in a file and waits, so that a Ctrl-C lands while the workflow loads, however fast
+# the machine.
+HOLD_RUNTABLE = """import importlib.abc, importlib.util, os, sys, time
+class Hold(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name != "fedhpro.runtable" or not os.environ.get("HOLD_MARKER"):
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        load = spec.loader.exec_module
+        def exec_module(module):
+            load(module)
+            real = module.build_run_table
+            def held(*args, **kwargs):
+                open(os.environ["HOLD_MARKER"], "w").close()
+                time.sleep(120)
+                return real(*args, **kwargs)
+            module.build_run_table = held
+        spec.loader.exec_module = exec_module
+        return spec
+sys.meta_path.insert(0, Hold())
 """
 
 
@@ -546,7 +557,7 @@ def test_ctrl_c_while_the_workflow_loads_is_one_line(tmp_path):
     env = {**os.environ, "HOLD_MARKER": str(marker),
            "PYTHONPATH": os.pathsep.join(filter(None, [str(hook), os.environ.get("PYTHONPATH")]))}
     proc = interruptible_snakemake(wf, "--cores", "1", env=env)
-    text = _group_interrupt(proc, marker.exists, "run table child")
+    text = _group_interrupt(proc, marker.exists, "run table")
     assert proc.returncode != 0
     assert "interrupted while loading the workflow config; rerun the same command" in text, text[-3000:]
     assert "Traceback" not in text and "KeyboardInterrupt" not in text, text[-3000:]
@@ -604,8 +615,8 @@ def test_a_failing_job_is_one_line_naming_its_log_with_the_traceback_only_in_the
 
 def test_ctrl_c_while_snakemake_starts_is_one_line():
     """A KeyboardInterrupt that Snakemake does not catch (e.g. while it imports its plugins, before any workflow
-    code) is one line: the executor plugin, imported at Snakemake's start, installs the hook."""
-    code = ("import sys; sys.argv[0] = 'snakemake'; import snakemake_executor_plugin_fedhpro; "
+    code) is one line: the start hook (fedhpro.snakestart) installs the excepthook in a `snakemake` process."""
+    code = ("import sys; sys.argv[0] = 'snakemake'; import fedhpro.snakestart as s; s.start(); "
             "raise KeyboardInterrupt")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
@@ -613,15 +624,29 @@ def test_ctrl_c_while_snakemake_starts_is_one_line():
     code = code.replace("KeyboardInterrupt", "ValueError('other errors are shown as before')")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert "Traceback" in proc.stderr and "ValueError: other errors are shown as before" in proc.stderr
+    # not a snakemake process: nothing happens
+    code = "import sys, fedhpro.snakestart as s; s.start(); raise KeyboardInterrupt"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "Traceback" in proc.stderr and "KeyboardInterrupt" in proc.stderr
+
+
+def test_the_executor_plugin_does_nothing_at_import():
+    """Snakemake imports every installed executor plugin in every call: importing ours defines the plugin and
+    nothing else (no excepthook, no command-line parsing, no lock removal, no exit on a missing --configfile)."""
+    code = ("import sys; sys.argv = ['snakemake', '--configfile', 'missing.yaml']; hook = sys.excepthook; "
+            "import snakemake_executor_plugin_fedhpro as p; "
+            "assert sys.excepthook is hook; assert p.Executor and p.common_settings; print('imported')")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 0 and proc.stdout == "imported\n" and proc.stderr == "", proc.stderr[-2000:]
 
 
 def test_ctrl_c_while_snakemake_imports_its_own_modules_is_one_line(tmp_path):
     """Snakemake imports ~1 s of its own modules and plugins before ours; a Ctrl-C then was 25-41 lines of
-    traceback. The venv runs scripts/snakemake-interrupt.pth first (installed by scripts/bootstrap.sh)."""
+    traceback. The venv runs scripts/snakemake-start.pth first (installed by scripts/bootstrap.sh)."""
     import sysconfig
 
-    hook = REPO / "scripts" / "snakemake-interrupt.pth"
-    installed = Path(sysconfig.get_paths()["purelib"]) / "fedhpro-snakemake-interrupt.pth"
+    hook = REPO / "scripts" / "snakemake-start.pth"
+    installed = Path(sysconfig.get_paths()["purelib"]) / "fedhpro-snakemake-start.pth"
     assert installed.is_file() and installed.read_text() == hook.read_text(), \
         f"{installed} missing or stale: run scripts/bootstrap.sh"
     # a `snakemake` interrupted before any module of Snakemake's is imported (argv[0] is what the hook checks)

@@ -81,12 +81,19 @@ def test_install_profile_keeps_a_users_edits_and_names_a_dangling_symlink(tmp_pa
 
 def test_profile_slurm_dry_run_as_typed_without_torch_in_snakemake(tmp_path):
     """`snakemake --profile slurm -n` from the checkout after the install; the Snakemake process
-    (which stays on the login node for the whole sweep) never imports torch."""
+    (which stays on the login node for the whole sweep) never imports torch, and validates the config and
+    computes the run table itself: no child Python is started for it."""
     assert _install(tmp_path / "config").returncode == 0
     marker = tmp_path / "modules.txt"
-    code = ("import atexit, sys\n"
+    children = tmp_path / "children.txt"
+    code = ("import atexit, os, subprocess, sys\n"
             f"atexit.register(lambda: open({str(marker)!r}, 'w').write(' '.join(sorted(m for m in sys.modules "
             "if m in ('torch', 'snakemake_executor_plugin_fedhpro')))))\n"
+            "started = subprocess.Popen.__init__\n"
+            "def record(self, args, *a, **k):\n"
+            f"    open({str(children)!r}, 'a').write(repr(args) + '\\n')\n"
+            "    return started(self, args, *a, **k)\n"
+            "subprocess.Popen.__init__ = record\n"
             "sys.argv = ['snakemake', '--profile', 'slurm', '-n']\n"
             "from snakemake.cli import main\nmain()\n")
     env = {**os.environ, "XDG_CONFIG_HOME": str(tmp_path / "config"),
@@ -100,6 +107,8 @@ def test_profile_slurm_dry_run_as_typed_without_torch_in_snakemake(tmp_path):
     loaded = marker.read_text().split()
     assert "snakemake_executor_plugin_fedhpro" in loaded  # the profile's executor was found and loaded
     assert "torch" not in loaded  # (pandas is imported by Snakemake and its SLURM plugin anyway)
+    started = children.read_text().splitlines() if children.exists() else []
+    assert not [c for c in started if "python" in c or "fedhpro" in c], started  # (was: python -m fedhpro.runtable)
 
 
 def test_short_runs_are_packed_into_jobs_of_the_budget():
@@ -186,14 +195,14 @@ def test_a_killed_snakemakes_lock_is_removed_only_when_it_is_gone(tmp_path):
 
     locks = tmp_path / ".snakemake" / "locks"
 
-    def lock_of(pid: int) -> None:
+    def lock_of(pid: int, **host: str) -> None:
         locks.mkdir(parents=True, exist_ok=True)
         files = {}
         for name in ("0.input.lock", "0.output.lock"):
             (locks / name).write_text("results/x\n")
             st = (locks / name).stat()
             files[name] = [st.st_ino, st.st_mtime_ns]
-        (locks / OWNER_FILE).write_text(json.dumps({"pid": pid, "start": _start_time(pid), "files": files}))
+        (locks / OWNER_FILE).write_text(json.dumps({"pid": pid, "start": _start_time(pid), "files": files, **host}))
 
     live = subprocess.Popen(["sleep", "60"])
     try:
@@ -209,6 +218,9 @@ def test_a_killed_snakemakes_lock_is_removed_only_when_it_is_gone(tmp_path):
         line = remove_dead_lock(str(tmp_path))
         assert line and f"pid {live.pid}" in line and "no longer running" in line and "\n" not in line
         assert sorted(p.name for p in locks.iterdir()) == []
+        # written on another host (a compute node's Snakemake, a second login node): its pid says nothing here
+        lock_of(live.pid, host="another-host")
+        assert remove_dead_lock(str(tmp_path)) is None and (locks / "0.input.lock").exists()
     finally:
         live.kill()
         live.wait()

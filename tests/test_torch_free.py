@@ -37,8 +37,7 @@ PROBE = textwrap.dedent('''
     from snakemake.utils import validate
     from fedhpro.config import from_dict
     from fedhpro.errors import ConfigError
-    from fedhpro.runtable import build_run_table
-    from fedhpro.sweep import pending_datasets_of
+    from fedhpro.runtable import load_run_table
 
     runs = {{}}
     for path in sorted(glob.glob("config/*.yaml")):
@@ -46,8 +45,7 @@ PROBE = textwrap.dedent('''
         if "experiments" not in cfg:  # config/published.yaml: a results registry, not a workflow config
             continue
         validate(cfg, schema="workflow/schemas/config.schema.yaml")
-        table = build_run_table(cfg, cfg["data_root"], pending_datasets_of(cfg))
-        runs[path] = len(table["runs"])
+        runs[path] = len(load_run_table(cfg, cfg["data_root"]).runs)  # what workflow/rules/common.smk calls
 
     from fedhpro.batched import check_batchable
     from fedhpro.data import DATASETS

@@ -19,7 +19,9 @@ import torch
 from fedhpro.config import RunConfig, from_dict
 from fedhpro.data import ArrayData, load_dataset
 from fedhpro.engine import Engine
+from fedhpro.local import batch_sizes
 from fedhpro.methods import fast_test_params
+from fedhpro.plan import cpu_model
 from fedhpro.train import build_context, start_engine
 
 # ---------------------------------------------------------------------------------------------- configs
@@ -87,16 +89,6 @@ def make_config(quick: bool, gpu: bool, device: str | None) -> BenchConfig:
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def machine_info(device: str, threads: int) -> dict:
     info = {"platform": platform.platform(), "python": platform.python_version(), "cpu": cpu_model(),
             "cpu_count": os.cpu_count(), "torch": torch.__version__, "device": device, "threads": threads,
@@ -245,8 +237,8 @@ def synthetic_digits(num_samples: int, seed: int = 0) -> ArrayData:
 
 
 def trained_samples(n: int, batch_size: int, epochs: int) -> int:
-    """Samples `engine.batches` feeds per client (a trailing batch of one sample is dropped)."""
-    return epochs * (n - 1 if n > 1 and n % batch_size == 1 else n)
+    """Samples `engine.batches` feeds per client in `epochs` epochs (`fedhpro.local.batch_sizes`)."""
+    return epochs * sum(batch_sizes(n, batch_size))
 
 
 def new_engine(run_cfg: RunConfig, data: ArrayData, out_dir: Path | None = None) -> Engine:

@@ -9,7 +9,7 @@ its `Client(ClientBase)` and `Server(ServerBase)` (`fedhpro.engine`), and then
 
 and its line in `METHOD_MODULES` below. Everything else asks the declaration: validation (`check_supported`),
 the config hash (`revisions`), the tests (`fast_test_params`), `fedhpro methods`, the methods table of the docs
-(`fedhpro.methodsdoc`), and the tables' and figures' names, order, styles and notes (`fedhpro.labels`). The
+(`fedhpro.docs`), and the tables' and figures' names, order, styles and notes (`fedhpro.labels`). The
 declaration is checked when the module is first loaded (`MethodDeclarationError` naming the field), so a
 mistake stops `fedhpro methods` and every run, not a late report.
 """

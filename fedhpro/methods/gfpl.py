@@ -60,7 +60,7 @@ from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
-from fedhpro.engine import ClientBase, ClientData, Context, ServerBase, derive_seed
+from fedhpro.engine import ClientBase, ClientData, Context, ServerBase, batches, derive_seed
 from fedhpro.lazy import lazy_module, no_grad
 from fedhpro.methods import Method, param
 
@@ -281,11 +281,7 @@ def retrain_heads(model: DualClassifierNet, z: torch.Tensor, y: torch.Tensor, ep
     optimizer = torch.optim.SGD(model.head_parameters(), lr=lr, momentum=momentum)
     n = len(y)
     for _ in range(epochs):
-        perm = torch.randperm(n, generator=gen).to(z.device)
-        for start in range(0, n, batch_size):
-            idx = perm[start:start + batch_size]
-            if idx.numel() == 1 and n > 1:  # BatchNorm1d cannot normalise one sample
-                continue
+        for idx in batches(n, batch_size, gen, z.device):  # a batch of one dropped: BatchNorm1d cannot train on it
             h, logits = model.heads(z[idx])
             loss = hybrid_loss(h, logits, y[idx], model.etf, dr_weight)
             optimizer.zero_grad(set_to_none=True)

@@ -5,9 +5,9 @@
 # validates every run's RunConfig with fedhpro.config.from_dict. An invalid value stops the
 # workflow with a message naming the key, e.g.
 #   methods.fedprox.default (dataset digits, heterogeneity[0], ...): config key 'method_params.mu' ...
-# The second check, the run table and the download plan are computed in a child Python
-# (fedhpro.runtable): they need the method/dataset registries, which import torch, and this process
-# stays on the submit host for the whole sweep, so it keeps only the resulting JSON (no torch here).
+# The second check, the run table and the download plan (fedhpro.runtable) run in this process: the
+# method/dataset/model declarations they read import torch only when a run is trained (fedhpro.lazy),
+# and this process stays on the submit host for the whole sweep (no torch here: tests/test_torch_free.py).
 import os
 import re
 import sys
@@ -30,7 +30,16 @@ from fedhpro.runtable import (  # noqa: E402  (no torch)
     load_run_table,
     schema_error,
 )
+from fedhpro.snakelock import remove_dead_lock  # noqa: E402  (no torch)
 from fedhpro.sweep import WILDCARD_PATTERNS, SweepConfigError, check_config_files  # noqa: E402  (no torch)
+
+# A Snakemake killed here earlier (SIGKILL, a lost login session) left its lock: remove it, with one line, before
+# this Snakemake takes its own (after loading the workflow), instead of stopping with "Directory cannot be locked".
+# Only the main Snakemake: a job's Snakemake on a compute node must never touch the submit host's lock.
+if workflow.is_main_process:
+    _removed_lock = remove_dead_lock(os.getcwd())
+    if _removed_lock:
+        print(_removed_lock, file=sys.stderr)
 
 
 try:  # duplicate keys (Snakemake's YAML loader keeps the last silently) and invalid YAML, naming file and line
@@ -67,10 +76,10 @@ DATA_ROOT = config["data_root"].rstrip("/")
 # here, at load time, not in the job; for a dataset under `pending_datasets` it is dropped with a
 # warning (the loader skips what is missing, e.g. digit_domains a domain).
 try:
-    RUN_TABLE = load_run_table(config, DATA_ROOT, package_root=PACKAGE_ROOT)
+    RUN_TABLE = load_run_table(config, DATA_ROOT)
 except RunTableError as err:
     raise WorkflowError(f"invalid workflow config: {err}") from None
-except (RunTableInterrupted, KeyboardInterrupt):  # Ctrl-C: the child exits quietly, this says it once
+except (RunTableInterrupted, KeyboardInterrupt):  # Ctrl-C: one line, no traceback
     raise WorkflowError(str(RunTableInterrupted())) from None
 
 RUNS = RUN_TABLE.runs
@@ -223,7 +232,7 @@ def report_outputs():
 
 def data_identity(dataset):
     """What the workflow config says the dataset's data is (not where it lives): the checksums its downloads
-    are verified against and any pinned fingerprint (computed with the run table, in the child process)."""
+    are verified against and any pinned fingerprint (computed with the run table)."""
     return RUN_TABLE.data_identity.get(dataset, {"files": {}, "fingerprint": None})
 
 
