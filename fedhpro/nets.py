@@ -1,4 +1,4 @@
-"""The architectures: every nn.Module class the project trains, in one module that imports torch.
+"""The architectures: every nn.Module class the project defines, in a module that imports torch (the registries do not).
 
 The registries that name them stay free of torch (`fedhpro.models.BACKBONES`, `fedhpro.text.TEXT_BACKBONES`,
 the method files), so that validating a workflow config never imports torch (`fedhpro.lazy`); they reach
