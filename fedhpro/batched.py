@@ -122,7 +122,7 @@ class BatchedTraining:
             self._loss_fns[key] = _vmapped_losses(model)
         return self._loss_fns[key]
 
-    def train_clients(self, r: int, selected: list[int], payload: dict) -> tuple[list[dict], list[float]]:
+    def train_clients(self, round_idx: int, selected: list[int], payload: dict) -> tuple[list[dict], list[float]]:
         """Local training of `selected` from the broadcast weights -> (uploads, mean train losses), in order.
 
         Clients are laid out by decreasing number of local steps (then decreasing size), so the clients
@@ -148,7 +148,7 @@ class BatchedTraining:
         anchor = {n: p.detach().clone() for n, p in start.items()} if self.mu else {}
         buffers = {n: _stack([b] * k) for n, b in model.named_buffers()}
         momentum: dict[str, torch.Tensor] = {}
-        streams = [self._stream(c, torch.Generator().manual_seed(derive_seed(cfg.seed, r, c.cid))) for c in clients]
+        streams = [self._stream(c, torch.Generator().manual_seed(derive_seed(cfg.seed, round_idx, c.cid))) for c in clients]
         totals = torch.zeros(k, dtype=torch.float64, device=ctx.device)
         counts = [0] * k
         losses_fns = self._losses(model)

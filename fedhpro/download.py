@@ -137,7 +137,7 @@ def _to_url(location: str) -> str:
     return Path(location).expanduser().resolve().as_uri()
 
 
-def _source_url(remote: RemoteFile, mirror_url: str | None) -> str:
+def source_url(remote: RemoteFile, mirror_url: str | None) -> str:
     if not mirror_url:
         return remote.url
     if mirror_url.endswith("/"):
@@ -279,7 +279,7 @@ def fetch(remote: RemoteFile, dest_dir: str | Path, *, mirror_url: str | None = 
                 shutil.rmtree(final)
             else:
                 final.unlink()
-        url = _source_url(remote, mirror_url)
+        url = source_url(remote, mirror_url)
         restarted = False
         while True:
             log.info("downloading %s -> %s", url, final)
@@ -299,7 +299,7 @@ def fetch(remote: RemoteFile, dest_dir: str | Path, *, mirror_url: str | None = 
                                 f"expected {algo}:{digest}, got {algo}:{actual}")
 
 
-def _mirror_entry(mirror: Mapping | None, remote: RemoteFile) -> tuple[RemoteFile, str | None, str | None]:
+def mirror_entry(mirror: Mapping | None, remote: RemoteFile) -> tuple[RemoteFile, str | None, str | None]:
     """Apply a `prepare` mirror mapping to one file -> (file, mirror_url, checksum)."""
     if not mirror:
         return remote, None, None
@@ -327,7 +327,7 @@ def _mirror_entry(mirror: Mapping | None, remote: RemoteFile) -> tuple[RemoteFil
 def mirror_checksum(remote: RemoteFile, mirror: Mapping | None = None) -> str | None:
     """The checksum `prepare` verifies `remote` against ('md5:<hex>' / 'sha256:<hex>'): the mirror entry's
     if it configures one, else the upstream one; None when there is neither (`prepare` refuses the file)."""
-    target, _, checksum = _mirror_entry(mirror, remote)
+    target, _, checksum = mirror_entry(mirror, remote)
     if not checksum and not (target.sha256 or target.md5):
         return None
     algo, digest = expected_checksum(target, checksum)  # ValueError for a malformed configured checksum
@@ -346,7 +346,7 @@ def prepare(remotes: list[RemoteFile] | tuple[RemoteFile, ...], root: str | Path
     raw = Path(root) / name / "raw"
     raw.mkdir(parents=True, exist_ok=True)
     for remote in remotes:
-        target, url, checksum = _mirror_entry(mirror, remote)
+        target, url, checksum = mirror_entry(mirror, remote)
         fetch(target, raw, mirror_url=url, checksum=checksum, **fetch_options)
     return raw
 

@@ -135,7 +135,7 @@ def prepare_by_content(name: str, remotes, root: str | Path, mirror: Mapping, ex
     import urllib.parse
     import urllib.request
 
-    from fedhpro.download import _mirror_entry, _source_url, fetch, file_checksum
+    from fedhpro.download import mirror_entry, source_url, fetch, file_checksum
 
     spec = DATASETS[name]
     import inspect
@@ -148,8 +148,8 @@ def prepare_by_content(name: str, remotes, root: str | Path, mirror: Mapping, ex
     staging = Path(tempfile.mkdtemp(prefix=".content-", dir=raw.parent))
     try:
         for remote in remotes:
-            target, url, _ = _mirror_entry(mirror, remote)
-            source = _source_url(target, url)
+            target, url, _ = mirror_entry(mirror, remote)
+            source = source_url(target, url)
             parsed = urllib.parse.urlparse(source)
             if parsed.scheme != "file":
                 raise ValueError(f"mirrors.{name}.{FINGERPRINT_KEY}: acceptance by content needs a local copy (a "

@@ -81,7 +81,7 @@ from typing import Callable
 import numpy as np
 
 from fedhpro.data.registry import ArrayData, DatasetSpec, register
-from fedhpro.data.imagefolder import (FolderArrays, _load_npz, _save_npz, cache_path, channel_stats,
+from fedhpro.data.imagefolder import (FolderArrays, load_npz, save_npz, cache_path, channel_stats,
                                       read_image_folder, source_key)
 from fedhpro.data.mnist_family import (IDX_FILES, MNIST_REMOTES, find_file, read_bytes, read_idx_dataset,
                                        search_dirs)
@@ -451,7 +451,7 @@ def load_digit_domains(root: Path, domains=DIGIT_DOMAINS, train_per_domain: int 
         arrays = None
         if cfile is not None and cfile.is_file():
             try:
-                arrays = _load_npz(cfile)
+                arrays = load_npz(cfile)
             except Exception as exc:  # a damaged cache is rebuilt, never trusted
                 log.warning("ignoring unreadable cache %s: %s", cfile, exc)
         if arrays is None:
@@ -463,7 +463,7 @@ def load_digit_domains(root: Path, domains=DIGIT_DOMAINS, train_per_domain: int 
                                   DIGIT_CLASSES)
             if cfile is not None:
                 try:
-                    _save_npz(cfile, arrays)
+                    save_npz(cfile, arrays)
                 except OSError as exc:
                     log.warning("cannot write cache %s: %s", cfile, exc)
         log.info("digit_domains: %s: %d train / %d test", name, len(arrays.train_y), len(arrays.test_y))

@@ -136,7 +136,7 @@ def walk_files(source: Path):
             yield full, full.relative_to(source).as_posix()
 
 
-def _collect(source: Path) -> dict[str, Callable[[], bytes]]:
+def collect_files(source: Path) -> dict[str, Callable[[], bytes]]:
     """Relative name -> reader of the bytes, for every image-like file of a dir/tar/zip."""
     if source.is_dir():
         out: dict[str, Callable[[], bytes]] = {}
@@ -200,7 +200,7 @@ def read_image_folder(source: str | Path, *, image_size: int | None = 32, channe
     """Decode a train/test image-folder tree from a directory, tar or zip (see module docstring)."""
     image_size, channels = check_options(image_size, channels)
     source = Path(source)
-    files = _collect(source)
+    files = collect_files(source)
     prefix, test_split = find_layout(files)
     samples: dict[str, list[tuple[str, str]]] = {"train": [], test_split: []}
     for rel in files:
@@ -264,12 +264,12 @@ def cache_path(cache_dir: Path, source: str | Path, **options) -> Path:
     return Path(cache_dir) / (hashlib.sha256(key.encode()).hexdigest()[:24] + ".npz")
 
 
-def _save_npz(path: Path, arrays: FolderArrays) -> None:
+def save_npz(path: Path, arrays: FolderArrays) -> None:
     atomic_savez(path, dict(train_x=arrays.train_x, train_y=arrays.train_y, test_x=arrays.test_x,
                             test_y=arrays.test_y, class_names=np.array(arrays.class_names, dtype=str)))
 
 
-def _load_npz(path: Path) -> FolderArrays:
+def load_npz(path: Path) -> FolderArrays:
     with np.load(path, allow_pickle=False) as z:
         return FolderArrays(z["train_x"], z["train_y"], z["test_x"], z["test_y"],
                             tuple(str(c) for c in z["class_names"]))
@@ -284,12 +284,12 @@ def read_image_folder_cached(source: str | Path, cache_dir: Path | None, *, imag
     path = cache_path(cache_dir, source, image_size=image_size, channels=channels)
     if path.is_file():
         try:
-            return _load_npz(path)
+            return load_npz(path)
         except Exception as exc:  # a damaged cache is rebuilt, never trusted
             log.warning("ignoring unreadable cache %s: %s", path, exc)
     arrays = read_image_folder(source, image_size=image_size, channels=channels)
     try:
-        _save_npz(path, arrays)
+        save_npz(path, arrays)
     except OSError as exc:
         log.warning("cannot write cache %s: %s", path, exc)
     return arrays

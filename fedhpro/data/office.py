@@ -55,7 +55,7 @@ import numpy as np
 
 from fedhpro.data.registry import ArrayData, DatasetSpec, register
 from fedhpro.data.digit_domains import IMAGENET_MEAN, IMAGENET_STD, subset
-from fedhpro.data.imagefolder import (FolderArrays, _collect, _load_npz, _save_npz, cache_path, decode_image,
+from fedhpro.data.imagefolder import (FolderArrays, collect_files, load_npz, save_npz, cache_path, decode_image,
                                       is_archive)
 from fedhpro.download import ArchiveError, RemoteFile
 from fedhpro.lazy import lazy_module
@@ -123,7 +123,7 @@ def _locate(root: Path, path: str | None) -> Path:
 def read_office(source: Path, domains: tuple[str, ...], image_size: int | None) -> dict[str, FolderArrays]:
     """Decode the requested domains of an Office-Caltech-10 source; FPL split per domain."""
     try:
-        files = _collect(source)
+        files = collect_files(source)
     except (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error) as exc:
         raise ArchiveError(f"cannot read {source} (corrupt or truncated): {exc}") from exc
     except OSError as exc:
@@ -182,7 +182,7 @@ def load_office_caltech(root: Path, domains=OFFICE_DOMAINS, image_size: int | No
     for d, cfile in cfiles.items():
         if cfile.is_file():
             try:
-                arrays[d] = _load_npz(cfile)
+                arrays[d] = load_npz(cfile)
             except Exception as exc:  # a damaged cache is rebuilt, never trusted
                 log.warning("ignoring unreadable cache %s: %s", cfile, exc)
     todo = tuple(d for d in domains if d not in arrays)
@@ -192,7 +192,7 @@ def load_office_caltech(root: Path, domains=OFFICE_DOMAINS, image_size: int | No
             arrays[d] = a
             if cache:
                 try:
-                    _save_npz(cfiles[d], a)
+                    save_npz(cfiles[d], a)
                 except OSError as exc:
                     log.warning("cannot write cache %s: %s", cfiles[d], exc)
     found = [d for d in domains if d in arrays]

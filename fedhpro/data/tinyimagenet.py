@@ -51,7 +51,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from fedhpro.data.registry import ArrayData, DatasetSpec, register
-from fedhpro.data.imagefolder import (IMAGE_EXTENSIONS, FolderArrays, _load_npz, _save_npz, cache_path,
+from fedhpro.data.imagefolder import (IMAGE_EXTENSIONS, FolderArrays, load_npz, save_npz, cache_path,
                                       is_archive)
 from fedhpro.download import ArchiveError, RemoteFile
 from fedhpro.lazy import lazy_module
@@ -198,12 +198,12 @@ def cached_arrays(cache_dir: Path | None, key_source: Path, build: Callable[[], 
     path = cache_path(cache_dir, key_source, **key_options)
     if path.is_file():
         try:
-            return _load_npz(path)
+            return load_npz(path)
         except Exception as exc:  # a damaged cache is rebuilt, never trusted
             log.warning("ignoring unreadable cache %s: %s", path, exc)
     arrays = build()
     try:
-        _save_npz(path, arrays)
+        save_npz(path, arrays)
     except OSError as exc:
         log.warning("cannot write cache %s: %s", path, exc)
     return arrays
