@@ -173,7 +173,7 @@ class BatchedTraining:
             uploads[i] = {"num_samples": client.num_samples, "cid": client.cid, "weights": weights}
             losses[i] = totals_cpu[pos] / max(counts[pos], 1)
         for cid in selected:
-            self.states.release(cid, r)
+            self.states.release(cid, round_idx)
         return uploads, losses
 
     def _buckets(self, sizes: list[int]) -> list[list[int]]:
