@@ -96,7 +96,8 @@ def test_deterministic(runs):
     _, full, stopped, _ = runs  # two runs from scratch in two directories: rounds 1 and 2 bit-identical
     assert list(stopped["round"]) == [1, 2]
     # (the stopped run's rows say "running": status is not a number of the run)
-    pd.testing.assert_frame_equal(numbers(full.iloc[:2]).drop(columns="status"), numbers(stopped).drop(columns="status"))
+    pd.testing.assert_frame_equal(numbers(full.iloc[:2]).drop(columns="status"),
+                                  numbers(stopped).drop(columns="status"))
 
 
 def test_resume_is_bit_identical(runs):
