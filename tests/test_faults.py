@@ -302,34 +302,31 @@ def configs(campaign_dir) -> dict[str, Path]:
 
 
 class References:
-    """Uninterrupted runs, one per method, trained in the pool on first demand."""
+    """Uninterrupted runs, one per method, trained on first demand in this process with one thread (the numbers
+    of `fedhpro train --threads 1`, as tests/test_clientstore.py's reference; no interpreter start-up each),
+    in the calling thread: only the tests' thread trains in-process, the pool only waits on subprocesses."""
 
-    def __init__(self, pool: cf.ThreadPoolExecutor, root: Path, configs: dict[str, Path]) -> None:
-        self.pool, self.root, self.configs = pool, root, configs
-        self.futures: dict[str, cf.Future] = {}
-
-    def _train(self, method: str) -> Path:
-        out = self.root / method
-        out.parent.mkdir(parents=True, exist_ok=True)
-        proc = cli_train(self.configs[method], out)
-        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-        return out
-
-    def submit(self, method: str) -> cf.Future:
-        if method not in self.futures:
-            self.futures[method] = self.pool.submit(self._train, method)
-        return self.futures[method]
+    def __init__(self, root: Path, configs: dict[str, Path]) -> None:
+        self.root, self.configs = root, configs
+        self.done: dict[str, Path] = {}
 
     def run_dir(self, method: str) -> Path:
-        return self.submit(method).result(timeout=1800)
+        if method not in self.done:
+            from fedhpro.train import train
+
+            out = self.root / method
+            out.parent.mkdir(parents=True, exist_ok=True)
+            train(from_dict(yaml.safe_load(self.configs[method].read_text())), out, threads=1, progress=False)
+            self.done[method] = out
+        return self.done[method]
 
     def metrics(self, method: str) -> pd.DataFrame:
         return pd.read_parquet(self.run_dir(method) / METRICS)
 
 
 @pytest.fixture(scope="module")
-def references(pool, campaign_dir, configs) -> References:
-    return References(pool, campaign_dir / "reference", configs)
+def references(campaign_dir, configs) -> References:
+    return References(campaign_dir / "reference", configs)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -339,9 +336,10 @@ def kill_campaign(request, pool, campaign_dir, configs, references) -> dict[tupl
     selected = [item.callspec.params["case"] for item in request.session.items
                 if getattr(item, "originalname", "") == "test_sigkill_training_then_rerun"
                 and item.module is request.module]
-    for method in dict.fromkeys(method for method, _, _ in selected):
-        references.submit(method)
-    return {case: pool.submit(run_case, campaign_dir / "kills", configs, case) for case in selected}
+    cases = {case: pool.submit(run_case, campaign_dir / "kills", configs, case) for case in selected}
+    for method in dict.fromkeys(method for method, _, _ in selected):  # while the pool runs the kill cases
+        references.run_dir(method)
+    return cases
 
 
 # ------------------------------------------------------------------------------ Snakemake

@@ -1,7 +1,7 @@
 """The method contract, checked the same way for every registered method and every evaluation mode it declares
 (its declared `modes`), with the method's own `fast_test_params`:
 
-- it learns on digits (accuracy beats chance within three rounds);
+- it learns on digits (accuracy beats chance within two rounds);
 - it is deterministic and resumes bit-identically: a run stopped after round 1 and resumed from its checkpoint
   (server `STATE`, client states, RNG streams) has exactly the numbers of the uninterrupted run;
 - the bytes it reports are the tensors it really sends: every upload and broadcast entry counts except the
@@ -29,8 +29,10 @@ from fedhpro.methods import METHOD_MODULES, METHODS, fast_test_params
 from fedhpro.payload import ENGINE_METADATA, tensor_bytes
 from fedhpro.train import build_context, train
 
+# Two rounds: round 2 is the first that uses what round 1 left (prototypes, server state), and the resume test
+# stops after round 1 and resumes round 2 from the checkpoint; a third round cost a third of the module's time.
 CONTRACT_BASE = {"dataset": "digits", "num_clients": 4, "clients_per_round": 3, "partition": "dirichlet",
-                 "alpha": 0.5, "rounds": 3, "local_epochs": 2, "batch_size": 32, "lr": 0.05, "momentum": 0.9,
+                 "alpha": 0.5, "rounds": 2, "local_epochs": 2, "batch_size": 32, "lr": 0.05, "momentum": 0.9,
                  "seed": 0, "device": "cpu"}
 CHANCE = 0.1  # digits: 10 classes
 
@@ -75,8 +77,8 @@ def check_learns_and_resumes(method: str, mode: str, tmp_path: Path) -> None:
     cfg = contract_config(method, mode)
     full = train(cfg, tmp_path / "full")
     acc = accuracy(full, mode)
-    assert list(full["round"]) == [1, 2, 3] and (full["status"] == "finished").all()
-    # learns: the evaluated model beats chance (a broken method stays at about 0.1). Not more: three short
+    assert list(full["round"]) == [1, 2] and (full["status"] == "finished").all()
+    # learns: the evaluated model beats chance (a broken method stays at about 0.1). Not more: two short
     # rounds of 3 non-IID clients are few for FedHPro's one-client aggregate and CReFF's re-trained classifier,
     # and the training loss is not monotone (prototype terms start in round 2; FedHPro's aggregate changes
     # client every round). Per-method files check their methods' learning where it is reliable.
@@ -89,7 +91,8 @@ def check_learns_and_resumes(method: str, mode: str, tmp_path: Path) -> None:
 
 
 def check_bytes(method: str, mode: str) -> None:
-    cfg = contract_config(method, mode, rounds=2)
+    # one local epoch: what a round sends does not depend on how long the clients train (half the time)
+    cfg = contract_config(method, mode, rounds=2, local_epochs=1)
     ctx = build_context(cfg)
     torch.manual_seed(cfg.seed)
     engine = Engine(ctx, METHODS[method])

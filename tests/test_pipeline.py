@@ -257,6 +257,9 @@ def test_local_run_produces_tables_figures_and_run_files(workflow_run):
     assert (res / "partitions/digits/dirichlet-a0p5-n10/ps0/histogram.png").is_file()
 
 
+@pytest.mark.slow  # one more Snakemake dry run; the default suite keeps it covered by
+# test_switching_execution_keys_in_a_finished_sweep_reruns_nothing, whose first dry run (only execution keys
+# changed, so every rule's inputs and params are the unchanged ones) must also find nothing to be done
 def test_rerun_with_nothing_changed_does_nothing(workflow_run):
     proc = smk(workflow_run, "-n")
     assert proc.returncode == 0
