@@ -82,10 +82,10 @@ def build_run_table(config: Mapping[str, Any], data_root: str, pending: set[str]
 
     runs = validate_workflow_config(config)
     partitions = {pid: PartitionRow(pid, spec.params()) for pid, spec in partitions_of(runs).items()}
-    downloads = plan_downloads([(run.dataset, run.config.dataset_options) for run in runs], data_root,
-                               config.get("mirrors") or {}, pending=pending,
-                               warn=lambda message: print(f"fedhpro workflow: warning: {message}", file=sys.stderr))
     mirrors = config.get("mirrors") or {}
+    downloads = plan_downloads([(run.dataset, run.config.dataset_options) for run in runs], data_root, mirrors,
+                               pending=pending,
+                               warn=lambda message: print(f"fedhpro workflow: warning: {message}", file=sys.stderr))
     cache_file = fingerprint_cache(config)
     identity = {}
     for dataset in sorted({r.dataset for r in runs}):

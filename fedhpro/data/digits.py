@@ -91,7 +91,7 @@ def load_digits_data(root: Path | None = None, test_fraction: float = 0.2) -> Ar
     check_options({"test_fraction": test_fraction})
     data = digits_csv()
     images = np.rint(data[:, :-1].reshape(-1, 8, 8) * (255.0 / 16.0)).astype(np.uint8)[:, None]  # N x 1 x 8 x 8
-    labels = data[:, -1].astype(int).astype(np.int64)
+    labels = data[:, -1].astype(np.int64)  # load_digits' astype(int), int64 here
     train_idx, test_idx = stratified_split(labels, test_fraction, seed=0)
     mean = float(images[train_idx].mean() / 255.0)
     std = float(images[train_idx].std() / 255.0)
