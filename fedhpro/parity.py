@@ -229,8 +229,11 @@ def check_official(checkout: Path) -> None:
 
 def run_official(checkout: Path, work: Path, seed: int, rounds: int, local_epochs: int, device: str,
                  log=print, trace: RunTrace | None = None, on_round=None,
-                 expected_counts: list[list[int]] | None = None) -> RunTrace:
+                 expected_counts: list[list[int]] | None = None, threads: int | None = None) -> RunTrace:
     """The official `main_run.py` (its README command, at the reduced budget) with `--seed seed`.
+
+    `threads` limits its torch CPU threads (OMP_NUM_THREADS / MKL_NUM_THREADS of its process; its own DataLoader
+    worker processes, up to 6 on CUDA, are its design and stay); default: what the environment gives it.
 
     With `expected_counts` (our partition's client x class counts), the run is stopped as soon as its
     round loop starts if the counts it printed differ (so no time is spent on a different split).
@@ -252,8 +255,11 @@ def run_official(checkout: Path, work: Path, seed: int, rounds: int, local_epoch
     tail: list[str] = []
     start = time.perf_counter()
     last = None
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if threads is not None:
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     with subprocess.Popen(cmd, cwd=work, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          env={**os.environ, "PYTHONUNBUFFERED": "1"}) as proc:
+                          env=env) as proc:
         for line in proc.stdout:
             now = time.perf_counter()
             tail = (tail + [line.rstrip()])[-20:]

@@ -101,3 +101,47 @@ def _group_suffix(item) -> None:
         item._id = NodeId.parse(nodeid)
     else:
         item._nodeid = nodeid
+
+
+# ---- the official FedHPro code's stand-in (tests/test_parity.py, tests/test_bench_paper.py) ----
+STAND_IN = '''
+import sys, time
+from options import args_parser
+from torchvision import datasets
+args = args_parser()
+data = datasets.CIFAR10("./data/CIFAR10/", train=True, download=True)
+print("img_num_class")
+print([5, 1])
+for client, counts in enumerate(COUNTS):
+    print(f"{client}: {counts}")
+accs = []
+for r in range(args.num_rounds):
+    time.sleep(0.05)
+    accs.append(round(0.1 + 0.05 * r, 4))
+    print("\\rFedHPro-training:  50%|#####     | 1/2 [00:01<00:01]" if r else "", end="")  # tqdm: no newline
+    print("\\t ACC:", accs)
+print("\\n ALL_ACC:", accs)
+FAIL
+'''
+
+
+def stand_in_checkout(tmp_path: Path, counts, fail: bool = False) -> Path:
+    """A stand-in for a checkout of the official FedHPro code (never in this repository): its file layout, and a
+    main_run.py that reads CIFAR10 as it does and prints `counts` (client x class) and per-round accuracies in its
+    format (`fedhpro.parity` and the benchmark's `paper` section need the real checkout only for real numbers);
+    `fail`: it exits with an error after its rounds."""
+    root = tmp_path / "official"
+    (root / "utils").mkdir(parents=True)
+    (root / "backbone").mkdir()
+    (root / "utils" / "sample_dirichlet.py").write_text("")
+    (root / "backbone" / "ResNet10.py").write_text("")
+    (root / "options.py").write_text(
+        "import argparse\n"
+        "def args_parser():\n"
+        "    p = argparse.ArgumentParser()\n"
+        "    p.add_argument('--num_rounds', type=int)\n"
+        "    p.add_argument('--seed', type=int)\n"
+        "    return p.parse_known_args()[0]\n")
+    (root / "main_run.py").write_text(STAND_IN.replace("COUNTS", repr(counts)).replace(
+        "FAIL", "raise SystemExit('boom')" if fail else ""))
+    return root

@@ -15,6 +15,8 @@ from PIL import Image
 from fedhpro import parity
 from fedhpro.data.cifar import load_cifar
 
+from conftest import stand_in_checkout
+
 
 def tiny_arrays(n_train=50, n_test=20, seed=0) -> parity.CifarArrays:
     rng = np.random.default_rng(seed)
@@ -85,47 +87,6 @@ def test_pack_keeps_the_used_images_and_reads_back(tmp_path):
     a = partition_labels(full.train_y, scheme="creff", seed=25, **parity.PROTOCOL)
     b = partition_labels(back.train_y, scheme="creff", seed=25, **parity.PROTOCOL)
     assert all(np.array_equal(x, y) for x, y in zip(a, b))
-
-
-STAND_IN = '''
-import sys, time
-from options import args_parser
-from torchvision import datasets
-args = args_parser()
-data = datasets.CIFAR10("./data/CIFAR10/", train=True, download=True)
-print("img_num_class")
-print([5, 1])
-for client, counts in enumerate(COUNTS):
-    print(f"{client}: {counts}")
-accs = []
-for r in range(args.num_rounds):
-    time.sleep(0.05)
-    accs.append(round(0.1 + 0.05 * r, 4))
-    print("\\rFedHPro-training:  50%|#####     | 1/2 [00:01<00:01]" if r else "", end="")  # tqdm: no newline
-    print("\\t ACC:", accs)
-print("\\n ALL_ACC:", accs)
-FAIL
-'''
-
-
-def stand_in_checkout(tmp_path: Path, counts, fail: bool = False) -> Path:
-    """A directory with the official code's file layout whose main_run.py reads CIFAR10 like it and prints
-    in its format (the harness needs the real checkout only for real numbers)."""
-    root = tmp_path / "official"
-    (root / "utils").mkdir(parents=True)
-    (root / "backbone").mkdir()
-    (root / "utils" / "sample_dirichlet.py").write_text("")
-    (root / "backbone" / "ResNet10.py").write_text("")
-    (root / "options.py").write_text(
-        "import argparse\n"
-        "def args_parser():\n"
-        "    p = argparse.ArgumentParser()\n"
-        "    p.add_argument('--num_rounds', type=int)\n"
-        "    p.add_argument('--seed', type=int)\n"
-        "    return p.parse_known_args()[0]\n")
-    (root / "main_run.py").write_text(STAND_IN.replace("COUNTS", repr(counts)).replace(
-        "FAIL", "raise SystemExit('boom')" if fail else ""))
-    return root
 
 
 def test_official_wrapper_runs_the_checkout_and_parses_its_output(tmp_path):

@@ -13,6 +13,7 @@ import torch
 
 from fedhpro.bench.batched import bench_batched
 from fedhpro.bench.common import load_data, machine_info, make_config
+from fedhpro.bench.paper import bench_paper
 from fedhpro.bench.precision import bench_precision
 from fedhpro.bench.report import Report
 from fedhpro.bench.rounds import bench_rounds
@@ -21,7 +22,10 @@ from fedhpro.bench.sharing import bench_sharing
 from fedhpro.cliutil import ArgumentParser, check_out_dir, positive_int
 
 DESCRIPTION = "`fedhpro bench`: how fast the engine trains, side by side with a bare PyTorch loop, in one process."
-SECTIONS = ("rounds", "batched", "precision", "sharing", "scale")
+# In the order they run: `paper` first (the GPU targets of the paper config), so that a benchmark cut short (a
+# device window's time limit) has already written it; every section's files are written as soon as it ends.
+SECTIONS = ("paper", "rounds", "batched", "precision", "sharing", "scale")
+GPU_ONLY = ("paper",)  # the paper config is CIFAR-10 + ResNet-10: left out of the default (CPU digits) bench
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,10 +40,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="measured repeats after the warm-up (default 4; quick 1)")
     p.add_argument("--out", default=None, help="write <out>/bench*.json and <out>/bench*.md (e.g. results/bench)")
     p.add_argument("--times", default=None, metavar="CSV",
-                   help="also add the measured seconds per round (section rounds) to this round-times table, "
+                   help="also add the measured seconds per round (sections rounds and paper) to this round-times table, "
                         "which `fedhpro plan` estimates sweeps from (e.g. config/round-times.csv)")
     p.add_argument("--skip", action="append", default=[], choices=SECTIONS,
                    help="leave a section out (repeatable)")
+    p.add_argument("--official", default=None, metavar="CHECKOUT",
+                   help="section paper (--gpu): also time the official FedHPro code, a checkout of mala-lab/FedHPro "
+                        "(never copied into this repository), on the same files, partition and device")
     return p
 
 
@@ -48,11 +55,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.device and args.device.startswith("cuda") and not torch.cuda.is_available():
         print("error: --device cuda requested but no CUDA device is available", file=sys.stderr)
         return 2
+    if args.official is not None:
+        if not args.gpu or "paper" in args.skip:
+            raise ValueError("--official is used by section paper, which runs with --gpu (and without --skip paper)")
+        from fedhpro.parity import check_official
+
+        check_official(Path(args.official))  # a wrong checkout is refused before the benchmark, not after
     if args.out is not None:  # `--out ''` is refused, not taken for "no --out"
         check_out_dir(args.out, create=False)  # before the benchmark runs, not after
     if args.times:
-        if "rounds" in args.skip:
-            raise ValueError("--times needs the rounds section (it records that section's round times)")
+        if "rounds" in args.skip and ("paper" in args.skip or not args.gpu):
+            raise ValueError("--times needs section rounds or paper (it records their round times)")
         if Path(args.times).exists():
             from fedhpro.plan import read_times
 
@@ -68,20 +81,26 @@ def main(argv: list[str] | None = None) -> int:
         print("note: --gpu without a CUDA device: running the GPU config on the CPU")
     t0 = time.perf_counter()
     data = load_data(cfg)
-    sections = {"rounds": bench_rounds, "batched": bench_batched, "precision": bench_precision,
+    official = Path(args.official) if args.official else None
+    sections = {"paper": lambda cfg, data, report: bench_paper(cfg, report, official),
+                "rounds": bench_rounds, "batched": bench_batched, "precision": bench_precision,
                 "sharing": bench_sharing,
                 "scale": lambda cfg, data, report: bench_scale(cfg, report)}
+    chosen = [name for name in SECTIONS if name not in args.skip and (args.gpu or name not in GPU_ONLY)]
     measured = []
-    for name in SECTIONS:
-        if name not in args.skip:
-            result = sections[name](cfg, data, report)
-            if name == "rounds":
-                measured = result
+    for done, name in enumerate(chosen, 1):
+        result = sections[name](cfg, data, report)
+        if name == "rounds":
+            measured = measured + result
+        elif name == "paper":
+            measured = measured + [result["time_row"]]
+        if args.out:  # after every section: a benchmark cut short keeps what it measured, marked incomplete
+            report.write(Path(args.out), pending=chosen[done:])
     total = time.perf_counter() - t0
     print(f"\nbenchmark wall time {total:.1f} s; 1-min load average at end {os.getloadavg()[0]:.2f}")
     print("targets: " + ", ".join(f"{c['status']}" for c in report.checks))
     if args.out:
-        for path in report.write(Path(args.out)):
+        for path in report.write(Path(args.out), pending=[]):
             print(f"wrote {path}")
     if args.times and measured:
         from fedhpro.plan import read_times, write_times

@@ -55,6 +55,11 @@ class BenchConfig:
     precision_rounds: int = 2
     sharing_runs: tuple[int, ...] = (1, 2, 4)  # `sharing` section: runs training at once on the device
     sharing_rounds: int = 2
+    # `paper` section (--gpu only): config/paper.yaml's CIFAR-10 FedHPro cell on CIFAR-10-sized random images
+    paper_train_per_class: int = 5000
+    paper_test_per_class: int = 1000
+    paper_local_epochs: int = 10
+    paper_rounds: int = 2  # measured rounds after the warm-up
 
     def run_config(self, method: str, **changes: Any) -> RunConfig:
         raw = {"dataset": self.dataset, "method": method, "num_clients": self.num_clients, "partition": "dirichlet",
@@ -81,6 +86,7 @@ def make_config(quick: bool, gpu: bool, device: str | None) -> BenchConfig:
                       scale_personal_rounds=2,
                       partition_labels=100_000, partition_clients=100, sweep_runs=8, precision_rounds=1,
                       sharing_runs=(1, 2), sharing_rounds=1,
+                      paper_train_per_class=100, paper_test_per_class=20, paper_local_epochs=1, paper_rounds=1,
                       quick_setting={"local_epochs": 1, "batch_size": 32, "lr": 0.05, "momentum": 0.9},
                       subset=(300, 100))
         if gpu:

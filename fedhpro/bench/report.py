@@ -51,20 +51,28 @@ class Report:
         print(f"  {status}: {label} -- {detail}   [{self.tag}]")
         sys.stdout.flush()
 
-    def write(self, out: Path) -> list[Path]:
+    def write(self, out: Path, pending: list[str]) -> list[Path]:
+        """Write every section measured so far; `pending` names the sections still to run: the summary JSON says
+        `"complete": false` and the Markdown opens with a line naming them, so a benchmark cut short (a time
+        limit, a crash) never leaves files that look complete. Each file is replaced atomically."""
         out.mkdir(parents=True, exist_ok=True)
         written = []
         stem = "bench" if self.cfg.name == "cpu-digits-cnn" else f"bench_{self.cfg.name}"
         for name, rows in self.sections.items():
             path = out / f"{stem}_{self.slugs[name]}.json"
-            path.write_text(json.dumps({"machine": self.info, "config": self.cfg.name, "section": name,
-                                        "figures": rows, "data": self.data.get(self.slugs[name])}, indent=2, default=str))
+            _write(path, json.dumps({"machine": self.info, "config": self.cfg.name, "section": name,
+                                     "figures": rows, "data": self.data.get(self.slugs[name])}, indent=2, default=str))
             written.append(path)
         path = out / f"{stem}.json"
-        path.write_text(json.dumps({"machine": self.info, "config": self.cfg.__dict__, "sections": self.sections,
-                                    "checks": self.checks, "data": self.data}, indent=2, default=str))
+        _write(path, json.dumps({"complete": not pending, "pending_sections": pending, "machine": self.info,
+                                 "config": self.cfg.__dict__, "sections": self.sections, "checks": self.checks,
+                                 "data": self.data}, indent=2, default=str))
         written.append(path)
-        md = [f"# fedhpro bench: {self.cfg.name}", "",
+        md = [f"# fedhpro bench: {self.cfg.name}", ""]
+        if pending:
+            md += [f"**Incomplete: the benchmark stopped before section(s) {', '.join(pending)}; the figures below "
+                   "are those measured so far.**", ""]
+        md += [
               f"Machine: {self.info['platform']}; CPU: {self.info['cpu']} ({self.info['cpu_count']} logical cores); "
               f"torch {self.info['torch']}; device {self.info['device']}"
               f"{' (' + self.info['gpu'] + ')' if 'gpu' in self.info else ''}; torch threads {self.info['threads']}; "
@@ -77,7 +85,13 @@ class Report:
         md += ["## Targets", "", "| status | target | measured |", "| --- | --- | --- |"]
         md += [f"| {c['status']} | {c['target']} | {c['detail']} |" for c in self.checks]
         path = out / f"{stem}.md"
-        path.write_text("\n".join(md) + "\n")
+        _write(path, "\n".join(md) + "\n")
         written.append(path)
         return written
+
+
+def _write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
 

@@ -1,0 +1,141 @@
+"""The benchmark's `paper` section (fedhpro.bench.paper): the run it times is config/paper.yaml's CIFAR-10 FedHPro
+cell, its data has CIFAR-10's class counts, the extrapolation to 100 rounds, the official code timed beside it
+(a stand-in checkout here: the real one is never in this repository), and files that say when a benchmark was
+cut short. No speed is asserted."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from conftest import REPO, stand_in_checkout
+from fedhpro.bench import make_config
+from fedhpro.bench.common import machine_info
+from fedhpro.bench.paper import PAPER_ROUNDS, extrapolated_seconds, paper_arrays, paper_run_config
+from fedhpro.bench.report import Report
+from fedhpro.cli import main as cli_main
+from fedhpro.parity import PROTOCOL, write_cifar_python
+from fedhpro.partition import client_class_counts, partition_labels
+from fedhpro.sweep import expand_sweep
+
+PAPER_ONLY = ["--skip", "rounds", "--skip", "batched", "--skip", "precision", "--skip", "sharing", "--skip", "scale"]
+
+
+def test_the_timed_run_is_paper_yamls_cifar10_fedhpro_cell(tmp_path):
+    config = yaml.safe_load((REPO / "config" / "paper.yaml").read_text())
+    cells = [r for r in expand_sweep(config, warn=lambda m: None)
+             if "label_skew" in r.experiments and r.dataset == "cifar10" and r.method == "fedhpro"
+             and r.variant == "default" and r.config.partition == "creff" and r.config.alpha == 0.5
+             and r.config.imbalance_ratio == 100]
+    assert cells, "config/paper.yaml has no CIFAR-10 NID1 (0.5, 100) FedHPro default cell"
+    ours = paper_run_config(tmp_path, "cpu").to_dict()
+    assert ours["rounds"] == PAPER_ROUNDS and ours["local_epochs"] == 10
+    where = ("dataset_options", "data_root", "device", "seed", "partition_seed")  # where the data is, which GPU, seed
+    for cell in cells:
+        theirs = cell.config.to_dict()
+        assert {k: v for k, v in ours.items() if k not in where} == {k: v for k, v in theirs.items() if k not in where}
+    # the one seed differs only because the bench uses the official log's (25), as the parity harness does
+    assert ours["seed"] == ours["partition_seed"] == 25
+
+
+def test_the_random_images_keep_cifar10s_class_counts_and_long_tail():
+    arrays = paper_arrays(5000, 1000)
+    assert arrays.train_x.shape == (50000, 3, 32, 32) and arrays.test_x.shape == (10000, 3, 32, 32)
+    assert np.bincount(arrays.train_y).tolist() == [5000] * 10 and np.bincount(arrays.test_y).tolist() == [1000] * 10
+    assert arrays.train_x.dtype == np.uint8 and arrays.train_x.std() > 50  # random pixels, not a constant
+    parts = partition_labels(arrays.train_y, scheme="creff", seed=25, **PROTOCOL)
+    assert sum(len(p) for p in parts) == 12406  # CIFAR-10's long tail at rho 100, as the paper trains on
+    assert not np.array_equal(arrays.train_y, paper_arrays(5000, 1000, seed=1).train_y)
+
+
+def test_extrapolation_to_the_papers_rounds():
+    assert extrapolated_seconds(10.0, 7.0, [3.0, 5.0, 4.0]) == 10.0 + 7.0 + 99 * 4.0
+    assert extrapolated_seconds(0.0, 1.0, [2.0], rounds=3) == 5.0
+    with pytest.raises(ValueError, match="at least one measured round"):
+        extrapolated_seconds(1.0, 1.0, [])
+
+
+def quick_counts(tmp_path: Path) -> list[list[int]]:
+    """The client x class counts of the quick paper data's partition (seed 25), as the official code prints them."""
+    arrays = paper_arrays(make_config(True, True, "cpu").paper_train_per_class, 20)
+    parts = partition_labels(arrays.train_y, scheme="creff", seed=25, **PROTOCOL)
+    return client_class_counts(arrays.train_y, parts, 10).astype(int).tolist()
+
+
+def test_paper_section_times_ours_and_the_official_code(tmp_path, capsys):
+    out, times = tmp_path / "bench", tmp_path / "round-times.csv"
+    checkout = stand_in_checkout(tmp_path, quick_counts(tmp_path))
+    assert cli_main(["bench", "--gpu", "--quick", "--device", "cpu", *PAPER_ONLY, "--official", str(checkout),
+                     "--out", str(out), "--times", str(times)]) == 0
+    text = capsys.readouterr().out
+    assert "partition identical (client x class counts, seed 25)" in text
+    stem = "bench_gpu-cifar10shape-resnet10-quick"
+    summary = json.loads((out / f"{stem}.json").read_text())
+    assert summary["complete"] is True and summary["pending_sections"] == []
+    data = json.loads((out / f"{stem}_paper.json").read_text())["data"]
+    cfg = make_config(True, True, "cpu")
+    assert len(data["ours"]["seconds"]) == cfg.warmup + cfg.paper_rounds and all(s > 0 for s in data["ours"]["seconds"])
+    assert data["ours"]["parts"]["io"][0] > 0  # a checkpoint after every measured round, as rounds 1-99 write
+    assert len(data["official"]["seconds"]) == cfg.warmup + cfg.paper_rounds
+    assert data["official"]["ratio"] == pytest.approx(data["official"]["median_round"]
+                                                      / np.median(data["ours"]["seconds"][cfg.warmup:]))
+    assert data["at_paper_budget"] is False
+    # at the quick size the two targets are figures only, never a PASS or FAIL
+    checks = {c["target"]: c["status"] for c in summary["checks"]}
+    assert [s for t, s in checks.items() if "paper-config" in t or "official code" in t] == ["N/A", "N/A"]
+    # the measured rounds land in the round-times table under the paper cell's key, marked quick
+    from fedhpro.plan import current_device_kind, read_times, run_key
+
+    (row,) = read_times(times)
+    key = run_key(paper_run_config(tmp_path, "cpu"), current_device_kind("cpu"))
+    assert row.key == (key[0], "cifar10:quick") + key[2:] and row.local_epochs == 1 and row.s_local > 0
+    md = (out / f"{stem}.md").read_text()
+    assert "official s/round / ours s/round" in md and "Incomplete" not in md
+
+
+def test_a_failing_official_run_is_reported_and_the_benchmark_goes_on(tmp_path, capsys):
+    checkout = stand_in_checkout(tmp_path, quick_counts(tmp_path), fail=True)
+    out = tmp_path / "bench"
+    assert cli_main(["bench", "--gpu", "--quick", "--device", "cpu", *PAPER_ONLY, "--official", str(checkout),
+                     "--out", str(out)]) == 0
+    data = json.loads((out / "bench_gpu-cifar10shape-resnet10-quick_paper.json").read_text())["data"]
+    assert "exited 1" in data["official"]["failed"] and "boom" in data["official"]["failed"]
+    assert "N/A: ours >= 5x the official code's speed per round" in capsys.readouterr().out
+
+
+def test_official_is_refused_up_front(tmp_path, capsys):
+    from conftest import one_line_error
+
+    err = one_line_error(capsys, cli_main(["bench", "--quick", "--official", str(tmp_path)]))
+    assert "--official" in err and "--gpu" in err
+    err = one_line_error(capsys, cli_main(["bench", "--gpu", "--quick", "--device", "cpu", "--official",
+                                           str(tmp_path)]))
+    assert "not a checkout of the official FedHPro code" in err
+
+
+def test_files_of_a_benchmark_cut_short_say_so(tmp_path):
+    cfg = make_config(True, True, "cpu")
+    report = Report(machine_info("cpu", 1), cfg)
+    report.section("paper: x", slug="paper")
+    report.figure("a figure", "1", 1)
+    report.write(tmp_path, pending=["rounds", "sharing"])
+    summary = json.loads((tmp_path / f"bench_{cfg.name}.json").read_text())
+    assert summary["complete"] is False and summary["pending_sections"] == ["rounds", "sharing"]
+    assert (tmp_path / f"bench_{cfg.name}.md").read_text().splitlines()[2].startswith(
+        "**Incomplete: the benchmark stopped before section(s) rounds, sharing")
+    report.write(tmp_path, pending=[])
+    assert json.loads((tmp_path / f"bench_{cfg.name}.json").read_text())["complete"] is True
+    assert "Incomplete" not in (tmp_path / f"bench_{cfg.name}.md").read_text()
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_the_paper_archive_is_what_both_codes_read(tmp_path):
+    # the section writes the python archive the official main_run.py reads; ours reads the same files
+    from fedhpro.data.cifar import load_cifar
+
+    arrays = paper_arrays(30, 5)
+    folder = write_cifar_python(arrays, tmp_path / "data" / "CIFAR10")
+    data = load_cifar(tmp_path, "cifar10", path=str(folder.parent), source="python", cache=False)
+    assert np.array_equal(data.train_x.numpy(), arrays.train_x) and np.array_equal(data.train_y.numpy(), arrays.train_y)
