@@ -29,6 +29,7 @@ FIGURES = [
     "client state held in memory between rounds",
     "partition_labels dirichlet: 100,000 labels x 100 clients",
     "snakemake -n",
+    "fedhpro plan, config/paper.yaml (s)",
     "fedavg fp32: local training (samples/s, x fp32)",
     "fedavg bf16: local training (samples/s, x fp32)",
     "fedavg channels_last: test accuracy (points vs fp32)",
@@ -37,7 +38,7 @@ FIGURES = [
 ]
 TARGETS = ["local training >= 90% of bare-loop throughput", "FedHPro round <= 1.25x FedAvg round",
            "evaluation + checkpointing < 10% of a round", "memory follows participating clients",
-           "partitioners:", "snakemake -n plans"]
+           "partitioners:", "snakemake -n plans", "fedhpro plan prints config/paper.yaml's cost in < 60 s"]
 
 
 @pytest.mark.slow
@@ -71,7 +72,8 @@ def test_bench_quick_end_to_end(tmp_path, capsys):
     sharing = json.loads((out / f"{stem}_sharing.json").read_text())["data"]
     assert set(sharing) == {"1", "2"} and sharing["2"]["run0_identical_to_alone"] is True  # its own process, same numbers
     summary = json.loads((out / f"{stem}.json").read_text())
-    assert summary["machine"]["torch"] and summary["checks"]
+    assert summary["machine"]["torch"] and summary["checks"] and summary["complete"] is True
+    assert summary["sections"] and not any(title.startswith("paper") for title in summary["sections"])  # --gpu only
     md = (out / f"{stem}.md").read_text()
     assert "| figure | value | note |" in md and "## Targets" in md and "batched speed-up" in md
     assert "## precision and channels_last" in md and "fedhpro bf16: test accuracy (points vs fp32)" in md

@@ -139,3 +139,38 @@ def test_the_paper_archive_is_what_both_codes_read(tmp_path):
     folder = write_cifar_python(arrays, tmp_path / "data" / "CIFAR10")
     data = load_cifar(tmp_path, "cifar10", path=str(folder.parent), source="python", cache=False)
     assert np.array_equal(data.train_x.numpy(), arrays.train_x) and np.array_equal(data.train_y.numpy(), arrays.train_y)
+
+
+GPU_CHECK = REPO / "scripts" / "gpu-check.sh"
+
+
+def test_gpu_check_script_refuses_bad_arguments(tmp_path):
+    import subprocess
+
+    for args, said in ((["3", str(tmp_path)], "part must be 1 or 2"),
+                       (["1", str(tmp_path), str(tmp_path)], "is not a checkout of mala-lab/FedHPro")):
+        proc = subprocess.run(["bash", str(GPU_CHECK), *args], capture_output=True, text=True)
+        assert proc.returncode == 2 and said in proc.stderr and not list(tmp_path.iterdir())
+
+
+@pytest.mark.slow
+def test_gpu_check_part_1_packs_what_the_device_tool_returns(tmp_path):
+    """The device check's part 1 at the quick size on the CPU (the GPU check itself needs a lent GPU): a few files
+    in OUT (the device tool returns at most eight), the benchmark's files in one archive, complete."""
+    import subprocess
+    import tarfile
+
+    checkout = stand_in_checkout(tmp_path, quick_counts(tmp_path))
+    out = tmp_path / "out"
+    proc = subprocess.run(["bash", str(GPU_CHECK), "1", str(out), str(checkout), "--", "--quick", "--device", "cpu"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "gpu-check part 1: fedhpro bench exited 0" in proc.stdout
+    assert {p.name for p in out.iterdir()} <= {"bench-part1.tar.gz", "bench-part1.md", "bench-part1.log",
+                                               "nvidia-smi.txt"}
+    with tarfile.open(out / "bench-part1.tar.gz") as tf:
+        names = set(tf.getnames())
+        summary = json.loads(tf.extractfile("bench/bench_gpu-cifar10shape-resnet10-quick.json").read())
+    assert {"bench/bench_gpu-cifar10shape-resnet10-quick_paper.json", "bench/round-times.csv",
+            "bench/bench_gpu-cifar10shape-resnet10-quick_sharing.json"} <= names
+    assert summary["complete"] is True and "official" in summary["data"]["paper"]

@@ -20,6 +20,7 @@ from fedhpro.bench.rounds import bench_rounds
 from fedhpro.bench.scale import bench_scale
 from fedhpro.bench.sharing import bench_sharing
 from fedhpro.cliutil import ArgumentParser, check_out_dir, positive_int
+from fedhpro.plan import read_times, write_times
 
 DESCRIPTION = "`fedhpro bench`: how fast the engine trains, side by side with a bare PyTorch loop, in one process."
 # In the order they run: `paper` first (the GPU targets of the paper config), so that a benchmark cut short (a
@@ -66,10 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.times:
         if "rounds" in args.skip and ("paper" in args.skip or not args.gpu):
             raise ValueError("--times needs section rounds or paper (it records their round times)")
-        if Path(args.times).exists():
-            from fedhpro.plan import read_times
-
-            read_times(args.times)  # a malformed table is refused before the benchmark, not after
+    times_before = []  # the table's rows before this benchmark; its own rows are added as each section ends
+    if args.times and Path(args.times).exists():
+        times_before = read_times(args.times)  # a malformed table is refused before the benchmark, not after
     torch.set_num_threads(args.threads)
     cfg = make_config(args.quick, args.gpu, args.device)
     if args.rounds is not None:
@@ -96,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
             measured = measured + [result["time_row"]]
         if args.out:  # after every section: a benchmark cut short keeps what it measured, marked incomplete
             report.write(Path(args.out), pending=chosen[done:])
+        if args.times and measured and name in ("rounds", "paper"):  # likewise the round-times rows
+            write_times(args.times, times_before + measured)
     total = time.perf_counter() - t0
     print(f"\nbenchmark wall time {total:.1f} s; 1-min load average at end {os.getloadavg()[0]:.2f}")
     print("targets: " + ", ".join(f"{c['status']}" for c in report.checks))
@@ -103,8 +105,5 @@ def main(argv: list[str] | None = None) -> int:
         for path in report.write(Path(args.out), pending=[]):
             print(f"wrote {path}")
     if args.times and measured:
-        from fedhpro.plan import read_times, write_times
-
-        write_times(args.times, (read_times(args.times) if Path(args.times).exists() else []) + measured)
         print(f"wrote {len(measured)} round-time row(s) to {args.times}")
     return 0

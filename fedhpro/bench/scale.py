@@ -1,9 +1,10 @@
 """Section `scale`: memory at many clients with partial participation, personalized client state in memory and
 on disk (with the checkpoint `fedhpro.train` writes), the partitioners on a million labels, and `snakemake -n`
-planning a sweep of thousands of runs."""
+planning a sweep of thousands of runs, and `fedhpro plan` printing the cost of config/paper.yaml."""
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -33,7 +34,37 @@ def bench_scale(cfg: BenchConfig, report: Report) -> None:
     report.data["scale"] = {"fedavg_global": scale_global(cfg, k, report),
                             "personalized": scale_personalized(cfg, k, report),
                             "partition_s": scale_partitioners(cfg, report),
-                            "snakemake": snakemake_plan(cfg.sweep_runs, report)}
+                            "snakemake": snakemake_plan(cfg.sweep_runs, report),
+                            "plan": paper_cost_estimate(report)}
+
+
+def paper_cost_estimate(report: Report) -> dict:
+    """`fedhpro plan --configfile config/paper.yaml` as a user types it (its own process, from its start to the
+    printed totals): the cost of the paper grid before it is submitted (target: under 60 s)."""
+    config = REPO / "config" / "paper.yaml"
+    if not config.exists():
+        report.figure("fedhpro plan, config/paper.yaml", "not measured", None, "no config/paper.yaml")
+        report.check("fedhpro plan prints config/paper.yaml's cost in < 60 s", None, "no config/paper.yaml")
+        return {"measured": False}
+    exe = Path(sys.executable).with_name("fedhpro")  # the venv's console script, as a user runs it
+    cmd = ([str(exe)] if exe.exists() else [sys.executable, "-c", "import sys; from fedhpro.cli import main; "
+                                                                    "sys.exit(main())"])
+    cmd += ["plan", "--configfile", str(config)]
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
+        rc, text = proc.returncode, proc.stdout + proc.stderr
+    except subprocess.TimeoutExpired:
+        rc, text = None, "timed out after 300 s"
+    seconds = time.perf_counter() - t0
+    ok = rc == 0 and "total" in text
+    totals = [re.search(r"\s(\d+)\s", line) for line in text.splitlines() if line.startswith("total")]
+    runs = totals[0].group(1) if ok and totals and totals[0] else "?"
+    report.figure("fedhpro plan, config/paper.yaml (s)", f"{seconds:.1f}" if ok else "failed", seconds,
+                  f"{runs} runs, per experiment and in total" if ok else (text.strip().splitlines() or [f"exit {rc}"])[-1])
+    report.check("fedhpro plan prints config/paper.yaml's cost in < 60 s", ok and seconds < 60,
+                 f"{seconds:.1f} s" + ("" if ok else f" (exit {rc})"))
+    return {"measured": True, "seconds": seconds, "rc": rc, "runs": runs}
 
 
 def scale_global(cfg: BenchConfig, k: int, report: Report) -> list[dict]:
