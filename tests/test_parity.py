@@ -3,13 +3,11 @@ pack, the official-run wrapper and its output parsing, and the closing table. Th
 not in this repository; a stand-in checkout with its file layout and output format drives the wrapper."""
 
 import io
-import json
 import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from fedhpro import parity
