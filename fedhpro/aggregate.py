@@ -52,12 +52,10 @@ import numpy as np
 import pandas as pd
 
 from fedhpro.config import EXECUTION_KEYS, LOCATION_KEYS
-from fedhpro.labels import (CONDITION_KEYS, DATASET_NAMES, MB, NOISE_SE, PARTITION_ORDER, SETTING_KEYS,
-                            aggregation_name, combine_deltas, cond_id, cond_of, declared, method_name, method_order,
-                            proposed_method, shows_aggregation,
-                            condition_label, condition_labels, condition_slug, delta_text, heterogeneity_label,
-                            is_main_row, method_label, method_notes, paired_delta, reference_variant,
-                            sort_key_condition, sort_key_method)
+from fedhpro.labels import (CONDITION_KEYS, MB, NOISE_SE, SETTING_KEYS, aggregation_name, combine_deltas, cond_id,
+                            cond_of, declared, method_name, method_order, proposed_method, shows_aggregation,
+                            condition_labels, condition_slug, delta_text, is_main_row, method_label, method_notes,
+                            paired_delta, reference_variant, sort_key_condition, sort_key_method)
 from fedhpro.runio import (METRICS, METRICS_SCHEMA_VERSION, atomic_write_text, is_pipeline_metrics,
                            metrics_identity, metrics_mismatch, read_metrics_meta,
                            read_run_info)

@@ -24,15 +24,12 @@ outcome); the generator is initialised from the run seed.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from fedhpro.engine import Context, ServerBase
 from fedhpro.lazy import lazy_module
 from fedhpro.methods import Method, fedproto, param
 from fedhpro.methods.prototypes import mean_over_clients, nearest_prototype_scores
 
-if TYPE_CHECKING:
-    from torch import nn
 
 torch = lazy_module("torch")
 F = lazy_module("torch.nn.functional")
