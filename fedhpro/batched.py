@@ -68,13 +68,17 @@ def check_batchable(cfg, client_cls: type[ClientBase], model_names: list[str]) -
         raise ConfigError(f"config key 'engine': 'batched' needs eval_mode 'global' (method {cfg.method!r})")
     if len(set(model_names)) != 1:
         raise ConfigError("config key 'engine': 'batched' needs identical client models")
-    # Autocast and channels-last under vmap's grouped convolutions are not reproduced (nor tested): refused.
+    # Autocast, channels-last and torch.compile under vmap's grouped convolutions are not reproduced (nor tested):
+    # refused.
     if cfg.precision != "fp32":
         raise ConfigError(f"config key 'precision': engine 'batched' supports 'fp32' only, not {cfg.precision!r}; "
                           "use engine 'sequential'")
     if cfg.channels_last:
         raise ConfigError("config key 'channels_last': engine 'batched' does not support true; use engine "
                           "'sequential'")
+    if cfg.compile != "none":
+        raise ConfigError(f"config key 'compile': engine 'batched' supports 'none' only, not {cfg.compile!r}; use "
+                          "engine 'sequential'")
     # The batched loop re-implements ClientBase.train/loss/make_optimizer: refuse a Client that changed them,
     # except a declared proximal term (`PROXIMAL_MU`: its anchor in `setup`, its gradient in `before_step`).
     mirrored = ("setup", "before_step") if client_cls.PROXIMAL_MU is not None else ()

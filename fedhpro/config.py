@@ -48,6 +48,8 @@ DEVICES = ("auto", "cpu", "cuda")
 ENGINES = ("sequential", "batched")
 OPTIMIZERS = ("sgd",)
 PRECISIONS = ("fp32", "bf16", "fp16")
+# torch.compile modes of the local-training forward pass (`fedhpro.local.training_forward`); none: eager
+COMPILE_MODES = ("none", "default", "reduce-overhead")
 CLIENT_STORES = ("memory", "disk")
 # Where the data lives is not what a run is: these keys stay out of the config hash and the canonical JSON
 # (Snakemake's rerun trigger); the data is identified by its content (`fedhpro.data.fingerprint`) instead.
@@ -155,6 +157,9 @@ class RunConfig:
     precision: str = param("fp32", "autocast for local training and evaluation (fp16 adds loss scaling)",
                            choices=PRECISIONS)
     channels_last: bool = param(False, "image models and batches in channels-last memory format")
+    compile: str = param("none", "torch.compile the model's forward (and so backward) pass in local training: "
+                         "none (eager), default, reduce-overhead (adds CUDA graphs; CUDA only). Fused kernels "
+                         "round differently, so it is part of the run's identity", choices=COMPILE_MODES)
     client_store: str = param("memory", "where per-client state lives between rounds (disk: the run directory)",
                               choices=CLIENT_STORES)
     seed: int = param(0, "training seed", low=0, high=2**32, high_inclusive=False)

@@ -89,12 +89,13 @@ def methods_table(doc_dir: str = ".") -> str:
     """The methods table, in registry order, from the declarations (`fedhpro.methods.Method`)."""
     from fedhpro.methods import METHOD_MODULES, METHODS
 
-    lines = ["| method | paper | communicated | modes | engines | heterogeneous models |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| method | paper | communicated | modes | engines | heterogeneous models | compile |",
+             "|---|---|---|---|---|---|---|"]
     for name in METHOD_MODULES:
         m = METHODS[name]
         lines.append(f"| `{name}` ({cell(m.display)}) | {cell(m.paper)} | {cell(m.communicates)} | "
-                     f"{', '.join(m.modes)} | {', '.join(m.engines)} | {'yes' if m.heterogeneous_models else 'no'} |")
+                     f"{', '.join(m.modes)} | {', '.join(m.engines)} | {'yes' if m.heterogeneous_models else 'no'} | "
+                     f"{'yes' if m.calls_model else 'no'} |")
     return "\n".join(lines)
 
 

@@ -36,7 +36,7 @@ from fedhpro.faults import fault_point
 from fedhpro.lazy import lazy_module, no_grad
 # The client side of the contract lives in `fedhpro.local`; methods import it from here.
 from fedhpro.local import (ClientBase, ClientData, Context, Diverged, LocalTraining,  # noqa: F401
-                           autocast_context, batches, check_precision, derive_seed, make_grad_scaler,
+                           autocast_context, batches, check_compile, check_precision, derive_seed, make_grad_scaler,
                            uses_channels_last)
 from fedhpro.payload import ENGINE_METADATA, tensor_bytes  # noqa: F401
 

@@ -10,7 +10,7 @@ working model) and `fedhpro.batched.BatchedTraining` (`engine: batched`, clients
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 import numpy as np
@@ -70,6 +70,37 @@ def check_precision(precision: str, device: torch.device) -> None:
                           "use 'fp16' or 'fp32'")
 
 
+def check_compile(mode: str, device: torch.device) -> None:
+    """Refuse a `compile` mode the resolved device cannot run: reduce-overhead is torch.compile with CUDA graphs,
+    which a CPU would silently run as `default` (a switch that changes nothing must not be offered)."""
+    if mode == "reduce-overhead" and device.type != "cuda":
+        raise ConfigError(f"config key 'compile': 'reduce-overhead' (CUDA graphs) needs a CUDA device, not "
+                          f"{device.type!r}; use 'default' or 'none'")
+
+
+def training_forward(ctx: "Context", model: nn.Module) -> nn.Module:
+    """What local training calls the model through: the model itself (`compile: none`), or its `torch.compile`d
+    wrapper, made once per model object of the run (the engine's working models persist, so each architecture is
+    compiled once; a new batch size recompiles once, then dynamically). The wrapper shares the model's parameters
+    and buffers and passes attribute access through, so a method's loss may still call `model.features` or
+    `model.classifier` (eagerly); only `model(x)` runs compiled. Evaluation, `setup` and `upload` use the model."""
+    mode = ctx.cfg.compile
+    if mode == "none":
+        return model
+    compiled = ctx.compiled_models.get(id(model))
+    if compiled is None:  # the cache holds the wrapper, which holds the model: its id is never reused meanwhile
+        # Past its recompile limit, torch.compile would silently run the model eagerly (other numbers than a
+        # compiled run): make that an error instead (the option's name in torch 2.11-2.14, and its older one).
+        import torch._dynamo.config as dynamo_config
+
+        for name in ("fail_on_recompile_limit_hit", "fail_on_cache_limit_hit"):
+            if name in dynamo_config._config:
+                setattr(dynamo_config, name, True)
+                break
+        compiled = ctx.compiled_models[id(model)] = torch.compile(model, mode=mode)
+    return compiled
+
+
 def uses_channels_last(ctx: "Context") -> bool:
     """`channels_last` applies to image runs only (4-D conv inputs); token-id runs ignore it."""
     return bool(ctx.cfg.channels_last) and ctx.mean is not None
@@ -116,6 +147,8 @@ class Context:
     _model_factory: Callable[[str], nn.Module] | None = None
     # The method's model wrapper (its declared `Method.model_wrapper(ctx)`, see `install_model_wrapper`).
     model_wrapper: Callable[[nn.Module], nn.Module] | None = None
+    # `compile` != none: each model's torch.compile wrapper, by id(model) (`training_forward`)
+    compiled_models: dict[int, nn.Module] = field(default_factory=dict)
 
     def install_model_wrapper(self, method: Any) -> None:
         """Apply the method's model hook to every model this context builds (server, working and frozen
@@ -266,13 +299,14 @@ class ClientBase:
         total = torch.zeros((), dtype=torch.float64, device=self.ctx.device)
         count = 0
         each_step = check_each_step(self.ctx.device)
+        forward = training_forward(self.ctx, model)  # the model, or its torch.compile wrapper (`compile`)
         for epoch in range(self.cfg.local_epochs):
             self.start_epoch(round_idx, epoch)
             first_bad: torch.Tensor | None = None
             for idx in batches(client.num_samples, self.cfg.batch_size, gen, self.ctx.device):
                 x = self.ctx.prepare(client.x[idx], train=True, gen=gen)
                 with autocast_context(self.ctx):
-                    loss = self.loss(model, x, client.y[idx])
+                    loss = self.loss(forward, x, client.y[idx])
                 if each_step:
                     if not torch.isfinite(loss):
                         raise Diverged(f"client {client.cid}: loss is {loss.item()}")

@@ -42,7 +42,7 @@ from fedhpro.config import ConfigError, RunConfig, check_runnable
 from fedhpro.data import DATASETS, ArrayData, fingerprint, load_dataset
 from fedhpro.diagnostics import DIAGNOSTIC_COLUMNS
 from fedhpro.faults import fault_point
-from fedhpro.engine import ClientData, Context, Diverged, Engine, RoundResult, check_precision
+from fedhpro.engine import ClientData, Context, Diverged, Engine, RoundResult, check_compile, check_precision
 from fedhpro.methods import METHODS, make_params
 from fedhpro.models import build_model
 from fedhpro.runio import (CHECKPOINT, CLIENTS, CONFIG, METRICS, atomic_write_text, attempt_info,
@@ -115,6 +115,7 @@ def build_context(cfg: RunConfig, partition_dir: Path | None = None, data: Array
     check_runnable(cfg)  # a RunConfig built without `from_dict` (dataclasses.replace) is asked here too
     device = resolve_device(cfg.device)
     check_precision(cfg.precision, device)
+    check_compile(cfg.compile, device)
     spec = DATASETS[cfg.dataset]
     data = data or load_dataset(cfg.dataset, cfg.data_root, **cfg.dataset_options)
     if partition_dir is not None and data_fingerprint is None:

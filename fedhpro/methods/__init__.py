@@ -71,6 +71,9 @@ class Method:
                           "`global_class_signal`, the checkpointed `STATE` and `BROADCAST_METADATA`")
     engines: tuple[str, ...] = _field("the local-training engines (`engine`) that run it exactly", ("sequential",))
     heterogeneous_models: bool = _field("whether clients may use different architectures (`client_models`)", False)
+    calls_model: bool = _field("whether its `Client.loss` runs the model itself (`model(x)`), the pass that `compile` "
+                               "compiles; False (it calls submodules only): `compile` is refused, as it would "
+                               "change nothing", True)
     fast_test_params: Mapping[str, Any] = _field("method parameters that make a digits run take seconds (the "
                                                  "contract, fault and precision tests, benchmarks)", factory=dict)
     revisions: tuple[str, ...] = _field("one line per change of its behaviour under unchanged parameters; the "
@@ -207,7 +210,8 @@ def fast_test_params(method: str) -> dict[str, Any]:
 
 def check_supported(cfg: Any) -> None:
     """Raise ConfigError (naming the key) unless the method declares support for the config's evaluation mode
-    (`modes`), engine (`engines`) and, with several client architectures, `heterogeneous_models`."""
+    (`modes`), engine (`engines`), with several client architectures `heterogeneous_models`, and with `compile`
+    `calls_model`."""
     method = METHODS[cfg.method]
     if cfg.eval_mode not in method.modes:
         raise ConfigError(f"config key 'eval_mode': method {cfg.method!r} supports {', '.join(method.modes)}, "
@@ -217,6 +221,10 @@ def check_supported(cfg: Any) -> None:
                           f"{', '.join(method.engines)}, not {cfg.engine!r}")
     if len(set(cfg.client_models)) > 1 and not method.heterogeneous_models:
         raise ConfigError(f"config key 'client_models': method {cfg.method!r} needs identical client models")
+    if cfg.compile != "none" and not method.calls_model:
+        raise ConfigError(f"config key 'compile': method {cfg.method!r} runs its model's submodules in local "
+                          "training, never the model itself (`calls_model` false), so compiling the model would "
+                          "change nothing; use 'none'")
 
 
 def method_revision(method: str) -> int:
@@ -241,6 +249,7 @@ def describe_methods() -> str:
         lines.append(f"{name} ({method.display}): {method.paper}")
         lines.append(f"  modes: {', '.join(method.modes)}; engines: {', '.join(method.engines)}; "
                      f"heterogeneous models: {'yes' if method.heterogeneous_models else 'no'}; "
+                     f"compile: {'yes' if method.calls_model else 'no'}; "
                      f"communicates: {method.communicates}")
         for f in dataclasses.fields(method.Params):
             choices = declared_choices(f)

@@ -376,6 +376,7 @@ class Server(ServerBase):
 
 METHOD = Method(
     name="gfpl",
+    calls_model=False,  # its loss runs model.features and model.heads (the dual classifier), not model(x)
     paper="Lu, He, Li, Wang, Gong, GFPL: Generative Federated Prototype Learning for Resource-Constrained and "
           "Data-Imbalanced Vision Task, arXiv 2602.21873, 2026",
     display="GFPL (reconstructed)",
