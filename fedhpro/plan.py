@@ -7,7 +7,8 @@ The estimate is computed only from `config/round-times.csv`, a table of seconds 
 real hardware (by `fedhpro plan --record` from finished runs' `metrics.parquet`, or by `fedhpro bench`).
 A row holds one measured setting: the device kind, the keys that decide how much work a round is
 (dataset, long-tail ratio, model, method, variant parameters, evaluation mode, batch size, clients and
-clients per round), the local epochs it was measured at, and the median seconds per round of local
+clients per round, and the execution keys that change its speed: engine, precision, channels_last and compile,
+where not their defaults), the local epochs it was measured at, and the median seconds per round of local
 training, server step, evaluation and checkpoint I/O over the measured rounds (the first round, which
 pays for warm-up, is left out when there are more), with how many runs shared the device while it was
 measured.
@@ -50,7 +51,11 @@ SCHEMA = REPO_ROOT / "workflow" / "schemas" / "config.schema.yaml"
 
 # the keys of a measured setting (every one must match a run's, but `method_params`, see module doc)
 KEY_COLUMNS = ("device_kind", "dataset", "imbalance_ratio", "model", "method", "method_params", "eval_mode",
-               "batch_size", "num_clients", "clients_per_round")
+               "batch_size", "num_clients", "clients_per_round", "execution")
+# The run config keys that change how fast the same training runs: a row measured with other values of them
+# (a compiled, bf16 or batched run) never stands for a run without them. `execution` holds those that differ
+# from their defaults, as JSON ("{}" for the default execution).
+SPEED_KEYS = ("engine", "precision", "channels_last", "compile")
 VALUE_COLUMNS = ("local_epochs", "s_local", "s_server", "s_eval", "s_io", "runs_sharing", "rounds_measured")
 INFO_COLUMNS = ("source", "measured")
 COLUMNS = KEY_COLUMNS + VALUE_COLUMNS + INFO_COLUMNS
@@ -76,10 +81,11 @@ class Measurement:
 
 def _key_of(device_kind: str, dataset: str, imbalance_ratio: float, model: str, method: str,
             method_params: Mapping, eval_mode: str, batch_size: int, num_clients: int,
-            clients_per_round: int | None) -> tuple:
+            clients_per_round: int | None, execution: Mapping) -> tuple:
     return (device_kind, dataset, f"{float(imbalance_ratio):g}", model, method,
             json.dumps(dict(method_params), sort_keys=True, default=str), eval_mode, str(int(batch_size)),
-            str(int(num_clients)), "" if clients_per_round is None else str(int(clients_per_round)))
+            str(int(num_clients)), "" if clients_per_round is None else str(int(clients_per_round)),
+            json.dumps(dict(execution), sort_keys=True))
 
 
 def read_times(path: str | Path) -> list[Measurement]:
@@ -143,11 +149,20 @@ def changed_params(cfg) -> dict:
     return {k: v for k, v in cfg.method_params.items() if defaults.get(k, object()) != v}
 
 
+def execution_of(cfg) -> dict:
+    """The run's `SPEED_KEYS` that differ from their defaults."""
+    from fedhpro.config import RunConfig
+
+    default = RunConfig()
+    return {k: getattr(cfg, k) for k in SPEED_KEYS if getattr(cfg, k) != getattr(default, k)}
+
+
 def run_key(cfg, device_kind: str, *, as_default: bool = False) -> tuple:
-    """The measured-setting key of a run config (`as_default`: with its method's default parameters)."""
+    """The measured-setting key of a run config (`as_default`: with its method's default parameters; the
+    execution keys always count)."""
     return _key_of(device_kind, cfg.dataset, cfg.imbalance_ratio, _resolved_model(cfg), cfg.method,
                    {} if as_default else changed_params(cfg), cfg.eval_mode, cfg.batch_size, cfg.num_clients,
-                   cfg.clients_per_round)
+                   cfg.clients_per_round, execution_of(cfg))
 
 
 def run_seconds(cfg, m: Measurement) -> float:
@@ -197,9 +212,11 @@ class Estimate:
 def _setting_text(cfg) -> str:
     changed = changed_params(cfg)
     params = json.dumps(changed, sort_keys=True) if changed else "defaults"
+    execution = execution_of(cfg)
     return (f"{cfg.dataset} rho={cfg.imbalance_ratio:g} {_resolved_model(cfg)} {cfg.method}({params}) "
             f"{cfg.eval_mode} batch {cfg.batch_size}, {cfg.num_clients} clients"
-            + (f", {cfg.clients_per_round} per round" if cfg.clients_per_round else ""))
+            + (f", {cfg.clients_per_round} per round" if cfg.clients_per_round else "")
+            + (f", {json.dumps(execution, sort_keys=True)}" if execution else ""))
 
 
 def estimate(runs, table: Sequence[Measurement], device_kind: str, *, exact: bool = False,

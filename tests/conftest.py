@@ -125,11 +125,11 @@ FAIL
 '''
 
 
-def stand_in_checkout(tmp_path: Path, counts, fail: bool = False) -> Path:
+def stand_in_checkout(tmp_path: Path, counts, fail: bool = False, hang: bool = False) -> Path:
     """A stand-in for a checkout of the official FedHPro code (never in this repository): its file layout, and a
     main_run.py that reads CIFAR10 as it does and prints `counts` (client x class) and per-round accuracies in its
     format (`fedhpro.parity` and the benchmark's `paper` section need the real checkout only for real numbers);
-    `fail`: it exits with an error after its rounds."""
+    `fail`: it exits with an error after its rounds; `hang`: it sleeps for ten minutes after printing the counts."""
     root = tmp_path / "official"
     (root / "utils").mkdir(parents=True)
     (root / "backbone").mkdir()
@@ -143,5 +143,6 @@ def stand_in_checkout(tmp_path: Path, counts, fail: bool = False) -> Path:
         "    p.add_argument('--seed', type=int)\n"
         "    return p.parse_known_args()[0]\n")
     (root / "main_run.py").write_text(STAND_IN.replace("COUNTS", repr(counts)).replace(
-        "FAIL", "raise SystemExit('boom')" if fail else ""))
+        "FAIL", "raise SystemExit('boom')" if fail else "").replace("accs = []", "accs = []\n" + (
+            "print('FedHPro-training: start', flush=True)\ntime.sleep(600)" if hang else "")))
     return root

@@ -76,11 +76,13 @@ def test_paper_section_times_ours_and_the_official_code(tmp_path, capsys):
     assert summary["complete"] is True and summary["pending_sections"] == []
     data = json.loads((out / f"{stem}_paper.json").read_text())["data"]
     cfg = make_config(True, True, "cpu")
-    assert len(data["ours"]["seconds"]) == cfg.warmup + cfg.paper_rounds and all(s > 0 for s in data["ours"]["seconds"])
-    assert data["ours"]["parts"]["io"][0] > 0  # a checkpoint after every measured round, as rounds 1-99 write
+    ours = data["ours"]["none"]  # eager only: no --compile
+    assert set(data["ours"]) == {"none"} and data["compile_failed"] == {}
+    assert len(ours["seconds"]) == cfg.warmup + cfg.paper_rounds and all(s > 0 for s in ours["seconds"])
+    assert ours["parts"]["io"][0] > 0  # a checkpoint after every measured round, as rounds 1-99 write
     assert len(data["official"]["seconds"]) == cfg.warmup + cfg.paper_rounds
-    assert data["official"]["ratio"] == pytest.approx(data["official"]["median_round"]
-                                                      / np.median(data["ours"]["seconds"][cfg.warmup:]))
+    assert data["ratio_to_official"]["none"] == pytest.approx(data["official"]["median_round"]
+                                                              / np.median(ours["seconds"][cfg.warmup:]))
     assert data["at_paper_budget"] is False
     # at the quick size the two targets are figures only, never a PASS or FAIL
     checks = {c["target"]: c["status"] for c in summary["checks"]}
@@ -103,6 +105,7 @@ def test_a_failing_official_run_is_reported_and_the_benchmark_goes_on(tmp_path, 
     data = json.loads((out / "bench_gpu-cifar10shape-resnet10-quick_paper.json").read_text())["data"]
     assert "exited 1" in data["official"]["failed"] and "boom" in data["official"]["failed"]
     assert "N/A: ours >= 5x the official code's speed per round" in capsys.readouterr().out
+    assert set(data["ours"]) == {"none"}  # our run's figures are there all the same
 
 
 def test_official_is_refused_up_front(tmp_path, capsys):
@@ -113,6 +116,9 @@ def test_official_is_refused_up_front(tmp_path, capsys):
     err = one_line_error(capsys, cli_main(["bench", "--gpu", "--quick", "--device", "cpu", "--official",
                                            str(tmp_path)]))
     assert "not a checkout of the official FedHPro code" in err
+    err = one_line_error(capsys, cli_main(["bench", "--gpu", "--quick", "--device", "cpu", "--compile",
+                                           "reduce-overhead"]))
+    assert "'compile': 'reduce-overhead' (CUDA graphs) needs a CUDA device" in err
 
 
 def test_files_of_a_benchmark_cut_short_say_so(tmp_path):
@@ -147,7 +153,7 @@ GPU_CHECK = REPO / "scripts" / "gpu-check.sh"
 def test_gpu_check_script_refuses_bad_arguments(tmp_path):
     import subprocess
 
-    for args, said in ((["3", str(tmp_path)], "part must be 1 or 2"),
+    for args, said in ((["4", str(tmp_path)], "part must be 1, 2 or 3"),
                        (["1", str(tmp_path), str(tmp_path)], "is not a checkout of mala-lab/FedHPro")):
         proc = subprocess.run(["bash", str(GPU_CHECK), *args], capture_output=True, text=True)
         assert proc.returncode == 2 and said in proc.stderr and not list(tmp_path.iterdir())
@@ -157,13 +163,14 @@ def test_gpu_check_script_refuses_bad_arguments(tmp_path):
 def test_gpu_check_part_1_packs_what_the_device_tool_returns(tmp_path):
     """The device check's part 1 at the quick size on the CPU (the GPU check itself needs a lent GPU): a few files
     in OUT (the device tool returns at most eight), the benchmark's files in one archive, complete."""
+    import os
     import subprocess
     import tarfile
 
     checkout = stand_in_checkout(tmp_path, quick_counts(tmp_path))
     out = tmp_path / "out"
     proc = subprocess.run(["bash", str(GPU_CHECK), "1", str(out), str(checkout), "--", "--quick", "--device", "cpu"],
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "COMPILE": "none"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "gpu-check part 1: fedhpro bench exited 0" in proc.stdout
     assert {p.name for p in out.iterdir()} <= {"bench-part1.tar.gz", "bench-part1.md", "bench-part1.log",
@@ -171,6 +178,56 @@ def test_gpu_check_part_1_packs_what_the_device_tool_returns(tmp_path):
     with tarfile.open(out / "bench-part1.tar.gz") as tf:
         names = set(tf.getnames())
         summary = json.loads(tf.extractfile("bench/bench_gpu-cifar10shape-resnet10-quick.json").read())
-    assert {"bench/bench_gpu-cifar10shape-resnet10-quick_paper.json", "bench/round-times.csv",
-            "bench/bench_gpu-cifar10shape-resnet10-quick_sharing.json"} <= names
+    assert {"bench/bench_gpu-cifar10shape-resnet10-quick_paper.json", "bench/round-times.csv"} <= names
     assert summary["complete"] is True and "official" in summary["data"]["paper"]
+
+
+@pytest.mark.slow
+def test_paper_section_times_a_compiled_run_beside_the_eager_one(tmp_path, capsys):
+    """`--compile default` on the CPU (reduce-overhead, the GPU's mode, needs CUDA): a second run of the same cell,
+    its own figures, checks and round-times row (keyed by its execution, so it never times an eager run)."""
+    out, times = tmp_path / "bench", tmp_path / "round-times.csv"
+    assert cli_main(["bench", "--gpu", "--quick", "--device", "cpu", *PAPER_ONLY, "--compile", "default",
+                     "--out", str(out), "--times", str(times)]) == 0
+    text = capsys.readouterr().out
+    assert "ours, compile default: extrapolated 100-round run (min)" in text
+    data = json.loads((out / "bench_gpu-cifar10shape-resnet10-quick_paper.json").read_text())["data"]
+    assert set(data["ours"]) == {"none", "default"} and data["compile_failed"] == {}
+    assert data["config_hash"]["none"] != data["config_hash"]["default"]
+    eager, compiled = data["ours"]["none"], data["ours"]["default"]
+    assert compiled["train_loss"] != eager["train_loss"]  # really compiled: fused kernels round differently ...
+    assert np.allclose(compiled["train_loss"], eager["train_loss"], rtol=0.05)  # ... the same training otherwise
+    from fedhpro.plan import read_times
+
+    rows = read_times(times)
+    assert sorted(m.key[-1] for m in rows) == ['{"compile": "default"}', "{}"]
+
+
+def test_a_time_limit_during_the_official_run_still_writes_the_section(tmp_path):
+    """SIGINT (what `timeout` in scripts/gpu-check.sh sends at the device call's limit) while the official code runs:
+    the section ends with the official run marked interrupted, its files say so and are marked incomplete, and
+    the benchmark stops there."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    checkout = stand_in_checkout(tmp_path, quick_counts(tmp_path), hang=True)
+    out = tmp_path / "bench"
+    proc = subprocess.Popen([sys.executable, "-m", "fedhpro.bench", "--gpu", "--quick", "--device", "cpu",
+                             "--skip", "rounds", "--skip", "batched", "--skip", "precision", "--skip", "scale",
+                             "--official", str(checkout), "--out", str(out)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True, cwd=REPO)
+    lines = []
+    for line in proc.stdout:  # the official stand-in has printed its partition and now sleeps
+        lines.append(line)
+        if "partition identical" in line:
+            os.killpg(proc.pid, signal.SIGINT)
+            break
+    rest = proc.communicate(timeout=120)[0]
+    assert proc.returncode != 0, "".join(lines) + rest
+    summary = json.loads((out / "bench_gpu-cifar10shape-resnet10-quick.json").read_text())
+    assert summary["complete"] is False and summary["pending_sections"] == ["sharing"]  # it stopped after paper
+    data = summary["data"]["paper"]
+    assert data["interrupted"] is True and data["official"] == {"failed": "interrupted (time limit)"}
+    assert len(data["ours"]["none"]["seconds"]) == 2  # the eager run's figures are kept

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import time
 
 import pandas as pd
@@ -29,6 +30,28 @@ def _row(method: str, params: dict | None = None, **values) -> plan.Measurement:
                 rounds_measured=4, source="test", measured="2026-12-07")
     base.update(values)
     return plan.Measurement(key=plan.run_key(cfg, KIND), **base)
+
+
+def test_a_measurement_times_only_runs_of_its_own_execution_keys():
+    """A compiled, bf16, channels-last or batched measurement never stands for an eager fp32 run, nor the reverse
+    (they differ in speed, not in the round's work): such a run is listed as "no measurement"."""
+    sweep = {**SWEEP, "methods": {"fedavg": {"default": {}}}}
+    eager_row = _row("fedavg")
+    compiled_cfg = from_dict({"dataset": "digits", "method": "fedavg", "num_clients": 10, "batch_size": 32,
+                              "compile": "default"})
+    compiled_row = plan.Measurement(**{**eager_row.__dict__, "key": plan.run_key(compiled_cfg, KIND), "s_local": 1.0})
+    assert plan.execution_of(compiled_cfg) == {"compile": "default"} and compiled_row.key != eager_row.key
+    for keys, rows, measured in (({}, [compiled_row], 0), ({}, [eager_row], 3), ({"compile": "default"}, [eager_row], 0),
+                                 ({"compile": "default"}, [eager_row, compiled_row], 3),
+                                 ({"precision": "bf16"}, [eager_row], 0), ({"engine": "batched"}, [eager_row], 0)):
+        runs = expand_sweep({**sweep, "defaults": {**sweep["defaults"], **keys}})
+        (one,) = plan.estimate(runs, rows, KIND).values()
+        assert one.measured == measured, (keys, rows)
+        if keys and not measured:
+            assert all(json.dumps(keys)[1:-1] in text for text in one.unmeasured)  # the listing names them
+    runs = expand_sweep({**sweep, "defaults": {**sweep["defaults"], "compile": "default"}})
+    (one,) = plan.estimate(runs, [eager_row, compiled_row], KIND).values()
+    assert one.gpu_seconds == pytest.approx(3 * 10 * (1.0 * 2 + 0.5 + 1.0 + 0.25))  # the compiled row's seconds
 
 
 def test_the_estimate_is_the_measured_rows_scaled_by_epochs_and_rounds(tmp_path):

@@ -14,6 +14,8 @@ import torch
 from fedhpro.bench.batched import bench_batched
 from fedhpro.bench.common import load_data, machine_info, make_config
 from fedhpro.bench.paper import bench_paper
+from fedhpro.config import COMPILE_MODES
+from fedhpro.local import check_compile
 from fedhpro.bench.precision import bench_precision
 from fedhpro.bench.report import Report
 from fedhpro.bench.rounds import bench_rounds
@@ -45,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "which `fedhpro plan` estimates sweeps from (e.g. config/round-times.csv)")
     p.add_argument("--skip", action="append", default=[], choices=SECTIONS,
                    help="leave a section out (repeatable)")
+    p.add_argument("--compile", default="none", choices=COMPILE_MODES,
+                   help="torch.compile mode (run config key compile) of section rounds' engine runs and bare loops, "
+                        "and of a second run beside the eager one in section paper (default none: eager only)")
     p.add_argument("--official", default=None, metavar="CHECKOUT",
                    help="section paper (--gpu): also time the official FedHPro code, a checkout of mala-lab/FedHPro "
                         "(never copied into this repository), on the same files, partition and device")
@@ -74,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = make_config(args.quick, args.gpu, args.device)
     if args.rounds is not None:
         cfg = replace(cfg, rounds=args.rounds)
+    check_compile(args.compile, torch.device(cfg.device))  # reduce-overhead (CUDA graphs) needs CUDA
+    cfg = replace(cfg, compile=args.compile)
     info = machine_info(cfg.device, torch.get_num_threads())
     report = Report(info, cfg)
     report.header()
@@ -93,11 +100,13 @@ def main(argv: list[str] | None = None) -> int:
         if name == "rounds":
             measured = measured + result
         elif name == "paper":
-            measured = measured + [result["time_row"]]
+            measured = measured + result["time_rows"]
         if args.out:  # after every section: a benchmark cut short keeps what it measured, marked incomplete
             report.write(Path(args.out), pending=chosen[done:])
         if args.times and measured and name in ("rounds", "paper"):  # likewise the round-times rows
             write_times(args.times, times_before + measured)
+        if name == "paper" and result["interrupted"]:  # a time limit hit it: what it measured is written, stop here
+            raise KeyboardInterrupt
     total = time.perf_counter() - t0
     print(f"\nbenchmark wall time {total:.1f} s; 1-min load average at end {os.getloadavg()[0]:.2f}")
     print("targets: " + ", ".join(f"{c['status']}" for c in report.checks))

@@ -55,6 +55,8 @@ class BenchConfig:
     precision_rounds: int = 2
     sharing_runs: tuple[int, ...] = (1, 2, 4)  # `sharing` section: runs training at once on the device
     sharing_rounds: int = 2
+    # torch.compile mode of the engine runs and bare loops of sections paper (beside eager) and rounds (`--compile`)
+    compile: str = "none"
     # `paper` section (--gpu only): config/paper.yaml's CIFAR-10 FedHPro cell on CIFAR-10-sized random images
     paper_train_per_class: int = 5000
     paper_test_per_class: int = 1000

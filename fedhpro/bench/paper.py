@@ -70,19 +70,20 @@ def extrapolated_seconds(startup: float, first_round: float, later_rounds: list[
     return startup + first_round + (rounds - 1) * statistics.median(later_rounds)
 
 
-def run_ours(cfg: BenchConfig, data_dir: Path, out_dir: Path) -> dict:
-    """Our run of the paper cell, in this process, as `fedhpro train` runs it (metrics, a checkpoint every round),
-    stopped after the warm-up and measured rounds (so each of them writes its checkpoint, as rounds 1-99 do)."""
+def run_ours(cfg: BenchConfig, data_dir: Path, out_dir: Path, compile_mode: str = "none") -> dict:
+    """Our run of the paper cell (`compile` = `compile_mode`), in this process, as `fedhpro train` runs it (metrics,
+    a checkpoint every round), stopped after the warm-up and measured rounds (so each of them writes its
+    checkpoint, as rounds 1-99 do)."""
     from fedhpro.train import train
 
-    run_cfg = paper_run_config(data_dir, cfg.device, cfg.paper_local_epochs)
+    run_cfg = paper_run_config(data_dir, cfg.device, cfg.paper_local_epochs).replace(compile=compile_mode)
     t0 = time.perf_counter()
     df = train(run_cfg, out_dir, stop_after_round=cfg.warmup + cfg.paper_rounds)
     wall = time.perf_counter() - t0
     parts = {k: df[f"time_{k}"].tolist() for k in ("local", "server", "eval", "io")}
     seconds = [sum(v) for v in zip(*parts.values())]
     return {"config": run_cfg, "wall": wall, "startup": wall - sum(seconds), "seconds": seconds, "parts": parts,
-            "test_acc": df["test_acc"].tolist()}
+            "test_acc": df["test_acc"].tolist(), "train_loss": df["train_loss"].tolist()}
 
 
 def time_row(cfg: BenchConfig, ours: dict):
@@ -113,13 +114,20 @@ def bench_paper(cfg: BenchConfig, report: Report, official: Path | None = None) 
                    f"train / test images per class; {cfg.warmup} warm-up + {cfg.paper_rounds} measured round(s), "
                    "seed 25" + ("" if at_paper_budget else "; NOT the paper's budget (quick): figures only"),
                    slug="paper")
+    modes = ["none"] + ([cfg.compile] if cfg.compile != "none" else [])  # eager, and compiled with --compile
+    ours: dict[str, dict] = {}
+    failed: dict[str, str] = {}
     with tempfile.TemporaryDirectory(prefix="fedhpro-bench-paper-") as tmp:
         work = Path(tmp)
         data_root = work / "data" / "CIFAR10"  # where the official main_run.py looks, relative to its cwd
         arrays = paper_arrays(cfg.paper_train_per_class, cfg.paper_test_per_class)
         write_cifar_python(arrays, data_root)
         counts = our_client_counts(data_root, 25)
-        ours = run_ours(cfg, data_root, work / "ours")
+        # eager first, then the official code, then the compiled run (the longest to start): a time limit that
+        # interrupts one of the last two (SIGINT, as `timeout` in scripts/gpu-check.sh sends it) ends this section
+        # with that run marked interrupted, so what was measured is still written
+        interrupted = False
+        ours["none"] = run_ours(cfg, data_root, work / "ours-none")
         theirs, failure = None, None
         if official is not None:
             t0 = time.perf_counter()
@@ -132,50 +140,81 @@ def bench_paper(cfg: BenchConfig, report: Report, official: Path | None = None) 
             except ParityError as err:  # reported as failed; the benchmark's other sections still run
                 failure = str(err)
                 print(f"  official code failed: {failure}", flush=True)
+            except KeyboardInterrupt:
+                failure, interrupted = "interrupted (time limit)", True
+        for mode in modes[1:]:
+            if interrupted:
+                failed[mode] = "not run: interrupted before it (time limit)"
+                continue
+            try:
+                ours[mode] = run_ours(cfg, data_root, work / f"ours-{mode}", mode)
+            except KeyboardInterrupt:
+                failed[mode], interrupted = "interrupted (time limit)", True
+            except Exception as err:  # noqa: BLE001 - a compiled run that fails (e.g. a compiler error on this
+                # machine) is reported, and the benchmark goes on
+                failed[mode] = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
+                print(f"  ours with compile {mode} failed: {failed[mode]}", flush=True)
     med = statistics.median
-    measured = ours["seconds"][cfg.warmup:]
-    per_round = med(measured)
-    split = {k: med(v[cfg.warmup:]) for k, v in ours["parts"].items()}
-    minutes = extrapolated_seconds(ours["startup"], ours["seconds"][0], measured) / 60
     samples = int(np.sum(counts))
-    report.figure("training images after the long tail (rho 100)", f"{samples:,}", samples, "CIFAR-10: 12,406")
-    report.figure("ours: start-up (s)", f"{ours['startup']:.1f}", ours["startup"],
-                  "data load, partition, models, in this process (imports not counted)")
-    report.figure("ours: warm-up round / median round (s)", f"{ours['seconds'][0]:.2f} / {per_round:.2f}", per_round,
-                  f"rounds {cfg.warmup + 1}..{cfg.warmup + cfg.paper_rounds}: "
-                  + ", ".join(f"{s:.2f}" for s in measured))
-    report.figure("ours: local / server / eval / ckpt (s)", " / ".join(f"{split[k]:.2f}" for k in split), split)
-    report.figure(f"ours: extrapolated {PAPER_ROUNDS}-round run (min)", f"{minutes:.1f}", minutes,
-                  f"start-up + round 1 + {PAPER_ROUNDS - 1} x median round")
+    quick = "" if at_paper_budget else " (quick config, not the paper's budget)"
     verdict = (lambda ok: ok) if at_paper_budget else (lambda ok: None)
-    report.check(f"paper-config CIFAR-10 FedHPro run ({PAPER_ROUNDS} rounds x {PAPER_LOCAL_EPOCHS} epochs) in <= "
-                 f"{TARGET_MINUTES:g} min", verdict(minutes <= TARGET_MINUTES),
-                 f"{minutes:.1f} min, extrapolated from {cfg.paper_rounds} measured round(s)"
-                 + ("" if at_paper_budget else " (quick config, not the paper's budget)"))
-    result = {"ours": {k: v for k, v in ours.items() if k != "config"}, "config_hash": ours["config"].config_hash(),
-              "train_samples": samples, "extrapolated_minutes": minutes, "at_paper_budget": at_paper_budget,
-              "time_row": time_row(cfg, ours)}
+    report.figure("training images after the long tail (rho 100)", f"{samples:,}", samples, "CIFAR-10: 12,406")
+    official_round = med(theirs["seconds"][cfg.warmup:]) if theirs else None
     if theirs is not None:
-        official_round = med(theirs["seconds"][cfg.warmup:])
-        ratio = official_round / per_round
         report.figure("official code: warm-up round / median round (s)",
                       f"{theirs['seconds'][0]:.2f} / {official_round:.2f}", official_round,
                       "between its per-round accuracy lines; partition identical to ours")
         report.figure("official code: start-up + rounds (s)", f"{theirs['wall']:.1f}", theirs["wall"],
                       f"its own process, {torch.get_num_threads()} torch thread(s) as ours; its DataLoader workers "
                       "(up to 6 on CUDA) as it starts them")
-        report.figure("official s/round / ours s/round", f"{ratio:.2f}", ratio, "medians after the warm-up round")
-        report.check(f"ours >= {TARGET_OVER_OFFICIAL:g}x the official code's speed per round (same GPU, same run)",
-                     verdict(ratio >= TARGET_OVER_OFFICIAL), f"{ratio:.2f}x"
-                     + ("" if at_paper_budget else " (quick config, not the paper's budget)"))
-        result["official"] = {**theirs, "median_round": official_round, "ratio": ratio}
     else:
         why = (f"failed: {failure.splitlines()[0]}" if failure
                else "not run: give --official CHECKOUT (a clone of mala-lab/FedHPro)")
-        report.figure("official code", "failed" if failure else "not run", None, why)
-        report.check(f"ours >= {TARGET_OVER_OFFICIAL:g}x the official code's speed per round (same GPU, same run)",
-                     None, "not measured: " + why)
-        if failure:
-            result["official"] = {"failed": failure}
-    report.data["paper"] = {k: v for k, v in result.items() if k != "time_row"}
+        report.figure("official code", ("interrupted" if interrupted else "failed") if failure else "not run", None, why)
+    result = {"ours": {}, "config_hash": {}, "extrapolated_minutes": {}, "train_samples": samples,
+              "at_paper_budget": at_paper_budget, "time_rows": [], "compile_failed": failed,
+              "interrupted": interrupted}
+    for mode in modes:
+        label = "ours" if mode == "none" else f"ours, compile {mode}"
+        run_time = f"paper-config CIFAR-10 FedHPro run ({PAPER_ROUNDS} rounds x {PAPER_LOCAL_EPOCHS} epochs" + (
+            ")" if mode == "none" else f", compile {mode})")
+        speed = f"{label} >= {TARGET_OVER_OFFICIAL:g}x the official code's speed per round (same device, same run)"
+        if mode in failed:
+            report.figure(f"{label}: run", "failed", None, failed[mode])
+            report.check(f"{run_time} in <= {TARGET_MINUTES:g} min", None, f"not measured: {failed[mode]}")
+            continue
+        run = ours[mode]
+        measured = run["seconds"][cfg.warmup:]
+        per_round = med(measured)
+        split = {k: med(v[cfg.warmup:]) for k, v in run["parts"].items()}
+        minutes = extrapolated_seconds(run["startup"], run["seconds"][0], measured) / 60
+        report.figure(f"{label}: start-up (s)", f"{run['startup']:.1f}", run["startup"],
+                      "data load, partition, models, in this process (imports not counted)")
+        report.figure(f"{label}: warm-up round / median round (s)", f"{run['seconds'][0]:.2f} / {per_round:.2f}",
+                      per_round, ("round 1 includes compiling; " if mode != "none" else "")
+                      + f"rounds {cfg.warmup + 1}..{cfg.warmup + cfg.paper_rounds}: "
+                      + ", ".join(f"{s:.2f}" for s in measured))
+        report.figure(f"{label}: local / server / eval / ckpt (s)", " / ".join(f"{split[k]:.2f}" for k in split), split)
+        report.figure(f"{label}: extrapolated {PAPER_ROUNDS}-round run (min)", f"{minutes:.1f}", minutes,
+                      f"start-up + round 1 + {PAPER_ROUNDS - 1} x median round")
+        report.check(f"{run_time} in <= {TARGET_MINUTES:g} min", verdict(minutes <= TARGET_MINUTES),
+                     f"{minutes:.1f} min, extrapolated from {cfg.paper_rounds} measured round(s)" + quick)
+        result["ours"][mode] = {k: v for k, v in run.items() if k != "config"}
+        result["config_hash"][mode] = run["config"].config_hash()
+        result["extrapolated_minutes"][mode] = minutes
+        result["time_rows"].append(time_row(cfg, run))
+        if theirs is not None:
+            ratio = official_round / per_round
+            report.figure(f"official s/round / {label} s/round", f"{ratio:.2f}", ratio,
+                          "medians after the warm-up round")
+            report.check(speed, verdict(ratio >= TARGET_OVER_OFFICIAL), f"{ratio:.2f}x" + quick)
+            result.setdefault("ratio_to_official", {})[mode] = ratio
+        else:
+            report.check(speed, None, "not measured: " + (f"official code failed: {failure.splitlines()[0]}"
+                                                          if failure else "no --official checkout given"))
+    if theirs is not None:
+        result["official"] = {**theirs, "median_round": official_round}
+    elif failure:
+        result["official"] = {"failed": failure}
+    report.data["paper"] = {k: v for k, v in result.items() if k != "time_rows"}
     return result

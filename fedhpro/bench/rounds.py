@@ -93,6 +93,7 @@ class BareLoops:
         self.gen = torch.Generator().manual_seed(1)
         self.losses: dict[str, tuple[Callable, torch.nn.Module]] = {"plain": (plain_loss, ctx.make_model())}
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
+        self.compiled: dict[str, torch.nn.Module] = {}
 
     def add_method_losses(self, runs: dict[str, TimedRun], round_idx: int) -> None:
         for m in ("fedhpro", "fedproto"):
@@ -108,6 +109,8 @@ class BareLoops:
 
     def run(self, key: str, epochs: int | None = None) -> dict:
         fn, model = self.losses[key]
+        if self.cfg.compile != "none":  # the same torch.compile as the engine's runs (`compile`), made once
+            model = self.compiled.setdefault(key, torch.compile(model, mode=self.cfg.compile))
         sync(self.device)
         t0 = time.perf_counter()
         n = bare_loop(model, self.optimizers[key], self.client_data, fn, epochs=epochs or self.cfg.local_epochs,
@@ -121,7 +124,7 @@ def bench_rounds(cfg: BenchConfig, data: ArrayData, report: Report) -> list:
     """(a)-(e) and the quick setting; returns the round-times rows of (c, d) (`fedhpro.plan.Measurement`)."""
     device = torch.device(cfg.device)
     with tempfile.TemporaryDirectory(prefix="fedhpro-bench-") as tmp:
-        runs = {m: TimedRun(cfg, m, data, Path(tmp) / m) for m in METHODS_COMPARED}
+        runs = {m: TimedRun(cfg, m, data, Path(tmp) / m, compile=cfg.compile) for m in METHODS_COMPARED}
         ctx0 = runs["fedavg"].engine.ctx
         assert all(len(run.engine.ctx.clients) == len(ctx0.clients) for run in runs.values())
         bare = BareLoops(cfg, ctx0)
@@ -147,7 +150,7 @@ def bench_rounds(cfg: BenchConfig, data: ArrayData, report: Report) -> list:
         # memory does not depend on how many steps came before it
         memory = {"bare loop (CE)": tensor_peak(lambda: bare.run("plain", 1), device)}
         for m in METHODS_COMPARED:
-            run = TimedRun(cfg, m, data, Path(tmp) / f"{m}-memory", local_epochs=1)
+            run = TimedRun(cfg, m, data, Path(tmp) / f"{m}-memory", local_epochs=1, compile=cfg.compile)
             run.round(1)
             memory[f"{m} round + checkpoint"] = tensor_peak(lambda: run.round(2), device)
         measured = round_time_rows(cfg, {m: runs[m].engine.cfg for m in METHODS_COMPARED}, records)
@@ -184,7 +187,8 @@ def report_throughput(cfg: BenchConfig, ctx0: Context, bare: dict[str, list[dict
     med = statistics.median
     report.section("(a, b) local training throughput",
                    f"{len(ctx0.clients)} clients, {cfg.local_epochs} local epochs, batch {cfg.batch_size}, SGD lr "
-                   f"{cfg.lr} momentum {cfg.momentum}, model {ctx0.model_names[0]}, augment {ctx0.augment}; medians "
+                   f"{cfg.lr} momentum {cfg.momentum}, model {ctx0.model_names[0]}, augment {ctx0.augment}, "
+                   f"compile {cfg.compile} (engine and bare loop alike); medians "
                    f"of {cfg.rounds} repeats after a warm-up, each engine round run next to its bare loop (ABBA "
                    "order); ratio = median of the per-repeat ratios", slug="throughput")
     limit = {k: med(b["samples"] / b["seconds"] for b in v) for k, v in bare.items()}
