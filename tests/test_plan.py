@@ -41,7 +41,8 @@ def test_a_measurement_times_only_runs_of_its_own_execution_keys():
                               "compile": "default"})
     compiled_row = plan.Measurement(**{**eager_row.__dict__, "key": plan.run_key(compiled_cfg, KIND), "s_local": 1.0})
     assert plan.execution_of(compiled_cfg) == {"compile": "default"} and compiled_row.key != eager_row.key
-    for keys, rows, measured in (({}, [compiled_row], 0), ({}, [eager_row], 3), ({"compile": "default"}, [eager_row], 0),
+    for keys, rows, measured in (({}, [compiled_row], 0), ({}, [eager_row], 3),
+                                 ({"compile": "default"}, [eager_row], 0),
                                  ({"compile": "default"}, [eager_row, compiled_row], 3),
                                  ({"precision": "bf16"}, [eager_row], 0), ({"engine": "batched"}, [eager_row], 0)):
         runs = expand_sweep({**sweep, "defaults": {**sweep["defaults"], **keys}})

@@ -32,8 +32,8 @@ then `engine: batched` against sequential clients (FedAvg at 10 and 50 clients);
 `channels_last` (FedAvg and FedHPro, a short same-seed training under fp32, bf16, channels-last, bf16 +
 channels-last and fp16: local-training throughput against fp32 and final test accuracy against fp32);
 sharing: 1, 2 and 4 runs training at once on the device, each in its own process (throughput against one run
-alone, target 4 runs >= 2.5x; run 0's numbers identical to the run alone); and scale: memory at 1,000 clients with 10% participation, personalized client state, partitioning 1,000,000
-labels over 1,000 clients, `snakemake -n` planning a 5,000-run sweep, and `fedhpro plan` printing the cost of
+alone, target 4 runs >= 2.5x; run 0's numbers identical to the run alone); and scale: memory at 1,000 clients
+with 10% participation, personalized client state, partitioning 1,000,000 labels over 1,000 clients, `snakemake -n` planning a 5,000-run sweep, and `fedhpro plan` printing the cost of
 config/paper.yaml (target < 60 s).
 
 Targets are printed as PASS/FAIL lines (never asserted): local training >= 90% of the bare loop,

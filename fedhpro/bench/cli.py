@@ -14,14 +14,14 @@ import torch
 from fedhpro.bench.batched import bench_batched
 from fedhpro.bench.common import load_data, machine_info, make_config
 from fedhpro.bench.paper import bench_paper
-from fedhpro.config import COMPILE_MODES
-from fedhpro.local import check_compile
 from fedhpro.bench.precision import bench_precision
 from fedhpro.bench.report import Report
 from fedhpro.bench.rounds import bench_rounds
 from fedhpro.bench.scale import bench_scale
 from fedhpro.bench.sharing import bench_sharing
 from fedhpro.cliutil import ArgumentParser, check_out_dir, positive_int
+from fedhpro.config import COMPILE_MODES
+from fedhpro.local import check_compile
 from fedhpro.plan import read_times, write_times
 
 DESCRIPTION = "`fedhpro bench`: how fast the engine trains, side by side with a bare PyTorch loop, in one process."
@@ -43,8 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="measured repeats after the warm-up (default 4; quick 1)")
     p.add_argument("--out", default=None, help="write <out>/bench*.json and <out>/bench*.md (e.g. results/bench)")
     p.add_argument("--times", default=None, metavar="CSV",
-                   help="also add the measured seconds per round (sections rounds and paper) to this round-times table, "
-                        "which `fedhpro plan` estimates sweeps from (e.g. config/round-times.csv)")
+                   help="also add the measured seconds per round (sections rounds and paper) to this round-times "
+                        "table, which `fedhpro plan` estimates sweeps from (e.g. config/round-times.csv)")
     p.add_argument("--skip", action="append", default=[], choices=SECTIONS,
                    help="leave a section out (repeatable)")
     p.add_argument("--compile", default="none", choices=COMPILE_MODES,

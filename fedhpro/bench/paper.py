@@ -34,6 +34,7 @@ PAPER_ROUNDS = 100  # the paper's (and config/paper.yaml's) rounds
 PAPER_LOCAL_EPOCHS = 10
 TARGET_MINUTES = 10.0  # issue 21: a paper-config CIFAR-10 FedHPro run in at most 10 minutes on one H100/H200
 TARGET_OVER_OFFICIAL = 5.0  # ... and at least 5x the official code's seconds per round, on the same GPU
+INTERRUPTED = "interrupted (time limit)"  # an official or compiled run that SIGINT stopped
 
 
 def paper_arrays(train_per_class: int, test_per_class: int, seed: int = 0):
@@ -141,7 +142,7 @@ def bench_paper(cfg: BenchConfig, report: Report, official: Path | None = None) 
                 failure = str(err)
                 print(f"  official code failed: {failure}", flush=True)
             except KeyboardInterrupt:
-                failure, interrupted = "interrupted (time limit)", True
+                failure, interrupted = INTERRUPTED, True
         for mode in modes[1:]:
             if interrupted:
                 failed[mode] = "not run: interrupted before it (time limit)"
@@ -149,7 +150,7 @@ def bench_paper(cfg: BenchConfig, report: Report, official: Path | None = None) 
             try:
                 ours[mode] = run_ours(cfg, data_root, work / f"ours-{mode}", mode)
             except KeyboardInterrupt:
-                failed[mode], interrupted = "interrupted (time limit)", True
+                failed[mode], interrupted = INTERRUPTED, True
             except Exception as err:  # noqa: BLE001 - a compiled run that fails (e.g. a compiler error on this
                 # machine) is reported, and the benchmark goes on
                 failed[mode] = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
@@ -170,7 +171,8 @@ def bench_paper(cfg: BenchConfig, report: Report, official: Path | None = None) 
     else:
         why = (f"failed: {failure.splitlines()[0]}" if failure
                else "not run: give --official CHECKOUT (a clone of mala-lab/FedHPro)")
-        report.figure("official code", ("interrupted" if interrupted else "failed") if failure else "not run", None, why)
+        status = ("interrupted" if failure == INTERRUPTED else "failed") if failure else "not run"
+        report.figure("official code", status, None, why)
     result = {"ours": {}, "config_hash": {}, "extrapolated_minutes": {}, "train_samples": samples,
               "at_paper_budget": at_paper_budget, "time_rows": [], "compile_failed": failed,
               "interrupted": interrupted}

@@ -60,8 +60,8 @@ def paper_cost_estimate(report: Report) -> dict:
     ok = rc == 0 and "total" in text
     totals = [re.search(r"\s(\d+)\s", line) for line in text.splitlines() if line.startswith("total")]
     runs = totals[0].group(1) if ok and totals and totals[0] else "?"
-    report.figure("fedhpro plan, config/paper.yaml (s)", f"{seconds:.1f}" if ok else "failed", seconds,
-                  f"{runs} runs, per experiment and in total" if ok else (text.strip().splitlines() or [f"exit {rc}"])[-1])
+    why = f"{runs} runs, per experiment and in total" if ok else (text.strip().splitlines() or [f"exit {rc}"])[-1]
+    report.figure("fedhpro plan, config/paper.yaml (s)", f"{seconds:.1f}" if ok else "failed", seconds, why)
     report.check("fedhpro plan prints config/paper.yaml's cost in < 60 s", ok and seconds < 60,
                  f"{seconds:.1f} s" + ("" if ok else f" (exit {rc})"))
     return {"measured": True, "seconds": seconds, "rc": rc, "runs": runs}
