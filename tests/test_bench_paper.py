@@ -214,17 +214,24 @@ def test_a_time_limit_during_the_official_run_still_writes_the_section(tmp_path)
 
     checkout = stand_in_checkout(tmp_path, quick_counts(tmp_path), hang=True)
     out = tmp_path / "bench"
+    # started with SIGINT ignored, as a background shell (CI, a device tool) starts it: `python -m fedhpro.bench`
+    # puts the KeyboardInterrupt handler back, so the interrupt still lands (and the official child gets it too)
     proc = subprocess.Popen([sys.executable, "-m", "fedhpro.bench", "--gpu", "--quick", "--device", "cpu",
                              "--skip", "rounds", "--skip", "batched", "--skip", "precision", "--skip", "scale",
                              "--official", str(checkout), "--out", str(out)], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True, cwd=REPO)
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True, cwd=REPO,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     lines = []
     for line in proc.stdout:  # the official stand-in has printed its partition and now sleeps
         lines.append(line)
         if "partition identical" in line:
             os.killpg(proc.pid, signal.SIGINT)
             break
-    rest = proc.communicate(timeout=120)[0]
+    try:
+        rest = proc.communicate(timeout=120)[0]
+    finally:
+        if proc.poll() is None:  # never leave it (and the hanging stand-in) behind
+            os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode != 0, "".join(lines) + rest
     summary = json.loads((out / "bench_gpu-cifar10shape-resnet10-quick.json").read_text())
     assert summary["complete"] is False and summary["pending_sections"] == ["sharing"]  # it stopped after paper
