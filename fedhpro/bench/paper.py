@@ -87,19 +87,19 @@ def run_ours(cfg: BenchConfig, data_dir: Path, out_dir: Path, compile_mode: str 
             "test_acc": df["test_acc"].tolist(), "train_loss": df["train_loss"].tolist()}
 
 
-def time_row(cfg: BenchConfig, ours: dict):
+def time_row(cfg: BenchConfig, ours: dict, split: dict[str, float]):
     """The measured rounds as a row of the round-times table `fedhpro plan` reads (`bench --times`): the paper
     cell's own key, so it times config/paper.yaml's CIFAR-10 FedHPro runs (`<dataset>:quick` when not at the
-    paper's data size, so a quick row never stands for a real run)."""
+    paper's data size, so a quick row never stands for a real run). `split`: the median seconds of local
+    training, server, evaluation and checkpoint over the measured rounds."""
     from fedhpro.plan import Measurement, current_device_kind, run_key
 
     run_cfg = ours["config"]
     key = run_key(run_cfg, current_device_kind(cfg.device))
     if cfg.paper_train_per_class != 5000:
         key = (key[0], f"{key[1]}:quick") + key[2:]
-    mid = {k: statistics.median(v[cfg.warmup:]) for k, v in ours["parts"].items()}
-    return Measurement(key=key, local_epochs=run_cfg.local_epochs, s_local=mid["local"], s_server=mid["server"],
-                       s_eval=mid["eval"], s_io=mid["io"], runs_sharing=1, rounds_measured=cfg.paper_rounds,
+    return Measurement(key=key, local_epochs=run_cfg.local_epochs, s_local=split["local"], s_server=split["server"],
+                       s_eval=split["eval"], s_io=split["io"], runs_sharing=1, rounds_measured=cfg.paper_rounds,
                        source=f"fedhpro bench paper ({cfg.name})", measured=time.strftime("%Y-%m-%d", time.gmtime()))
 
 
@@ -204,7 +204,7 @@ def bench_paper(cfg: BenchConfig, report: Report, official: Path | None = None) 
         result["ours"][mode] = {k: v for k, v in run.items() if k != "config"}
         result["config_hash"][mode] = run["config"].config_hash()
         result["extrapolated_minutes"][mode] = minutes
-        result["time_rows"].append(time_row(cfg, run))
+        result["time_rows"].append(time_row(cfg, run, split))
         if theirs is not None:
             ratio = official_round / per_round
             report.figure(f"official s/round / {label} s/round", f"{ratio:.2f}", ratio,
