@@ -305,14 +305,21 @@ def ours_config(data_dir: Path, seed: int, rounds: int, local_epochs: int, devic
                       "augment_per": "batch", "device": device, "checkpoint_every": rounds, "test_batch_size": 500})
 
 
-def our_client_counts(data_dir: Path, seed: int) -> list[list[int]]:
-    from fedhpro.data.cifar import load_cifar
+def partition_counts(labels: np.ndarray, seed: int) -> list[list[int]]:
+    """Client x class counts of our NID1 partition of `labels` under the harness's protocol, as the official
+    code prints its own."""
     from fedhpro.partition import client_class_counts, partition_labels
 
-    data = load_cifar(data_dir, "cifar10", path=str(data_dir), source="python", cache=False)
-    labels = data.train_y.numpy()
     parts = partition_labels(labels, scheme="creff", seed=seed, **PROTOCOL)
     return client_class_counts(labels, parts, 10).astype(int).tolist()
+
+
+def our_client_counts(data_dir: Path, seed: int) -> list[list[int]]:
+    """`partition_counts` of the training labels our `cifar10` loader reads from `data_dir`."""
+    from fedhpro.data.cifar import load_cifar
+
+    data = load_cifar(data_dir, "cifar10", path=str(data_dir), source="python", cache=False)
+    return partition_counts(data.train_y.numpy(), seed)
 
 
 # Ours in a child process, so that runs can go side by side (--jobs): the child prints its trace as JSON.

@@ -16,8 +16,8 @@ from fedhpro.bench.common import machine_info
 from fedhpro.bench.paper import PAPER_ROUNDS, extrapolated_seconds, paper_arrays, paper_run_config
 from fedhpro.bench.report import Report
 from fedhpro.cli import main as cli_main
-from fedhpro.parity import PROTOCOL, write_cifar_python
-from fedhpro.partition import client_class_counts, partition_labels
+from fedhpro.parity import PROTOCOL, our_client_counts, partition_counts, write_cifar_python
+from fedhpro.partition import partition_labels
 from fedhpro.sweep import expand_sweep
 
 PAPER_ONLY = ["--skip", "rounds", "--skip", "batched", "--skip", "precision", "--skip", "sharing", "--skip", "scale"]
@@ -59,9 +59,8 @@ def test_extrapolation_to_the_papers_rounds():
 
 def quick_counts(tmp_path: Path) -> list[list[int]]:
     """The client x class counts of the quick paper data's partition (seed 25), as the official code prints them."""
-    arrays = paper_arrays(make_config(True, True, "cpu").paper_train_per_class, 20)
-    parts = partition_labels(arrays.train_y, scheme="creff", seed=25, **PROTOCOL)
-    return client_class_counts(arrays.train_y, parts, 10).astype(int).tolist()
+    cfg = make_config(True, True, "cpu")
+    return partition_counts(paper_arrays(cfg.paper_train_per_class, cfg.paper_test_per_class).train_y, 25)
 
 
 def test_paper_section_times_ours_and_the_official_code(tmp_path, capsys):
@@ -145,6 +144,8 @@ def test_the_paper_archive_is_what_both_codes_read(tmp_path):
     folder = write_cifar_python(arrays, tmp_path / "data" / "CIFAR10")
     data = load_cifar(tmp_path, "cifar10", path=str(folder.parent), source="python", cache=False)
     assert np.array_equal(data.train_x.numpy(), arrays.train_x) and np.array_equal(data.train_y.numpy(), arrays.train_y)
+    # so the partition counts the section takes from the arrays are those of the files both codes read
+    assert our_client_counts(folder.parent, 25) == partition_counts(arrays.train_y, 25)
 
 
 GPU_CHECK = REPO / "scripts" / "gpu-check.sh"

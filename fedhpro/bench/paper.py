@@ -29,11 +29,13 @@ import torch
 
 from fedhpro.bench.common import BenchConfig
 from fedhpro.bench.report import Report
+from fedhpro.parity import FIRST_SEED
 
 PAPER_ROUNDS = 100  # the paper's (and config/paper.yaml's) rounds
 PAPER_LOCAL_EPOCHS = 10
 TARGET_MINUTES = 10.0  # issue 21: a paper-config CIFAR-10 FedHPro run in at most 10 minutes on one H100/H200
 TARGET_OVER_OFFICIAL = 5.0  # ... and at least 5x the official code's seconds per round, on the same GPU
+SEED = FIRST_SEED  # 25: the official log's seed, the parity harness's first
 INTERRUPTED = "interrupted (time limit)"  # an official or compiled run that SIGINT stopped
 
 
@@ -50,7 +52,7 @@ def paper_arrays(train_per_class: int, test_per_class: int, seed: int = 0):
                        ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"))
 
 
-def paper_run_config(data_dir: Path, device: str, local_epochs: int = PAPER_LOCAL_EPOCHS, seed: int = 25):
+def paper_run_config(data_dir: Path, device: str, local_epochs: int = PAPER_LOCAL_EPOCHS, seed: int = SEED):
     """config/paper.yaml's CIFAR-10 NID1 (alpha 0.5, rho 100) FedHPro default cell (100 rounds), reading CIFAR-10
     from the python archive in `data_dir`, on `device`."""
     from fedhpro.config import from_dict
@@ -105,7 +107,7 @@ def time_row(cfg: BenchConfig, ours: dict, split: dict[str, float]):
 
 def bench_paper(cfg: BenchConfig, report: Report, official: Path | None = None) -> dict:
     """Section `paper` (see the module doc); its own data (CIFAR-10's class counts), not the other sections'."""
-    from fedhpro.parity import ParityError, our_client_counts, run_official, write_cifar_python
+    from fedhpro.parity import ParityError, partition_counts, run_official, write_cifar_python
 
     at_paper_budget = cfg.paper_local_epochs == PAPER_LOCAL_EPOCHS and cfg.paper_train_per_class == 5000
     report.section("paper: a paper-config FedHPro run" + (" and the official code" if official else ""),
@@ -113,7 +115,7 @@ def bench_paper(cfg: BenchConfig, report: Report, official: Path | None = None) 
                    f"clients, batch 64, {cfg.paper_local_epochs} local epochs, evaluation and checkpoint every "
                    f"round, on random images with {cfg.paper_train_per_class:,} / {cfg.paper_test_per_class:,} "
                    f"train / test images per class; {cfg.warmup} warm-up + {cfg.paper_rounds} measured round(s), "
-                   "seed 25" + ("" if at_paper_budget else "; NOT the paper's budget (quick): figures only"),
+                   f"seed {SEED}" + ("" if at_paper_budget else "; NOT the paper's budget (quick): figures only"),
                    slug="paper")
     modes = ["none"] + ([cfg.compile] if cfg.compile != "none" else [])  # eager, and compiled with --compile
     ours: dict[str, dict] = {}
@@ -123,7 +125,7 @@ def bench_paper(cfg: BenchConfig, report: Report, official: Path | None = None) 
         data_root = work / "data" / "CIFAR10"  # where the official main_run.py looks, relative to its cwd
         arrays = paper_arrays(cfg.paper_train_per_class, cfg.paper_test_per_class)
         write_cifar_python(arrays, data_root)
-        counts = our_client_counts(data_root, 25)
+        counts = partition_counts(arrays.train_y, SEED)  # the files hold these labels (the test checks they read back)
         # eager first, then the official code, then the compiled run (the longest to start): a time limit that
         # interrupts one of the last two (SIGINT, as `timeout` in scripts/gpu-check.sh sends it) ends this section
         # with that run marked interrupted, so what was measured is still written
@@ -133,7 +135,7 @@ def bench_paper(cfg: BenchConfig, report: Report, official: Path | None = None) 
         if official is not None:
             t0 = time.perf_counter()
             try:
-                trace = run_official(official, work, 25, cfg.warmup + cfg.paper_rounds, cfg.paper_local_epochs,
+                trace = run_official(official, work, SEED, cfg.warmup + cfg.paper_rounds, cfg.paper_local_epochs,
                                      cfg.device, log=lambda m: print(m, flush=True), expected_counts=counts,
                                      threads=torch.get_num_threads())
                 theirs = {"wall": time.perf_counter() - t0, "seconds": trace.seconds, "test_acc": trace.accuracy,
